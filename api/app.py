@@ -1,0 +1,77 @@
+"""The FastAPI application: `create_app()` (uvicorn: `uvicorn --factory api.app:create_app`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy.engine import make_url
+from starlette.concurrency import run_in_threadpool
+
+from api.audit_events.endpoints import router as audit_events_router
+from api.deletion_requests.endpoints import router as deletion_requests_router
+from api.health import router as health_router
+from api.limits import BodySizeLimit
+from api.models.endpoints import router as models_router
+from api.problems import install_problem_handlers
+from core.db import make_engine, make_sessionmaker
+from core.db.migrate import upgrade
+from core.settings import Settings, get_settings
+from core.storage import make_artifact_store
+from worker.celery_app import make_celery, send_deletion_request
+
+DESCRIPTION = """
+Make trained image classifiers forget whole classes without reading those classes' data
+(UISPS: data-free inversion, selective parameter suppression).
+
+Register a **model**, upload a safetensors checkpoint as **version 1**, then POST a
+**deletion request**; a worker produces version n+1, whose checkpoint downloads with its sha256.
+Every change and download is recorded in a hash-chained **audit log**.
+Errors are `application/problem+json` (RFC 9457).
+"""
+
+DB_CONNECT_TIMEOUT_S = 5
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        # Alembic, not create_all: the schema a deployment runs is the one its migrations made.
+        await run_in_threadpool(upgrade, settings.effective_database_url)
+        engine = make_engine(settings.effective_database_url, **_engine_options(settings.effective_database_url))
+        celery = make_celery(settings)
+        app.state.engine = engine
+        app.state.sessions = make_sessionmaker(engine)
+        app.state.store = make_artifact_store(settings)
+        app.state.celery = celery
+        app.state.dispatch = lambda request_id: send_deletion_request(celery, request_id)
+        try:
+            yield
+        finally:
+            celery.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="UISPS unlearning-as-a-service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_problem_handlers(app)
+    app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes)
+    for router in (health_router, models_router, deletion_requests_router, audit_events_router):
+        app.include_router(router)
+    return app
+
+
+def _engine_options(url: str) -> dict[str, Any]:
+    if make_url(url).get_backend_name() == "postgresql":
+        # An unreachable server must turn into a quick 503, not a request hanging on connect.
+        return {"connect_args": {"connect_timeout": DB_CONNECT_TIMEOUT_S}, "pool_timeout": 10}
+    return {}

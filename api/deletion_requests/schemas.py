@@ -1,0 +1,102 @@
+"""Request and response bodies of /deletion-requests (an AIP-151 style long-running operation)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+
+from core.config import UnlearnConfig
+from core.db import DeletionRequest, JobState
+
+
+class DeletionRequestCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"model_id": "3f1c2a9e-5b7d-4e1a-9c3b-2d8f6a7e1b40", "forget_labels": [3], "external_ref": "GDPR-1234"},
+                {
+                    "model_id": "3f1c2a9e-5b7d-4e1a-9c3b-2d8f6a7e1b40",
+                    "forget_labels": [0, 1],
+                    "base_version": 2,
+                    "method": "uisps",
+                    "params": {"inversion": {"iterations": 500}, "lr": 0.05},
+                },
+            ]
+        },
+    )
+
+    model_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    forget_labels: list[StrictInt] = Field(min_length=1, description="class indices to forget")
+    base_version: int | None = Field(None, ge=1, description="the version to unlearn from; default: the latest")
+    method: Literal["uisps"] = Field("uisps", description="unlearning method")
+    params: UnlearnConfig | None = Field(
+        None, description="hyperparameter overrides; anything left out takes the service's default"
+    )
+    external_ref: Annotated[str, StringConstraints(max_length=200)] | None = Field(
+        None, description="the caller's reference, e.g. a ticket id"
+    )
+
+    def param_overrides(self) -> dict[str, Any]:
+        """Only the fields the caller set (nested too), so defaults are not frozen into the request."""
+        return self.params.model_dump(mode="json", exclude_unset=True) if self.params is not None else {}
+
+
+class JobError(BaseModel):
+    code: str = Field(examples=["invalid_labels", "internal_error"])
+    message: str
+
+
+class DeletionRequestRead(BaseModel):
+    id: str
+    model_id: str
+    forget_labels: list[int]
+    base_version: int
+    method: str
+    params: dict[str, Any]
+    external_ref: str | None
+    state: JobState
+    stage: str | None = Field(
+        description="while running: loading, evaluation, inversion, fisher, unlearning, storing"
+    )
+    progress: float = Field(ge=0, le=1, description="overall progress, 0..1")
+    attempts: int
+    cancel_requested: bool
+    error: JobError | None = Field(description="set when state is failed")
+    result_version: int | None = Field(description="the version this request produced, once succeeded")
+    metrics: dict[str, Any] | None = Field(description="the unlearning report, once succeeded")
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, request: DeletionRequest) -> DeletionRequestRead:
+        return cls(
+            id=request.id,
+            model_id=request.model_id,
+            forget_labels=request.forget_labels,
+            base_version=request.base_version,
+            method=request.method,
+            params=request.params or {},
+            external_ref=request.external_ref,
+            state=JobState(request.state),
+            stage=request.stage,
+            progress=request.progress,
+            attempts=request.attempts,
+            cancel_requested=request.cancel_requested,
+            error=JobError.model_validate(request.error) if request.error else None,
+            result_version=request.result_version,
+            metrics=request.metrics,
+            created_at=request.created_at,
+            updated_at=request.updated_at,
+            started_at=request.started_at,
+            finished_at=request.finished_at,
+        )
+
+
+class DeletionRequestList(BaseModel):
+    deletion_requests: list[DeletionRequestRead]
+    next_page_token: str = Field(description="pass as page_token for the next page; empty on the last page")

@@ -1,0 +1,62 @@
+"""Liveness (/healthz: the process answers) and readiness (/readyz: database and broker reachable)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from api.problems import problem_response, problem_responses
+from worker.celery_app import QUEUE
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["health"])
+
+BROKER_TIMEOUT_S = 3.0
+
+
+@router.get("/healthz", summary="Liveness")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: database and broker reachable",
+    responses={200: {"content": {"application/json": {}}}, **problem_responses(503)},
+)
+def readyz(request: Request) -> Any:
+    checks = {"database": _check_database(request), "broker": _check_broker(request)}
+    if all(result == "ok" for result in checks.values()):
+        return JSONResponse({"status": "ready", "checks": checks})
+    failing = ", ".join(name for name, result in checks.items() if result != "ok")
+    return problem_response(
+        request, 503, "not_ready", f"unreachable: {failing}", headers={"Retry-After": "5"}, checks=checks
+    )
+
+
+def _check_database(request: Request) -> str:
+    try:
+        with request.app.state.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        logger.warning("readiness: database check failed: %s", exc)
+        return f"error: {type(exc).__name__}"
+    return "ok"
+
+
+def _check_broker(request: Request) -> str:
+    try:
+        with request.app.state.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_S)
+            # Declaring the (durable, idempotent) queue is a real round trip on every transport;
+            # a bare connection is lazy on some of them.
+            connection.default_channel.queue_declare(queue=QUEUE, durable=True, auto_delete=False)
+    except Exception as exc:
+        logger.warning("readiness: broker check failed: %s", exc)
+        return f"error: {type(exc).__name__}"
+    return "ok"

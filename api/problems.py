@@ -1,0 +1,158 @@
+"""RFC 9457 problem details for every error the API returns, with what exactly is wrong.
+
+Domain errors map to statuses here and nowhere else: unknown resource 404, invalid input 422,
+conflicting state 409, oversized upload 413, database or broker unreachable 503.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import exc as sa_exc
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import UisError
+from core.services.errors import CheckpointTooLarge, Conflict, InvalidPageToken, InvalidParameters, NotFound
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_PREFIX = "urn:uisps:problem:"
+RETRY_AFTER_S = "5"
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="where in the request, e.g. ['body', 'forget_labels', 0]")
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document (media type application/problem+json)."""
+
+    type: str = Field(description="URI naming the kind of problem", examples=["urn:uisps:problem:invalid_labels"])
+    title: str = Field(examples=["Unprocessable Content"])
+    status: int = Field(examples=[422])
+    detail: str = Field(examples=["labels [12] are out of range: this model has classes 0..9"])
+    instance: str = Field(description="the request path", examples=["/deletion-requests"])
+    code: str = Field(description="machine-readable error code", examples=["invalid_labels"])
+    errors: list[FieldError] | None = Field(None, description="each invalid field, for validation errors")
+
+
+def problem_response(
+    request: Request,
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": TYPE_PREFIX + code,
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        "code": code,
+    }
+    if errors is not None:
+        body["errors"] = errors
+    body.update(extensions)
+    return JSONResponse(jsonable_encoder(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting problem+json bodies."""
+    return {status: {"model": Problem, "content": {PROBLEM_JSON: {}}} for status in statuses}
+
+
+def _validation_errors(errors: Any) -> list[dict[str, Any]]:
+    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
+
+
+def _describe(errors: list[dict[str, Any]]) -> str:
+    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5]]
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = _validation_errors(exc.errors())
+    return problem_response(request, 422, "validation_error", _describe(errors), errors=errors)
+
+
+async def _invalid_parameters(request: Request, exc: InvalidParameters) -> JSONResponse:
+    errors = [{**e, "loc": ["body", *e["loc"]]} for e in exc.errors]
+    return problem_response(request, 422, exc.code, _describe(errors), errors=errors)
+
+
+async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
+    return problem_response(request, 404, exc.code, str(exc))
+
+
+async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
+    return problem_response(request, 409, exc.code, str(exc))
+
+
+async def _too_large(request: Request, exc: CheckpointTooLarge) -> JSONResponse:
+    return problem_response(request, 413, exc.code, str(exc))
+
+
+async def _bad_page_token(request: Request, exc: InvalidPageToken) -> JSONResponse:
+    return problem_response(request, 400, exc.code, str(exc))
+
+
+async def _user_error(request: Request, exc: UisError) -> JSONResponse:
+    return problem_response(request, 422, exc.code, str(exc))
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "content_too_large"}
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    phrase = HTTPStatus(exc.status_code).phrase
+    code = _HTTP_CODES.get(exc.status_code) or phrase.lower().replace(" ", "_").replace("-", "_")
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).description
+    return problem_response(request, exc.status_code, code, detail, headers=getattr(exc, "headers", None))
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # The database is down, unreachable or busy past the timeout: the caller should retry.
+    logger.warning("database unavailable: %s", exc)
+    return problem_response(
+        request,
+        503,
+        "database_unavailable",
+        "the database is unreachable or busy; retry shortly",
+        headers={"Retry-After": RETRY_AFTER_S},
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem_response(request, 500, "internal_error", "an unexpected error occurred; it has been logged")
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _request_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(InvalidParameters, _invalid_parameters)  # type: ignore[arg-type]
+    app.add_exception_handler(NotFound, _not_found)  # type: ignore[arg-type]
+    app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(CheckpointTooLarge, _too_large)  # type: ignore[arg-type]
+    app.add_exception_handler(InvalidPageToken, _bad_page_token)  # type: ignore[arg-type]
+    app.add_exception_handler(UisError, _user_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    # OperationalError: cannot connect, connection lost, SQLite busy past its timeout;
+    # InterfaceError: the driver lost its connection; TimeoutError: the pool had no connection.
+    for error in (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
+        app.add_exception_handler(error, _database_unavailable)
+    app.add_exception_handler(Exception, _internal_error)

@@ -1,0 +1,146 @@
+"""Classifier architectures by registry name.
+
+Every architecture is built from `(in_channels, num_classes)` so the data decides both. Our own
+architectures expose `features(x)` (penultimate activations) and `head` so that evaluation can
+probe what a model still knows about a class after its output has been suppressed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from core.errors import ArchitectureError
+
+
+def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int | None = None) -> nn.Sequential:
+    pad = kernel // 2 if padding is None else padding
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=pad, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Classifier(nn.Module):
+    """A feature extractor followed by a linear head."""
+
+    def __init__(self, body: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.body(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def resnet18(in_channels: int, num_classes: int) -> Classifier:
+    """ResNet18 in its CIFAR form: 3x3 stem with stride 1 and no max-pool."""
+    layers: list[nn.Module] = [_conv_bn(in_channels, 64)]
+    cin = 64
+    for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers.append(nn.AdaptiveAvgPool2d(1))
+    return Classifier(nn.Sequential(*layers), nn.Linear(512, num_classes))
+
+
+def allcnn(in_channels: int, num_classes: int) -> Classifier:
+    """All-CNN-C (Springenberg et al.) with 96/192 filters and BatchNorm after every conv."""
+    body = nn.Sequential(
+        _conv_bn(in_channels, 96),
+        _conv_bn(96, 96),
+        _conv_bn(96, 96, stride=2),
+        _conv_bn(96, 192),
+        _conv_bn(192, 192),
+        _conv_bn(192, 192, stride=2),
+        _conv_bn(192, 192),
+        _conv_bn(192, 192, kernel=1),
+        nn.AdaptiveAvgPool2d(1),
+    )
+    return Classifier(body, nn.Linear(192, num_classes))
+
+
+def smallcnn(in_channels: int, num_classes: int) -> Classifier:
+    """A small BatchNorm CNN that trains in seconds on 8x8 digits; for tests and the demo."""
+    body = nn.Sequential(
+        _conv_bn(in_channels, 16),
+        _conv_bn(16, 32, stride=2),
+        _conv_bn(32, 64, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+    )
+    return Classifier(body, nn.Linear(64, num_classes))
+
+
+def _torchvision(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ArchitectureError(f"unknown torchvision classifier {name!r}")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if in_channels == 3:
+        return model
+    # torchvision classifiers take RGB; a learned 1x1 conv maps other channel counts onto it.
+    return nn.Sequential(nn.Conv2d(in_channels, 3, 1), model)
+
+
+ARCHITECTURES: dict[str, Callable[[int, int], nn.Module]] = {
+    "resnet18": resnet18,
+    "allcnn": allcnn,
+    "smallcnn": smallcnn,
+}
+
+# Learning rates of the unlearning pass: the paper's (Sec. V-A, CIFAR-10) for its architectures;
+# smallcnn's was measured on digits (0.01 does not forget within its 10-step epoch; 0.1 does).
+UNLEARN_LR = {"resnet18": 0.002, "allcnn": 0.03, "smallcnn": 0.1}
+DEFAULT_UNLEARN_LR = 0.01
+
+
+def validate_arch_name(arch: str) -> None:
+    if arch in ARCHITECTURES or arch.startswith("torchvision:") and arch.split(":", 1)[1]:
+        return
+    known = ", ".join([*ARCHITECTURES, "torchvision:<name>"])
+    raise ArchitectureError(f"unknown architecture {arch!r} (known: {known})")
+
+
+def build_model(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+    validate_arch_name(arch)
+    if in_channels < 1 or num_classes < 2:
+        raise ArchitectureError("a classifier needs at least one input channel and two classes")
+    if arch.startswith("torchvision:"):
+        return _torchvision(arch.split(":", 1)[1], in_channels, num_classes)
+    return ARCHITECTURES[arch](in_channels, num_classes)
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if not hasattr(model, "features"):
+        raise ArchitectureError("feature probing needs one of this project's own architectures")
+    return model.features(x)

@@ -1,0 +1,176 @@
+"""Checkpoints: a safetensors file whose header metadata carries a JSON manifest.
+
+Nothing here unpickles: a checkpoint is parsed as safetensors after its header has been checked
+(length cap, dtype allowlist, offsets contiguous and inside the file), and its tensors must match
+the architecture the manifest names (names, shapes, dtypes) and be finite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from core.architectures import build_model
+from core.errors import CheckpointError, UisError
+
+MANIFEST_KEY = "uisps.manifest"
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8}
+
+
+class Manifest(BaseModel):
+    """What a checkpoint needs to be rebuilt and used: travels inside the file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: int = 1
+    architecture: str
+    in_channels: int = Field(ge=1, le=64)
+    num_classes: int = Field(ge=2, le=100_000)
+    input_shape: list[int] = Field(min_length=3, max_length=3)
+    class_names: list[str]
+    mean: list[float]
+    std: list[float]
+    forgotten_labels: list[int] = Field(default_factory=list)
+    data_source: str | None = None
+    parent_sha256: str | None = None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_bytes(model: torch.nn.Module, manifest: Manifest) -> bytes:
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    return st_save(state, metadata={MANIFEST_KEY: manifest.model_dump_json()})
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, manifest: Manifest) -> str:
+    """Write atomically (temp file + rename) and return the file's sha256."""
+    data = checkpoint_bytes(model, manifest)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return hashlib.sha256(data).hexdigest()
+
+
+def parse_header(data: bytes) -> dict:
+    """Check the safetensors framing before any tensor is materialised."""
+    if len(data) < 8:
+        raise CheckpointError("not a safetensors file: too short")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
+        raise CheckpointError("not a safetensors file: header length is out of bounds")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError("not a safetensors file: header is not JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError("not a safetensors file: header is not a JSON object")
+    body = len(data) - 8 - header_len
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"tensor {name!r}: malformed header entry") from None
+        if dtype not in DTYPE_BYTES:
+            raise CheckpointError(f"tensor {name!r}: dtype {dtype} is not allowed")
+        numel = 1
+        for d in shape:
+            if not isinstance(d, int) or d < 0:
+                raise CheckpointError(f"tensor {name!r}: bad shape {shape}")
+            numel *= d
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= body):
+            raise CheckpointError(f"tensor {name!r}: data offsets lie outside the file")
+        if end - start != numel * DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"tensor {name!r}: data size does not match its shape and dtype")
+        spans.append((start, end))
+    spans.sort()
+    pos = 0
+    for start, end in spans:
+        if start != pos:
+            raise CheckpointError("tensor data overlap or leave gaps")
+        pos = end
+    if pos != body:
+        raise CheckpointError("tensor data do not cover the file")
+    return header
+
+
+def read_manifest(header: dict) -> Manifest:
+    meta = header.get("__metadata__") or {}
+    if MANIFEST_KEY not in meta:
+        raise CheckpointError(f"checkpoint has no {MANIFEST_KEY} metadata")
+    try:
+        return Manifest.model_validate_json(meta[MANIFEST_KEY])
+    except ValidationError as exc:
+        raise CheckpointError(f"checkpoint manifest is invalid: {exc.errors()[0]['msg']}") from None
+
+
+def validate_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    expected = model.state_dict()
+    missing, extra = expected.keys() - state.keys(), state.keys() - expected.keys()
+    if missing or extra:
+        raise CheckpointError(
+            f"tensors do not match the architecture: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+        )
+    for name, ref in expected.items():
+        t = state[name]
+        if t.shape != ref.shape:
+            raise CheckpointError(f"tensor {name!r}: shape {list(t.shape)} != expected {list(ref.shape)}")
+        if t.dtype != ref.dtype:
+            raise CheckpointError(f"tensor {name!r}: dtype {t.dtype} != expected {ref.dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"tensor {name!r} holds NaN or Inf")
+
+
+def load_checkpoint_bytes(data: bytes, expected: Manifest | None = None) -> tuple[torch.nn.Module, Manifest]:
+    """Parse, check and build the model. `expected` (a registered model) must agree with the manifest."""
+    header = parse_header(data)
+    manifest = expected or read_manifest(header)
+    try:
+        model = build_model(manifest.architecture, manifest.in_channels, manifest.num_classes)
+    except UisError as exc:
+        raise CheckpointError(str(exc)) from None
+    try:
+        state = st_load(data)
+    except Exception as exc:  # safetensors raises its own error types on malformed content
+        raise CheckpointError(f"cannot parse safetensors: {exc}") from None
+    validate_state(state, model)
+    model.load_state_dict(state)
+    return model.eval(), manifest
+
+
+def load_checkpoint(path: Path, max_bytes: int = 2 << 30) -> tuple[torch.nn.Module, Manifest]:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    if size > max_bytes:
+        raise CheckpointError(f"checkpoint is {size} bytes, over the {max_bytes}-byte limit")
+    return load_checkpoint_bytes(path.read_bytes())

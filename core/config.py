@@ -1,0 +1,74 @@
+"""Every UISPS hyperparameter in one typed config, defaulting to the paper (and design.md sec. 1)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class InversionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_per_class: int = Field(32, ge=1, le=1024, description="synthetic samples per forget label")
+    iterations: int = Field(1000, ge=1, le=100_000)
+    lr: float = Field(0.01, gt=0, description="Adam learning rate on the images")
+    lambda_bn: float = Field(0.01, ge=0, description="lambda1: weight of the BatchNorm-statistics term")
+    lambda_entropy: float = Field(0.05, ge=0, description="lambda2: weight of the entropy term")
+    entropy_fraction: float = Field(0.5, ge=0, le=1, description="share of each class's samples in the entropy subset")
+    # +1 raises the subset's entropy (the paper's text and Fig. 2); -1 lowers it (eq. 5 as printed).
+    entropy_sign: Literal[1, -1] = 1
+    # DeepInversion image priors: not in the paper, off by default.
+    jitter: int = Field(0, ge=0, description="random shift of the batch by up to this many pixels per step")
+    flip: bool = False
+    tv_weight: float = Field(0.0, ge=0)
+    l2_weight: float = Field(0.0, ge=0)
+    # All forget labels in one batch with per-class BN statistics: the same optimisation as one
+    # batch per label (the losses of different groups do not interact), K times fewer launches.
+    batched: bool = True
+
+
+class UnlearnConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inversion: InversionConfig = Field(default_factory=InversionConfig)
+    alpha: float = Field(1.5, gt=0, description="freeze where norm_r > alpha * norm_g (eq. 12)")
+    sps: bool = Field(True, description="selective parameter suppression on/off (ablation)")
+    fisher_retain_size: int | None = Field(
+        None, ge=1, le=100_000,
+        description="size of the stratified retained subset D'_r; default n_per_class per retained class, at most 2048",
+    )
+    fisher_chunk: int = Field(16, ge=1, le=1024, description="samples per vmap chunk of per-sample gradients")
+    lr: float | None = Field(None, gt=0, description="unlearning learning rate; default by architecture (paper Sec. V-A)")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    batch_size: int = Field(128, ge=2, le=4096)
+    epochs: float = Field(1.0, gt=0, le=100, description="length of the pass in epochs of the retained data")
+    steps: int | None = Field(None, ge=1, le=1_000_000, description="length of the pass in optimiser steps; overrides epochs")
+    # A floor under `epochs` for tiny retained sets (one epoch of digits is 10 steps, too few to
+    # forget); one epoch of the CIFAR-10 subset (~36 steps) or of CIFAR-10 (~350) is above it.
+    min_steps: int = Field(20, ge=1, le=1_000_000)
+    # How D'_g enters the epoch. 0: shuffled into D_r once (the paper's loop read literally; with
+    # 32 synthetic samples among thousands, most batches carry none). k > 0: every batch carries
+    # k synthetic samples, cycling through D'_g.
+    synthetic_per_batch: int = Field(16, ge=0, le=4096)
+    # "train": BatchNorm running statistics follow the pass (a plain training epoch).
+    # "frozen": BatchNorm layers stay in eval mode, so their running statistics do not move.
+    bn_mode: Literal["train", "frozen"] = "train"
+    augment: bool = True
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(30, ge=1, le=1000)
+    batch_size: int = Field(128, ge=2, le=4096)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = True
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -1,0 +1,229 @@
+"""Data sources named by a spec string, loaded as uint8 image tensors (N, C, H, W).
+
+Specs: `digits`, `npz:<path>`, `cifar10:<root>`, `cifar100:<root>`, `svhn:<root>`, `mnist:<root>`,
+`imagefolder:<root>` (with `train/` and `test/` class folders). Nothing is downloaded: the
+torchvision loaders read a local root only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.errors import DataError, InvalidLabels
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor  # uint8 (N, C, H, W)
+    y: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def select(self, mask: torch.Tensor) -> Split:
+        return Split(self.x[mask], self.y[mask])
+
+    def with_labels(self, labels: Iterable[int]) -> Split:
+        return self.select(torch.isin(self.y, torch.tensor(sorted(labels), dtype=torch.long)))
+
+    def without_labels(self, labels: Iterable[int]) -> Split:
+        return self.select(~torch.isin(self.y, torch.tensor(sorted(labels), dtype=torch.long)))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    spec: str
+    train: Split
+    test: Split
+    classes: list[str]
+    flip: bool  # horizontal flips are a fair augmentation for natural images, not for digits
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train.x.shape[1:]
+        return int(c), int(h), int(w)
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the training split, on the 0..1 scale."""
+        x = self.train.x.float().div_(255)
+        mean = x.mean(dim=(0, 2, 3))
+        std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        return mean.tolist(), std.tolist()
+
+
+@dataclass(frozen=True)
+class RetainedData:
+    """The only training data an unlearning method may see: no sample of a forgotten label.
+
+    Built by `retained_data`, which drops every forgotten label, so a zero-glance method cannot be
+    handed a forgotten sample by mistake.
+    """
+
+    train: Split
+    forgotten: frozenset[int]
+    num_classes: int
+    flip: bool
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.forgotten and torch.isin(self.train.y, torch.tensor(sorted(self.forgotten))).any():
+            raise AssertionError("retained data holds a forgotten label")
+
+
+def check_labels(labels: Iterable[int], num_classes: int, already_forgotten: Iterable[int] = ()) -> list[int]:
+    """Validate forget labels: in range, no duplicates, not forgotten before, not every class."""
+    labels = list(labels)
+    if not labels:
+        raise InvalidLabels("no labels to forget were given")
+    bad = [lab for lab in labels if not isinstance(lab, int) or lab < 0 or lab >= num_classes]
+    if bad:
+        raise InvalidLabels(f"labels {bad} are out of range: this model has classes 0..{num_classes - 1}")
+    if len(set(labels)) != len(labels):
+        raise InvalidLabels(f"duplicate labels in {labels}")
+    again = sorted(set(labels) & set(already_forgotten))
+    if again:
+        raise InvalidLabels(f"labels {again} were already forgotten by the base version")
+    if len(set(labels) | set(already_forgotten)) >= num_classes:
+        raise InvalidLabels("forgetting every class would leave nothing to classify")
+    return sorted(labels)
+
+
+def retained_data(dataset: Dataset, forgotten: Iterable[int]) -> RetainedData:
+    forgotten = frozenset(forgotten)
+    return RetainedData(
+        train=dataset.train.without_labels(forgotten),
+        forgotten=forgotten,
+        num_classes=dataset.num_classes,
+        flip=dataset.flip,
+        classes=dataset.classes,
+    )
+
+
+def _to_nchw(x: np.ndarray, name: str) -> torch.Tensor:
+    if x.dtype != np.uint8:
+        raise DataError(f"{name} must be uint8 images, got {x.dtype}")
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        x = x.transpose(0, 3, 1, 2)
+    elif x.ndim != 4:
+        raise DataError(f"{name} must be (N,H,W) or (N,H,W,C) images, got shape {x.shape}")
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _labels(y: np.ndarray, n: int, name: str) -> torch.Tensor:
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{name} must be {n} integer labels, got shape {y.shape} dtype {y.dtype}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        images, bunch.target, test_size=0.25, stratify=bunch.target, random_state=0
+    )
+    return Dataset(
+        spec="digits",
+        train=Split(_to_nchw(x_tr, "digits"), _labels(y_tr, len(x_tr), "digits")),
+        test=Split(_to_nchw(x_te, "digits"), _labels(y_te, len(x_te), "digits")),
+        classes=[str(i) for i in range(10)],
+        flip=False,
+    )
+
+
+def _npz(spec: str, path: Path) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except (ValueError, OSError) as exc:
+        raise DataError(f"cannot read {path} as .npz: {exc}") from None
+    missing = {"x_train", "y_train", "x_test", "y_test"} - arrays.keys()
+    if missing:
+        raise DataError(f"{path} lacks arrays {sorted(missing)}")
+    x_train, x_test = _to_nchw(arrays["x_train"], "x_train"), _to_nchw(arrays["x_test"], "x_test")
+    train = Split(x_train, _labels(arrays["y_train"], len(x_train), "y_train"))
+    test = Split(x_test, _labels(arrays["y_test"], len(x_test), "y_test"))
+    num = int(max(train.y.max(), test.y.max())) + 1
+    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(num)]
+    return Dataset(spec, train, test, classes, flip=train.x.shape[1] == 3)
+
+
+def _torchvision_split(kind: str, root: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    import torchvision.datasets as tvd
+
+    try:
+        if kind == "svhn":
+            ds = tvd.SVHN(str(root), split="train" if train else "test", download=False)
+            return ds.data, np.asarray(ds.labels), [str(i) for i in range(10)]
+        cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST}[kind]
+        ds = cls(str(root), train=train, download=False)
+    except RuntimeError as exc:  # torchvision says "Dataset not found or corrupted"
+        raise DataError(f"{kind} not found under {root}: {exc}") from None
+    data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else ds.data
+    return data, np.asarray(ds.targets), list(ds.classes)
+
+
+def _imagefolder(spec: str, root: Path) -> Dataset:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    def load(sub: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        if not (root / sub).is_dir():
+            raise DataError(f"imagefolder needs {root / sub}/<class>/<image> folders")
+        folder = ImageFolder(str(root / sub))
+        images = [np.asarray(Image.open(p).convert("RGB")) for p, _ in folder.samples]
+        if len({im.shape for im in images}) > 1:
+            raise DataError(f"images under {root / sub} differ in size; resize them to one size first")
+        return np.stack(images), np.asarray(folder.targets), folder.classes
+
+    xtr, ytr, classes = load("train")
+    xte, yte, classes_te = load("test")
+    if classes != classes_te:
+        raise DataError("train/ and test/ must hold the same class folders")
+    return Dataset(
+        spec,
+        Split(_to_nchw(xtr, "train"), _labels(ytr, len(xtr), "train")),
+        Split(_to_nchw(xte, "test"), _labels(yte, len(xte), "test")),
+        classes,
+        flip=True,
+    )
+
+
+def load_dataset(spec: str) -> Dataset:
+    kind, _, arg = spec.partition(":")
+    if kind == "digits" and not arg:
+        return _digits()
+    if not arg:
+        raise DataError(f"unknown data spec {spec!r} (use digits, npz:<path>, cifar10:<root>, ...)")
+    path = Path(arg).expanduser()
+    if kind == "npz":
+        return _npz(spec, path)
+    if kind == "imagefolder":
+        return _imagefolder(spec, path)
+    if kind in ("cifar10", "cifar100", "svhn", "mnist"):
+        xtr, ytr, classes = _torchvision_split(kind, path, True)
+        xte, yte, _ = _torchvision_split(kind, path, False)
+        return Dataset(
+            spec,
+            Split(_to_nchw(xtr, kind), _labels(ytr, len(xtr), kind)),
+            Split(_to_nchw(xte, kind), _labels(yte, len(xte), kind)),
+            classes,
+            flip=kind in ("cifar10", "cifar100"),
+        )
+    raise DataError(f"unknown data source kind {kind!r} in {spec!r}")

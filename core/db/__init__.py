@@ -1,0 +1,33 @@
+"""Persistence: ORM tables, engine/session factories, the audit chain, migrations."""
+
+from core.db.audit import GENESIS_HASH, BrokenLink, record_event, verify_chain
+from core.db.base import DEFAULT_TENANT, Base, UTCDateTime, new_id, utcnow
+from core.db.session import make_engine, make_sessionmaker
+from core.db.tables import (
+    TERMINAL_STATES,
+    AuditEvent,
+    DeletionRequest,
+    JobState,
+    Model,
+    ModelVersion,
+)
+
+__all__ = [
+    "DEFAULT_TENANT",
+    "GENESIS_HASH",
+    "TERMINAL_STATES",
+    "AuditEvent",
+    "Base",
+    "BrokenLink",
+    "DeletionRequest",
+    "JobState",
+    "Model",
+    "ModelVersion",
+    "UTCDateTime",
+    "make_engine",
+    "make_sessionmaker",
+    "new_id",
+    "record_event",
+    "utcnow",
+    "verify_chain",
+]

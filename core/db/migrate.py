@@ -1,0 +1,44 @@
+"""Run the Alembic migrations programmatically (used by `uisps db ...`, start-up and tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy.engine import URL
+
+import migrations
+from core.db.session import make_engine
+
+MIGRATIONS_DIR = Path(migrations.__file__).parent
+
+
+def alembic_config(url: str | URL) -> Config:
+    """An Alembic config for ``url`` built without an ini file, so logging is left alone."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if isinstance(url, URL):
+        url = url.render_as_string(hide_password=False)
+    # ConfigParser interpolates '%', which appears in URL-encoded passwords.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str | URL, revision: str = "head") -> None:
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str | URL, revision: str = "base") -> None:
+    command.downgrade(alembic_config(url), revision)
+
+
+def current_revision(url: str | URL) -> str | None:
+    """The revision the database is at, or None for an empty database."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()

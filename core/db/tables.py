@@ -1,0 +1,175 @@
+"""ORM tables: models, model versions, deletion requests, audit events.
+
+Every row carries ``tenant_id`` so that tenant isolation can be added with API keys later without
+reshaping the data. JSON columns use the portable ``sqlalchemy.JSON`` so SQLite and PostgreSQL
+run the same code.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    false,
+    text,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from core.db.base import UUID_LENGTH, Base, tenant_column, utcnow, uuid_pk
+
+HASH_LENGTH = 64
+
+
+class JobState(StrEnum):
+    """Life cycle of a deletion request (AIP-151 style long-running operation)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+_STATE_VALUES = ", ".join(f"'{state.value}'" for state in JobState)
+
+
+class Model(Base):
+    """A registered classifier; its checkpoints live in ``ModelVersion`` rows."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+
+    id: Mapped[str] = uuid_pk()
+    tenant_id: Mapped[str] = tenant_column()
+    name: Mapped[str] = mapped_column(String(200))
+    # A key into the architecture registry (e.g. "smallcnn", "torchvision:resnet50").
+    architecture: Mapped[str] = mapped_column(String(200))
+    arch_kwargs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    num_classes: Mapped[int] = mapped_column(Integer)
+    class_names: Mapped[list[str]] = mapped_column(JSON, default=list)
+    input_shape: Mapped[list[int]] = mapped_column(JSON)  # [C, H, W]
+    mean: Mapped[list[float]] = mapped_column(JSON)
+    std: Mapped[list[float]] = mapped_column(JSON)
+    # A data spec string ("digits", "npz:/path/to/file.npz") naming the training data.
+    data_source: Mapped[str] = mapped_column(String(1000))
+    owner: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    versions: Mapped[list[ModelVersion]] = relationship(
+        back_populates="model", order_by="ModelVersion.version"
+    )
+
+
+class ModelVersion(Base):
+    """An immutable checkpoint of a model (by convention: rows are never updated)."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version"),)
+
+    id: Mapped[str] = uuid_pk()
+    tenant_id: Mapped[str] = tenant_column()
+    model_id: Mapped[str] = mapped_column(String(UUID_LENGTH), ForeignKey("models.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    artifact_key: Mapped[str] = mapped_column(String(500))
+    sha256: Mapped[str] = mapped_column(String(HASH_LENGTH))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    # Cumulative: every label forgotten by this version and its ancestors.
+    forgotten_labels: Mapped[list[int]] = mapped_column(JSON, default=list)
+    # Unique so a retried job can never produce two versions for the same request.
+    deletion_request_id: Mapped[str | None] = mapped_column(
+        String(UUID_LENGTH), ForeignKey("deletion_requests.id"), unique=True
+    )
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    model: Mapped[Model] = relationship(back_populates="versions")
+
+
+class DeletionRequest(Base):
+    """A request to forget labels from a model version, run as a background job."""
+
+    __tablename__ = "deletion_requests"
+    __table_args__ = (
+        CheckConstraint(f"state IN ({_STATE_VALUES})", name="state"),
+        Index(
+            "ix_deletion_requests_tenant_model_state_created",
+            "tenant_id",
+            "model_id",
+            "state",
+            "created_at",
+        ),
+    )
+
+    id: Mapped[str] = uuid_pk()
+    tenant_id: Mapped[str] = tenant_column()
+    model_id: Mapped[str] = mapped_column(String(UUID_LENGTH), ForeignKey("models.id"))
+    forget_labels: Mapped[list[int]] = mapped_column(JSON)
+    # Resolved when the request is created, so "latest" cannot drift while the job waits.
+    base_version: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(64), default="uisps", server_default="uisps")
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    external_ref: Mapped[str | None] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(
+        String(16), default=JobState.QUEUED.value, server_default=JobState.QUEUED.value
+    )
+    stage: Mapped[str | None] = mapped_column(String(64))
+    progress: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"code": ..., "message": ...}
+    result_version: Mapped[int | None] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    # A running job whose lease has passed is presumed orphaned by a crashed worker.
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+    model: Mapped[Model] = relationship()
+
+
+class AuditEvent(Base):
+    """Append-only, hash-chained record of state changes and downloads (see core.db.audit)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        # The chain is walked per tenant in id order.
+        Index("ix_audit_events_tenant_id_id", "tenant_id", "id"),
+        Index("ix_audit_events_subject", "subject_type", "subject_id"),
+    )
+
+    # BIGINT on PostgreSQL; on SQLite only INTEGER PRIMARY KEY is an auto-incrementing rowid.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    tenant_id: Mapped[str] = tenant_column(index=False)  # covered by the (tenant_id, id) index
+    occurred_at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(100))
+    subject_type: Mapped[str] = mapped_column(String(64))
+    subject_id: Mapped[str] = mapped_column(String(64))
+    # Not a foreign key: the log must outlive the rows it talks about.
+    model_id: Mapped[str | None] = mapped_column(String(UUID_LENGTH), index=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(HASH_LENGTH))
+    hash: Mapped[str] = mapped_column(String(HASH_LENGTH))

@@ -1,0 +1,1 @@
+"""Reading the tamper-evident audit log (writing is core.db.audit.record_event)."""

@@ -1,0 +1,1 @@
+"""Deletion requests: the API side (create, read, cancel) and the worker side (the job life cycle)."""

@@ -1,0 +1,103 @@
+"""Queries and atomic state transitions of deletion requests."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from core.db import DeletionRequest, JobState
+from core.services.pagination import Page, PageRequest, decode_token, make_page
+
+_table = DeletionRequest.__table__
+
+
+class DeletionRequestRepository:
+    def get(
+        self, session: Session, tenant_id: str | None, request_id: str, *, for_update: bool = False
+    ) -> DeletionRequest | None:
+        """`tenant_id=None` is for the worker, which acts for whichever tenant owns the row."""
+        query = select(DeletionRequest).where(DeletionRequest.id == request_id)
+        if tenant_id is not None:
+            query = query.where(DeletionRequest.tenant_id == tenant_id)
+        if for_update:
+            query = query.with_for_update()
+        # populate_existing: state changes made with UPDATE statements must show in the object.
+        return session.scalar(query.execution_options(populate_existing=True))
+
+    def list(
+        self,
+        session: Session,
+        tenant_id: str,
+        page: PageRequest,
+        *,
+        model_id: str | None = None,
+        state: JobState | None = None,
+    ) -> Page[DeletionRequest]:
+        """Newest first."""
+        filters: dict[str, Any] = {
+            "resource": "deletion_requests",
+            "tenant": tenant_id,
+            "model_id": model_id,
+            "state": state.value if state else None,
+        }
+        query = select(DeletionRequest).where(DeletionRequest.tenant_id == tenant_id)
+        if model_id is not None:
+            query = query.where(DeletionRequest.model_id == model_id)
+        if state is not None:
+            query = query.where(DeletionRequest.state == state.value)
+        position = decode_token(page.token, filters)
+        if position is not None:
+            created_at, last_id = datetime.fromisoformat(position[0]), position[1]
+            query = query.where(
+                or_(
+                    DeletionRequest.created_at < created_at,
+                    and_(DeletionRequest.created_at == created_at, DeletionRequest.id < last_id),
+                )
+            )
+        query = query.order_by(DeletionRequest.created_at.desc(), DeletionRequest.id.desc()).limit(page.size + 1)
+        rows = list(session.scalars(query))
+        return make_page(rows, page, lambda r: [r.created_at.isoformat(), r.id], filters)
+
+    def claim(self, session: Session, request_id: str, now: datetime, lease_until: datetime) -> bool:
+        """queued (or running with an expired lease) -> running, in one statement: one winner."""
+        lease_expired = and_(
+            _table.c.state == JobState.RUNNING.value,
+            or_(_table.c.lease_expires_at.is_(None), _table.c.lease_expires_at < now),
+        )
+        result = session.execute(
+            update(_table)
+            .where(_table.c.id == request_id, or_(_table.c.state == JobState.QUEUED.value, lease_expired))
+            .values(
+                state=JobState.RUNNING.value,
+                attempts=_table.c.attempts + 1,
+                started_at=now,
+                lease_expires_at=lease_until,
+                stage="starting",
+                progress=0.0,
+            )
+        )
+        return result.rowcount == 1
+
+    def report_progress(
+        self, session: Session, request_id: str, stage: str, progress: float, lease_until: datetime
+    ) -> bool | None:
+        """Write progress and renew the lease; returns cancel_requested, or None if no longer running."""
+        return session.execute(
+            update(_table)
+            .where(_table.c.id == request_id, _table.c.state == JobState.RUNNING.value)
+            .values(stage=stage, progress=progress, lease_expires_at=lease_until)
+            .returning(_table.c.cancel_requested)
+        ).scalar_one_or_none()
+
+    def orphan_ids(self, session: Session, queued_before: datetime, now: datetime) -> list[str]:
+        """Requests a worker should be running but may never have been told about (all tenants)."""
+        stale_queued = and_(_table.c.state == JobState.QUEUED.value, _table.c.created_at < queued_before)
+        expired = and_(_table.c.state == JobState.RUNNING.value, _table.c.lease_expires_at < now)
+        query = select(_table.c.id).where(or_(stale_queued, expired)).order_by(_table.c.created_at)
+        return list(session.scalars(query))
+
+
+deletion_request_repository = DeletionRequestRepository()

@@ -1,0 +1,174 @@
+"""Rules of deletion requests on the API side: create (validated against the base version), read, cancel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from core.config import UnlearnConfig
+from core.db import DeletionRequest, JobState, ModelVersion, record_event, utcnow
+from core.errors import InvalidLabels
+from core.services.deletion_requests.repository import deletion_request_repository
+from core.services.errors import Conflict, InvalidParameters, NotFound, UnsupportedMethod
+from core.services.models.repository import model_repository
+from core.services.pagination import Page, PageRequest
+from core.services.transactions import after_commit, begin_write
+from core.settings import Settings
+
+SUPPORTED_METHODS = ("uisps",)
+
+Dispatch = Callable[[str], None]
+
+
+class DeletionRequestService:
+    def create(
+        self,
+        session: Session,
+        *,
+        tenant_id: str,
+        actor: str,
+        settings: Settings,
+        model_id: str,
+        forget_labels: Sequence[int],
+        base_version: int | None = None,
+        method: str = "uisps",
+        params: dict[str, Any] | None = None,
+        external_ref: str | None = None,
+        dispatch: Dispatch,
+    ) -> DeletionRequest:
+        """Record a request and hand it to a worker once the row is committed."""
+        if method not in SUPPORTED_METHODS:
+            raise UnsupportedMethod(f"method {method!r} is not supported (supported: {', '.join(SUPPORTED_METHODS)})")
+        normalised_params = _validate_params(params or {})
+        if len(forget_labels) > settings.max_labels_per_request:
+            raise InvalidLabels(
+                f"{len(forget_labels)} labels given; at most {settings.max_labels_per_request} per request"
+            )
+        begin_write(session)
+        model = model_repository.get(session, tenant_id, model_id)
+        if model is None:
+            raise NotFound("model", model_id)
+        base = self._base_version(session, tenant_id, model_id, base_version)
+        labels = _check_labels(list(forget_labels), model.num_classes, base.forgotten_labels)
+        request = DeletionRequest(
+            tenant_id=tenant_id,
+            model_id=model_id,
+            forget_labels=labels,
+            base_version=base.version,
+            method=method,
+            params=normalised_params,
+            external_ref=external_ref,
+            state=JobState.QUEUED.value,
+        )
+        session.add(request)
+        session.flush()
+        record_event(
+            session,
+            tenant_id=tenant_id,
+            actor=actor,
+            action="deletion_request.created",
+            subject_type="deletion_request",
+            subject_id=request.id,
+            model_id=model_id,
+            details={
+                "forget_labels": labels,
+                "base_version": base.version,
+                "base_sha256": base.sha256,
+                "method": method,
+                "params": normalised_params,
+                "external_ref": external_ref,
+            },
+        )
+        request_id = request.id
+        after_commit(session, lambda: dispatch(request_id))
+        return request
+
+    def get(self, session: Session, tenant_id: str, request_id: str) -> DeletionRequest:
+        request = deletion_request_repository.get(session, tenant_id, request_id)
+        if request is None:
+            raise NotFound("deletion request", request_id)
+        return request
+
+    def list(
+        self,
+        session: Session,
+        tenant_id: str,
+        page: PageRequest,
+        *,
+        model_id: str | None = None,
+        state: JobState | None = None,
+    ) -> Page[DeletionRequest]:
+        return deletion_request_repository.list(session, tenant_id, page, model_id=model_id, state=state)
+
+    def cancel(self, session: Session, *, tenant_id: str, actor: str, request_id: str) -> DeletionRequest:
+        """queued -> cancelled now; running -> cancel_requested (the worker stops at its next report)."""
+        begin_write(session)
+        request = deletion_request_repository.get(session, tenant_id, request_id, for_update=True)
+        if request is None:
+            raise NotFound("deletion request", request_id)
+        state = JobState(request.state)
+        if state.is_terminal:
+            raise Conflict(
+                f"deletion request {request_id} is already {state.value}; only queued or running requests can be cancelled",
+                code="request_finished",
+            )
+        if state is JobState.RUNNING and request.cancel_requested:
+            return request  # asked twice: nothing new to record
+        if state is JobState.QUEUED:
+            request.state = JobState.CANCELLED.value
+            request.finished_at = utcnow()
+            request.stage = None
+            action = "deletion_request.cancelled"
+        else:
+            request.cancel_requested = True
+            action = "deletion_request.cancel_requested"
+        session.flush()
+        record_event(
+            session,
+            tenant_id=tenant_id,
+            actor=actor,
+            action=action,
+            subject_type="deletion_request",
+            subject_id=request.id,
+            model_id=request.model_id,
+            details={"previous_state": state.value, "state": request.state},
+        )
+        return request
+
+    def _base_version(self, session: Session, tenant_id: str, model_id: str, number: int | None) -> ModelVersion:
+        if number is None:
+            base = model_repository.latest_version(session, tenant_id, model_id)
+            if base is None:
+                raise Conflict(
+                    f"model {model_id} has no versions yet; upload a checkpoint first", code="model_has_no_versions"
+                )
+            return base
+        base = model_repository.get_version(session, tenant_id, model_id, number)
+        if base is None:
+            raise NotFound(f"version of model {model_id}", number)
+        return base
+
+
+def _validate_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Check overrides now so a bad one is the caller's 422, not a failed job an hour later."""
+    try:
+        config = UnlearnConfig.model_validate(params)
+    except ValidationError as exc:
+        errors = [{"loc": ["params", *err["loc"]], "msg": err["msg"], "type": err["type"]} for err in exc.errors()]
+        where = ".".join(map(str, errors[0]["loc"]))
+        raise InvalidParameters(f"{where}: {errors[0]['msg']}", errors) from None
+    # Only what the caller set is stored: the defaults may improve before the job runs, and the
+    # job's report records the full configuration it used.
+    return config.model_dump(mode="json", exclude_unset=True)
+
+
+def _check_labels(labels: list[int], num_classes: int, already_forgotten: list[int]) -> list[int]:
+    from core.data import check_labels  # core.data imports torch at module level
+
+    return check_labels(labels, num_classes, already_forgotten)
+
+
+deletion_request_service = DeletionRequestService()

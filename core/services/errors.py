@@ -1,0 +1,54 @@
+"""Errors the services raise; the API maps each to an HTTP status, the worker to a job outcome."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.errors import UisError
+
+
+class NotFound(Exception):
+    """No such resource *for this tenant* (another tenant's id is reported the same way)."""
+
+    code = "not_found"
+
+    def __init__(self, resource: str, identifier: object) -> None:
+        super().__init__(f"{resource} {identifier!s} does not exist")
+        self.resource = resource
+        self.identifier = identifier
+
+
+class Conflict(Exception):
+    """The request is valid but the resource's current state does not allow it."""
+
+    def __init__(self, message: str, code: str = "conflict") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidParameters(UisError):
+    """Hyperparameter overrides that `UnlearnConfig` refuses; `errors` lists each problem."""
+
+    code = "invalid_parameters"
+
+    def __init__(self, message: str, errors: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+class UnsupportedMethod(UisError):
+    code = "unsupported_method"
+
+
+class CheckpointTooLarge(UisError):
+    code = "checkpoint_too_large"
+
+
+class ArtifactCorrupted(UisError):
+    """A stored checkpoint no longer hashes to its recorded sha256: never load it."""
+
+    code = "artifact_corrupted"
+
+
+class InvalidPageToken(UisError):
+    code = "invalid_page_token"

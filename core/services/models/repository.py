@@ -1,0 +1,83 @@
+"""Queries for models and model versions; every one is scoped to a tenant."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from core.db import Model, ModelVersion
+from core.services.pagination import Page, PageRequest, decode_token, make_page
+
+
+class ModelRepository:
+    def get(self, session: Session, tenant_id: str, model_id: str, *, for_update: bool = False) -> Model | None:
+        query = select(Model).where(Model.tenant_id == tenant_id, Model.id == model_id)
+        if for_update:
+            # Serialises version numbering per model on PostgreSQL (SQLite has one writer anyway).
+            query = query.with_for_update()
+        return session.scalar(query)
+
+    def get_by_name(self, session: Session, tenant_id: str, name: str) -> Model | None:
+        return session.scalar(select(Model).where(Model.tenant_id == tenant_id, Model.name == name))
+
+    def list(self, session: Session, tenant_id: str, page: PageRequest) -> Page[Model]:
+        """Newest first."""
+        filters = {"resource": "models", "tenant": tenant_id}
+        query = select(Model).where(Model.tenant_id == tenant_id)
+        position = decode_token(page.token, filters)
+        if position is not None:
+            created_at, last_id = datetime.fromisoformat(position[0]), position[1]
+            query = query.where(
+                or_(Model.created_at < created_at, and_(Model.created_at == created_at, Model.id < last_id))
+            )
+        rows = list(session.scalars(query.order_by(Model.created_at.desc(), Model.id.desc()).limit(page.size + 1)))
+        return make_page(rows, page, lambda m: [m.created_at.isoformat(), m.id], filters)
+
+    def get_version(self, session: Session, tenant_id: str, model_id: str, version: int) -> ModelVersion | None:
+        return session.scalar(
+            select(ModelVersion).where(
+                ModelVersion.tenant_id == tenant_id,
+                ModelVersion.model_id == model_id,
+                ModelVersion.version == version,
+            )
+        )
+
+    def latest_version(self, session: Session, tenant_id: str, model_id: str) -> ModelVersion | None:
+        return session.scalar(
+            select(ModelVersion)
+            .where(ModelVersion.tenant_id == tenant_id, ModelVersion.model_id == model_id)
+            .order_by(ModelVersion.version.desc())
+            .limit(1)
+        )
+
+    def latest_version_numbers(self, session: Session, model_ids: list[str]) -> dict[str, int]:
+        if not model_ids:
+            return {}
+        rows = session.execute(
+            select(ModelVersion.model_id, func.max(ModelVersion.version))
+            .where(ModelVersion.model_id.in_(model_ids))
+            .group_by(ModelVersion.model_id)
+        )
+        return {model_id: version for model_id, version in rows}
+
+    def list_versions(self, session: Session, tenant_id: str, model_id: str, page: PageRequest) -> Page[ModelVersion]:
+        """Oldest first: version numbers count up."""
+        filters = {"resource": "model_versions", "tenant": tenant_id, "model_id": model_id}
+        query = select(ModelVersion).where(ModelVersion.tenant_id == tenant_id, ModelVersion.model_id == model_id)
+        position = decode_token(page.token, filters)
+        if position is not None:
+            query = query.where(ModelVersion.version > int(position[0]))
+        rows = list(session.scalars(query.order_by(ModelVersion.version).limit(page.size + 1)))
+        return make_page(rows, page, lambda v: [v.version], filters)
+
+    def next_version_number(self, session: Session, model_id: str) -> int:
+        current = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model_id))
+        return (current or 0) + 1
+
+    def version_for_request(self, session: Session, deletion_request_id: str) -> ModelVersion | None:
+        return session.scalar(select(ModelVersion).where(ModelVersion.deletion_request_id == deletion_request_id))
+
+
+model_repository = ModelRepository()

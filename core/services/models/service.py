@@ -1,0 +1,260 @@
+"""Rules for registering models and adding versions; every change is audited in its transaction."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core.db import Model, ModelVersion, record_event
+from core.services.errors import CheckpointTooLarge, Conflict, NotFound
+from core.services.models.repository import model_repository
+from core.services.pagination import Page, PageRequest
+from core.services.transactions import begin_write
+from core.storage import ArtifactStore
+
+if TYPE_CHECKING:
+    from core.checkpoint import Manifest
+
+MAX_CHANNELS = 64  # core.checkpoint.Manifest's bound on in_channels
+
+ClassName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class ModelSpec(BaseModel):
+    """What a caller says about a classifier when registering it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    architecture: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)] = Field(
+        description="architecture registry key: smallcnn, resnet18, allcnn, torchvision:<name>"
+    )
+    num_classes: int | None = Field(None, ge=2, le=100_000, description="defaults to len(class_names)")
+    class_names: list[ClassName] | None = Field(
+        None, min_length=2, max_length=100_000, description="defaults to '0'..'num_classes-1'"
+    )
+    input_shape: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(
+        min_length=3, max_length=3, description="[channels, height, width]"
+    )
+    mean: list[float] = Field(description="per-channel normalisation mean on the 0..1 scale")
+    std: list[float] = Field(description="per-channel normalisation std on the 0..1 scale")
+    data_source: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000)] = Field(
+        description="data spec of the training data: digits, npz:<path>, cifar10:<root>, ..."
+    )
+    owner: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if self.class_names is None and self.num_classes is None:
+            raise ValueError("give class_names or num_classes")
+        if self.class_names is not None:
+            if self.num_classes is not None and self.num_classes != len(self.class_names):
+                raise ValueError(
+                    f"num_classes is {self.num_classes} but {len(self.class_names)} class_names were given"
+                )
+            if len(set(self.class_names)) != len(self.class_names):
+                raise ValueError("class_names must be unique")
+        channels = self.input_shape[0]
+        if channels > MAX_CHANNELS:
+            raise ValueError(f"input_shape has {channels} channels; at most {MAX_CHANNELS} are supported")
+        for field, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != channels:
+                raise ValueError(f"{field} has {len(values)} values but input_shape has {channels} channels")
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{field} must be finite numbers")
+        if any(v <= 0 for v in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+    @property
+    def resolved_class_names(self) -> list[str]:
+        if self.class_names is not None:
+            return list(self.class_names)
+        return [str(i) for i in range(self.num_classes or 0)]
+
+
+def manifest_for(model: Model, forgotten_labels: list[int]) -> Manifest:
+    """The manifest a checkpoint of `model` must satisfy (built from the registration, not the file)."""
+    from core.checkpoint import Manifest  # torch: only where checkpoints are handled
+
+    return Manifest(
+        architecture=model.architecture,
+        in_channels=model.input_shape[0],
+        num_classes=model.num_classes,
+        input_shape=list(model.input_shape),
+        class_names=list(model.class_names),
+        mean=list(model.mean),
+        std=list(model.std),
+        forgotten_labels=sorted(forgotten_labels),
+        data_source=model.data_source,
+    )
+
+
+class ModelService:
+    def create(self, session: Session, *, tenant_id: str, actor: str, spec: ModelSpec) -> Model:
+        _check_architecture(spec.architecture)
+        begin_write(session)
+        if model_repository.get_by_name(session, tenant_id, spec.name) is not None:
+            raise Conflict(f"a model named {spec.name!r} already exists", code="model_name_taken")
+        class_names = spec.resolved_class_names
+        model = Model(
+            tenant_id=tenant_id,
+            name=spec.name,
+            architecture=spec.architecture,
+            arch_kwargs={},
+            num_classes=len(class_names),
+            class_names=class_names,
+            input_shape=list(spec.input_shape),
+            mean=list(spec.mean),
+            std=list(spec.std),
+            data_source=spec.data_source,
+            owner=spec.owner,
+        )
+        session.add(model)
+        try:
+            session.flush()
+        except IntegrityError:  # a concurrent registration of the same name won the race
+            raise Conflict(f"a model named {spec.name!r} already exists", code="model_name_taken") from None
+        record_event(
+            session,
+            tenant_id=tenant_id,
+            actor=actor,
+            action="model.created",
+            subject_type="model",
+            subject_id=model.id,
+            model_id=model.id,
+            details={
+                "name": model.name,
+                "architecture": model.architecture,
+                "num_classes": model.num_classes,
+                "data_source": model.data_source,
+            },
+        )
+        return model
+
+    def get(self, session: Session, tenant_id: str, model_id: str) -> Model:
+        model = model_repository.get(session, tenant_id, model_id)
+        if model is None:
+            raise NotFound("model", model_id)
+        return model
+
+    def list(self, session: Session, tenant_id: str, page: PageRequest) -> Page[Model]:
+        return model_repository.list(session, tenant_id, page)
+
+    def latest_versions(self, session: Session, models: list[Model]) -> dict[str, int]:
+        return model_repository.latest_version_numbers(session, [m.id for m in models])
+
+    def get_version(self, session: Session, tenant_id: str, model_id: str, version: int) -> ModelVersion:
+        found = model_repository.get_version(session, tenant_id, model_id, version)
+        if found is None:
+            self.get(session, tenant_id, model_id)  # says "model ... does not exist" when that is the case
+            raise NotFound(f"version of model {model_id}", version)
+        return found
+
+    def list_versions(self, session: Session, tenant_id: str, model_id: str, page: PageRequest) -> Page[ModelVersion]:
+        self.get(session, tenant_id, model_id)
+        return model_repository.list_versions(session, tenant_id, model_id, page)
+
+    def upload_version(
+        self,
+        session: Session,
+        *,
+        tenant_id: str,
+        actor: str,
+        model_id: str,
+        checkpoint: bytes,
+        store: ArtifactStore,
+        max_bytes: int,
+    ) -> ModelVersion:
+        """Validate an uploaded safetensors checkpoint against the model and store it as a new version.
+
+        Blocking (it parses and checks every tensor): call it from a worker thread.
+        """
+        if len(checkpoint) > max_bytes:
+            raise CheckpointTooLarge(f"the checkpoint is {len(checkpoint)} bytes; the limit is {max_bytes}")
+        model = self.get(session, tenant_id, model_id)
+        expected = manifest_for(model, [])
+        # End the read before the slow part, so a stale SQLite snapshot cannot block the write.
+        session.commit()
+        _validate_checkpoint(checkpoint, expected)
+        stored = store.put(checkpoint)
+        begin_write(session)
+        model = self._lock(session, tenant_id, model_id)
+        version = ModelVersion(
+            tenant_id=tenant_id,
+            model_id=model.id,
+            version=model_repository.next_version_number(session, model.id),
+            artifact_key=stored.key,
+            sha256=stored.sha256,
+            size_bytes=stored.size,
+            parent_version=None,
+            forgotten_labels=[],
+            deletion_request_id=None,
+            metrics=None,
+        )
+        session.add(version)
+        session.flush()
+        record_event(
+            session,
+            tenant_id=tenant_id,
+            actor=actor,
+            action="model_version.created",
+            subject_type="model_version",
+            subject_id=version.id,
+            model_id=model.id,
+            details={
+                "version": version.version,
+                "sha256": version.sha256,
+                "size_bytes": version.size_bytes,
+                "source": "upload",
+            },
+        )
+        return version
+
+    def checkpoint_for_download(
+        self, session: Session, *, tenant_id: str, actor: str, model_id: str, version: int, store: ArtifactStore
+    ) -> ModelVersion:
+        """The version whose checkpoint is about to be served; the download is audited first."""
+        begin_write(session)
+        found = self.get_version(session, tenant_id, model_id, version)
+        if not store.exists(found.artifact_key):
+            raise RuntimeError(f"artifact {found.artifact_key} of model {model_id} version {version} is missing")
+        record_event(
+            session,
+            tenant_id=tenant_id,
+            actor=actor,
+            action="model_version.downloaded",
+            subject_type="model_version",
+            subject_id=found.id,
+            model_id=model_id,
+            details={"version": found.version, "sha256": found.sha256},
+        )
+        return found
+
+    def _lock(self, session: Session, tenant_id: str, model_id: str) -> Model:
+        model = model_repository.get(session, tenant_id, model_id, for_update=True)
+        if model is None:
+            raise NotFound("model", model_id)
+        return model
+
+
+def _check_architecture(architecture: str) -> None:
+    # Raises core.errors.ArchitectureError naming the known architectures.
+    from core.architectures import validate_arch_name  # imports torch
+
+    validate_arch_name(architecture)
+
+
+def _validate_checkpoint(checkpoint: bytes, expected: Manifest) -> None:
+    # Parses safetensors (never pickle) and checks names, shapes, dtypes and finite values against
+    # the registered architecture; raises core.errors.CheckpointError with what is wrong.
+    from core.checkpoint import load_checkpoint_bytes
+
+    load_checkpoint_bytes(checkpoint, expected=expected)
+
+
+model_service = ModelService()

@@ -1,0 +1,67 @@
+"""AIP-158 pagination: `page_size` plus an opaque `page_token`; an empty next token ends the list.
+
+A token holds the sort key of the last item served (keyset pagination: stable while rows are
+added, and no OFFSET scans) and a fingerprint of the filters it was issued for, so a token cannot
+be replayed against another query. It is not secret: every query also filters by tenant.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from core.services.errors import InvalidPageToken
+
+T = TypeVar("T")
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    size: int = DEFAULT_PAGE_SIZE
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_page_token: str = ""
+
+
+def _fingerprint(filters: dict[str, Any]) -> str:
+    canonical = json.dumps(filters, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def encode_token(position: list[Any], filters: dict[str, Any]) -> str:
+    payload = json.dumps({"p": position, "f": _fingerprint(filters)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def decode_token(token: str | None, filters: dict[str, Any]) -> list[Any] | None:
+    """The position a token points after, or None for the first page."""
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        position, fingerprint = payload["p"], payload["f"]
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise InvalidPageToken("page_token is not a token this service issued") from None
+    if fingerprint != _fingerprint(filters) or not isinstance(position, list):
+        raise InvalidPageToken("page_token was issued for a different query; keep the same filters")
+    return position
+
+
+def make_page(rows: list[T], request: PageRequest, position_of: Any, filters: dict[str, Any]) -> Page[T]:
+    """`rows` were fetched with limit size + 1: the extra row only says whether a next page exists."""
+    if len(rows) <= request.size:
+        return Page(rows)
+    items = rows[: request.size]
+    return Page(items, encode_token(position_of(items[-1]), filters))

@@ -1,0 +1,72 @@
+"""The `uisps` command line as a user runs it (real subprocesses, digits data)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FAST = json.dumps({"inversion": {"iterations": 300}, "precision": "fp32"})
+
+
+def uisps(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "uisps", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("cli")
+    run = uisps("train", "--dataset", "digits", "--arch", "smallcnn", "--epochs", "15", "--lr", "0.1",
+                "--precision", "fp32", "--out", "m.safetensors", cwd=work)
+    assert run.returncode == 0, run.stderr
+    return work
+
+
+def test_train_unlearn_evaluate_forgets_one_digit(trained):
+    run = uisps("unlearn", "--checkpoint", "m.safetensors", "--dataset", "digits", "--forget", "3",
+                "--out", "m2.safetensors", "--report", "r.json", "--params", FAST, cwd=trained)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((trained / "r.json").read_text())
+    assert report["forget_labels"] == [3]
+    assert report["before"]["acc_forget"] > 90 and report["after"]["acc_forget"] <= 1.0
+    assert report["after"]["acc_retain"] >= report["before"]["acc_retain"] - 3.0
+    assert {"inversion", "fisher", "relabel", "unlearning", "evaluation"} <= report["timings"].keys()
+    assert 0 < report["frozen_fraction"] < 1 and 0 <= report["after"]["mia"] <= 100
+    import hashlib
+    assert hashlib.sha256((trained / "m2.safetensors").read_bytes()).hexdigest() == report["checkpoint_sha256"]
+    ev = uisps("evaluate", "--checkpoint", "m2.safetensors", "--dataset", "digits", "--forget", "3", "--json", cwd=trained)
+    assert ev.returncode == 0, ev.stderr
+    evaluation = json.loads(ev.stdout)
+    assert evaluation["acc_forget"] == report["after"]["acc_forget"]
+    assert {"acc_retain", "acc_forget", "mia"} <= evaluation.keys()
+
+
+def _write_npz(path: Path, shape: tuple) -> None:
+    import numpy as np
+    x = np.zeros((10, *shape), dtype=np.uint8)
+    np.savez(path, x_train=x, y_train=np.arange(10), x_test=x, y_test=np.arange(10))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--forget", "12"], "out of range"),
+        (["--forget", "0,1,2,3,4,5,6,7,8,9"], "every class"),
+        (["--forget", "a"], "comma-separated"),
+        (["--checkpoint", "missing.safetensors"], "not found"),
+        (["--checkpoint", "junk.bin"], "safetensors"),
+        (["--dataset", "npz:rgb.npz"], "expects"),
+        (["--params", '{"alpha": -1}'], "params"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_nothing_is_written(trained, args, message):
+    (trained / "junk.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle, never loaded
+    _write_npz(trained / "rgb.npz", (32, 32, 3))
+    base = {"--checkpoint": "m.safetensors", "--dataset": "digits", "--forget": "3"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    flat = [item for pair in base.items() for item in pair]
+    run = uisps("unlearn", *flat, "--out", "never.safetensors", "--report", "never.json", cwd=trained)
+    assert run.returncode != 0
+    assert message in run.stderr and "Traceback" not in run.stderr
+    assert not (trained / "never.safetensors").exists() and not (trained / "never.json").exists()

@@ -1,0 +1,104 @@
+"""Shared fixtures: real databases and Redis, created per test run and removed afterwards."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+PG_ADMIN_DSN = os.environ.get(
+    "UISPS_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_BASE_URL = os.environ.get("UISPS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+def _pg_admin() -> psycopg.Connection:
+    return psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """SQLAlchemy URL of a fresh, empty PostgreSQL database, dropped after the run."""
+    try:
+        admin = _pg_admin()
+    except psycopg.OperationalError as error:
+        pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN_DSN}: {error} (UISPS_TEST_PG_ADMIN_DSN)")
+    name = f"uisps_test_{os.getpid()}_{secrets.token_hex(4)}"
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = make_url(PG_ADMIN_DSN).set(drivername="postgresql+psycopg", database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with _pg_admin() as admin:
+            # A leaked pooled connection would otherwise block the drop.
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a Redis database number for this run, emptied before and after."""
+    url = f"{REDIS_BASE_URL}/{1 + os.getpid() % 15}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        client.flushdb()
+    except redis.ConnectionError as error:
+        client.close()
+        pytest.skip(f"Redis unreachable at {REDIS_BASE_URL} ({error}); see UISPS_TEST_REDIS_URL")
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """URL of a SQLite database file in this test's temporary folder (not yet created)."""
+    return f"sqlite:///{tmp_path / 'uisps.db'}"
+
+
+# --- core engine fixtures -------------------------------------------------------------------
+
+
+class TrainedDigits:
+    """A smallcnn trained on scikit-learn's digits, with its manifest and data (fp32, CPU)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        from core.config import TrainConfig
+        from core.data import load_dataset
+        from core.workflow import train_model
+
+        self.dataset = load_dataset("digits")
+        self.device = torch.device("cpu")
+        self.model, self.manifest = train_model(
+            self.dataset, "smallcnn", TrainConfig(epochs=15, lr=0.1, precision="fp32"), self.device
+        )
+        self.model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_digits() -> TrainedDigits:
+    return TrainedDigits()
+
+
+@pytest.fixture
+def digits_copy(trained_digits: TrainedDigits):
+    """A fresh copy of the trained model, free to modify."""
+    import copy
+
+    return copy.deepcopy(trained_digits.model)

@@ -1,0 +1,47 @@
+"""Data specs: digits, npz (colour and grayscale), clear errors for the rest."""
+
+import numpy as np
+import pytest
+
+from core.data import check_labels, load_dataset
+from core.errors import DataError, InvalidLabels
+
+
+def test_digits_is_a_stratified_uint8_split():
+    ds = load_dataset("digits")
+    assert ds.train.x.dtype.is_floating_point is False and ds.input_shape == (1, 8, 8)
+    assert len(ds.train) + len(ds.test) == 1797 and ds.num_classes == 10
+
+
+@pytest.mark.parametrize("shape, channels", [((20, 6, 6, 3), 3), ((20, 6, 6), 1)])
+def test_npz_reads_colour_and_grayscale_images(tmp_path, shape, channels):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=rng.integers(0, 255, shape, dtype=np.uint8), y_train=np.arange(20) % 4,
+             x_test=rng.integers(0, 255, shape, dtype=np.uint8), y_test=np.arange(20) % 4,
+             classes=np.array(["a", "b", "c", "d"]))
+    ds = load_dataset(f"npz:{path}")
+    assert ds.input_shape == (channels, 6, 6) and ds.classes == ["a", "b", "c", "d"]
+
+
+def test_npz_with_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / "evil.npz"
+    np.savez(path, x_train=np.array([object()], dtype=object))
+    with pytest.raises(DataError):
+        load_dataset(f"npz:{path}")
+
+
+@pytest.mark.parametrize("spec", ["nope", "npz:/does/not/exist.npz", "cifar10:/does/not/exist"])
+def test_unknown_or_missing_sources_are_clear_errors(spec):
+    with pytest.raises(DataError):
+        load_dataset(spec)
+
+
+@pytest.mark.parametrize(
+    "labels, earlier, message",
+    [([10], [], "out of range"), ([-1], [], "out of range"), ([2, 2], [], "duplicate"),
+     ([1], [1], "already forgotten"), (list(range(9)), [9], "every class"), ([], [], "no labels")],
+)
+def test_bad_forget_labels_are_refused(labels, earlier, message):
+    with pytest.raises(InvalidLabels, match=message):
+        check_labels(labels, 10, earlier)

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from core.settings import MIB, Settings, get_settings
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    # The developer's own UISPS_* variables must not leak into these tests.
+    for name in list(os.environ):
+        if name.startswith("UISPS_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_defaults_live_under_home(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("UISPS_HOME", str(tmp_path))
+
+    settings = Settings()
+
+    assert settings.effective_database_url == f"sqlite:///{tmp_path}/uisps.db"
+    assert settings.effective_broker_url == f"sqla+sqlite:///{tmp_path}/broker.db"
+    assert settings.effective_artifact_dir == tmp_path / "artifacts"
+
+
+def test_default_home_is_in_the_user_folder(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("HOME", str(tmp_path))
+
+    assert Settings().home == tmp_path / ".uisps"
+
+
+def test_default_limits(clean_env: pytest.MonkeyPatch) -> None:
+    settings = Settings()
+
+    assert (settings.device, settings.max_upload_bytes) == ("auto", 512 * MIB)
+    assert (settings.max_attempts, settings.job_visibility_timeout_s) == (3, 6 * 3600)
+    assert settings.max_labels_per_request == 100
+
+
+def test_environment_overrides_defaults(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("UISPS_DATABASE_URL", "postgresql+psycopg://db/uisps")
+    clean_env.setenv("UISPS_BROKER_URL", "redis://broker:6379/0")
+    clean_env.setenv("UISPS_ARTIFACT_DIR", str(tmp_path / "blobs"))
+    clean_env.setenv("UISPS_MAX_ATTEMPTS", "5")
+
+    settings = Settings()
+
+    assert settings.effective_database_url == "postgresql+psycopg://db/uisps"
+    assert settings.effective_broker_url == "redis://broker:6379/0"
+    assert settings.effective_artifact_dir == tmp_path / "blobs"
+    assert settings.max_attempts == 5
+
+
+def test_empty_url_means_default(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("UISPS_HOME", str(tmp_path))
+    clean_env.setenv("UISPS_DATABASE_URL", "")
+
+    assert Settings().effective_database_url == f"sqlite:///{tmp_path}/uisps.db"
+
+
+def test_get_settings_reads_the_current_environment(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("UISPS_DEVICE", "cpu")
+    first = get_settings()
+    clean_env.setenv("UISPS_DEVICE", "cuda")
+
+    assert (first.device, get_settings().device) == ("cpu", "cuda")

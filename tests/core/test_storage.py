@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from core.settings import Settings
+from core.storage import (
+    ArtifactNotFound,
+    InvalidArtifactKey,
+    LocalArtifactStore,
+    make_artifact_store,
+)
+
+CONTENT = b"checkpoint bytes " * 1000
+DIGEST = hashlib.sha256(CONTENT).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalArtifactStore:
+    return LocalArtifactStore(tmp_path / "artifacts")
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(path for path in root.rglob("*") if path.is_file())
+
+
+def test_key_is_the_content_hash(store: LocalArtifactStore) -> None:
+    stored = store.put(CONTENT)
+
+    assert stored.key == f"sha256/{DIGEST[:2]}/{DIGEST}"
+    assert (stored.sha256, stored.size) == (DIGEST, len(CONTENT))
+    with store.open(stored.key) as stream:
+        assert stream.read() == CONTENT
+
+
+def test_every_kind_of_source_stores_the_same_artifact(
+    store: LocalArtifactStore, tmp_path: Path
+) -> None:
+    source_file = tmp_path / "model.safetensors"
+    source_file.write_bytes(CONTENT)
+    chunks = [CONTENT[:100], CONTENT[100:]]
+
+    keys = {store.put(source).key for source in (CONTENT, source_file, io.BytesIO(CONTENT), chunks)}
+
+    assert keys == {f"sha256/{DIGEST[:2]}/{DIGEST}"}
+
+
+def test_put_is_idempotent(store: LocalArtifactStore) -> None:
+    first = store.put(CONTENT)
+    second = store.put(CONTENT)
+
+    assert first == second
+    assert _files(store.root) == [store.root / first.key]
+
+
+def test_failing_stream_leaves_no_file(store: LocalArtifactStore) -> None:
+    def broken_upload() -> Iterator[bytes]:
+        yield CONTENT
+        raise ConnectionError("client went away")
+
+    with pytest.raises(ConnectionError):
+        store.put(broken_upload())
+
+    assert _files(store.root) == []
+
+
+def test_iter_bytes_streams_the_content(store: LocalArtifactStore) -> None:
+    key = store.put(CONTENT).key
+
+    assert b"".join(store.iter_bytes(key, chunk_size=1000)) == CONTENT
+
+
+def test_delete_removes_the_artifact(store: LocalArtifactStore) -> None:
+    key = store.put(CONTENT).key
+
+    store.delete(key)
+
+    assert not store.exists(key)
+
+
+def test_missing_artifact_is_reported(store: LocalArtifactStore) -> None:
+    with pytest.raises(ArtifactNotFound):
+        store.open(f"sha256/{DIGEST[:2]}/{DIGEST}")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../../etc/passwd",
+        f"sha256/{DIGEST[:2]}/../../../{DIGEST}",
+        f"/sha256/{DIGEST[:2]}/{DIGEST}",
+        f"sha256/{DIGEST[:2].upper()}/{DIGEST.upper()}",
+        f"sha256/00/{DIGEST}" if not DIGEST.startswith("00") else f"sha256/11/{DIGEST}",
+        f"sha256/{DIGEST[:2]}/{DIGEST}/",
+    ],
+)
+def test_keys_outside_the_scheme_are_rejected(store: LocalArtifactStore, key: str) -> None:
+    with pytest.raises(InvalidArtifactKey):
+        store.exists(key)
+
+
+def test_factory_uses_the_artifact_dir(tmp_path: Path) -> None:
+    store = make_artifact_store(Settings(home=tmp_path, artifact_dir=None))
+
+    assert isinstance(store, LocalArtifactStore) and store.root == tmp_path / "artifacts"

@@ -1,0 +1,3 @@
+from uisps.cli import app
+
+app()

@@ -1,0 +1,88 @@
+"""Run the service locally as subprocesses: `uisps serve` (API + worker) on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO
+
+# Environment variables that would point a local service away from its embedded defaults.
+SERVICE_ENV_VARS = ("UISPS_DATABASE_URL", "UISPS_BROKER_URL", "UISPS_ARTIFACT_DIR", "UISPS_ARTIFACT_BACKEND")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def service_env(home: Path, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with UISPS_HOME set and embedded defaults unless overridden."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_ENV_VARS}
+    env["UISPS_HOME"] = str(home)
+    env.update(overrides or {})
+    return env
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, grace_s: float = 30.0, sig: int = signal.SIGTERM) -> None:
+    """Ask a child to stop (`sig`), wait up to `grace_s`, then kill it."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class LocalService:
+    """`uisps serve` in a subprocess: the API on 127.0.0.1:<port> plus (by default) a worker."""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        port: int | None = None,
+        worker: bool = True,
+        log: IO[bytes] | None = None,
+    ) -> None:
+        self.home = Path(home)
+        self.env = service_env(self.home, env)
+        self.port = port or free_port()
+        self.worker = worker
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> LocalService:
+        self.home.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "uisps", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        if not self.worker:
+            command.append("--no-worker")
+        self.process = subprocess.Popen(
+            command, env=self.env, stdout=self.log or subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        # SIGINT, like Ctrl+C: uvicorn shuts down, then `serve` stops its worker.
+        stop_process(self.process, grace_s, signal.SIGINT)
+
+    def __enter__(self) -> LocalService:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

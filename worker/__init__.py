@@ -1,0 +1,1 @@
+"""The Celery worker that runs deletion requests (imports torch only inside the task)."""

@@ -1,0 +1,205 @@
+"""Run one deletion request: claim it, unlearn, store version n+1, record the outcome.
+
+Imported by the task inside the pool child (it imports torch). Everything the job decides is
+written to the database; Celery only carries the request id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
+from core.config import UnlearnConfig
+from core.data import load_dataset
+from core.device import pick_device
+from core.errors import UisError
+from core.services.deletion_requests.jobs import ClaimOutcome, JobInput, JobLost, deletion_jobs
+from core.services.errors import ArtifactCorrupted
+from core.services.models.service import manifest_for
+from core.settings import Settings
+from core.storage import ArtifactStore, StoredArtifact
+from worker.context import artifact_store, sessions_for
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.5
+MAX_RETRY_DELAY_S = 300
+ERROR_MESSAGE_LIMIT = 1000
+
+# Share of the overall progress each phase takes (roughly its share of the wall time on a GPU).
+# "evaluation" happens twice: on the base version before unlearning and on the result after.
+PHASES: tuple[tuple[str, float], ...] = (
+    ("loading", 0.05),
+    ("evaluation:before", 0.05),
+    ("inversion", 0.35),
+    ("fisher", 0.10),
+    ("unlearning", 0.30),
+    ("evaluation:after", 0.10),
+    ("storing", 0.05),
+)
+
+
+class JobCancelled(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    status: str  # succeeded | failed | cancelled | retrying | skipped | lost
+    retry_in_s: float | None = None
+
+
+class ProgressTracker:
+    """The `progress(stage, done, total)` callback of core: maps stages to an overall 0..1,
+    writes it at most every `interval` seconds (and at every stage change), and stops the job
+    (JobCancelled) as soon as a write finds that cancellation was requested."""
+
+    def __init__(
+        self,
+        write: Callable[[str, float], bool],
+        interval: float = PROGRESS_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._write = write
+        self._interval = interval
+        self._clock = clock
+        self._phase = 0
+        self._stage = ""
+        self.overall = 0.0
+        self._last_write = -math.inf
+        starts, total = [], 0.0
+        for _, weight in PHASES:
+            starts.append(total)
+            total += weight
+        self._starts = starts
+        self._names = [name for name, _ in PHASES]
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        phase = self._phase_of(stage)
+        fraction = min(1.0, done / total) if total else 1.0
+        _, weight = PHASES[phase]
+        # Monotonic: fisher runs twice (forget set, then retained subset) and counts from 0 each time.
+        self.overall = max(self.overall, min(1.0, self._starts[phase] + weight * fraction))
+        changed = stage != self._stage or phase != self._phase
+        self._phase, self._stage = phase, stage
+        now = self._clock()
+        if changed or now - self._last_write >= self._interval:
+            self._last_write = now
+            if self._write(stage, round(self.overall, 4)):
+                raise JobCancelled()
+
+    def enter(self, stage: str) -> None:
+        self(stage, 0, 1)
+
+    def _phase_of(self, stage: str) -> int:
+        if stage == "evaluation":
+            before = self._phase < self._names.index("inversion")
+            return self._names.index("evaluation:before" if before else "evaluation:after")
+        if stage in self._names:
+            return self._names.index(stage)
+        return self._phase  # a stage core added later: shown, counted within the current phase
+
+
+def run_job(request_id: str, settings: Settings) -> RunOutcome:
+    sessions = sessions_for(settings.effective_database_url)
+    lease_s = float(settings.job_visibility_timeout_s)
+    with sessions.begin() as session:
+        claim = deletion_jobs.claim(session, request_id, lease_s)
+    if claim.outcome is not ClaimOutcome.CLAIMED or claim.job is None:
+        logger.info("deletion request %s not run: %s (state %s)", request_id, claim.outcome, claim.state)
+        return RunOutcome("skipped")
+    job = claim.job
+    tracker = ProgressTracker(_progress_writer(sessions, request_id, lease_s))
+    try:
+        artifact, forgotten, report = _unlearn(job, settings, artifact_store(settings), tracker)
+        with sessions.begin() as session:
+            request = deletion_jobs.complete(
+                session, request_id, artifact=artifact, forgotten_labels=forgotten, metrics=report
+            )
+            status = request.state
+        logger.info("deletion request %s %s", request_id, status)
+        return RunOutcome(status)
+    except JobCancelled:
+        with sessions.begin() as session:
+            deletion_jobs.cancelled(session, request_id)
+        return RunOutcome("cancelled")
+    except JobLost:
+        logger.warning("deletion request %s was finished or re-claimed elsewhere; dropping this run", request_id)
+        return RunOutcome("lost")
+    except UisError as exc:
+        # The input is at fault (labels, checkpoint, data): running it again cannot help.
+        with sessions.begin() as session:
+            deletion_jobs.fail(session, request_id, code=exc.code, message=str(exc))
+        return RunOutcome("failed")
+    except Exception as exc:
+        logger.exception("deletion request %s, attempt %d, failed", request_id, job.attempt)
+        message = f"{type(exc).__name__}: {exc}"[:ERROR_MESSAGE_LIMIT]
+        with sessions.begin() as session:
+            if job.attempt < settings.max_attempts:
+                deletion_jobs.retry_later(session, request_id, code="internal_error", message=message)
+                return RunOutcome("retrying", retry_in_s=min(MAX_RETRY_DELAY_S, 5.0 * 2 ** (job.attempt - 1)))
+            deletion_jobs.fail(session, request_id, code="internal_error", message=message)
+        return RunOutcome("failed")
+
+
+def _progress_writer(sessions: sessionmaker[Session], request_id: str, lease_s: float) -> Callable[[str, float], bool]:
+    def write(stage: str, progress: float) -> bool:
+        with sessions.begin() as session:
+            return deletion_jobs.report_progress(session, request_id, stage, progress, lease_s)
+
+    return write
+
+
+def _unlearn(
+    job: JobInput, settings: Settings, store: ArtifactStore, tracker: ProgressTracker
+) -> tuple[StoredArtifact, list[int], dict[str, Any]]:
+    from core.workflow import unlearn_model  # the heaviest import; after the claim succeeded
+
+    tracker.enter("loading")
+    checkpoint = _read_verified(store, job.base.artifact_key, job.base.sha256)
+    model, manifest = load_checkpoint_bytes(checkpoint, expected=manifest_for(job.model, job.base.forgotten_labels))
+    dataset = load_dataset(job.model.data_source)
+    config = UnlearnConfig.model_validate(job.params)
+    device = pick_device(settings.device)
+    result = unlearn_model(model, manifest, dataset, job.forget_labels, config, device, tracker)
+    tracker.enter("storing")
+    new_manifest = result.manifest.model_copy(update={"parent_sha256": job.base.sha256})
+    artifact = store.put(checkpoint_bytes(result.model, new_manifest))
+    report = {
+        **result.report,
+        "base_version": job.base.version,
+        "base_sha256": job.base.sha256,
+        "checkpoint_sha256": artifact.sha256,
+        "attempt": job.attempt,
+    }
+    return artifact, list(new_manifest.forgotten_labels), json_safe(report)
+
+
+def _read_verified(store: ArtifactStore, key: str, sha256: str) -> bytes:
+    with store.open(key) as stream:
+        data = stream.read()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise ArtifactCorrupted(f"stored checkpoint {key} hashes to {actual}, not its recorded {sha256}")
+    return data
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities become null: they are not JSON, and PostgreSQL's json type refuses them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
