@@ -26,6 +26,9 @@ class InversionConfig(BaseModel):
     # All forget labels in one batch with per-class BN statistics: the same optimisation as one
     # batch per label (the losses of different groups do not interact), K times fewer launches.
     batched: bool = True
+    # On CUDA, replay one captured CUDA graph per iteration (same arithmetic, no launch overhead);
+    # not with jitter/flip, whose random choices are made on the host.
+    cuda_graph: bool = True
 
 
 class UnlearnConfig(BaseModel):

@@ -26,7 +26,8 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    # no weight-cast cache: it is unsafe under CUDA graph capture and saves little here
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 class Normalizer:

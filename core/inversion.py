@@ -8,6 +8,7 @@ so the optimisation equals one run per label (see `tests/core/test_inversion.py`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,35 +97,76 @@ def invert_group(
     y = torch.tensor(labels, device=device).repeat_interleave(n)
     n_sub = round(cfg.entropy_fraction * n)
     subset = (torch.arange(n, device=device) < n_sub).repeat(k)
-    opt = torch.optim.Adam([x], lr=cfg.lr)
+    use_graph = cfg.cuda_graph and device.type == "cuda" and not (cfg.jitter or cfg.flip)
+    opt = torch.optim.Adam([x], lr=cfg.lr, capturable=use_graph)
     model.eval()
     stats = BatchNormStatistics(model, k)
-    losses: dict[str, float] = {}
+
+    def objective() -> dict[str, torch.Tensor]:
+        inputs = _prior_transform(x, cfg, prior_gen)
+        with autocast(bf16, device):
+            logits = model(inputs).float()
+        # per-group means summed over groups: the sum of K independent per-label losses
+        ce = F.cross_entropy(logits, y, reduction="none").view(k, n).mean(dim=1).sum()
+        bn = stats.pop_loss()
+        ent_term = (entropy(logits) * subset).view(k, n).sum(dim=1).div(max(n_sub, 1)).sum()
+        loss = ce + cfg.lambda_bn * bn - cfg.entropy_sign * cfg.lambda_entropy * ent_term
+        if cfg.tv_weight:
+            loss = loss + cfg.tv_weight * k * _total_variation(x)
+        if cfg.l2_weight:
+            loss = loss + cfg.l2_weight * k * x.pow(2).mean()
+        return {"ce": ce, "bn": bn, "entropy": ent_term, "total": loss}
+
+    def step() -> dict[str, torch.Tensor]:
+        parts = objective()
+        parts["total"].backward()
+        opt.step()
+        return parts
+
+    # only the images are optimised: no weight gradients are computed or left on the model
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    for p in requires_grad:
+        p.requires_grad_(False)
     try:
-        for it in range(cfg.iterations):
-            inputs = _prior_transform(x, cfg, prior_gen)
-            with autocast(bf16, device):
-                logits = model(inputs).float()
-            # per-group means summed over groups: the sum of K independent per-label losses
-            ce = F.cross_entropy(logits, y, reduction="none").view(k, n).mean(dim=1).sum()
-            bn = stats.pop_loss()
-            ent = entropy(logits)
-            ent_term = (ent * subset).view(k, n).sum(dim=1).div(max(n_sub, 1)).sum()
-            loss = ce + cfg.lambda_bn * bn - cfg.entropy_sign * cfg.lambda_entropy * ent_term
-            if cfg.tv_weight:
-                loss = loss + cfg.tv_weight * k * _total_variation(x)
-            if cfg.l2_weight:
-                loss = loss + cfg.l2_weight * k * x.pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if it == cfg.iterations - 1 or it % 50 == 0:
-                progress("inversion", it + 1, cfg.iterations)
-            if it == cfg.iterations - 1:
-                losses = {"ce": ce.item(), "bn": bn.item(), "entropy": ent_term.item(), "total": loss.item()}
+        parts = _run_graphed(step, x, cfg.iterations, progress) if use_graph else _run_eager(step, x, cfg.iterations, progress)
     finally:
         stats.remove()
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+    losses = {key: float(value.detach()) for key, value in parts.items()}
     return Synthetic(x.detach(), y, subset, losses)
+
+
+def _run_eager(step: Callable[[], dict[str, torch.Tensor]], x: torch.Tensor, iterations: int, progress: ProgressFn) -> dict[str, torch.Tensor]:
+    parts: dict[str, torch.Tensor] = {}
+    for it in range(iterations):
+        x.grad = None
+        parts = step()
+        if it % 50 == 0 or it == iterations - 1:
+            progress("inversion", it + 1, iterations)
+    return parts
+
+
+def _run_graphed(step: Callable[[], dict[str, torch.Tensor]], x: torch.Tensor, iterations: int, progress: ProgressFn) -> dict[str, torch.Tensor]:
+    """The same iterations, replayed from one captured CUDA graph: about a thousand small
+    kernels per iteration are launched once instead of `iterations` times."""
+    warmup = min(3, iterations)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        parts = _run_eager(step, x, warmup, progress)
+    torch.cuda.current_stream().wait_stream(side)
+    if iterations == warmup:
+        return parts
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None  # backward then allocates the gradient from the graph's private pool
+    with torch.cuda.graph(graph):
+        parts = step()
+    for it in range(warmup, iterations):
+        graph.replay()
+        if it % 50 == 0 or it == iterations - 1:
+            progress("inversion", it + 1, iterations)
+    return parts
 
 
 def invert(
