@@ -19,7 +19,14 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import UisError
-from core.services.errors import CheckpointTooLarge, Conflict, InvalidPageToken, InvalidParameters, NotFound
+from core.services.errors import (
+    ArtifactMissing,
+    CheckpointTooLarge,
+    Conflict,
+    InvalidPageToken,
+    InvalidParameters,
+    NotFound,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +118,11 @@ async def _bad_page_token(request: Request, exc: InvalidPageToken) -> JSONRespon
     return problem_response(request, 400, exc.code, str(exc))
 
 
+async def _artifact_missing(request: Request, exc: ArtifactMissing) -> JSONResponse:
+    logger.error("%s", exc)
+    return problem_response(request, 500, exc.code, str(exc))
+
+
 async def _user_error(request: Request, exc: UisError) -> JSONResponse:
     return problem_response(request, 422, exc.code, str(exc))
 
@@ -149,6 +161,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
     app.add_exception_handler(CheckpointTooLarge, _too_large)  # type: ignore[arg-type]
     app.add_exception_handler(InvalidPageToken, _bad_page_token)  # type: ignore[arg-type]
+    app.add_exception_handler(ArtifactMissing, _artifact_missing)  # type: ignore[arg-type]
     app.add_exception_handler(UisError, _user_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     # OperationalError: cannot connect, connection lost, SQLite busy past its timeout;

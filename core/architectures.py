@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from core.errors import ArchitectureError
+from core.validation import validate_arch_name
 
 
 def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int | None = None) -> nn.Sequential:
@@ -118,13 +119,6 @@ ARCHITECTURES: dict[str, Callable[[int, int], nn.Module]] = {
 # smallcnn's was measured on digits (0.01 does not forget within its 10-step epoch; 0.1 does).
 UNLEARN_LR = {"resnet18": 0.002, "allcnn": 0.03, "smallcnn": 0.1}
 DEFAULT_UNLEARN_LR = 0.01
-
-
-def validate_arch_name(arch: str) -> None:
-    if arch in ARCHITECTURES or arch.startswith("torchvision:") and arch.split(":", 1)[1]:
-        return
-    known = ", ".join([*ARCHITECTURES, "torchvision:<name>"])
-    raise ArchitectureError(f"unknown architecture {arch!r} (known: {known})")
 
 
 def build_model(arch: str, in_channels: int, num_classes: int) -> nn.Module:

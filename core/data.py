@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.errors import DataError, InvalidLabels
+from core.errors import DataError
+from core.validation import check_labels  # noqa: F401  (re-exported: callers know it here)
 
 
 @dataclass(frozen=True)
@@ -77,24 +78,6 @@ class RetainedData:
     def __post_init__(self) -> None:
         if self.forgotten and torch.isin(self.train.y, torch.tensor(sorted(self.forgotten))).any():
             raise AssertionError("retained data holds a forgotten label")
-
-
-def check_labels(labels: Iterable[int], num_classes: int, already_forgotten: Iterable[int] = ()) -> list[int]:
-    """Validate forget labels: in range, no duplicates, not forgotten before, not every class."""
-    labels = list(labels)
-    if not labels:
-        raise InvalidLabels("no labels to forget were given")
-    bad = [lab for lab in labels if not isinstance(lab, int) or lab < 0 or lab >= num_classes]
-    if bad:
-        raise InvalidLabels(f"labels {bad} are out of range: this model has classes 0..{num_classes - 1}")
-    if len(set(labels)) != len(labels):
-        raise InvalidLabels(f"duplicate labels in {labels}")
-    again = sorted(set(labels) & set(already_forgotten))
-    if again:
-        raise InvalidLabels(f"labels {again} were already forgotten by the base version")
-    if len(set(labels) | set(already_forgotten)) >= num_classes:
-        raise InvalidLabels("forgetting every class would leave nothing to classify")
-    return sorted(labels)
 
 
 def retained_data(dataset: Dataset, forgotten: Iterable[int]) -> RetainedData:

@@ -170,12 +170,6 @@ def evaluate(
             typer.echo(f"{key:<11} {value}")
 
 
-def main() -> None:  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
 
 
 # --- The service: `uisps serve`, `uisps worker`, `uisps db ...`, `uisps demo` -------------------
@@ -229,6 +223,22 @@ def worker(
     start_worker(pool=pool, concurrency=concurrency, loglevel=loglevel)
 
 
+@contextmanager
+def _migration_errors() -> Iterator[None]:
+    """An unknown revision or an unreachable database: one line, not Alembic's traceback."""
+    from alembic.util import CommandError
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        yield
+    except CommandError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OperationalError as exc:
+        typer.echo(f"error: cannot reach the database: {str(exc.orig).strip().splitlines()[0]}", err=True)
+        raise typer.Exit(1) from None
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Option("--revision")] = "head") -> None:
     """Migrate the database (UISPS_DATABASE_URL, or the embedded SQLite) up to a revision."""
@@ -236,8 +246,9 @@ def db_upgrade(revision: Annotated[str, typer.Option("--revision")] = "head") ->
     from core.settings import get_settings
 
     url = get_settings().effective_database_url
-    upgrade(url, revision)
-    typer.echo(f"database at revision {current_revision(url)}")
+    with _migration_errors():
+        upgrade(url, revision)
+        typer.echo(f"database at revision {current_revision(url)}")
 
 
 @db_app.command("downgrade")
@@ -249,8 +260,9 @@ def db_downgrade(
     from core.settings import get_settings
 
     url = get_settings().effective_database_url
-    downgrade(url, revision)
-    typer.echo(f"database at revision {current_revision(url)}")
+    with _migration_errors():
+        downgrade(url, revision)
+        typer.echo(f"database at revision {current_revision(url)}")
 
 
 @app.command()
@@ -271,3 +283,89 @@ def demo(
     except Exception as exc:  # one line, never a traceback: the server log has the details
         typer.echo(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
         raise typer.Exit(1) from None
+
+
+# --- `uisps bench ...`: benchmarks (`bench paper` here; `bench perf` may join this sub-app) -------
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: the paper's tables on real data, and speed.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("paper")
+@user_errors
+def bench_paper(
+    data: Annotated[str | None, typer.Option(
+        "--data", help="data spec, e.g. npz:cifar10_subset.npz (default: the preset's; full: $UISPS_CIFAR10_SUBSET)")] = None,
+    out: Annotated[Path, typer.Option("--out", help="folder for paper.json, paper.md, paper-raw.jsonl, plots")] = Path("docs/results"),
+    preset: Annotated[str, typer.Option("--preset", help="quick (digits smoke run) | full (the paper's settings)")] = "quick",
+    device: DeviceOpt = "auto",
+    seeds: Annotated[int | None, typer.Option("--seeds", help="seeds per row (default: the preset's)")] = None,
+    time_budget: Annotated[float | None, typer.Option(
+        "--time-budget", help="seconds; no new row starts after this (finished rows are kept)")] = None,
+    experiments: Annotated[str, typer.Option(
+        "--experiments", help="comma-separated subset of main,ablation,alpha,lambda,retain_fraction")] = "",
+    order: Annotated[str, typer.Option(
+        "--order", help="seed: every experiment (in priority order) per seed; experiment: all seeds of one first")] = "seed",
+    preset_json: Annotated[str, typer.Option("--preset-json", help="JSON overrides of the preset's fields")] = "{}",
+) -> None:
+    """Re-run the paper's tables (UISPS against the baselines); rows are written as they finish."""
+    import os
+
+    from core.bench_paper import EXPERIMENTS, PaperBench, make_preset
+    from core.data import load_dataset
+    from core.errors import UisError
+
+    try:
+        overrides = json.loads(preset_json)
+        chosen = make_preset(preset, overrides)
+        wanted = [e.strip() for e in experiments.split(",") if e.strip()] or list(EXPERIMENTS)
+        spec = data or chosen.data or os.environ.get("UISPS_CIFAR10_SUBSET")
+        if spec and preset == "full" and not data and ":" not in spec:
+            spec = f"npz:{spec}"
+        if not spec:
+            raise UisError("the full preset needs --data npz:<cifar10_subset.npz> (or $UISPS_CIFAR10_SUBSET)")
+        bench = PaperBench(chosen, load_dataset(spec), _device(device), out, wanted, seeds, time_budget, order,
+                           log=lambda line: typer.echo(line, err=True))
+    except (ValueError, TypeError) as exc:
+        raise UisError(f"bench paper: {exc}") from None
+    rows = bench.run()
+    meta = bench.meta
+    typer.echo(json.dumps({
+        "rows": len(rows), "finished_runs": meta["finished_rows"], "planned_runs": meta["planned_rows"],
+        "stopped_by_budget": meta["stopped_by_budget"], "not_started": meta["not_started"],
+        "elapsed_s": round(meta["elapsed_s"], 1), "device": meta["device"],
+        "out": [str(out / name) for name in ("paper.json", "paper.md", "paper-raw.jsonl", *meta["plots"])],
+    }))
+
+
+@bench_app.command("perf")
+@user_errors
+def bench_perf(
+    out: Annotated[Path, typer.Option("--out", help="folder for perf-<device>.json and .md")] = Path("docs/results"),
+    data: Annotated[str, typer.Option("--data", help="synthetic (CIFAR-10 sizes) or a data spec")] = "synthetic",
+    arch: Annotated[str, typer.Option("--arch")] = "resnet18",
+    retrain_epochs: Annotated[int, typer.Option("--retrain-epochs", help="Retrain epochs timed, scaled to 50")] = 2,
+    params: Annotated[str, typer.Option("--params", help="JSON overrides of UnlearnConfig")] = "{}",
+    precision: Annotated[str, typer.Option("--precision")] = "auto",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Time each UISPS stage and a Retrain with the same training loop, in one run."""
+    from core.bench_perf import PerfSetup, markdown, run_perf
+    from core.config import UnlearnConfig
+
+    dev = _device(device)
+    setup = PerfSetup(arch=arch, data=data, retrain_epochs_timed=retrain_epochs, precision=precision)
+    result = run_perf(setup, UnlearnConfig.model_validate_json(params), dev)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"perf-{dev.type}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(result))
+    typer.echo(markdown(result))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -112,7 +112,7 @@ def run_job(request_id: str, settings: Settings) -> RunOutcome:
     sessions = sessions_for(settings.effective_database_url)
     lease_s = float(settings.job_visibility_timeout_s)
     with sessions.begin() as session:
-        claim = deletion_jobs.claim(session, request_id, lease_s)
+        claim = deletion_jobs.claim(session, request_id, lease_s, settings.max_attempts)
     if claim.outcome is not ClaimOutcome.CLAIMED or claim.job is None:
         logger.info("deletion request %s not run: %s (state %s)", request_id, claim.outcome, claim.state)
         return RunOutcome("skipped")

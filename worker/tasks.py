@@ -8,10 +8,11 @@ from typing import Any
 
 from celery import Task
 from celery.signals import worker_ready
+from sqlalchemy.exc import DBAPIError
 
 from core.settings import get_settings
-from worker.context import orphaned_request_ids
 from worker.celery_app import RUN_DELETION_REQUEST, app, send_deletion_request
+from worker.context import orphaned_request_ids
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ def _resend_orphans(sender: Any = None, **_: Any) -> None:
     """
     try:
         ids = orphaned_request_ids(get_settings(), ORPHAN_GRACE_S)
-    except Exception:
-        logger.exception("could not look for orphaned deletion requests")
+    except DBAPIError as exc:
+        # Typically a database not migrated yet (`uisps db upgrade`) or not reachable: the
+        # worker still serves new requests.
+        logger.warning("could not look for orphaned deletion requests: %s", str(exc.orig).strip())
         return
     for request_id in ids:
         logger.info("re-sending orphaned deletion request %s", request_id)

@@ -52,3 +52,9 @@ class ArtifactCorrupted(UisError):
 
 class InvalidPageToken(UisError):
     code = "invalid_page_token"
+
+
+class ArtifactMissing(Exception):
+    """A version's checkpoint is gone from artifact storage: an operator must restore it."""
+
+    code = "artifact_missing"

@@ -7,7 +7,7 @@ Each function works inside the caller's transaction (the worker opens one per ca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -53,9 +53,14 @@ class Claim:
 
 
 class DeletionJobs:
-    def claim(self, session: Session, request_id: str, lease_s: float) -> Claim:
+    def claim(self, session: Session, request_id: str, lease_s: float, max_attempts: int | None = None) -> Claim:
+        """Take a queued request, or a running one whose worker's lease ran out.
+
+        A request whose worker vanished `max_attempts` times (killed for memory, say) is failed
+        with `worker_lost` instead of being handed to the next worker to kill.
+        """
         begin_write(session)
-        request = deletion_request_repository.get(session, None, request_id)
+        request = deletion_request_repository.get(session, None, request_id, for_update=True)
         if request is None:
             return Claim(ClaimOutcome.NOT_CLAIMABLE, state="missing")
         existing = model_repository.version_for_request(session, request_id)
@@ -66,6 +71,18 @@ class DeletionJobs:
             return Claim(ClaimOutcome.ALREADY_DONE, state=JobState.SUCCEEDED.value)
         now = utcnow()
         previous_state = request.state
+        orphaned = previous_state == JobState.RUNNING.value and (
+            request.lease_expires_at is None or request.lease_expires_at < now
+        )
+        if orphaned and request.cancel_requested:
+            # Its worker died after the caller asked to cancel: nothing left to run.
+            self._finish(session, request, JobState.CANCELLED)
+            return Claim(ClaimOutcome.NOT_CLAIMABLE, state=JobState.CANCELLED.value)
+        if orphaned and max_attempts is not None and request.attempts >= max_attempts:
+            message = f"the worker running this request was lost {request.attempts} times; giving up"
+            request.error = {"code": "worker_lost", "message": message}
+            self._finish(session, request, JobState.FAILED, error=request.error)
+            return Claim(ClaimOutcome.NOT_CLAIMABLE, state=JobState.FAILED.value)
         if not deletion_request_repository.claim(session, request_id, now, now + timedelta(seconds=lease_s)):
             return Claim(ClaimOutcome.NOT_CLAIMABLE, state=previous_state)
         request = deletion_request_repository.get(session, None, request_id)

@@ -166,7 +166,7 @@ def _validate_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_labels(labels: list[int], num_classes: int, already_forgotten: list[int]) -> list[int]:
-    from core.data import check_labels  # core.data imports torch at module level
+    from core.validation import check_labels
 
     return check_labels(labels, num_classes, already_forgotten)
 

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db import Model, ModelVersion, record_event
-from core.services.errors import CheckpointTooLarge, Conflict, NotFound
+from core.services.errors import ArtifactMissing, CheckpointTooLarge, Conflict, NotFound
 from core.services.models.repository import model_repository
 from core.services.pagination import Page, PageRequest
 from core.services.transactions import begin_write
@@ -97,6 +97,7 @@ def manifest_for(model: Model, forgotten_labels: list[int]) -> Manifest:
 class ModelService:
     def create(self, session: Session, *, tenant_id: str, actor: str, spec: ModelSpec) -> Model:
         _check_architecture(spec.architecture)
+        _check_data_source(spec.data_source)
         begin_write(session)
         if model_repository.get_by_name(session, tenant_id, spec.name) is not None:
             raise Conflict(f"a model named {spec.name!r} already exists", code="model_name_taken")
@@ -222,7 +223,9 @@ class ModelService:
         begin_write(session)
         found = self.get_version(session, tenant_id, model_id, version)
         if not store.exists(found.artifact_key):
-            raise RuntimeError(f"artifact {found.artifact_key} of model {model_id} version {version} is missing")
+            raise ArtifactMissing(
+                f"the checkpoint of model {model_id} version {version} is missing from artifact storage"
+            )
         record_event(
             session,
             tenant_id=tenant_id,
@@ -244,9 +247,16 @@ class ModelService:
 
 def _check_architecture(architecture: str) -> None:
     # Raises core.errors.ArchitectureError naming the known architectures.
-    from core.architectures import validate_arch_name  # imports torch
+    from core.validation import validate_arch_name
 
     validate_arch_name(architecture)
+
+
+def _check_data_source(spec: str) -> None:
+    # Raises core.errors.DataError for a spec of an unknown kind (422 now, not a failed job later).
+    from core.validation import validate_data_spec
+
+    validate_data_spec(spec)
 
 
 def _validate_checkpoint(checkpoint: bytes, expected: Manifest) -> None:

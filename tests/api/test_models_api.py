@@ -1,0 +1,228 @@
+"""/models and their versions over HTTP, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save as st_save
+
+from api.app import create_app
+from api_helpers import assert_problem, unique_name
+from core.checkpoint import MANIFEST_KEY, load_checkpoint_bytes
+from core.settings import Settings
+
+
+def _upload(client: TestClient, model_id: str, data: bytes):  # noqa: ANN202
+    return client.post(f"/models/{model_id}/versions", files={"file": ("m.safetensors", data, "application/octet-stream")})
+
+
+def _actions(client: TestClient, model_id: str) -> list[str]:
+    events = client.get("/audit-events", params={"model_id": model_id, "page_size": 1000}).json()["audit_events"]
+    return [e["action"] for e in events]
+
+
+def test_register_a_model(client: TestClient, model_spec: dict[str, Any]) -> None:
+    response = client.post("/models", json=model_spec)
+
+    assert response.status_code == 201, response.text
+    model = response.json()
+    assert response.headers["location"] == f"/models/{model['id']}"
+    assert model["num_classes"] == 10 and model["latest_version"] is None
+    assert client.get(f"/models/{model['id']}").json() == model
+    assert _actions(client, model["id"]) == ["model.created"]
+
+
+def test_a_model_name_is_unique_per_tenant(client: TestClient, model_spec: dict[str, Any]) -> None:
+    assert client.post("/models", json=model_spec).status_code == 201
+
+    assert_problem(client.post("/models", json=model_spec), 409, "model_name_taken", model_spec["name"])
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "message"),
+    [
+        ({"mean": [0.1, 0.2]}, [], "mean has 2 values but input_shape has 1 channels"),
+        ({"std": [0.0]}, [], "std values must be positive"),
+        ({"input_shape": [1, 8]}, ["input_shape"], "at least 3 items"),
+        ({"class_names": ["a", "a"]}, [], "class_names must be unique"),
+        ({"num_classes": 7}, [], "num_classes is 7 but 10 class_names were given"),
+        ({"name": None}, ["name"], "valid string"),
+        ({"unknown": 1}, ["unknown"], "Extra inputs are not permitted"),
+    ],
+)
+def test_a_malformed_model_is_422_with_each_error_listed(
+    client: TestClient, model_spec: dict[str, Any], change: dict[str, Any], where: list[str], message: str
+) -> None:
+    problem = assert_problem(client.post("/models", json={**model_spec, **change}), 422, "validation_error", message)
+
+    assert any(message in error["msg"] and error["loc"][1 : 1 + len(where)] == where for error in problem["errors"])
+
+
+def test_an_unknown_architecture_is_422(client: TestClient, model_spec: dict[str, Any]) -> None:
+    response = client.post("/models", json={**model_spec, "architecture": "vgg-nonsense"})
+
+    assert_problem(response, 422, "invalid_architecture", "unknown architecture 'vgg-nonsense'")
+
+
+def test_a_body_that_is_not_json_is_422(client: TestClient) -> None:
+    response = client.post("/models", content=b"{not json", headers={"content-type": "application/json"})
+
+    problem = assert_problem(response, 422, "validation_error", "JSON decode error")
+    assert problem["errors"][0]["type"] == "json_invalid"
+
+
+def test_an_unknown_model_is_404(client: TestClient) -> None:
+    for path in ("/models/nope", "/models/nope/versions", "/models/nope/versions/1", "/models/nope/versions/1/checkpoint"):
+        assert_problem(client.get(path), 404, "not_found", "model nope does not exist")
+    assert_problem(_upload(client, "nope", b"x"), 404, "not_found", "model nope does not exist")
+
+
+def test_uploads_become_versions_1_2_3(client: TestClient, registered_model, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    model = registered_model()
+    second = _upload(client, model["id"], digits_checkpoint)
+
+    assert second.status_code == 201
+    assert second.headers["location"] == f"/models/{model['id']}/versions/2"
+    version = second.json()
+    assert version["version"] == 2 and version["forgotten_labels"] == [] and version["parent_version"] is None
+    assert version["sha256"] == hashlib.sha256(digits_checkpoint).hexdigest()
+    assert version["size_bytes"] == len(digits_checkpoint)
+    listed = client.get(f"/models/{model['id']}/versions").json()
+    assert [v["version"] for v in listed["versions"]] == [1, 2] and listed["next_page_token"] == ""
+    assert client.get(f"/models/{model['id']}").json()["latest_version"] == 2
+    assert _actions(client, model["id"]) == ["model.created", "model_version.created", "model_version.created"]
+
+
+def test_a_missing_version_is_404(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model()
+
+    assert_problem(client.get(f"/models/{model['id']}/versions/9"), 404, "not_found", "does not exist")
+    assert_problem(client.get(f"/models/{model['id']}/versions/9/checkpoint"), 404, "not_found")
+
+
+def _tampered(checkpoint: bytes, change) -> bytes:  # noqa: ANN001
+    model, manifest = load_checkpoint_bytes(checkpoint)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    change(state)
+    return st_save(state, metadata={MANIFEST_KEY: manifest.model_dump_json()})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s.update({"head.weight": torch.zeros(5, 64)}), "tensor 'head.weight': shape [5, 64] != expected [10, 64]"),
+        (lambda s: s.__setitem__("head.bias", s["head.bias"].double()), "tensor 'head.bias': dtype torch.float64"),
+        (lambda s: s["head.bias"].__setitem__(0, float("nan")), "holds NaN or Inf"),
+        (lambda s: s.pop("head.bias"), "missing ['head.bias']"),
+    ],
+)
+def test_a_checkpoint_that_does_not_fit_the_architecture_is_422(
+    client: TestClient, registered_model, digits_checkpoint: bytes, change, message: str  # noqa: ANN001
+) -> None:
+    model = registered_model(upload=False)
+
+    response = _upload(client, model["id"], _tampered(digits_checkpoint, change))
+
+    assert_problem(response, 422, "invalid_checkpoint", message)
+    assert client.get(f"/models/{model['id']}/versions").json()["versions"] == []
+
+
+def test_a_file_that_is_not_safetensors_is_422(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model(upload=False)
+    pickle_like = b"\x80\x04\x95" + b"\x00" * 64  # a pickle stream is never unpickled
+
+    assert_problem(_upload(client, model["id"], pickle_like), 422, "invalid_checkpoint", "not a safetensors file")
+
+
+def test_an_upload_without_a_file_is_422(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model(upload=False)
+
+    problem = assert_problem(client.post(f"/models/{model['id']}/versions"), 422, "validation_error", "file")
+    assert problem["errors"][0]["loc"] == ["body", "file"]
+
+
+def test_an_upload_over_the_size_limit_is_413(tmp_path, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    limit = len(digits_checkpoint) // 2
+    with TestClient(create_app(Settings(home=tmp_path, max_upload_bytes=limit))) as client:
+        model_id = client.post(
+            "/models",
+            json={"name": unique_name(), "architecture": "smallcnn", "num_classes": 10, "input_shape": [1, 8, 8],
+                  "mean": [0.3], "std": [0.4], "data_source": "digits"},
+        ).json()["id"]
+
+        # Within the multipart slack: the handler measures the file itself.
+        assert_problem(_upload(client, model_id, digits_checkpoint), 413, "checkpoint_too_large", f"the limit is {limit}")
+        # Far over: refused from Content-Length before the body is read.
+        huge = digits_checkpoint * 3
+        assert_problem(_upload(client, model_id, huge), 413, "content_too_large", "the checkpoint upload is")
+        # No Content-Length (chunked): counted as it arrives.
+        chunks = iter([b"x" * 65536] * 8)
+        multipart = {"content-type": "multipart/form-data; boundary=b"}
+        chunked = client.post(f"/models/{model_id}/versions", content=chunks, headers=multipart)
+        assert_problem(chunked, 413, "content_too_large", "exceeds")
+        assert client.get(f"/models/{model_id}/versions").json()["versions"] == []
+
+
+def test_download_serves_the_file_with_its_sha256_and_is_audited(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model = registered_model()
+
+    response = client.get(f"/models/{model['id']}/versions/1/checkpoint")
+
+    assert response.status_code == 200
+    assert response.content == digits_checkpoint
+    sha = hashlib.sha256(digits_checkpoint).hexdigest()
+    assert response.headers["x-checkpoint-sha256"] == sha
+    b64 = base64.b64encode(bytes.fromhex(sha)).decode()
+    assert response.headers["repr-digest"] == f"sha-256=:{b64}:"
+    assert response.headers["digest"] == f"sha-256={b64}"
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert ".safetensors" in response.headers["content-disposition"]
+    events = client.get("/audit-events", params={"model_id": model["id"]}).json()["audit_events"]
+    assert events[-1]["action"] == "model_version.downloaded"
+    assert events[-1]["details"] == {"version": 1, "sha256": sha}
+
+
+def test_a_checkpoint_lost_from_storage_is_a_500_that_says_so(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model()
+    version = client.get(f"/models/{model['id']}/versions/1").json()
+    client.app.state.store.delete(f"sha256/{version['sha256'][:2]}/{version['sha256']}")
+
+    response = client.get(f"/models/{model['id']}/versions/1/checkpoint")
+
+    assert_problem(response, 500, "artifact_missing", "missing from artifact storage")
+    assert _actions(client, model["id"])[-1] != "model_version.downloaded"
+
+
+def test_models_are_listed_page_by_page(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    created = [registered_model(upload=False)["id"] for _ in range(3)]
+
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = client.get("/models", params={"page_size": 2, "page_token": token}).json()
+        assert len(page["models"]) <= 2
+        seen += [m["id"] for m in page["models"]]
+        token = page["next_page_token"]
+        if not token:
+            break
+    assert len(seen) == len(set(seen))
+    assert [i for i in seen if i in created] == created[::-1]  # newest first
+
+
+def test_a_bad_page_token_is_400(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model()
+    registered_model()
+    token = client.get("/models", params={"page_size": 1}).json()["next_page_token"]
+
+    assert_problem(client.get("/models", params={"page_token": "garbage!"}), 400, "invalid_page_token")
+    # A token is bound to the query it came from.
+    response = client.get(f"/models/{model['id']}/versions", params={"page_token": token})
+    assert_problem(response, 400, "invalid_page_token", "different query")
+    assert_problem(client.get("/models", params={"page_size": 0}), 422, "validation_error", "page_size")

@@ -1,0 +1,166 @@
+"""`uisps bench paper`: the paper's tables, as the lead runs them (quick preset on digits)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import baselines as B
+from core.bench_paper import EXPERIMENTS, MAIN_METHODS, ROW_KEYS, PaperBench, aggregate, make_preset
+from core.data import RetainedData, Split
+
+CPU = torch.device("cpu")
+
+
+def uisps(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    # one thread: the tiny digits run takes seconds, where two OpenMP threads on a machine busy
+    # with other work can spin-wait it into minutes
+    env = {k: v for k, v in os.environ.items() if k != "UISPS_CIFAR10_SUBSET"} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "uisps", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_quick_preset_writes_every_table_with_every_key(tmp_path):
+    run = uisps("bench", "paper", "--preset", "quick", "--out", "results", "--device", "cpu", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    out = tmp_path / "results"
+    rows = json.loads((out / "paper.json").read_text())
+    assert {r["experiment"] for r in rows} == set(EXPERIMENTS)
+    for row in rows:
+        assert set(ROW_KEYS) <= row.keys(), row
+        assert row["seeds"] == 1 and 0 <= row["acc_retain"] <= 100 and 0 <= row["acc_forget"] <= 100
+        assert 0 <= row["mia"] <= 100 and 0 <= row["probe"] <= 100 and row["seconds"] >= 0
+        assert row["zero_glance"] == (row["method"] != "amnesiac")
+    main = [r for r in rows if r["experiment"] == "main"]
+    assert [r["method"] for r in main] == list(MAIN_METHODS)
+    by_method = {r["method"]: r for r in main}
+    assert by_method["head_mask"]["acc_forget"] == 0.0 and by_method["retrain"]["acc_forget"] == 0.0
+    assert by_method["original"]["relearn_steps"] == 0 < by_method["retrain"]["relearn_steps"]
+    raw = [json.loads(line) for line in (out / "paper-raw.jsonl").read_text().splitlines()]
+    assert len(raw) == len(rows) and all(r["seed"] == 0 for r in raw)
+    md = (out / "paper.md").read_text()
+    assert "softmax entropy" in md and "preset: **quick**" in md and "device:" in md
+    assert md.count("| retrain |") == len(EXPERIMENTS)  # Retrain's MIA stands in every table
+    assert "uisps-350" in md and '"steps"' in md
+    summary = json.loads(run.stdout)
+    assert summary["finished_runs"] == summary["planned_runs"] == len(raw) and not summary["stopped_by_budget"]
+
+
+def test_time_budget_stops_starting_rows_and_says_so(tmp_path):
+    run = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--time-budget", "0",
+                "--experiments", "alpha,main", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["stopped_by_budget"] and summary["finished_runs"] == 0
+    assert set(summary["not_started"]) == {"main", "alpha"}
+    assert "stopped by the time budget" in (tmp_path / "r" / "paper.md").read_text()
+    assert json.loads((tmp_path / "r" / "paper.json").read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "huge"], "unknown preset"),
+        (["--preset", "full"], "--data"),
+        (["--preset-json", '{"epochs": 3}'], "unknown setting"),
+    ],
+)
+def test_bad_options_are_one_clear_line(tmp_path, args, message):
+    run = uisps("bench", "paper", "--out", "r", *args, cwd=tmp_path)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_settings_fail_before_anything_runs(trained_digits, tmp_path):
+    ds = trained_digits.dataset
+    with pytest.raises(ValueError, match="unknown experiments"):
+        PaperBench(make_preset("quick"), ds, CPU, tmp_path, experiments=["main", "tables"])
+    with pytest.raises(ValueError, match="order"):
+        PaperBench(make_preset("quick"), ds, CPU, tmp_path, order="random")
+    with pytest.raises(ValueError, match="lr"):
+        PaperBench(make_preset("quick", {"train": {"lr": -1}}), ds, CPU, tmp_path)
+    with pytest.raises(ValueError, match="unknown setting"):
+        make_preset("full", {"unsir": {"noise": 1}})
+
+
+def test_preset_overrides_reach_nested_settings():
+    p = make_preset("full", {"train": {"epochs": 2}, "archs": ["allcnn"], "unsir": {"noise_steps": 3},
+                             "main_forget": [[1], [1, 2]], "unlearn": {"inversion": {"iterations": 7}}})
+    assert p.train == {"epochs": 2, "lr": 0.1} and p.archs == ("allcnn",) and p.main_forget == ((1,), (1, 2))
+    assert p.unsir.noise_steps == 3 and p.unsir.noise_lr == 0.1
+    assert p.unlearn == {"fisher_chunk": 64, "inversion": {"iterations": 7}}
+
+
+def test_full_plan_covers_the_papers_tables(trained_digits, tmp_path):
+    bench = PaperBench(make_preset("full"), trained_digits.dataset, CPU, tmp_path, seeds=1)
+    units = bench.plan()
+    count = {e: sum(u.experiment == e for u in units) for e in EXPERIMENTS}
+    assert count == {"main": 2 * 2 * 11, "ablation": 4 * (2 + 4), "alpha": 2 + 6, "lambda": 2 + 9,
+                     "retain_fraction": 4 * 5}
+    long = [u for u in units if u.method == "uisps-350"]
+    assert long and all(u.unlearn.steps == 350 for u in long)
+    no_entropy = [u for u in units if u.setting.startswith("entropy=off")]
+    assert all(u.unlearn.inversion.lambda_entropy == 0 for u in no_entropy)
+    seed_major = PaperBench(make_preset("full"), trained_digits.dataset, CPU, tmp_path, seeds=2, order="seed").plan()
+    assert [u.seed for u in seed_major][: len(units)] == [0] * len(units)
+
+
+def test_the_benchmark_hands_zero_glance_methods_only_retained_data(trained_digits, tmp_path, monkeypatch):
+    """Every method call of a `main` table, recorded: no forgotten sample reaches a zero-glance one."""
+    preset = make_preset("quick", {"relearn_experiments": []})
+    bench = PaperBench(preset, trained_digits.dataset, CPU, tmp_path, seeds=1)
+    bench._originals[("smallcnn", 0)] = (trained_digits.model, 0.0)  # skip training
+    seen = {}
+
+    def spy(name):
+        def fn(model, arch, retained, forget_labels, mean, std, device, seed, **kwargs):
+            seen[name] = (retained, kwargs)
+            return model
+        return fn
+
+    for name, spec in B.METHODS.items():
+        monkeypatch.setitem(B.METHODS, name, B.MethodSpec(**{**spec.__dict__, "fn": spy(name)}))
+    for unit in bench.units("main", 0):
+        if unit.kind not in ("original", "retrain"):
+            bench.run_unit(unit)
+    assert set(seen) == set(B.METHODS) - {"retrain"}
+    forget = torch.tensor([0])
+    for name, (retained, kwargs) in seen.items():
+        assert isinstance(retained, RetainedData) and not torch.isin(retained.train.y, forget).any()
+        splits = [v for v in kwargs.values() if isinstance(v, Split)]
+        if B.METHODS[name].zero_glance:
+            assert splits == [], name
+        else:
+            assert len(splits) == 1 and torch.isin(splits[0].y, forget).all()
+
+
+def test_aggregate_means_over_seeds():
+    base = {"experiment": "main", "arch": "a", "forget": [0], "method": "m", "setting": "s", "zero_glance": True,
+            "probe": 50.0, "probe_balanced": 50.0, "relearn_steps": 10, "relearn_reached": True, "seconds": 1.0,
+            "forget_histogram": [1, 2]}
+    rows = aggregate([{**base, "seed": 0, "acc_retain": 90.0, "acc_forget": 0.0, "mia": 10.0},
+                      {**base, "seed": 1, "acc_retain": 80.0, "acc_forget": 2.0, "mia": 30.0, "relearn_reached": False}])
+    (row,) = rows
+    assert row["seeds"] == 2 and row["acc_retain"] == 85.0 and row["mia"] == 20.0
+    assert row["acc_retain_std"] == pytest.approx(7.0711, abs=1e-3)
+    assert row["forget_histogram"] == [2, 4] and row["relearn_capped"] == 1
+
+
+def test_a_failing_row_is_reported_and_the_run_goes_on(trained_digits, tmp_path, monkeypatch):
+    preset = make_preset("quick", {"main_methods": ["original", "fisher", "head_mask"]})
+    bench = PaperBench(preset, trained_digits.dataset, CPU, tmp_path, experiments=["main"], log=lambda line: None)
+    bench._originals[("smallcnn", 0)] = (trained_digits.model, 0.0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("diverged")
+
+    monkeypatch.setitem(B.METHODS, "fisher", B.MethodSpec(**{**B.METHODS["fisher"].__dict__, "fn": broken}))
+    rows = bench.run()
+    assert [r["method"] for r in rows] == ["original", "head_mask"]
+    assert bench.meta["failures"] == [{"unit": "main/smallcnn/forget=[0]/fisher/default/seed=0",
+                                       "error": "RuntimeError: diverged"}]
+    assert "**failed**" in (tmp_path / "paper.md").read_text()

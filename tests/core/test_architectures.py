@@ -1,0 +1,35 @@
+"""Architectures by name, with input channels and class count from the data."""
+
+import pytest
+import torch
+
+from core.architectures import build_model
+from core.errors import ArchitectureError
+
+
+@pytest.mark.parametrize("arch, channels, size", [
+    ("resnet18", 3, 32), ("allcnn", 3, 32), ("smallcnn", 1, 8), ("torchvision:resnet18", 1, 32),
+])
+def test_architectures_map_the_data_to_class_logits(arch, channels, size):
+    model = build_model(arch, channels, 7).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, channels, size, size)).shape == (2, 7)
+
+
+def test_resnet18_has_the_cifar_stem():
+    model = build_model("resnet18", 3, 10)
+    stem = model.body[0][0]
+    assert stem.kernel_size == (3, 3) and stem.stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+
+
+def test_allcnn_has_96_and_192_filters_with_batchnorm():
+    convs = [m for m in build_model("allcnn", 3, 10).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {c.out_channels for c in convs} == {96, 192}
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in build_model("allcnn", 3, 10).modules()) == len(convs)
+
+
+@pytest.mark.parametrize("arch", ["vgg99", "torchvision:not_a_model", "torchvision:"])
+def test_unknown_architectures_are_clear_errors(arch):
+    with pytest.raises(ArchitectureError):
+        build_model(arch, 3, 10)

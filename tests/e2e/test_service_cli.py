@@ -1,0 +1,38 @@
+"""`uisps db ...` and `uisps demo`, run as a user would run them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from uisps.local import service_env
+
+SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see conftest.py
+
+
+def _uisps(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = service_env(home, SINGLE_THREAD_ENV) | {"COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "uisps", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_db_upgrade_and_downgrade(tmp_path: Path) -> None:
+    assert _uisps(tmp_path, "db", "upgrade").stdout.strip() == "database at revision 0001"
+    assert _uisps(tmp_path, "db", "downgrade").stdout.strip() == "database at revision None"
+
+    refused = _uisps(tmp_path, "db", "downgrade", "--revision", "nonsense")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "error: Can't locate revision identified by 'nonsense'"
+
+
+def test_the_demo_forgets_a_digit_end_to_end(tmp_path: Path) -> None:
+    home = tmp_path / "demo"
+    result = _uisps(home, "demo", "--fast", "--home", str(home), "--forget", "7", timeout=300)
+
+    assert result.returncode == 0, result.stderr[-3000:] + (home / "demo-server.log").read_text()[-3000:]
+    assert "Forgetting digit 7" in result.stdout and "A_Df %" in result.stdout
+    a_df_after = float(result.stdout.split("A_Df %")[1].split()[3])
+    assert a_df_after <= 1.0, result.stdout
+    assert "verified against the header and the version resource" in result.stdout
+    assert os.listdir(home / "artifacts")  # --home keeps what it made

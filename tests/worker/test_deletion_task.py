@@ -1,0 +1,201 @@
+"""The `run_deletion_request` task, run in this process (Celery's apply) on real databases."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from core.db import AuditEvent, DeletionRequest, ModelVersion, utcnow, verify_chain
+from core.services.deletion_requests.jobs import deletion_jobs
+from worker.tasks import run_deletion_request
+
+
+def _request(env, request_id: str) -> DeletionRequest:  # noqa: ANN001
+    with env.sessions() as session:
+        return session.get(DeletionRequest, request_id)
+
+
+def _versions(env, model_id: str) -> list[ModelVersion]:  # noqa: ANN001
+    with env.sessions() as session:
+        return list(session.scalars(select(ModelVersion).where(ModelVersion.model_id == model_id).order_by(ModelVersion.version)))
+
+
+def _actions(env, request_id: str) -> list[str]:  # noqa: ANN001
+    with env.sessions() as session:
+        query = select(AuditEvent.action).where(AuditEvent.subject_id == request_id).order_by(AuditEvent.id)
+        return list(session.scalars(query))
+
+
+def _run(request_id: str) -> str:
+    return run_deletion_request.apply(args=[request_id]).result
+
+
+def test_a_request_runs_to_a_new_version(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    request_id = worker_env.new_request(digits_checkpoint, [3])
+
+    assert _run(request_id) == "succeeded"
+
+    request = _request(worker_env, request_id)
+    assert request.state == "succeeded" and request.progress == 1.0 and request.result_version == 2
+    assert request.attempts == 1 and request.lease_expires_at is None and request.error is None
+    v1, v2 = _versions(worker_env, request.model_id)
+    assert v2.parent_version == 1 and v2.forgotten_labels == [3] and v2.deletion_request_id == request_id
+    assert v2.metrics == request.metrics and v2.metrics["forget_labels"] == [3]
+    assert v2.metrics["base_sha256"] == v1.sha256 and v2.metrics["checkpoint_sha256"] == v2.sha256
+    stored = worker_env.store.open(v2.artifact_key).read()
+    from core.checkpoint import load_checkpoint_bytes
+
+    _, manifest = load_checkpoint_bytes(stored)
+    assert manifest.forgotten_labels == [3] and manifest.parent_sha256 == v1.sha256
+    assert _actions(worker_env, request_id) == [
+        "deletion_request.created", "deletion_request.running", "deletion_request.succeeded"
+    ]
+    with worker_env.sessions() as session:
+        assert verify_chain(session, "default") is None
+
+
+def test_running_the_task_twice_makes_one_version(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    request_id = worker_env.new_request(digits_checkpoint, [5])
+    assert _run(request_id) == "succeeded"
+    model_id = _request(worker_env, request_id).model_id
+
+    # A duplicate message (at-least-once delivery) finds the request finished.
+    assert _run(request_id) == "skipped"
+    # Even if the row were queued again (say, an operator's retry), the version it already
+    # produced is found and nothing is recomputed.
+    with worker_env.sessions.begin() as session:
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id).values(state="queued"))
+    assert _run(request_id) == "skipped"
+
+    assert [v.version for v in _versions(worker_env, model_id)] == [1, 2]
+    request = _request(worker_env, request_id)
+    assert request.state == "succeeded" and request.result_version == 2 and request.attempts == 1
+
+
+def test_one_version_per_request_is_enforced_by_the_database(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    request_id = worker_env.new_request(digits_checkpoint, [5])
+    assert _run(request_id) == "succeeded"
+    v2 = _versions(worker_env, _request(worker_env, request_id).model_id)[-1]
+
+    with pytest.raises(IntegrityError), worker_env.sessions.begin() as session:
+        session.add(
+            ModelVersion(
+                model_id=v2.model_id, version=3, artifact_key=v2.artifact_key, sha256=v2.sha256,
+                size_bytes=v2.size_bytes, forgotten_labels=[5], deletion_request_id=request_id,
+            )
+        )
+
+
+def test_a_request_whose_lease_expired_is_taken_over(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    request_id = worker_env.new_request(digits_checkpoint, [2])
+    with worker_env.sessions.begin() as session:  # a worker claims it, then dies
+        deletion_jobs.claim(session, request_id, lease_s=3600)
+    assert _run(request_id) == "skipped"  # the lease is live: someone may still be working
+
+    with worker_env.sessions.begin() as session:
+        past = utcnow() - timedelta(seconds=1)
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id).values(lease_expires_at=past))
+    assert _run(request_id) == "succeeded"
+
+    request = _request(worker_env, request_id)
+    assert request.attempts == 2 and request.result_version == 2
+
+
+def test_a_request_whose_workers_keep_dying_is_failed(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    monkeypatch.setenv("UISPS_MAX_ATTEMPTS", "2")
+    request_id = worker_env.new_request(digits_checkpoint, [2])
+    for _ in range(2):  # two workers took it and vanished (OOM-killed, say)
+        with worker_env.sessions.begin() as session:
+            deletion_jobs.claim(session, request_id, lease_s=-1)
+
+    assert _run(request_id) == "skipped"
+
+    request = _request(worker_env, request_id)
+    assert request.state == "failed" and request.error["code"] == "worker_lost"
+    assert _actions(worker_env, request_id)[-1] == "deletion_request.failed"
+
+
+def test_an_orphaned_request_that_was_asked_to_cancel_is_cancelled(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    request_id = worker_env.new_request(digits_checkpoint, [2])
+    with worker_env.sessions.begin() as session:
+        deletion_jobs.claim(session, request_id, lease_s=-1)
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id).values(cancel_requested=True))
+
+    assert _run(request_id) == "skipped"
+
+    assert _request(worker_env, request_id).state == "cancelled"
+
+
+def test_bad_input_fails_at_once_with_its_code(worker_env, digits_checkpoint: bytes, tmp_path) -> None:  # noqa: ANN001
+    missing = tmp_path / "nowhere.npz"
+    request_id = worker_env.new_request(digits_checkpoint, [1], data_source=f"npz:{missing}")
+
+    assert _run(request_id) == "failed"
+
+    request = _request(worker_env, request_id)
+    assert request.state == "failed" and request.attempts == 1 and request.finished_at is not None
+    assert request.error == {"code": "invalid_data", "message": f"data file not found: {missing}"}
+    assert _actions(worker_env, request_id)[-1] == "deletion_request.failed"
+
+
+def test_a_corrupted_artifact_is_never_loaded(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+    v1 = _versions(worker_env, _request(worker_env, request_id).model_id)[0]
+    path = worker_env.store.local_path(v1.artifact_key)
+    path.write_bytes(path.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+
+    assert _run(request_id) == "failed"
+
+    error = _request(worker_env, request_id).error
+    assert error["code"] == "artifact_corrupted" and v1.sha256 in error["message"]
+
+
+def test_unexpected_errors_are_retried_then_fail(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    monkeypatch.setenv("UISPS_MAX_ATTEMPTS", "2")
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+    v1 = _versions(worker_env, _request(worker_env, request_id).model_id)[0]
+    worker_env.store.delete(v1.artifact_key)  # storage lost the file: maybe transient, so retried
+
+    run_deletion_request.apply(args=[request_id])  # eager: Celery runs the retries in place
+
+    request = _request(worker_env, request_id)
+    assert request.state == "failed" and request.attempts == 2
+    assert request.error["code"] == "internal_error" and "ArtifactNotFound" in request.error["message"]
+    assert _actions(worker_env, request_id) == [
+        "deletion_request.created", "deletion_request.running", "deletion_request.retry_scheduled",
+        "deletion_request.running", "deletion_request.failed",
+    ]
+
+
+def test_a_cancelled_request_is_not_run(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+    with worker_env.sessions.begin() as session:
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id).values(state="cancelled"))
+
+    assert _run(request_id) == "skipped"
+
+    with worker_env.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ModelVersion).where(ModelVersion.deletion_request_id == request_id)) == 0
+
+
+def test_a_cancel_that_arrives_before_the_result_is_committed_wins(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+    with worker_env.sessions.begin() as session:
+        deletion_jobs.claim(session, request_id, lease_s=60)
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id).values(cancel_requested=True))
+    from core.storage import StoredArtifact
+
+    with worker_env.sessions.begin() as session:
+        v1 = session.scalars(select(ModelVersion).where(ModelVersion.version == 1)).first()
+        artifact = StoredArtifact(v1.artifact_key, v1.sha256, v1.size_bytes)
+        deletion_jobs.complete(session, request_id, artifact=artifact, forgotten_labels=[1], metrics={})
+
+    request = _request(worker_env, request_id)
+    assert request.state == "cancelled" and request.result_version is None
