@@ -121,7 +121,9 @@ def invert_group(
         parts = objective()
         parts["total"].backward()
         opt.step()
-        return parts
+        # detached, so no autograd node of this iteration outlives it (a node kept alive across
+        # the warm-up on a side stream breaks the CUDA graph captured afterwards)
+        return {key: value.detach() for key, value in parts.items()}
 
     # only the images are optimised: no weight gradients are computed or left on the model
     requires_grad = {p: p.requires_grad for p in model.parameters()}
