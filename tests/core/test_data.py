@@ -45,3 +45,16 @@ def test_unknown_or_missing_sources_are_clear_errors(spec):
 def test_bad_forget_labels_are_refused(labels, earlier, message):
     with pytest.raises(InvalidLabels, match=message):
         check_labels(labels, 10, earlier)
+
+
+def test_imagefolder_reads_train_and_test_class_folders(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (6, 5), (i * 40, 0, 0)).save(tmp_path / split / cls / f"{i}.png")
+    ds = load_dataset(f"imagefolder:{tmp_path}")
+    assert ds.classes == ["cat", "dog"] and ds.input_shape == (3, 5, 6)
+    assert len(ds.train) == 6 and ds.train.y.tolist().count(1) == 3
