@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from sqlalchemy import exists, select
 from sqlalchemy.engine import make_url
 from starlette.concurrency import run_in_threadpool
 
+from api.api_keys.endpoints import router as api_keys_router
 from api.audit_events.endpoints import router as audit_events_router
+from api.certificates.endpoints import router as certificates_router
 from api.deletion_requests.endpoints import router as deletion_requests_router
 from api.health import router as health_router
 from api.limits import BodySizeLimit
 from api.models.endpoints import router as models_router
-from api.problems import install_problem_handlers
-from core.db import make_engine, make_sessionmaker
+from api.problems import document_validation_problems, install_problem_handlers
+from core.certificates import Signer
+from core.db import ApiKey, make_engine, make_sessionmaker
 from core.db.migrate import upgrade
 from core.settings import Settings, get_settings
 from core.storage import make_artifact_store
@@ -28,9 +33,16 @@ Make trained image classifiers forget whole classes without reading those classe
 
 Register a **model**, upload a safetensors checkpoint as **version 1**, then POST a
 **deletion request**; a worker produces version n+1, whose checkpoint downloads with its sha256.
-Every change and download is recorded in a hash-chained **audit log**.
-Errors are `application/problem+json` (RFC 9457).
+Every change and download is recorded in a hash-chained **audit log**, and every succeeded
+request has a signed **certificate**.
+
+Authenticate with an API key of your tenant: `Authorization: Bearer <key>` (`uisps keys create`).
+Roles: `reader` reads, `compliance` also creates and cancels deletion requests, `admin` also
+registers models, uploads versions and manages keys. POSTs that create accept an
+`Idempotency-Key`. Errors are `application/problem+json` (RFC 9457).
 """
+
+logger = logging.getLogger(__name__)
 
 DB_CONNECT_TIMEOUT_S = 5
 
@@ -50,6 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = make_artifact_store(settings)
         app.state.celery = celery
         app.state.dispatch = lambda request_id: send_deletion_request(celery, request_id)
+        app.state.signer = Signer(settings.effective_certificate_key_path)
+        await run_in_threadpool(_warn_without_keys, app.state.sessions)
         try:
             yield
         finally:
@@ -64,10 +78,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_problem_handlers(app)
+    document_validation_problems(app)
     app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes)
-    for router in (health_router, models_router, deletion_requests_router, audit_events_router):
+    for router in (
+        health_router,
+        models_router,
+        deletion_requests_router,
+        audit_events_router,
+        api_keys_router,
+        certificates_router,
+    ):
         app.include_router(router)
     return app
+
+
+def _warn_without_keys(sessions: Any) -> None:
+    try:
+        with sessions() as session:
+            if session.scalar(select(exists().where(ApiKey.revoked_at.is_(None)))):
+                return
+    except Exception:  # the database is away: /readyz says so
+        return
+    logger.warning(
+        "no API keys exist yet: every request will be refused (401). "
+        "Create one with `uisps keys create --tenant default --role admin`."
+    )
 
 
 def _engine_options(url: str) -> dict[str, Any]:

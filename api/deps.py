@@ -1,4 +1,5 @@
-"""Typed dependencies: the request's session (commit on success), tenant, actor, store, dispatcher."""
+"""Typed dependencies: the request's session (commit on success), tenant and actor (from the API
+key, see api.auth), store, dispatcher, certificate signer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
-from core.db import DEFAULT_TENANT
+from api.auth import PrincipalDep
+from core.certificates import Signer
 from core.services.deletion_requests.service import Dispatch
 from core.services.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageRequest
 from core.settings import Settings
@@ -36,14 +38,14 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def current_tenant() -> str:
-    """The caller's tenant. Every query filters by it; API keys (a later issue) will set it."""
-    return DEFAULT_TENANT
+def current_tenant(principal: PrincipalDep) -> str:
+    """The caller's tenant, from its API key. Every query filters by it."""
+    return principal.tenant_id
 
 
-def current_actor() -> str:
-    """Who the audit log names for this request; an API key's name once keys exist."""
-    return "anonymous"
+def current_actor(principal: PrincipalDep) -> str:
+    """Who the audit log names for this request: `api_key:<id>`."""
+    return principal.actor
 
 
 def get_store(request: Request) -> ArtifactStore:
@@ -52,6 +54,10 @@ def get_store(request: Request) -> ArtifactStore:
 
 def get_dispatch(request: Request) -> Dispatch:
     return request.app.state.dispatch
+
+
+def get_signer(request: Request) -> Signer:
+    return request.app.state.signer
 
 
 def page_request(
@@ -73,4 +79,5 @@ TenantDep = Annotated[str, Depends(current_tenant)]
 ActorDep = Annotated[str, Depends(current_actor)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 DispatchDep = Annotated[Dispatch, Depends(get_dispatch)]
+SignerDep = Annotated[Signer, Depends(get_signer)]
 PageDep = Annotated[PageRequest, Depends(page_request)]

@@ -1,4 +1,5 @@
-"""Request body limits, enforced while the body arrives rather than after it was spooled to disk."""
+"""Request body limits, enforced while the body arrives rather than after it was spooled to disk
+(and no body at all for an upload without an API key)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,17 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         limit = self.upload_limit + MULTIPART_SLACK if is_upload(scope) else JSON_BODY_LIMIT
-        declared = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        if is_upload(scope) and not headers.get("authorization"):
+            # FastAPI reads (and spools) a multipart body before it checks the API key: an
+            # anonymous upload is refused before a byte of it is read.
+            await self._send_problem(
+                scope, send, 401, "unauthenticated",
+                "this endpoint needs an API key: send 'Authorization: Bearer <key>' (create keys with `uisps keys create`)",
+                extra_headers=[(b"www-authenticate", b'Bearer realm="uisps"')],
+            )
+            return
+        declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._reject(scope, send, int(declared), limit)
             return
@@ -54,24 +65,38 @@ class BodySizeLimit:
 
     async def _reject(self, scope: Scope, send: Send, size: int, limit: int) -> None:
         what = "checkpoint upload" if is_upload(scope) else "request body"
+        await self._send_problem(
+            scope, send, 413, "content_too_large", f"the {what} is {size} bytes; the limit is {limit}"
+        )
+
+    async def _send_problem(
+        self,
+        scope: Scope,
+        send: Send,
+        status: int,
+        code: str,
+        detail: str,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         body = json.dumps(
             {
-                "type": TYPE_PREFIX + "content_too_large",
-                "title": HTTPStatus.REQUEST_ENTITY_TOO_LARGE.phrase,
-                "status": 413,
-                "detail": f"the {what} is {size} bytes; the limit is {limit}",
+                "type": TYPE_PREFIX + code,
+                "title": HTTPStatus(status).phrase,
+                "status": status,
+                "detail": detail,
                 "instance": scope["path"],
-                "code": "content_too_large",
+                "code": code,
             }
         ).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", PROBLEM_JSON.encode()),
                     (b"content-length", str(len(body)).encode()),
                     (b"connection", b"close"),
+                    *(extra_headers or []),
                 ],
             }
         )

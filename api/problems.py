@@ -1,7 +1,8 @@
 """RFC 9457 problem details for every error the API returns, with what exactly is wrong.
 
-Domain errors map to statuses here and nowhere else: unknown resource 404, invalid input 422,
-conflicting state 409, oversized upload 413, database or broker unreachable 503.
+Domain errors map to statuses here and nowhere else: no or bad API key 401, role not allowed 403,
+unknown resource 404, invalid input 422, conflicting state 409, oversized upload 413, rate or
+concurrency limit 429, database or broker unreachable 503.
 """
 
 from __future__ import annotations
@@ -18,14 +19,20 @@ from pydantic import BaseModel, Field
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.certificates import KeyFileError
 from core.errors import UisError
 from core.services.errors import (
+    ArtifactCorrupted,
     ArtifactMissing,
     CheckpointTooLarge,
     Conflict,
+    Forbidden,
+    IdempotencyKeyInUse,
     InvalidPageToken,
     InvalidParameters,
     NotFound,
+    RateLimited,
+    Unauthenticated,
 )
 
 logger = logging.getLogger(__name__)
@@ -123,6 +130,33 @@ async def _artifact_missing(request: Request, exc: ArtifactMissing) -> JSONRespo
     return problem_response(request, 500, exc.code, str(exc))
 
 
+async def _unauthenticated(request: Request, exc: Unauthenticated) -> JSONResponse:
+    challenge = 'Bearer realm="uisps"' + (', error="invalid_token"' if exc.invalid_token else "")
+    return problem_response(request, 401, exc.code, str(exc), headers={"WWW-Authenticate": challenge})
+
+
+async def _forbidden(request: Request, exc: Forbidden) -> JSONResponse:
+    return problem_response(request, 403, exc.code, str(exc))
+
+
+async def _rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
+    return problem_response(request, 429, exc.code, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+
+
+async def _idempotency_in_use(request: Request, exc: IdempotencyKeyInUse) -> JSONResponse:
+    return problem_response(request, 409, exc.code, str(exc), headers={"Retry-After": "1"})
+
+
+async def _artifact_corrupted(request: Request, exc: ArtifactCorrupted) -> JSONResponse:
+    logger.error("%s", exc)
+    return problem_response(request, 500, exc.code, str(exc))
+
+
+async def _signing_key(request: Request, exc: KeyFileError) -> JSONResponse:
+    logger.error("certificate signing key: %s", exc)
+    return problem_response(request, 500, "signing_key_unavailable", "the certificate signing key cannot be read; it has been logged")
+
+
 async def _user_error(request: Request, exc: UisError) -> JSONResponse:
     return problem_response(request, 422, exc.code, str(exc))
 
@@ -154,6 +188,41 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, 500, "internal_error", "an unexpected error occurred; it has been logged")
 
 
+def document_validation_problems(app: FastAPI) -> None:
+    """Make the OpenAPI document say what validation errors really are: FastAPI documents its own
+    422 body (HTTPValidationError as application/json), but this API answers problem+json."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        problem = {"$ref": "#/components/schemas/Problem"}
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                response = operation.get("responses", {}).get("422")
+                if response is None:
+                    continue
+                content = response.get("content", {})
+                json_schema = content.get("application/json", {}).get("schema", {})
+                if json_schema.get("$ref", "").endswith("/HTTPValidationError"):
+                    response["content"] = {PROBLEM_JSON: {"schema": problem}}
+                    response["description"] = "Unprocessable Content (validation errors listed in `errors`)"
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        if "Problem" not in components:
+            components.update(Problem.model_json_schema(ref_template="#/components/schemas/{model}")["$defs"])
+            components["Problem"] = {
+                k: v for k, v in Problem.model_json_schema(ref_template="#/components/schemas/{model}").items()
+                if k != "$defs"
+            }
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation)  # type: ignore[arg-type]
     app.add_exception_handler(InvalidParameters, _invalid_parameters)  # type: ignore[arg-type]
@@ -162,6 +231,12 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(CheckpointTooLarge, _too_large)  # type: ignore[arg-type]
     app.add_exception_handler(InvalidPageToken, _bad_page_token)  # type: ignore[arg-type]
     app.add_exception_handler(ArtifactMissing, _artifact_missing)  # type: ignore[arg-type]
+    app.add_exception_handler(ArtifactCorrupted, _artifact_corrupted)  # type: ignore[arg-type]
+    app.add_exception_handler(KeyFileError, _signing_key)  # type: ignore[arg-type]
+    app.add_exception_handler(Unauthenticated, _unauthenticated)  # type: ignore[arg-type]
+    app.add_exception_handler(Forbidden, _forbidden)  # type: ignore[arg-type]
+    app.add_exception_handler(RateLimited, _rate_limited)  # type: ignore[arg-type]
+    app.add_exception_handler(IdempotencyKeyInUse, _idempotency_in_use)  # type: ignore[arg-type]
     app.add_exception_handler(UisError, _user_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     # OperationalError: cannot connect, connection lost, SQLite busy past its timeout;

@@ -534,7 +534,7 @@ def bad_teacher(
     n_g = len(synthetic.y)
     k = min(cfg.synthetic_per_batch, n_g)
     shuffle = Shuffler(len(x_r), cfg.batch_size - k, seed, device)
-    steps = max(cfg.min_steps, math.ceil(cfg.epochs * shuffle.steps_per_epoch))
+    steps = max(cfg.min_steps, math.ceil(cfg.epochs * len(x_r) / cfg.batch_size))  # as core.uisps.resolve_steps
     syn_perm = torch.randperm(n_g, generator=gen).to(device)
     syn_offsets = torch.arange(k, device=device)
     aug_gen = torch.Generator(device=device).manual_seed(seed)

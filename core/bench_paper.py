@@ -241,6 +241,8 @@ class PaperBench:
             raise ValueError(f"unknown experiments {sorted(unknown)} (known: {', '.join(EXPERIMENTS)})")
         if order not in ("experiment", "seed"):
             raise ValueError("order must be 'experiment' or 'seed'")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("CUDA was asked for but is not available")
         self.preset, self.dataset, self.device, self.out = preset, dataset, device, Path(out)
         self.experiments = [e for e in EXPERIMENTS if e in set(experiments)]
         self.seeds = list(range(seeds if seeds is not None else preset.seeds))

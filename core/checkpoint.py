@@ -1,8 +1,9 @@
 """Checkpoints: a safetensors file whose header metadata carries a JSON manifest.
 
-Nothing here unpickles: a checkpoint is parsed as safetensors after its header has been checked
-(length cap, dtype allowlist, offsets contiguous and inside the file), and its tensors must match
-the architecture the manifest names (names, shapes, dtypes) and be finite.
+Nothing here unpickles: a checkpoint is recognised by its first bytes (a pickle or a torch.save
+zip is refused with what it is), parsed as safetensors after its header has been checked (length
+cap, dtype allowlist, parameter-count cap, offsets contiguous and inside the file), and its
+tensors must match the architecture the manifest names (names, shapes, dtypes) and be finite.
 """
 
 from __future__ import annotations
@@ -76,13 +77,56 @@ def save_checkpoint(path: Path, model: torch.nn.Module, manifest: Manifest) -> s
     return hashlib.sha256(data).hexdigest()
 
 
-def parse_header(data: bytes) -> dict:
-    """Check the safetensors framing before any tensor is materialised."""
+# Formats people upload by mistake, recognised by their first bytes (never by their name).
+_SAFETENSORS_ADVICE = (
+    "convert it to safetensors first, e.g. safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
+)
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+
+
+def sniff_format(data: bytes) -> str | None:
+    """What a non-safetensors file looks like, from its first bytes: a message, or None."""
+    head = data[:16]
+    if head.startswith(_ZIP_MAGICS):
+        return (
+            "this is a zip archive, the format of torch.save (.pt/.pth files), which holds a pickle; "
+            f"pickles can run arbitrary code when loaded and are never loaded here: {_SAFETENSORS_ADVICE}"
+        )
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return (
+            f"this is a Python pickle (protocol {head[1]}, e.g. torch.save's legacy format); pickles can run "
+            f"arbitrary code when loaded and are never loaded here: {_SAFETENSORS_ADVICE}"
+        )
+    if head.startswith(b"\x93NUMPY"):
+        return f"this is a NumPy .npy array, not a checkpoint: {_SAFETENSORS_ADVICE}"
+    if head.startswith(b"\x89HDF"):
+        return "this is an HDF5 file (e.g. Keras), not a safetensors checkpoint"
+    if head.startswith(b"\x1f\x8b"):
+        return "this is a gzip file; upload the uncompressed safetensors checkpoint"
+    if head[:1] in (b"(", b"]", b"}", b"c", b"I", b"S", b"V", b"N") and data.endswith(b"."):
+        return f"this looks like a Python pickle (protocol 0 or 1); it is never loaded here: {_SAFETENSORS_ADVICE}"
+    return None
+
+
+def parse_header(data: bytes, max_parameters: int | None = None) -> dict:
+    """Check the safetensors framing before any tensor is materialised.
+
+    A file that is not safetensors is recognised by its first bytes (pickle, torch.save zip, ...)
+    and refused with what it is; `max_parameters` caps the number of elements of all tensors.
+    """
+    looks_like_safetensors = len(data) >= 9 and data[8:9] == b"{"
+    if not looks_like_safetensors:
+        known = sniff_format(data)
+        if known is not None:
+            raise CheckpointError(f"not a safetensors file: {known}")
     if len(data) < 8:
         raise CheckpointError("not a safetensors file: too short")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
-        raise CheckpointError("not a safetensors file: header length is out of bounds")
+        raise CheckpointError(
+            f"not a safetensors file: the header length ({header_len} bytes) is out of bounds "
+            f"(the file has {len(data)} bytes; headers are at most {MAX_HEADER_BYTES})"
+        )
     try:
         header = json.loads(data[8 : 8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -91,6 +135,7 @@ def parse_header(data: bytes) -> dict:
         raise CheckpointError("not a safetensors file: header is not a JSON object")
     body = len(data) - 8 - header_len
     spans = []
+    parameters = 0
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -105,6 +150,12 @@ def parse_header(data: bytes) -> dict:
             if not isinstance(d, int) or d < 0:
                 raise CheckpointError(f"tensor {name!r}: bad shape {shape}")
             numel *= d
+        parameters += numel
+        if max_parameters is not None and parameters > max_parameters:
+            raise CheckpointError(
+                f"the checkpoint holds more than {max_parameters} parameters (the limit, "
+                "UISPS_MAX_CHECKPOINT_PARAMETERS)"
+            )
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= body):
             raise CheckpointError(f"tensor {name!r}: data offsets lie outside the file")
         if end - start != numel * DTYPE_BYTES[dtype]:
@@ -114,7 +165,9 @@ def parse_header(data: bytes) -> dict:
     pos = 0
     for start, end in spans:
         if start != pos:
-            raise CheckpointError("tensor data overlap or leave gaps")
+            raise CheckpointError(
+                "tensor data overlap" if start < pos else "tensor data leave gaps"
+            )
         pos = end
     if pos != body:
         raise CheckpointError("tensor data do not cover the file")
@@ -148,9 +201,11 @@ def validate_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> No
             raise CheckpointError(f"tensor {name!r} holds NaN or Inf")
 
 
-def load_checkpoint_bytes(data: bytes, expected: Manifest | None = None) -> tuple[torch.nn.Module, Manifest]:
+def load_checkpoint_bytes(
+    data: bytes, expected: Manifest | None = None, max_parameters: int | None = None
+) -> tuple[torch.nn.Module, Manifest]:
     """Parse, check and build the model. `expected` (a registered model) must agree with the manifest."""
-    header = parse_header(data)
+    header = parse_header(data, max_parameters)
     manifest = expected or read_manifest(header)
     try:
         model = build_model(manifest.architecture, manifest.in_channels, manifest.num_classes)

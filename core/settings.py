@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +32,52 @@ class Settings(BaseSettings):
     job_visibility_timeout_s: int = 6 * 60 * 60
     max_attempts: int = 3
     max_labels_per_request: int = 100
+
+    # --- Trust (issue #5): API keys, limits, crash-safe jobs, certificates ----------------------
+    # A running job renews its lease while it works (progress writes and a heartbeat every third
+    # of it); a job whose lease ran out lost its worker and is taken over by the next one.
+    job_lease_s: float = 120.0
+    # The worker's reconciler: how often it looks for lost work, and how long a queued request
+    # may wait unclaimed before its message is presumed lost and sent again (the wait doubles
+    # with each re-send, so a long backlog is not flooded with duplicates).
+    reconcile_interval_s: float = 30.0
+    requeue_after_s: float = 300.0
+    # Idempotency-Key records are kept at least this long (then purged by the reconciler); a
+    # record still "in flight" after idempotency_lock_s belongs to a request that died.
+    idempotency_ttl_s: int = 24 * 60 * 60
+    idempotency_lock_s: float = 600.0
+    # Token bucket per API key: `rate_limit_per_s` requests per second on average, bursts of up
+    # to `rate_limit_burst`. 0 turns the limit off.
+    rate_limit_per_s: float = 20.0
+    rate_limit_burst: int = 200
+    # Queued + running deletion requests one tenant may have at once (429 beyond).
+    max_active_requests_per_tenant: int = 50
+    # Largest checkpoint accepted, in parameters (elements of all tensors together).
+    max_checkpoint_parameters: int = 250_000_000
+    # Ed25519 key that signs deletion certificates; created on first use when missing.
+    certificate_key_path: Path | None = None
+
+    @property
+    def effective_certificate_key_path(self) -> Path:
+        path = self.certificate_key_path if self.certificate_key_path is not None else self.home / "certificate-key.pem"
+        return path.expanduser()
+    # --- end of the trust settings ----------------------------------------------------------------
+
+    # --- S3-compatible artifact storage (UISPS_ARTIFACT_BACKEND=s3) ------------------------------
+    # Credentials are deliberately not settings: boto3 finds them the standard way
+    # (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE, an instance role).
+    s3_bucket: str | None = None
+    s3_prefix: str = ""  # e.g. "uisps/prod": objects are "<prefix>/sha256/ab/<hex>"
+    s3_endpoint_url: str | None = None  # MinIO, Ceph, R2...; None means AWS S3
+    s3_region: str | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"  # MinIO wants "path"
+
+    @field_validator("s3_bucket", "s3_endpoint_url", "s3_region", mode="after")
+    @classmethod
+    def _s3_empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    # --- end of S3 settings ---------------------------------------------------------------------
 
     @field_validator("home", "artifact_dir", mode="after")
     @classmethod

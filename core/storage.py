@@ -3,22 +3,27 @@
 Keys look like ``sha256/ab/abcdef...`` so that identical content is stored once, a key says what
 its bytes must hash to, and a half-written file can never be mistaken for a finished one. The
 ``ArtifactStore`` protocol is what the rest of the service uses; ``LocalArtifactStore`` keeps files
-in a folder and an S3-compatible backend can implement the same protocol.
+in a folder and ``S3ArtifactStore`` keeps objects in an S3-compatible bucket (AWS S3, MinIO, ...).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from botocore.client import BaseClient
 
 CHUNK_SIZE = 1024 * 1024
 _KEY_PATTERN = re.compile(r"sha256/([0-9a-f]{2})/([0-9a-f]{64})")
@@ -131,9 +136,197 @@ class LocalArtifactStore:
         return self.root / key
 
 
+# S3 wants parts of at least 5 MiB (but the last); below the threshold one PUT carries the whole
+# object with its SHA-256 for the server to check.
+_S3_MULTIPART_THRESHOLD = 64 * 1024 * 1024
+_S3_PART_SIZE = 16 * 1024 * 1024
+# A put hashes its source before uploading: up to this much stays in memory, the rest spills to a
+# temporary file.
+_S3_SPOOL_MAX_MEMORY = 16 * 1024 * 1024
+_S3_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+class S3ArtifactStore:
+    """Artifacts as objects ``<prefix>/sha256/ab/<hex>`` in an S3-compatible bucket.
+
+    ``put`` hashes the source first (bytes as they are, anything else through a spooled temporary
+    file), then uploads straight to the content key: an S3 PUT or a completed multipart upload
+    becomes visible whole or not at all, so no half-written object can carry a content key, and a
+    failed source never reaches the bucket. Objects that already exist are not uploaded again.
+    Reads stream from the GET response; ``local_path`` is always None.
+
+    Credentials come from boto3's standard chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_PROFILE``, an instance or task role). The client is created on first use, and again after
+    a fork, so a store made in a Celery parent is safe in its pool children.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        addressing_style: str = "auto",
+        client: BaseClient | None = None,
+        multipart_threshold: int = _S3_MULTIPART_THRESHOLD,
+        part_size: int = _S3_PART_SIZE,
+    ) -> None:
+        if not bucket:
+            raise ValueError("an S3 artifact store needs a bucket (UISPS_S3_BUCKET)")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.addressing_style = addressing_style
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        self._client = client
+        self._client_pid = os.getpid() if client is not None else None
+        self._lock = threading.Lock()
+
+    # -- the protocol --------------------------------------------------------------------------
+
+    def put(self, source: Source) -> StoredArtifact:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = memoryview(source)
+            digest = hashlib.sha256(data).hexdigest()
+            return self._upload(io.BytesIO(data), digest, len(data))
+        with tempfile.SpooledTemporaryFile(max_size=_S3_SPOOL_MAX_MEMORY, prefix=_TEMP_PREFIX) as spool:
+            digest, size = _copy_hashing(_chunks(source), spool)  # type: ignore[arg-type]
+            spool.seek(0)
+            return self._upload(spool, digest, size)  # type: ignore[arg-type]
+
+    def open(self, key: str) -> BinaryIO:
+        object_key = self.object_key(key)
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=object_key)
+        except Exception as error:
+            if _is_missing(error):
+                raise ArtifactNotFound(key) from None
+            raise
+        # botocore's StreamingBody is an io.IOBase: read(n), iteration, close, ``with``.
+        return response["Body"]  # type: ignore[no-any-return]
+
+    def iter_bytes(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        with self.open(key) as stream:
+            while chunk := stream.read(chunk_size):
+                yield chunk
+
+    def local_path(self, key: str) -> Path | None:
+        validate_key(key)
+        return None
+
+    def exists(self, key: str) -> bool:
+        return self._head(self.object_key(key)) is not None
+
+    def delete(self, key: str) -> None:
+        """Remove an artifact; deleting a missing one is not an error (S3 says so too)."""
+        object_key = self.object_key(key)
+        self.client.delete_object(Bucket=self.bucket, Key=object_key)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def object_key(self, key: str) -> str:
+        """The bucket key of an artifact key (validated: nothing outside the scheme gets through)."""
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @property
+    def client(self) -> BaseClient:
+        pid = os.getpid()
+        if self._client is None or self._client_pid != pid:
+            with self._lock:
+                if self._client is None or self._client_pid != pid:
+                    self._client = self._make_client()
+                    self._client_pid = pid
+        return self._client
+
+    def _make_client(self) -> BaseClient:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            s3={"addressing_style": self.addressing_style},
+            retries={"mode": "standard", "max_attempts": 5},
+            connect_timeout=10,
+            read_timeout=120,
+        )
+        # A session per client: boto3's default session is not safe to share between threads.
+        session = boto3.session.Session()
+        return session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
+
+    def _head(self, object_key: str) -> dict[str, Any] | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=object_key)  # type: ignore[no-any-return]
+        except Exception as error:
+            if _is_missing(error):
+                return None
+            raise
+
+    def _upload(self, body: BinaryIO, digest: str, size: int) -> StoredArtifact:
+        stored = StoredArtifact(key=key_for(digest), sha256=digest, size=size)
+        object_key = self.object_key(stored.key)
+        existing = self._head(object_key)
+        if existing is not None and existing.get("ContentLength") == size:
+            # Same key means same bytes: put is idempotent and stores each content once.
+            return stored
+        metadata = {"sha256": digest}
+        if size <= self.multipart_threshold:
+            # The server checks the body against our SHA-256 and refuses a mismatch.
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=object_key,
+                Body=body,
+                ContentLength=size,
+                ContentType="application/octet-stream",
+                ChecksumSHA256=base64.b64encode(bytes.fromhex(digest)).decode(),
+                Metadata=metadata,
+            )
+        else:
+            from boto3.s3.transfer import TransferConfig
+
+            # A multipart upload becomes visible only when completed; a failure aborts it.
+            self.client.upload_fileobj(
+                body,
+                self.bucket,
+                object_key,
+                ExtraArgs={
+                    "ContentType": "application/octet-stream",
+                    "ChecksumAlgorithm": "SHA256",  # each part checked by the server
+                    "Metadata": metadata,
+                },
+                Config=TransferConfig(
+                    multipart_threshold=self.multipart_threshold,
+                    multipart_chunksize=self.part_size,
+                    max_concurrency=4,
+                ),
+            )
+        return stored
+
+
+def _is_missing(error: Exception) -> bool:
+    response = getattr(error, "response", None)
+    if not isinstance(response, dict):
+        return False
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in _S3_MISSING_CODES or status == 404
+
+
 def make_artifact_store(settings: Settings) -> ArtifactStore:
     if settings.artifact_backend == "local":
         return LocalArtifactStore(settings.effective_artifact_dir)
+    if settings.artifact_backend == "s3":
+        if not settings.s3_bucket:
+            raise ValueError("UISPS_ARTIFACT_BACKEND=s3 needs UISPS_S3_BUCKET")
+        return S3ArtifactStore(
+            settings.s3_bucket,
+            settings.s3_prefix,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            addressing_style=settings.s3_addressing_style,
+        )
     raise ValueError(f"unknown artifact backend: {settings.artifact_backend!r}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +63,25 @@ def redis_url() -> Iterator[str]:
     finally:
         client.flushdb()
         client.close()
+
+
+@pytest.fixture
+def own_pg_database(pg_url: str) -> Iterator[str]:
+    """A PostgreSQL database for one test, on pg_url's server, dropped afterwards.
+
+    Not pg_url itself when a worker process runs: its reconciler re-sends every queued request it
+    finds, and the shared database holds requests other tests queued on purpose without a worker.
+    """
+    admin_url = make_url(pg_url).set(drivername="postgresql", database="postgres")
+    name = f"uisps_own_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url.render_as_string(hide_password=False), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin_url.render_as_string(hide_password=False), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 @pytest.fixture

@@ -196,7 +196,7 @@ def serve(
 
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
-    # Migrate before the worker starts: its start-up sweep reads the deletion_requests table.
+    # Migrate before the worker starts: its reconciler reads the deletion_requests table.
     upgrade(settings.effective_database_url)
     worker = None if no_worker else _spawn_worker()
     try:
@@ -361,6 +361,228 @@ def bench_perf(
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown(result))
     typer.echo(markdown(result))
+
+
+@bench_app.command("api")
+def bench_api(
+    duration: Annotated[float, typer.Option("--duration", help="seconds of GET polling (phase 1)")] = 20.0,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="concurrent keep-alive connections")] = 32,
+    create_duration: Annotated[float | None, typer.Option(
+        "--create-duration", help="seconds of POST creations (phase 2); default a quarter of --duration")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="uvicorn workers (default: cores, at least 2)")] = None,
+    keys: Annotated[int, typer.Option("--keys", help="API keys the connections share")] = 1,
+    database_url: Annotated[str | None, typer.Option(
+        "--database-url", help="use (and keep) this database instead of a fresh one")] = None,
+    admin_url: Annotated[str, typer.Option(
+        "--admin-url", help="PostgreSQL server on which the fresh database is created and dropped")
+    ] = "postgresql://postgres@127.0.0.1:5432/postgres",
+    broker_url: Annotated[str | None, typer.Option(
+        "--broker-url", help="Redis URL with a database number of its own: emptied at the end "
+        "(default: an empty one of redis://127.0.0.1:6379)")] = None,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="uvicorn's access log")] = False,
+    out: Annotated[Path, typer.Option("--out", help="folder for api-bench-cpu.json and .md")] = Path("docs/results"),
+) -> None:
+    """Load the HTTP API on PostgreSQL over loopback: GET polls, then POST creations (no worker)."""
+    from uisps.bench_api import ApiBenchSetup, BenchError, markdown, run_api_bench, write_results
+
+    setup = ApiBenchSetup(
+        duration_s=duration, concurrency=concurrency, create_duration_s=create_duration, workers=workers, keys=keys,
+        database_url=database_url, admin_url=admin_url, broker_url=broker_url, access_log=access_log,
+    )
+    try:
+        result = run_api_bench(setup, log=lambda line: typer.echo(line, err=True))
+    except BenchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    json_path, md_path = write_results(result, out)
+    typer.echo(markdown(result))
+    typer.echo(f"wrote {json_path} and {md_path}", err=True)
+
+
+# --- `uisps keys ...`, `uisps audit verify`, `uisps certificate verify`: trust (issue #5) -------
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
+app.add_typer(keys_app, name="keys")
+audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log.")
+app.add_typer(audit_app, name="audit")
+certificate_app = typer.Typer(no_args_is_help=True, help="Signed deletion certificates.")
+app.add_typer(certificate_app, name="certificate")
+
+
+@contextmanager
+def _service_database() -> Iterator[Any]:
+    """A session on the service's database (UISPS_DATABASE_URL or the embedded SQLite), migrated."""
+    from core.db import make_engine, make_sessionmaker
+    from core.db.migrate import upgrade
+    from core.settings import get_settings
+
+    url = get_settings().effective_database_url
+    with _migration_errors():
+        upgrade(url)
+        engine = make_engine(url)
+        try:
+            with make_sessionmaker(engine)() as session:
+                yield session
+        finally:
+            engine.dispose()
+
+
+def _cli_actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name (some containers)
+        return "cli"
+
+
+@keys_app.command("create")
+@user_errors
+def keys_create(
+    tenant: Annotated[str, typer.Option("--tenant", help="the tenant the key acts for")],
+    role: Annotated[str, typer.Option("--role", help="admin, compliance or reader")],
+    name: Annotated[str | None, typer.Option("--name", help="a label for people (default: <role> key)")] = None,
+) -> None:
+    """Create an API key and print it (once: only its sha256 is stored)."""
+    from core.db import ApiKeyRole
+    from core.errors import UisError
+    from core.services.api_keys.service import api_key_service
+
+    roles = [r.value for r in ApiKeyRole]
+    if role not in roles:
+        raise UisError(f"role must be one of {', '.join(roles)}, not {role!r}")
+    with _service_database() as session:
+        created = api_key_service.create(
+            session, tenant_id=tenant, role=role, name=name or f"{role} key", actor=_cli_actor()
+        )
+        session.commit()
+    typer.echo(
+        f"created {role} key {created.record.id} for tenant {tenant!r}; it is shown once, store it safely:", err=True
+    )
+    typer.echo(created.secret)
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option("--tenant", help="only this tenant's keys")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
+) -> None:
+    """List API keys (never the keys themselves: their ids, prefixes and roles)."""
+    from rich.table import Table
+
+    from core.services.api_keys.service import api_key_service
+    from core.services.pagination import MAX_PAGE_SIZE, PageRequest
+
+    rows = []
+    with _service_database() as session:
+        token = None
+        while True:
+            page = api_key_service.list(session, tenant, PageRequest(MAX_PAGE_SIZE, token))
+            rows.extend(page.items)
+            token = page.next_page_token
+            if not token:
+                break
+    if as_json:
+        for key in rows:
+            typer.echo(json.dumps({
+                "id": key.id, "tenant_id": key.tenant_id, "role": key.role, "name": key.name, "prefix": key.prefix,
+                "created_at": key.created_at.isoformat(),
+                "last_used_at": key.last_used_at.isoformat() if key.last_used_at else None,
+                "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+            }))
+        return
+    table = Table()
+    for column in ("id", "tenant", "role", "name", "prefix", "created", "last used", "revoked"):
+        table.add_column(column)
+    for key in rows:
+        table.add_row(
+            key.id, key.tenant_id, key.role, key.name, key.prefix + "...", _when(key.created_at),
+            _when(key.last_used_at), _when(key.revoked_at),
+        )
+    Console(width=200).print(table)
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+
+
+@keys_app.command("revoke")
+@user_errors
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id (uisps keys list)")]) -> None:
+    """Revoke an API key: from the next request on it is refused (401)."""
+    from core.errors import UisError
+    from core.services.api_keys.service import api_key_service
+    from core.services.errors import NotFound
+
+    with _service_database() as session:
+        try:
+            key = api_key_service.revoke(session, tenant_id=None, key_id=key_id, actor=_cli_actor())
+        except NotFound as exc:
+            raise UisError(str(exc)) from None
+        session.commit()
+    typer.echo(f"revoked {key.role} key {key.id} ({key.name}) of tenant {key.tenant_id!r}")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    tenant: Annotated[str | None, typer.Option("--tenant", help="only this tenant's chain")] = None,
+) -> None:
+    """Walk every tenant's hash chain; name the first broken link of each (exit 1), else print OK."""
+    from core.db.audit import walk_chains
+
+    with _service_database() as session:
+        report = walk_chains(session, tenant)
+    total = sum(report.events.values())
+    if report.intact:
+        typer.echo(f"OK: {total} audit events in {len(report.events)} tenant chain(s), every link intact")
+        return
+    for broken in report.breaks:
+        typer.echo(
+            f"BROKEN: tenant {broken.tenant_id!r}: audit event {broken.event_id} "
+            f"({broken.action} at {broken.occurred_at.isoformat()}): {broken.reason}"
+        )
+    intact = len(report.events) - len(report.breaks)
+    typer.echo(f"{len(report.breaks)} broken chain(s), {intact} intact, {total} events in all")
+    raise typer.Exit(1)
+
+
+@certificate_app.command("verify")
+def certificate_verify(
+    file: Annotated[Path, typer.Argument(help="a certificate downloaded from GET /deletion-requests/{id}/certificate")],
+    public_key: Annotated[
+        Path | None,
+        typer.Option("--public-key", help="PEM public key (GET /certificate-key); default: this machine's signing key"),
+    ] = None,
+) -> None:
+    """Check a deletion certificate's signature (exit 0 valid, 1 invalid, 2 when it cannot be read)."""
+    from core.certificates import InvalidCertificate, KeyFileError, load_private_key, load_public_key_pem
+    from core.settings import get_settings
+
+    try:
+        if public_key is not None:
+            key = load_public_key_pem(public_key.read_bytes())
+        else:
+            key = load_private_key(get_settings().effective_certificate_key_path).public_key()
+        text = file.read_text()
+    except (OSError, KeyFileError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    from core.certificates import verify_certificate
+
+    try:
+        certificate = verify_certificate(json.loads(text), key)
+    except json.JSONDecodeError as exc:
+        typer.echo(f"INVALID: {file} is not JSON ({exc})")
+        raise typer.Exit(1) from None
+    except InvalidCertificate as exc:
+        typer.echo(f"INVALID: {exc}")
+        raise typer.Exit(1) from None
+    labels = certificate.get("labels", {}).get("forgotten")
+    new = certificate.get("new_checkpoint", {})
+    typer.echo(
+        f"OK: deletion request {certificate.get('request_id')} of tenant {certificate.get('tenant_id')!r}: "
+        f"labels {labels} forgotten, version {new.get('version')} sha256 {new.get('sha256')}"
+    )
 
 
 def main() -> None:  # pragma: no cover

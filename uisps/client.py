@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +26,11 @@ class VerifiedCheckpoint:
 
 
 class UispsClient:
-    def __init__(self, base_url: str, timeout_s: float = 60.0) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=timeout_s)
+    """Sends `api_key` as a bearer token, and an Idempotency-Key with every POST that creates."""
+
+    def __init__(self, base_url: str, timeout_s: float = 60.0, api_key: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url, timeout=timeout_s, headers=headers)
 
     def close(self) -> None:
         self.http.close()
@@ -52,11 +56,11 @@ class UispsClient:
         raise ServiceError(f"the service at {self.http.base_url} was not ready within {timeout_s:.0f} s")
 
     def create_model(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return self._json(self.http.post("/models", json=spec), 201)
+        return self._json(self.http.post("/models", json=spec, headers=_idempotency_key()), 201)
 
     def upload_version(self, model_id: str, checkpoint: bytes, filename: str = "model.safetensors") -> dict[str, Any]:
         files = {"file": (filename, checkpoint, "application/octet-stream")}
-        return self._json(self.http.post(f"/models/{model_id}/versions", files=files), 201)
+        return self._json(self.http.post(f"/models/{model_id}/versions", files=files, headers=_idempotency_key()), 201)
 
     def get_version(self, model_id: str, version: int) -> dict[str, Any]:
         return self._json(self.http.get(f"/models/{model_id}/versions/{version}"), 200)
@@ -74,7 +78,16 @@ class UispsClient:
             body["params"] = params
         if base_version is not None:
             body["base_version"] = base_version
-        return self._json(self.http.post("/deletion-requests", json=body), 202)
+        return self._json(self.http.post("/deletion-requests", json=body, headers=_idempotency_key()), 202)
+
+    def get_certificate(self, request_id: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/deletion-requests/{request_id}/certificate"), 200)
+
+    def certificate_key(self) -> bytes:
+        response = self.http.get("/certificate-key")
+        if response.status_code != 200:
+            self._json(response, 200)
+        return response.content
 
     def get_deletion_request(self, request_id: str) -> dict[str, Any]:
         return self._json(self.http.get(f"/deletion-requests/{request_id}"), 200)
@@ -119,6 +132,10 @@ class UispsClient:
         if response.status_code != expected_status:
             raise ServiceError(_describe_error(response))
         return response.json()
+
+
+def _idempotency_key() -> dict[str, str]:
+    return {"Idempotency-Key": str(uuid.uuid4())}
 
 
 def _describe_error(response: httpx.Response) -> str:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from core.certificates import load_public_key_pem, verify_certificate
 from uisps.client import ServiceError, UispsClient
 from uisps.local import LocalService
 
@@ -97,19 +98,33 @@ def run_demo(
             with _bars(err_console) as bar:
                 task = bar.add_task("training", total=None)
                 checkpoint = train_digits_checkpoint(lambda _s, done, total: bar.update(task, completed=done, total=total))
-            with UispsClient(service.url) as client:
-                client.wait_ready(READY_TIMEOUT_S, alive=service.alive)
-                return _flow(client, checkpoint, forget, fast, console, err_console)
+            with UispsClient(service.url) as anonymous:
+                anonymous.wait_ready(READY_TIMEOUT_S, alive=service.alive)
+            # The fresh home has no keys: an admin registers the model, compliance asks to forget.
+            admin_key = service.create_api_key("admin", name="demo admin")
+            compliance_key = service.create_api_key("compliance", name="demo compliance")
+            err_console.print("[dim]created API keys 'demo admin' and 'demo compliance' (tenant default)[/dim]")
+            with (
+                UispsClient(service.url, api_key=admin_key) as admin,
+                UispsClient(service.url, api_key=compliance_key) as compliance,
+            ):
+                return _flow(admin, compliance, checkpoint, forget, fast, console, err_console)
     finally:
         if temporary and not keep:
             shutil.rmtree(home, ignore_errors=True)
 
 
 def _flow(
-    client: UispsClient, checkpoint: bytes, forget: int, fast: bool, console: Console, err_console: Console
+    admin: UispsClient,
+    client: UispsClient,
+    checkpoint: bytes,
+    forget: int,
+    fast: bool,
+    console: Console,
+    err_console: Console,
 ) -> DemoResult:
-    model = client.create_model(model_spec_of(checkpoint, "digits-smallcnn"))
-    v1 = client.upload_version(model["id"], checkpoint, "digits-smallcnn.safetensors")
+    model = admin.create_model(model_spec_of(checkpoint, "digits-smallcnn"))
+    v1 = admin.upload_version(model["id"], checkpoint, "digits-smallcnn.safetensors")
     err_console.print(f"registered model {model['id']}, version 1 sha256 {v1['sha256'][:16]}...")
     request = client.create_deletion_request(model["id"], [forget], params=FAST_PARAMS if fast else None)
     err_console.print(f"deletion request {request['id']}: forget digit {forget}")
@@ -129,6 +144,9 @@ def _flow(
     after = evaluate_checkpoint(downloaded.data, [forget])
     console.print(_table(forget, version, before, after))
     console.print(f"version {version} sha256 {downloaded.sha256} (verified against the header and the version resource)")
+    certificate = client.get_certificate(request["id"])
+    verify_certificate(certificate, load_public_key_pem(client.certificate_key()))
+    console.print(f"deletion certificate signed by {certificate['signature']['key_id'][:23]}... (signature verified)")
     return DemoResult(model["id"], request, before, after, downloaded.sha256)
 
 

@@ -41,6 +41,30 @@ def stop_process(process: subprocess.Popen[bytes] | None, grace_s: float = 30.0,
         process.wait()
 
 
+def create_api_key(
+    home: Path, role: str, *, tenant: str = "default", name: str | None = None, env: Mapping[str, str] | None = None
+) -> str:
+    """An API key for the service of `home` (its database migrated first), made in this process."""
+    from core.db import make_engine, make_sessionmaker
+    from core.db.migrate import upgrade
+    from core.services.api_keys.service import api_key_service
+    from core.settings import Settings
+
+    overrides = env or {}
+    settings = Settings(home=Path(home), database_url=overrides.get("UISPS_DATABASE_URL"))
+    url = settings.effective_database_url
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            created = api_key_service.create(
+                session, tenant_id=tenant, role=role, name=name or f"local {role}", actor="local"
+            )
+            return created.secret
+    finally:
+        engine.dispose()
+
+
 class LocalService:
     """`uisps serve` in a subprocess: the API on 127.0.0.1:<port> plus (by default) a worker."""
 
@@ -63,6 +87,9 @@ class LocalService:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def create_api_key(self, role: str, *, tenant: str = "default", name: str | None = None) -> str:
+        return create_api_key(self.home, role, tenant=tenant, name=name, env=self.env)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

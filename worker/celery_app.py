@@ -37,8 +37,10 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         if url.startswith("sqla+sqlite"):
             return {"connect_args": {"timeout": 30}}  # the broker file is shared with the API: wait, don't fail
         return {}
-    # Redis and SQS: a message not acknowledged within this time is delivered again, so it must
-    # outlast the longest job; the job's lease in the database has the same length.
+    # Redis and SQS: a message not acknowledged within this time is delivered again, so it should
+    # outlast the longest job (a duplicate is harmless, just wasted). A dead worker's job does
+    # not wait for it: its lease in the database (UISPS_JOB_LEASE_S, renewed by a heartbeat) runs
+    # out in minutes and the reconciler (worker.reconciler) sends the request again.
     return {"visibility_timeout": settings.job_visibility_timeout_s}
 
 
@@ -55,7 +57,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         # Publishing happens inside an HTTP request: fail fast (the row is committed anyway and the
-        # worker's start-up sweep re-sends it) rather than hang the request.
+        # workers' reconciler re-sends it) rather than hang the request.
         "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": 1,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from core.services.errors import ArtifactCorrupted
 from core.services.models.service import manifest_for
 from core.settings import Settings
 from core.storage import ArtifactStore, StoredArtifact
+from core.version import code_version
 from worker.context import artifact_store, sessions_for
 
 logger = logging.getLogger(__name__)
@@ -110,26 +112,30 @@ class ProgressTracker:
 
 def run_job(request_id: str, settings: Settings) -> RunOutcome:
     sessions = sessions_for(settings.effective_database_url)
-    lease_s = float(settings.job_visibility_timeout_s)
+    lease_s = float(settings.job_lease_s)
     with sessions.begin() as session:
         claim = deletion_jobs.claim(session, request_id, lease_s, settings.max_attempts)
     if claim.outcome is not ClaimOutcome.CLAIMED or claim.job is None:
         logger.info("deletion request %s not run: %s (state %s)", request_id, claim.outcome, claim.state)
         return RunOutcome("skipped")
     job = claim.job
-    tracker = ProgressTracker(_progress_writer(sessions, request_id, lease_s))
+    tracker = ProgressTracker(_progress_writer(sessions, request_id, lease_s, job.attempt))
     try:
-        artifact, forgotten, report = _unlearn(job, settings, artifact_store(settings), tracker)
-        with sessions.begin() as session:
-            request = deletion_jobs.complete(
-                session, request_id, artifact=artifact, forgotten_labels=forgotten, metrics=report
-            )
-            status = request.state
+        # Every write below names the attempt: if this worker stalls past its lease and another
+        # takes the request over, this one stops (JobLost) instead of finishing it a second time.
+        with LeaseKeeper(sessions, request_id, job.attempt, lease_s):
+            artifact, forgotten, report = _unlearn(job, settings, artifact_store(settings), tracker)
+            with sessions.begin() as session:
+                request = deletion_jobs.complete(
+                    session, request_id, artifact=artifact, forgotten_labels=forgotten, metrics=report,
+                    attempt=job.attempt,
+                )
+                status = request.state
         logger.info("deletion request %s %s", request_id, status)
         return RunOutcome(status)
     except JobCancelled:
         with sessions.begin() as session:
-            deletion_jobs.cancelled(session, request_id)
+            deletion_jobs.cancelled(session, request_id, attempt=job.attempt)
         return RunOutcome("cancelled")
     except JobLost:
         logger.warning("deletion request %s was finished or re-claimed elsewhere; dropping this run", request_id)
@@ -137,25 +143,65 @@ def run_job(request_id: str, settings: Settings) -> RunOutcome:
     except UisError as exc:
         # The input is at fault (labels, checkpoint, data): running it again cannot help.
         with sessions.begin() as session:
-            deletion_jobs.fail(session, request_id, code=exc.code, message=str(exc))
+            deletion_jobs.fail(session, request_id, code=exc.code, message=str(exc), attempt=job.attempt)
         return RunOutcome("failed")
     except Exception as exc:
         logger.exception("deletion request %s, attempt %d, failed", request_id, job.attempt)
         message = f"{type(exc).__name__}: {exc}"[:ERROR_MESSAGE_LIMIT]
-        with sessions.begin() as session:
-            if job.attempt < settings.max_attempts:
-                deletion_jobs.retry_later(session, request_id, code="internal_error", message=message)
-                return RunOutcome("retrying", retry_in_s=min(MAX_RETRY_DELAY_S, 5.0 * 2 ** (job.attempt - 1)))
-            deletion_jobs.fail(session, request_id, code="internal_error", message=message)
+        try:
+            with sessions.begin() as session:
+                if job.attempt < settings.max_attempts:
+                    deletion_jobs.retry_later(
+                        session, request_id, code="internal_error", message=message, attempt=job.attempt
+                    )
+                    return RunOutcome("retrying", retry_in_s=min(MAX_RETRY_DELAY_S, 5.0 * 2 ** (job.attempt - 1)))
+                deletion_jobs.fail(session, request_id, code="internal_error", message=message, attempt=job.attempt)
+        except JobLost:
+            return RunOutcome("lost")
         return RunOutcome("failed")
 
 
-def _progress_writer(sessions: sessionmaker[Session], request_id: str, lease_s: float) -> Callable[[str, float], bool]:
+def _progress_writer(
+    sessions: sessionmaker[Session], request_id: str, lease_s: float, attempt: int
+) -> Callable[[str, float], bool]:
     def write(stage: str, progress: float) -> bool:
         with sessions.begin() as session:
-            return deletion_jobs.report_progress(session, request_id, stage, progress, lease_s)
+            return deletion_jobs.report_progress(session, request_id, stage, progress, lease_s, attempt)
 
     return write
+
+
+class LeaseKeeper:
+    """The lease heartbeat: renews a running attempt's lease every third of its length from a
+    thread, so long stretches without progress reports (loading a dataset, evaluating on a CPU)
+    never let it lapse while the worker lives. A dead worker stops renewing, and the lease runs
+    out within `lease_s`."""
+
+    def __init__(self, sessions: sessionmaker[Session], request_id: str, attempt: int, lease_s: float) -> None:
+        self._sessions = sessions
+        self._request_id = request_id
+        self._attempt = attempt
+        self._lease_s = lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{request_id[:8]}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        interval = max(0.2, self._lease_s / 3)
+        while not self._stop.wait(interval):
+            try:
+                with self._sessions.begin() as session:
+                    if not deletion_jobs.renew_lease(session, self._request_id, self._attempt, self._lease_s):
+                        return  # finished, cancelled, or taken over: the job's next write finds out
+            except Exception as exc:  # the database is away for a moment: try again next beat
+                logger.warning("lease heartbeat of %s failed: %s", self._request_id, type(exc).__name__)
 
 
 def _unlearn(
@@ -165,7 +211,11 @@ def _unlearn(
 
     tracker.enter("loading")
     checkpoint = _read_verified(store, job.base.artifact_key, job.base.sha256)
-    model, manifest = load_checkpoint_bytes(checkpoint, expected=manifest_for(job.model, job.base.forgotten_labels))
+    model, manifest = load_checkpoint_bytes(
+        checkpoint,
+        expected=manifest_for(job.model, job.base.forgotten_labels),
+        max_parameters=settings.max_checkpoint_parameters,
+    )
     dataset = load_dataset(job.model.data_source)
     config = UnlearnConfig.model_validate(job.params)
     device = pick_device(settings.device)
@@ -179,6 +229,7 @@ def _unlearn(
         "base_sha256": job.base.sha256,
         "checkpoint_sha256": artifact.sha256,
         "attempt": job.attempt,
+        "code_version": code_version(),
     }
     return artifact, list(new_manifest.forgotten_labels), json_safe(report)
 

@@ -7,17 +7,15 @@ import logging
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_ready
-from sqlalchemy.exc import DBAPIError
+from celery.signals import worker_ready, worker_shutdown
 
 from core.settings import get_settings
-from worker.celery_app import RUN_DELETION_REQUEST, app, send_deletion_request
-from worker.context import orphaned_request_ids
+from worker.celery_app import RUN_DELETION_REQUEST, app, make_celery, send_deletion_request
+from worker.reconciler import Reconciler
 
 logger = logging.getLogger(__name__)
 
-# A queued request older than this at worker start-up may have lost its message: send it again.
-ORPHAN_GRACE_S = 30.0
+_reconciler: Reconciler | None = None
 
 
 @app.task(name=RUN_DELETION_REQUEST, bind=True, max_retries=None)
@@ -36,19 +34,20 @@ def run_deletion_request(self: Task, request_id: str) -> str:
 
 
 @worker_ready.connect
-def _resend_orphans(sender: Any = None, **_: Any) -> None:
-    """Re-send requests whose message was lost (broker restarted, publish failed after commit,
-    worker killed with the embedded broker) or whose worker died (lease expired).
+def _start_reconciler(sender: Any = None, **_: Any) -> None:
+    """Re-send requests whose message was lost (broker flushed or restarted, publish failed after
+    commit, worker killed with the embedded broker) or whose worker died (lease expired): now, and
+    every `reconcile_interval_s` while the worker runs (worker.reconciler).
 
     Delivery is at-least-once: a duplicate finds the request claimed or finished and does nothing.
     """
-    try:
-        ids = orphaned_request_ids(get_settings(), ORPHAN_GRACE_S)
-    except DBAPIError as exc:
-        # Typically a database not migrated yet (`uisps db upgrade`) or not reachable: the
-        # worker still serves new requests.
-        logger.warning("could not look for orphaned deletion requests: %s", str(exc.orig).strip())
-        return
-    for request_id in ids:
-        logger.info("re-sending orphaned deletion request %s", request_id)
-        send_deletion_request(app, request_id)
+    global _reconciler
+    settings = get_settings()
+    sender_app = make_celery(settings)  # its own connections, apart from the consumer's
+    _reconciler = Reconciler(settings, lambda request_id: send_deletion_request(sender_app, request_id)).start()
+
+
+@worker_shutdown.connect
+def _stop_reconciler(sender: Any = None, **_: Any) -> None:
+    if _reconciler is not None:
+        _reconciler.stop()

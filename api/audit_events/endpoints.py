@@ -4,17 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 
 from api.audit_events.schemas import AuditEventList, AuditEventRead
+from api.auth import authenticate
 from api.deps import PageDep, SessionDep, TenantDep
 from api.problems import problem_responses
 from core.services.audit_events.service import audit_event_service
 
-router = APIRouter(prefix="/audit-events", tags=["audit"])
+router = APIRouter(
+    prefix="/audit-events",
+    tags=["audit"],
+    dependencies=[Depends(authenticate)],
+    responses=problem_responses(401, 429, 503),
+)
 
 
-@router.get("", response_model=AuditEventList, responses=problem_responses(400, 503), summary="List audit events")
+@router.get("", response_model=AuditEventList, responses=problem_responses(400), summary="List audit events")
 def list_audit_events(
     session: SessionDep,
     tenant_id: TenantDep,

@@ -1,18 +1,31 @@
-"""/deletion-requests: ask for labels to be forgotten, follow the job, cancel it."""
+"""/deletion-requests: ask for labels to be forgotten, follow the job, cancel it, get its certificate."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Response, status
+from fastapi.responses import JSONResponse
 
-from api.deletion_requests.schemas import DeletionRequestCreate, DeletionRequestList, DeletionRequestRead
-from api.deps import ActorDep, DispatchDep, PageDep, SessionDep, SettingsDep, TenantDep
+from api.auth import authenticate, request_deletions
+from api.deletion_requests.schemas import (
+    DeletionCertificate,
+    DeletionRequestCreate,
+    DeletionRequestList,
+    DeletionRequestRead,
+)
+from api.deps import ActorDep, DispatchDep, PageDep, SessionDep, SettingsDep, SignerDep, TenantDep
+from api.idempotency import IdempotencyDep
 from api.problems import problem_responses
 from core.db import JobState
 from core.services.deletion_requests.service import deletion_request_service
 
-router = APIRouter(prefix="/deletion-requests", tags=["deletion requests"])
+router = APIRouter(
+    prefix="/deletion-requests",
+    tags=["deletion requests"],
+    dependencies=[Depends(authenticate)],
+    responses=problem_responses(401, 429, 503),
+)
 
 RequestId = Annotated[str, Path(max_length=64, description="the deletion request's id")]
 
@@ -21,12 +34,15 @@ RequestId = Annotated[str, Path(max_length=64, description="the deletion request
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DeletionRequestRead,
-    responses=problem_responses(404, 409, 422, 503),
-    summary="Ask for labels to be forgotten",
+    responses=problem_responses(400, 403, 404, 409, 422),
+    dependencies=[request_deletions],
+    summary="Ask for labels to be forgotten (role compliance)",
     description=(
         "Validates the labels against the base version (range, duplicates, already forgotten, not "
-        "every class) and the overrides against the method's parameters, records the request and "
-        "queues it. Poll the `Location` until `state` is succeeded, failed or cancelled."
+        "every class, at most `UISPS_MAX_LABELS_PER_REQUEST`) and the overrides against the method's "
+        "parameters, records the request and queues it. Poll the `Location` until `state` is "
+        "succeeded, failed or cancelled. A tenant may have `UISPS_MAX_ACTIVE_REQUESTS_PER_TENANT` "
+        "requests queued or running at once (429 beyond)."
     ),
 )
 def create_deletion_request(
@@ -37,7 +53,11 @@ def create_deletion_request(
     actor: ActorDep,
     settings: SettingsDep,
     dispatch: DispatchDep,
+    idempotency: IdempotencyDep,
 ) -> DeletionRequestRead:
+    replay = idempotency.start(body.model_dump(mode="json"))
+    if replay is not None:
+        return replay  # type: ignore[return-value]
     request = deletion_request_service.create(
         session,
         tenant_id=tenant_id,
@@ -51,13 +71,14 @@ def create_deletion_request(
         external_ref=body.external_ref,
         dispatch=dispatch,
     )
-    response.headers["Location"] = f"/deletion-requests/{request.id}"
-    return DeletionRequestRead.of(request)
+    location = f"/deletion-requests/{request.id}"
+    response.headers["Location"] = location
+    result = DeletionRequestRead.of(request)
+    idempotency.finish(session, status.HTTP_202_ACCEPTED, result, {"Location": location})
+    return result
 
 
-@router.get(
-    "", response_model=DeletionRequestList, responses=problem_responses(400, 422, 503), summary="List deletion requests"
-)
+@router.get("", response_model=DeletionRequestList, responses=problem_responses(400, 422), summary="List deletion requests")
 def list_deletion_requests(
     session: SessionDep,
     tenant_id: TenantDep,
@@ -74,7 +95,7 @@ def list_deletion_requests(
 @router.get(
     "/{request_id}",
     response_model=DeletionRequestRead,
-    responses=problem_responses(404, 503),
+    responses=problem_responses(404),
     summary="Get a deletion request (poll it)",
 )
 def get_deletion_request(request_id: RequestId, session: SessionDep, tenant_id: TenantDep) -> DeletionRequestRead:
@@ -84,8 +105,9 @@ def get_deletion_request(request_id: RequestId, session: SessionDep, tenant_id: 
 @router.post(
     "/{request_id}/cancel",
     response_model=DeletionRequestRead,
-    responses={202: {"model": DeletionRequestRead}, **problem_responses(404, 409, 503)},
-    summary="Cancel a deletion request",
+    responses={202: {"model": DeletionRequestRead}, **problem_responses(403, 404, 409)},
+    dependencies=[request_deletions],
+    summary="Cancel a deletion request (role compliance)",
     description=(
         "A queued request is cancelled at once (200). A running one is marked `cancel_requested` "
         "(202) and the worker stops at its next progress report. A finished request answers 409."
@@ -98,3 +120,28 @@ def cancel_deletion_request(
     if request.state == JobState.RUNNING.value:
         response.status_code = status.HTTP_202_ACCEPTED
     return DeletionRequestRead.of(request)
+
+
+@router.get(
+    "/{request_id}/certificate",
+    response_model=DeletionCertificate,
+    responses=problem_responses(404, 409, 500),
+    summary="Download the signed certificate of a succeeded request",
+    description=(
+        "A JSON document stating what was forgotten, how, from which checkpoint (sha256) into which, "
+        "with the metrics, code version and timestamps, signed with the service's Ed25519 key "
+        "(`GET /certificate-key`). The signature covers the `certificate` object in canonical JSON "
+        "(sorted keys, no whitespace, ASCII). Check it with `uisps certificate verify FILE`. "
+        "A request that has not succeeded answers 409."
+    ),
+)
+def get_certificate(
+    request_id: RequestId, session: SessionDep, tenant_id: TenantDep, actor: ActorDep, signer: SignerDep
+) -> Any:
+    document = deletion_request_service.certificate(
+        session, tenant_id=tenant_id, actor=actor, request_id=request_id, sign=signer.sign
+    )
+    return JSONResponse(
+        document,
+        headers={"Content-Disposition": f'attachment; filename="deletion-certificate-{request_id}.json"'},
+    )

@@ -30,7 +30,9 @@ class DeletionRequestCreate(BaseModel):
 
     model_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     forget_labels: list[StrictInt] = Field(min_length=1, description="class indices to forget")
-    base_version: int | None = Field(None, ge=1, description="the version to unlearn from; default: the latest")
+    base_version: int | None = Field(
+        None, ge=1, le=2**31 - 1, description="the version to unlearn from; default: the latest"
+    )
     method: Literal["uisps"] = Field("uisps", description="unlearning method")
     params: UnlearnConfig | None = Field(
         None, description="hyperparameter overrides; anything left out takes the service's default"
@@ -100,3 +102,19 @@ class DeletionRequestRead(BaseModel):
 class DeletionRequestList(BaseModel):
     deletion_requests: list[DeletionRequestRead]
     next_page_token: str = Field(description="pass as page_token for the next page; empty on the last page")
+
+
+class CertificateSignature(BaseModel):
+    algorithm: Literal["Ed25519"]
+    key_id: str = Field(description="sha256 of the raw public key, as 'sha256:<hex>'; see GET /certificate-key")
+    value: str = Field(description="base64 signature over the certificate object in canonical JSON")
+
+
+class DeletionCertificate(BaseModel):
+    certificate: dict[str, Any] = Field(
+        description=(
+            "type, request_id, tenant_id, model, labels, method, parameters, base_checkpoint and "
+            "new_checkpoint (version, sha256), metrics, code_version, timestamps, audit_event"
+        )
+    )
+    signature: CertificateSignature

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, File, Path, Response, UploadFile, status
+from fastapi import APIRouter, Depends, File, Path, Response, UploadFile, status
 from fastapi.responses import FileResponse, StreamingResponse
 
+from api.auth import authenticate, manage_models
 from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from api.idempotency import IdempotencyDep
 from api.models.schemas import ModelCreate, ModelList, ModelRead, ModelVersionList, ModelVersionRead
 from api.problems import problem_responses
 from core.services.errors import CheckpointTooLarge
-from core.services.models.service import model_service
+from core.services.models.service import model_service, verified_chunks
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(
+    prefix="/models",
+    tags=["models"],
+    dependencies=[Depends(authenticate)],
+    responses=problem_responses(401, 429, 503),
+)
 
 ModelId = Annotated[str, Path(max_length=64, description="the model's id")]
 _SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -26,18 +34,30 @@ VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="version num
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=ModelRead,
-    responses=problem_responses(409, 422, 503),
-    summary="Register a model",
+    responses=problem_responses(400, 403, 409, 422),
+    dependencies=[manage_models],
+    summary="Register a model (role admin)",
 )
 def create_model(
-    body: ModelCreate, response: Response, session: SessionDep, tenant_id: TenantDep, actor: ActorDep
+    body: ModelCreate,
+    response: Response,
+    session: SessionDep,
+    tenant_id: TenantDep,
+    actor: ActorDep,
+    idempotency: IdempotencyDep,
 ) -> ModelRead:
+    replay = idempotency.start(body.model_dump(mode="json"))
+    if replay is not None:
+        return replay  # type: ignore[return-value]
     model = model_service.create(session, tenant_id=tenant_id, actor=actor, spec=body)
-    response.headers["Location"] = f"/models/{model.id}"
-    return ModelRead.of(model, None)
+    location = f"/models/{model.id}"
+    response.headers["Location"] = location
+    result = ModelRead.of(model, None)
+    idempotency.finish(session, status.HTTP_201_CREATED, result, {"Location": location})
+    return result
 
 
-@router.get("", response_model=ModelList, responses=problem_responses(400, 503), summary="List models")
+@router.get("", response_model=ModelList, responses=problem_responses(400), summary="List models")
 def list_models(session: SessionDep, tenant_id: TenantDep, page: PageDep) -> ModelList:
     result = model_service.list(session, tenant_id, page)
     latest = model_service.latest_versions(session, result.items)
@@ -46,7 +66,7 @@ def list_models(session: SessionDep, tenant_id: TenantDep, page: PageDep) -> Mod
     )
 
 
-@router.get("/{model_id}", response_model=ModelRead, responses=problem_responses(404, 503), summary="Get a model")
+@router.get("/{model_id}", response_model=ModelRead, responses=problem_responses(404), summary="Get a model")
 def get_model(model_id: ModelId, session: SessionDep, tenant_id: TenantDep) -> ModelRead:
     model = model_service.get(session, tenant_id, model_id)
     return ModelRead.of(model, model_service.latest_versions(session, [model]).get(model.id))
@@ -56,12 +76,16 @@ def get_model(model_id: ModelId, session: SessionDep, tenant_id: TenantDep) -> M
     "/{model_id}/versions",
     status_code=status.HTTP_201_CREATED,
     response_model=ModelVersionRead,
-    responses=problem_responses(404, 413, 422, 503),
-    summary="Upload a checkpoint as the next version",
+    responses=problem_responses(400, 403, 404, 409, 413, 422),
+    dependencies=[manage_models],
+    summary="Upload a checkpoint as the next version (role admin)",
     description=(
-        "Multipart upload of a safetensors checkpoint (field `file`). It is parsed without unpickling "
-        "and checked against the registered architecture: tensor names, shapes, dtypes and finite "
-        "values. The upload becomes the next version number with no forgotten labels."
+        "Multipart upload of a safetensors checkpoint (field `file`). It is recognised by its content "
+        "(a pickle or a torch.save zip is refused with what it is), parsed without unpickling and "
+        "checked against the registered architecture: tensor names, shapes, dtypes, parameter count "
+        "and finite values. Nothing is stored unless every check passes. The upload becomes the next "
+        "version number with no forgotten labels; its sha256 is recorded and checked again before "
+        "every load and download."
     ),
 )
 def upload_version(
@@ -73,6 +97,7 @@ def upload_version(
     actor: ActorDep,
     store: StoreDep,
     settings: SettingsDep,
+    idempotency: IdempotencyDep,
 ) -> ModelVersionRead:
     # A sync handler runs in FastAPI's threadpool, so parsing and checking the tensors (a second
     # or so for a large model) never blocks the event loop.
@@ -80,6 +105,11 @@ def upload_version(
     if file.size is not None and file.size > limit:
         raise CheckpointTooLarge(f"the checkpoint is {file.size} bytes; the limit is {limit}")
     checkpoint = file.file.read(limit + 1)
+    if len(checkpoint) > limit:
+        raise CheckpointTooLarge(f"the checkpoint is more than {limit} bytes; the limit is {limit}")
+    replay = idempotency.start({"model_id": model_id, "sha256": hashlib.sha256(checkpoint).hexdigest()})
+    if replay is not None:
+        return replay  # type: ignore[return-value]
     version = model_service.upload_version(
         session,
         tenant_id=tenant_id,
@@ -88,15 +118,19 @@ def upload_version(
         checkpoint=checkpoint,
         store=store,
         max_bytes=limit,
+        max_parameters=settings.max_checkpoint_parameters,
     )
-    response.headers["Location"] = f"/models/{model_id}/versions/{version.version}"
-    return ModelVersionRead.of(version)
+    location = f"/models/{model_id}/versions/{version.version}"
+    response.headers["Location"] = location
+    result = ModelVersionRead.of(version)
+    idempotency.finish(session, status.HTTP_201_CREATED, result, {"Location": location})
+    return result
 
 
 @router.get(
     "/{model_id}/versions",
     response_model=ModelVersionList,
-    responses=problem_responses(400, 404, 503),
+    responses=problem_responses(400, 404),
     summary="List a model's versions",
 )
 def list_versions(model_id: ModelId, session: SessionDep, tenant_id: TenantDep, page: PageDep) -> ModelVersionList:
@@ -109,7 +143,7 @@ def list_versions(model_id: ModelId, session: SessionDep, tenant_id: TenantDep, 
 @router.get(
     "/{model_id}/versions/{version}",
     response_model=ModelVersionRead,
-    responses=problem_responses(404, 503),
+    responses=problem_responses(404),
     summary="Get a model version",
 )
 def get_version(model_id: ModelId, version: VersionNumber, session: SessionDep, tenant_id: TenantDep) -> ModelVersionRead:
@@ -124,9 +158,14 @@ def get_version(model_id: ModelId, version: VersionNumber, session: SessionDep, 
             "content": {"application/octet-stream": {}},
             "description": "the safetensors file; its sha256 is in X-Checkpoint-SHA256 and Repr-Digest",
         },
-        **problem_responses(404, 503),
+        **problem_responses(404, 500),
     },
     summary="Download a version's checkpoint",
+    description=(
+        "The file is hashed again before it is served (or, from storage without local files, while "
+        "it streams): a checkpoint that no longer matches its recorded sha256 is never served "
+        "(500 `artifact_corrupted`)."
+    ),
 )
 def download_checkpoint(
     model_id: ModelId, version: VersionNumber, session: SessionDep, tenant_id: TenantDep, actor: ActorDep, store: StoreDep
@@ -147,7 +186,12 @@ def download_checkpoint(
     if path is not None:
         return FileResponse(path, media_type="application/octet-stream", headers=headers, filename=filename)
     return StreamingResponse(
-        store.iter_bytes(found.artifact_key),
+        verified_chunks(store, found.artifact_key, found.sha256),
         media_type="application/octet-stream",
-        headers={**headers, "Content-Disposition": f'attachment; filename="{filename}"'},
+        # The length lets a client see a download cut short (a failed check aborts the stream).
+        headers={
+            **headers,
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "Content-Length": str(found.size_bytes),
+        },
     )

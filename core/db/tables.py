@@ -1,7 +1,6 @@
-"""ORM tables: models, model versions, deletion requests, audit events.
+"""ORM tables: models, model versions, deletion requests, audit events, API keys, idempotency keys.
 
-Every row carries ``tenant_id`` so that tenant isolation can be added with API keys later without
-reshaping the data. JSON columns use the portable ``sqlalchemy.JSON`` so SQLite and PostgreSQL
+Every row carries ``tenant_id``: an API key belongs to one tenant and every query filters by it. JSON columns use the portable ``sqlalchemy.JSON`` so SQLite and PostgreSQL
 run the same code.
 """
 
@@ -144,6 +143,9 @@ class DeletionRequest(Base):
     # A running job whose lease has passed is presumed orphaned by a crashed worker.
     lease_expires_at: Mapped[datetime | None] = mapped_column()
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # When a message for this request was last sent to the broker (the reconciler re-sends
+    # requests whose message seems lost, at most once per period, whichever worker notices).
+    dispatched_at: Mapped[datetime | None] = mapped_column()
 
     model: Mapped[Model] = relationship()
 
@@ -173,3 +175,62 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(HASH_LENGTH))
     hash: Mapped[str] = mapped_column(String(HASH_LENGTH))
+
+
+class ApiKeyRole(StrEnum):
+    """What a key may do: admin manages models, versions and keys; compliance asks for deletions;
+    every role reads its tenant's resources."""
+
+    ADMIN = "admin"
+    COMPLIANCE = "compliance"
+    READER = "reader"
+
+
+_ROLE_VALUES = ", ".join(f"'{role.value}'" for role in ApiKeyRole)
+
+
+class ApiKey(Base):
+    """An API key of one tenant. Only the sha256 of the key is stored; the key is shown once."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint(f"role IN ({_ROLE_VALUES})", name="role"),)
+
+    id: Mapped[str] = uuid_pk()
+    tenant_id: Mapped[str] = tenant_column()
+    role: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200))
+    # The key's first characters, so people can tell their keys apart; not enough to use it.
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(HASH_LENGTH), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+    last_used_at: Mapped[datetime | None] = mapped_column()
+    # Token bucket of the rate limit: tokens left at rate_updated_at (seconds since the epoch);
+    # null means a full bucket.
+    rate_tokens: Mapped[float | None] = mapped_column(Float)
+    rate_updated_at: Mapped[float | None] = mapped_column(Float)
+
+
+class IdempotencyState(StrEnum):
+    IN_FLIGHT = "in_flight"
+    COMPLETED = "completed"
+
+
+class IdempotencyKey(Base):
+    """The first response to a POST sent with an Idempotency-Key, replayed to its retries."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("tenant_id", "api_key_id", "key"),)
+
+    id: Mapped[str] = uuid_pk()
+    tenant_id: Mapped[str] = tenant_column(index=False)  # covered by the unique constraint
+    api_key_id: Mapped[str] = mapped_column(String(UUID_LENGTH), ForeignKey("api_keys.id"))
+    key: Mapped[str] = mapped_column(String(255))
+    # sha256 over the method, path and body: the same key with another request is refused.
+    fingerprint: Mapped[str] = mapped_column(String(HASH_LENGTH))
+    state: Mapped[str] = mapped_column(String(16), default=IdempotencyState.IN_FLIGHT.value)
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    response_headers: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)

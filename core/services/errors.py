@@ -58,3 +58,51 @@ class ArtifactMissing(Exception):
     """A version's checkpoint is gone from artifact storage: an operator must restore it."""
 
     code = "artifact_missing"
+
+
+class Unauthenticated(Exception):
+    """No API key, or one that is unknown or revoked (401)."""
+
+    code = "unauthenticated"
+
+    def __init__(self, message: str, *, invalid_token: bool = False) -> None:
+        super().__init__(message)
+        self.invalid_token = invalid_token
+
+
+class Forbidden(Exception):
+    """A valid key whose role may not do this (403)."""
+
+    code = "forbidden"
+
+
+class RateLimited(Exception):
+    """Too many requests for now (429); `retry_after_s` says when to try again."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+
+class TooManyActiveRequests(RateLimited):
+    code = "too_many_active_requests"
+
+
+class IdempotencyKeyInUse(Conflict):
+    """A request with this Idempotency-Key is still being processed (409): retry shortly."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="idempotency_key_in_use")
+
+
+class IdempotencyKeyReused(UisError):
+    """The Idempotency-Key was first used with another request (422)."""
+
+    code = "idempotency_key_reused"
+
+
+class RequestNotSucceeded(Conflict):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="request_not_succeeded")

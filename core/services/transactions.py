@@ -47,7 +47,7 @@ def _run_after_commit(session: Session) -> None:
             callback()
         except Exception:
             # The commit stands whatever happens here: the row is the truth and the worker's
-            # start-up sweep re-sends requests whose message was lost.
+            # reconciler re-sends requests whose message was lost.
             logger.exception("after-commit callback failed")
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
+
+import httpx
 
 # Torch in tests and their worker processes uses one thread: on a small shared CI machine two
 # threads per process oversubscribe the cores, and OpenMP's spinning then costs 10x.
@@ -42,3 +45,64 @@ def assert_problem(response: Any, status: int, code: str, *fragments: str) -> di
     for fragment in fragments:
         assert fragment in problem["detail"], problem["detail"]
     return problem
+
+
+# --- API keys -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TenantKeys:
+    """One key of each role for a tenant (the secrets, as a client sends them, and their ids)."""
+
+    tenant: str
+    admin: str
+    compliance: str
+    reader: str
+    ids: dict[str, str]
+
+    def header(self, role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {getattr(self, role)}"}
+
+
+def make_keys(sessions: Any, tenant: str = "default") -> TenantKeys:
+    """Create an admin, a compliance and a reader key for `tenant` in the app's database."""
+    from core.services.api_keys.service import api_key_service
+
+    secrets, ids = {}, {}
+    with sessions.begin() as session:
+        for role in ("admin", "compliance", "reader"):
+            created = api_key_service.create(session, tenant_id=tenant, role=role, name=f"test {role}", actor="test")
+            secrets[role], ids[role] = created.secret, created.record.id
+    return TenantKeys(tenant, ids=ids, **secrets)
+
+
+def role_for(method: str, path: str) -> str:
+    """The least privileged role that may make this call."""
+    if path.startswith("/api-keys"):
+        return "admin"
+    if method == "POST" and path.startswith("/deletion-requests"):
+        return "compliance"
+    if method == "POST" and path.startswith("/models"):
+        return "admin"
+    return "reader"
+
+
+class ActAs(httpx.Auth):
+    """Sends, with each request, the tenant's key whose role fits it (role checks have their own
+    tests); a request that already carries an Authorization header is left alone."""
+
+    def __init__(self, keys: TenantKeys) -> None:
+        self.keys = keys
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if "authorization" not in request.headers:
+            role = role_for(request.method, request.url.path)
+            request.headers["Authorization"] = f"Bearer {getattr(self.keys, role)}"
+        yield request
+
+
+def authorize(client: Any, tenant: str = "default") -> TenantKeys:
+    """Give a TestClient of the app keys of `tenant`, each request sent with the fitting one."""
+    keys = make_keys(client.app.state.sessions, tenant)
+    client.auth = ActAs(keys)
+    return keys

@@ -20,7 +20,7 @@ from core.db.migrate import upgrade  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from uisps.demo import model_spec_of, train_digits_checkpoint  # noqa: E402
 
-from api_helpers import one_torch_thread, unique_name  # noqa: E402
+from api_helpers import authorize, one_torch_thread, unique_name  # noqa: E402
 
 ModelFactory = Callable[..., dict[str, Any]]
 
@@ -51,7 +51,9 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
+    """The app, with keys of tenant "default": each request carries the role that fits it."""
     with TestClient(create_app(settings)) as test_client:
+        authorize(test_client)
         yield test_client
 
 

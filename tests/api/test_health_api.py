@@ -12,7 +12,7 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from api.app import create_app
-from api_helpers import assert_problem, unique_name
+from api_helpers import assert_problem, authorize, unique_name
 from core.settings import Settings
 
 
@@ -40,6 +40,7 @@ def test_an_unreachable_broker_makes_readyz_503_but_requests_are_still_recorded(
     # worker's start-up sweep to send.
     settings = Settings(home=tmp_path, broker_url="redis://127.0.0.1:9/0")
     with TestClient(create_app(settings)) as client:
+        authorize(client)
         problem = assert_problem(client.get("/readyz"), 503, "not_ready", "unreachable: broker")
         assert problem["checks"]["database"] == "ok"
         model = client.post(
@@ -77,6 +78,7 @@ def _drop(admin: psycopg.Connection, name: str) -> None:
 def test_an_unreachable_database_is_503_problem_never_500(tmp_path: Path, doomed_database) -> None:  # noqa: ANN001
     url, admin = doomed_database
     with TestClient(create_app(Settings(home=tmp_path, database_url=url)), raise_server_exceptions=False) as client:
+        authorize(client)
         assert client.get("/models").status_code == 200
 
         _drop(admin, make_url(url).database)

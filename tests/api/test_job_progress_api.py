@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api_helpers import SINGLE_THREAD_ENV, unique_name
+from api_helpers import SINGLE_THREAD_ENV, authorize, unique_name
 from core.db import DEFAULT_TENANT, utcnow
 from core.services.deletion_requests.service import deletion_request_service
 from core.settings import Settings
@@ -35,7 +35,9 @@ class Harness:
 def harness(tmp_path_factory: pytest.TempPathFactory, digits_checkpoint: bytes) -> Iterator[Harness]:
     """The app on embedded defaults in a temp UISPS_HOME, and `python -m worker` on the same home."""
     home = tmp_path_factory.mktemp("uisps-home")
-    with TestClient(create_app(Settings(home=home))) as client:  # start-up migrates the database
+    # Polled every 50 ms, faster than the rate limit allows a real client: the limit is off here.
+    with TestClient(create_app(Settings(home=home, rate_limit_per_s=0))) as client:  # start-up migrates the database
+        authorize(client)
         lost_request_id = _lost_request(client, _register(client, digits_checkpoint))
         with (home / "worker.log").open("wb") as log:
             worker = subprocess.Popen(
@@ -73,14 +75,14 @@ def _register(client: TestClient, checkpoint: bytes) -> str:
 
 
 def _lost_request(client: TestClient, model_id: str) -> str:
-    """A request committed an hour ago whose message never reached the broker."""
+    """A request committed (and sent) an hour ago whose message never reached the broker."""
     app = client.app
     with app.state.sessions() as session:
         request = deletion_request_service.create(
             session, tenant_id=DEFAULT_TENANT, actor="test", settings=app.state.settings, model_id=model_id,
             forget_labels=[1], params=TINY_PARAMS, dispatch=lambda _id: None,
         )
-        request.created_at = utcnow() - timedelta(hours=1)
+        request.created_at = request.dispatched_at = utcnow() - timedelta(hours=1)
         session.commit()
         return request.id
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save as st_save
 
 from api.app import create_app
-from api_helpers import assert_problem, unique_name
+from api_helpers import assert_problem, authorize, unique_name
 from core.checkpoint import MANIFEST_KEY, load_checkpoint_bytes
 from core.settings import Settings
 
@@ -149,6 +149,7 @@ def test_an_upload_without_a_file_is_422(client: TestClient, registered_model) -
 def test_an_upload_over_the_size_limit_is_413(tmp_path, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     limit = len(digits_checkpoint) // 2
     with TestClient(create_app(Settings(home=tmp_path, max_upload_bytes=limit))) as client:
+        authorize(client)
         model_id = client.post(
             "/models",
             json={"name": unique_name(), "architecture": "smallcnn", "num_classes": 10, "input_shape": [1, 8, 8],
@@ -197,6 +198,20 @@ def test_a_checkpoint_lost_from_storage_is_a_500_that_says_so(client: TestClient
     response = client.get(f"/models/{model['id']}/versions/1/checkpoint")
 
     assert_problem(response, 500, "artifact_missing", "missing from artifact storage")
+    assert _actions(client, model["id"])[-1] != "model_version.downloaded"
+
+
+def test_a_checkpoint_whose_bytes_changed_is_never_served(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model = registered_model()
+    version = client.get(f"/models/{model['id']}/versions/1").json()
+    path = client.app.state.store.local_path(f"sha256/{version['sha256'][:2]}/{version['sha256']}")
+    path.write_bytes(digits_checkpoint[:-4] + b"\0\0\0\0")  # bit rot, or someone editing the store
+
+    response = client.get(f"/models/{model['id']}/versions/1/checkpoint")
+
+    assert_problem(response, 500, "artifact_corrupted", f"not its recorded {version['sha256']}")
     assert _actions(client, model["id"])[-1] != "model_version.downloaded"
 
 

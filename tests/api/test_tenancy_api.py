@@ -1,70 +1,93 @@
-"""Another tenant's rows answer exactly like missing ones, and never appear in lists."""
+"""Two tenants over HTTP, each with its own keys: every endpoint given the other tenant's ids answers
+exactly like a missing id (404), and no list shows the other tenant's rows."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.testclient import TestClient
 
-from api_helpers import unique_name
-from core.services.deletion_requests.service import deletion_request_service
-from core.services.models.service import ModelSpec, model_service
+from api_helpers import TenantKeys, make_keys, unique_name
+from uisps.demo import model_spec_of
 
-OTHER = "tenant-b"
-
-
-def _other_tenants_rows(client: TestClient, checkpoint: bytes, spec: dict[str, Any]) -> tuple[str, str]:
-    """A model, version and deletion request of another tenant, made through the same services."""
-    app = client.app
-    with app.state.sessions() as session:
-        model = model_service.create(session, tenant_id=OTHER, actor="b", spec=ModelSpec(**spec))
-        session.commit()
-        model_service.upload_version(
-            session, tenant_id=OTHER, actor="b", model_id=model.id, checkpoint=checkpoint,
-            store=app.state.store, max_bytes=len(checkpoint),
-        )
-        request = deletion_request_service.create(
-            session, tenant_id=OTHER, actor="b", settings=app.state.settings, model_id=model.id,
-            forget_labels=[1], dispatch=lambda _id: None,
-        )
-        session.commit()
-        return model.id, request.id
+MISSING = "00000000-0000-0000-0000-000000000000"
 
 
-def _same_problem(client: TestClient, path: str, foreign_id: str, missing_id: str, method: str = "GET") -> None:
-    foreign = client.request(method, path.format(foreign_id))
-    missing = client.request(method, path.format(missing_id))
-    assert foreign.status_code == missing.status_code == 404
-    assert foreign.json() == {
-        k: v.replace(missing_id, foreign_id) if isinstance(v, str) else v for k, v in missing.json().items()
-    }
+@dataclass
+class TenantRows:
+    keys: TenantKeys
+    model_id: str
+    request_id: str
+    key_id: str
 
 
-def test_another_tenants_resources_are_404_like_missing_ones(
-    client: TestClient, digits_checkpoint: bytes, model_spec: dict[str, Any]
-) -> None:
-    model_id, request_id = _other_tenants_rows(client, digits_checkpoint, model_spec)
-    missing = "00000000-0000-0000-0000-000000000000"
+def _call(client: TestClient, keys: TenantKeys, role: str, method: str, path: str, **kwargs: Any):  # noqa: ANN202
+    return client.request(method, path, headers=keys.header(role), **kwargs)
 
+
+def _tenant_with_rows(client: TestClient, checkpoint: bytes, tenant: str) -> TenantRows:
+    """A tenant's keys, a model with version 1 and a queued deletion request, all made over HTTP."""
+    keys = make_keys(client.app.state.sessions, tenant)
+    model = _call(client, keys, "admin", "POST", "/models", json=model_spec_of(checkpoint, unique_name()))
+    assert model.status_code == 201, model.text
+    model_id = model.json()["id"]
+    files = {"file": ("m.safetensors", checkpoint, "application/octet-stream")}
+    assert _call(client, keys, "admin", "POST", f"/models/{model_id}/versions", files=files).status_code == 201
+    request = _call(client, keys, "compliance", "POST", "/deletion-requests", json={"model_id": model_id, "forget_labels": [1]})
+    assert request.status_code == 202, request.text
+    return TenantRows(keys, model_id, request.json()["id"], keys.ids["reader"])
+
+
+def _same_as_missing(client: TestClient, keys: TenantKeys, role: str, method: str, path: str, foreign: str, **kwargs: Any) -> None:
+    got = _call(client, keys, role, method, path.format(foreign), **kwargs)
+    missing = _call(client, keys, role, method, path.format(MISSING), **kwargs)
+    assert got.status_code == missing.status_code == 404, (path, got.text)
+    assert got.json() == {k: v.replace(MISSING, foreign) if isinstance(v, str) else v for k, v in missing.json().items()}
+
+
+def _isolated(client: TestClient, me: TenantRows, other: TenantRows, checkpoint: bytes) -> None:
+    keys = me.keys
     for path in ("/models/{}", "/models/{}/versions", "/models/{}/versions/1", "/models/{}/versions/1/checkpoint"):
-        _same_problem(client, path, model_id, missing)
-    _same_problem(client, "/deletion-requests/{}", request_id, missing)
-    _same_problem(client, "/deletion-requests/{}/cancel", request_id, missing, method="POST")
-    response = client.post("/deletion-requests", json={"model_id": model_id, "forget_labels": [2]})
-    assert response.status_code == 404
-    # Registering the same name is fine: names are unique per tenant.
-    assert client.post("/models", json={**model_spec, "name": model_spec["name"]}).status_code == 201
+        _same_as_missing(client, keys, "reader", "GET", path, other.model_id)
+    files = {"file": ("m.safetensors", checkpoint, "application/octet-stream")}
+    _same_as_missing(client, keys, "admin", "POST", "/models/{}/versions", other.model_id, files=files)
+    for path in ("/deletion-requests/{}", "/deletion-requests/{}/certificate"):
+        _same_as_missing(client, keys, "reader", "GET", path, other.request_id)
+    _same_as_missing(client, keys, "compliance", "POST", "/deletion-requests/{}/cancel", other.request_id)
+    _same_as_missing(client, keys, "admin", "GET", "/api-keys/{}", other.key_id)
+    _same_as_missing(client, keys, "admin", "POST", "/api-keys/{}/revoke", other.key_id)
+    create = _call(client, keys, "compliance", "POST", "/deletion-requests", json={"model_id": other.model_id, "forget_labels": [2]})
+    assert create.status_code == 404 and create.json()["detail"] == f"model {other.model_id} does not exist"
+
+    everything = {"page_size": 1000}
+    models = _call(client, keys, "reader", "GET", "/models", params=everything).json()["models"]
+    requests = _call(client, keys, "reader", "GET", "/deletion-requests", params=everything).json()["deletion_requests"]
+    events = _call(client, keys, "reader", "GET", "/audit-events", params=everything).json()["audit_events"]
+    api_keys = _call(client, keys, "admin", "GET", "/api-keys", params=everything).json()["api_keys"]
+    assert {m["id"] for m in models} == {me.model_id}
+    assert {r["id"] for r in requests} == {me.request_id}
+    assert {e["model_id"] for e in events} == {me.model_id, None}  # None: the keys' own events
+    assert {k["tenant_id"] for k in api_keys} == {keys.tenant}
+    for path, field in (("/deletion-requests", "deletion_requests"), ("/audit-events", "audit_events")):
+        filtered = _call(client, keys, "reader", "GET", path, params={"model_id": other.model_id}).json()
+        assert filtered[field] == []
 
 
-def test_lists_show_only_the_callers_tenant(
-    client: TestClient, digits_checkpoint: bytes, model_spec: dict[str, Any]
-) -> None:
-    model_id, request_id = _other_tenants_rows(client, digits_checkpoint, {**model_spec, "name": unique_name()})
+def test_two_tenants_see_nothing_of_each_other(client: TestClient, digits_checkpoint: bytes) -> None:
+    a = _tenant_with_rows(client, digits_checkpoint, unique_name("tenant-a"))
+    b = _tenant_with_rows(client, digits_checkpoint, unique_name("tenant-b"))
 
-    models = client.get("/models", params={"page_size": 1000}).json()["models"]
-    requests = client.get("/deletion-requests", params={"page_size": 1000}).json()["deletion_requests"]
-    events = client.get("/audit-events", params={"page_size": 1000}).json()["audit_events"]
-    assert model_id not in {m["id"] for m in models}
-    assert request_id not in {r["id"] for r in requests}
-    assert model_id not in {e["model_id"] for e in events}
-    assert client.get("/audit-events", params={"model_id": model_id}).json()["audit_events"] == []
+    _isolated(client, a, b, digits_checkpoint)
+    _isolated(client, b, a, digits_checkpoint)
+    # Nothing above changed the other tenant's rows (the revoke and cancel were 404s).
+    assert _call(client, b.keys, "reader", "GET", f"/deletion-requests/{b.request_id}").json()["state"] == "queued"
+    assert _call(client, a.keys, "reader", "GET", "/models").status_code == 200
+
+
+def test_model_names_are_unique_per_tenant_only(client: TestClient, model_spec: dict[str, Any]) -> None:
+    a, b = make_keys(client.app.state.sessions, unique_name("t")), make_keys(client.app.state.sessions, unique_name("t"))
+
+    assert _call(client, a, "admin", "POST", "/models", json=model_spec).status_code == 201
+    assert _call(client, b, "admin", "POST", "/models", json=model_spec).status_code == 201
+    assert _call(client, a, "admin", "POST", "/models", json=model_spec).status_code == 409

@@ -137,3 +137,20 @@ def test_methods_leave_the_global_random_state_alone(trained_digits):
     B.bad_teacher(copy.deepcopy(trained_digits.model), "smallcnn", retained_data(ds, FORGET), FORGET, m.mean, m.std,
                   CPU, 0, B.BadTeacherConfig(inversion=TINY_INVERSION, min_steps=2, precision="fp32"))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_run_uisps_reuses_a_handed_in_inversion_exactly(trained_digits):
+    from core.uisps import run_uisps
+
+    ds, m = trained_digits.dataset, trained_digits.manifest
+    cfg = UnlearnConfig(inversion=TINY_INVERSION, steps=5, precision="fp32")
+    retained = retained_data(ds, FORGET)
+    a = run_uisps(copy.deepcopy(trained_digits.model), "smallcnn", retained, FORGET, m.mean, m.std, cfg, CPU)
+    b = run_uisps(copy.deepcopy(trained_digits.model), "smallcnn", retained, FORGET, m.mean, m.std, cfg, CPU,
+                  synthetic=a.synthetic)
+    assert b.timings["inversion"] == 0.0 < a.timings["inversion"]
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ValueError, match="not inverted for these forget labels"):
+        run_uisps(copy.deepcopy(trained_digits.model), "smallcnn", retained_data(ds, [3, 5, 7]), [3, 5, 7],
+                  m.mean, m.std, cfg, CPU, synthetic=a.synthetic)

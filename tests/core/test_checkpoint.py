@@ -94,3 +94,61 @@ def test_nan_weights_are_refused(trained_digits, digits_copy):
 def test_a_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_a_real_safetensors_file_starting_like_a_pickle_is_still_read():
+    # A header 0x0280 bytes long starts with b"\x80\x02", like a protocol-2 pickle: the content
+    # check must look further (byte 8 opens the JSON header) before calling it one.
+    from safetensors.torch import save as st_save
+
+    from core.checkpoint import parse_header
+
+    data = st_save({"w": torch.zeros(2)}, metadata={"pad": ""})
+    (length,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + length].rstrip()
+    padded = header + b" " * (0x0280 - len(header))
+    data = struct.pack("<Q", len(padded)) + padded + data[8 + length :]
+    assert data[:2] == b"\x80\x02"
+
+    assert set(parse_header(data)) == {"__metadata__", "w"}
+
+
+def test_content_decides_not_the_name_and_the_message_says_what_it_is(tmp_path):
+    from core.checkpoint import parse_header
+
+    with pytest.raises(CheckpointError, match="Python pickle .*never loaded"):
+        parse_header(pickle.dumps(_Payload(), protocol=2))
+    with pytest.raises(CheckpointError, match="zip archive, the format of torch.save"):
+        parse_header(_zip_bytes())
+    with pytest.raises(CheckpointError, match="looks like a Python pickle"):
+        parse_header(pickle.dumps([1, 2], protocol=0))
+
+
+def test_the_parameter_count_is_capped_before_anything_is_built(trained_digits):
+    from core.checkpoint import parse_header
+
+    data = checkpoint_bytes(trained_digits.model, trained_digits.manifest)
+    total = sum(t.numel() for t in trained_digits.model.state_dict().values())
+
+    assert parse_header(data, max_parameters=total)
+    with pytest.raises(CheckpointError, match=f"more than {total - 1} parameters"):
+        load_checkpoint_bytes(data, max_parameters=total - 1)
+
+
+def test_nothing_in_the_service_unpickles():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    unpickling = re.compile(
+        r"pickle\.loads?\(|torch\.load\(|allow_pickle\s*=\s*True|import (joblib|dill|cloudpickle|shelve)|"
+        r"marshal\.loads?\(|Unpickler|numpy\.load\(.*allow_pickle"
+    )
+    offenders = [
+        f"{path.relative_to(root)}:{number}"
+        for package in ("core", "api", "worker", "uisps", "migrations", "scripts")
+        for path in (root / package).rglob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if unpickling.search(line)
+    ]
+    assert offenders == []

@@ -68,3 +68,17 @@ def test_get_settings_reads_the_current_environment(clean_env: pytest.MonkeyPatc
     clean_env.setenv("UISPS_DEVICE", "cuda")
 
     assert (first.device, get_settings().device) == ("cpu", "cuda")
+
+
+def test_trust_defaults(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("UISPS_HOME", str(tmp_path))
+
+    settings = Settings()
+
+    # A dead worker's job is retaken within minutes, not after the 6-hour broker visibility timeout.
+    assert settings.job_lease_s == 120 and settings.job_lease_s < settings.job_visibility_timeout_s
+    assert settings.idempotency_ttl_s >= 24 * 3600
+    assert settings.effective_certificate_key_path == tmp_path / "certificate-key.pem"
+    assert settings.rate_limit_per_s > 0 and settings.max_active_requests_per_tenant > 0
+    clean_env.setenv("UISPS_CERTIFICATE_KEY_PATH", "~/keys/sign.pem")
+    assert Settings().effective_certificate_key_path == Path("~/keys/sign.pem").expanduser()

@@ -3,15 +3,11 @@ process) on a free port, on embedded defaults or on PostgreSQL + Redis."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
-from sqlalchemy.engine import make_url
 
 from uisps.client import UispsClient
 from uisps.demo import train_digits_checkpoint
@@ -37,28 +33,10 @@ def digits_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return cached.read_bytes()
 
 
-@pytest.fixture
-def own_pg_database(pg_url: str) -> Iterator[str]:
-    """A PostgreSQL database for one test, on pg_url's server, dropped afterwards.
-
-    Not pg_url itself: the worker's start-up sweep re-sends every queued request it finds, and the
-    shared database holds requests other tests queued on purpose without a worker.
-    """
-    admin_url = make_url(pg_url).set(drivername="postgresql", database="postgres")
-    name = f"uisps_e2e_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url.render_as_string(hide_password=False), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin_url.render_as_string(hide_password=False), autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-
-
 @dataclass
 class RunningService:
-    client: UispsClient
+    client: UispsClient  # an admin key of tenant "default"
+    compliance: UispsClient  # a compliance key of the same tenant
     database_url: str
     log: Path
 
@@ -76,10 +54,11 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningS
         env |= {"UISPS_DATABASE_URL": database_url, "UISPS_BROKER_URL": request.getfixturevalue("redis_url")}
     log = tmp_path / "server.log"
     with log.open("wb") as log_file, LocalService(home, env=env, log=log_file) as local:
-        with UispsClient(local.url) as client:
-            running = RunningService(client, database_url, log)
+        with UispsClient(local.url) as anonymous:
             try:
-                client.wait_ready(READY_TIMEOUT_S, alive=local.alive)
+                anonymous.wait_ready(READY_TIMEOUT_S, alive=local.alive)
             except Exception:
-                pytest.fail(f"the service did not start:\n{running.log_tail()}")
-            yield running
+                pytest.fail(f"the service did not start:\n{log.read_text(errors='replace')[-5000:]}")
+        admin_key, compliance_key = local.create_api_key("admin"), local.create_api_key("compliance")
+        with UispsClient(local.url, api_key=admin_key) as client, UispsClient(local.url, api_key=compliance_key) as compliance:
+            yield RunningService(client, compliance, database_url, log)

@@ -7,6 +7,7 @@ import uuid
 
 import torch
 
+from core.certificates import load_public_key_pem, verify_certificate
 from core.checkpoint import load_checkpoint_bytes
 from core.data import load_dataset
 from core.db import make_engine, make_sessionmaker, verify_chain
@@ -17,8 +18,8 @@ JOB_TIMEOUT_S = 240.0
 
 
 def _forget(service, model_id: str, labels: list[int]) -> dict:  # noqa: ANN001
-    request = service.client.create_deletion_request(model_id, labels, params=FAST_PARAMS)
-    done = service.client.wait_for(request["id"], timeout_s=JOB_TIMEOUT_S, interval_s=0.2)
+    request = service.compliance.create_deletion_request(model_id, labels, params=FAST_PARAMS)
+    done = service.compliance.wait_for(request["id"], timeout_s=JOB_TIMEOUT_S, interval_s=0.2)
     assert done["state"] == "succeeded", f"{done['error']}\n{service.log_tail()}"
     return done
 
@@ -60,6 +61,13 @@ def test_forgetting_two_digits_one_after_the_other(service, digits_checkpoint: b
         "deletion_request.created", "deletion_request.running", "model_version.created",
         "deletion_request.succeeded", "model_version.downloaded",
     ]
+    # The signed certificate of the second request, checked with the key the service publishes.
+    document = service.compliance.get_certificate(second["id"])
+    certificate = verify_certificate(document, load_public_key_pem(service.compliance.certificate_key()))
+    assert certificate["labels"]["forgotten"] == [5] and certificate["labels"]["forgotten_by_result"] == [3, 5]
+    assert certificate["base_checkpoint"] == {"version": 2, "sha256": v2.sha256}
+    assert certificate["new_checkpoint"]["sha256"] == v3["sha256"] and certificate["code_version"]
+    assert certificate["metrics"]["after"] == report["after"] and certificate["parameters"]["overrides"] == FAST_PARAMS
     engine = make_engine(service.database_url)
     try:
         with make_sessionmaker(engine)() as session:

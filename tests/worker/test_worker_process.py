@@ -1,24 +1,18 @@
-"""The worker process's configuration, start-up sweep, and what its parent process imports."""
+"""The worker process's configuration, and what its parent process imports."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import timedelta
 
-from sqlalchemy import update
-
-from core.db import DeletionRequest, utcnow
-from core.services.deletion_requests.jobs import deletion_jobs
 from core.settings import Settings
 from worker.celery_app import broker_transport_options, celery_config
-from worker.context import orphaned_request_ids
 
 
 def test_torch_stays_out_of_the_api_and_the_worker_parent() -> None:
     # CUDA must only ever be initialised in the pool child, and the API never needs torch to start.
     code = (
-        "import sys, api.app, worker.celery_app, worker.tasks, worker.main, worker.context, uisps.cli\n"
+        "import sys, api.app, worker.celery_app, worker.tasks, worker.main, worker.context, worker.reconciler, uisps.cli\n"
         "api.app.create_app()\n"
         "heavy = sorted(m for m in ('torch', 'torchvision', 'core.workflow') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
@@ -41,21 +35,3 @@ def test_the_embedded_broker_gets_engine_options_not_a_visibility_timeout(tmp_pa
 
     assert settings.effective_broker_url.startswith("sqla+sqlite:")
     assert broker_transport_options(settings) == {"connect_args": {"timeout": 30}}
-
-
-def test_the_start_up_sweep_finds_lost_and_orphaned_requests(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
-    fresh = worker_env.new_request(digits_checkpoint, [1])
-    stale = worker_env.new_request(digits_checkpoint, [2])
-    orphaned = worker_env.new_request(digits_checkpoint, [3])
-    alive = worker_env.new_request(digits_checkpoint, [4])
-    long_ago = utcnow() - timedelta(hours=1)
-    with worker_env.sessions.begin() as session:
-        for request_id in (stale, orphaned, alive):
-            session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id).values(created_at=long_ago))
-        deletion_jobs.claim(session, orphaned, lease_s=-1)  # its worker died: the lease ran out
-        deletion_jobs.claim(session, alive, lease_s=3600)
-
-    found = orphaned_request_ids(worker_env.settings, queued_grace_s=60)
-
-    assert stale in found and orphaned in found
-    assert fresh not in found and alive not in found

@@ -102,15 +102,27 @@ class DeletionJobs:
         )
         return Claim(ClaimOutcome.CLAIMED, job, JobState.RUNNING.value)
 
-    def report_progress(self, session: Session, request_id: str, stage: str, progress: float, lease_s: float) -> bool:
-        """Record progress and renew the lease; True when the caller asked to cancel."""
+    def report_progress(
+        self, session: Session, request_id: str, stage: str, progress: float, lease_s: float, attempt: int | None = None
+    ) -> bool:
+        """Record progress and renew the lease; True when the caller asked to cancel.
+
+        With `attempt` (the claim's), a worker that lost its lease and was taken over gets
+        JobLost instead of writing over its successor's progress.
+        """
         lease_until = utcnow() + timedelta(seconds=lease_s)
         cancel_requested = deletion_request_repository.report_progress(
-            session, request_id, stage, progress, lease_until
+            session, request_id, stage, progress, lease_until, attempt
         )
         if cancel_requested is None:
             raise JobLost(request_id)
         return cancel_requested
+
+    def renew_lease(self, session: Session, request_id: str, attempt: int, lease_s: float) -> bool:
+        """The heartbeat: extend the lease of a running attempt; False once it is not ours any more."""
+        return deletion_request_repository.renew_lease(
+            session, request_id, attempt, utcnow() + timedelta(seconds=lease_s)
+        )
 
     def complete(
         self,
@@ -120,10 +132,16 @@ class DeletionJobs:
         artifact: StoredArtifact,
         forgotten_labels: list[int],
         metrics: dict[str, Any],
+        attempt: int | None = None,
     ) -> DeletionRequest:
-        """Create version n+1 and mark the request succeeded, in one transaction."""
+        """Create version n+1 and mark the request succeeded, in one transaction.
+
+        Exactly one version per request, whatever happens: the request row is locked, a version
+        already made for it is reused, and (given `attempt`) an attempt that was taken over after
+        its lease ran out stops here (JobLost) rather than finishing for its successor.
+        """
         begin_write(session)
-        request = self._running(session, request_id)
+        request = self._running(session, request_id, attempt)
         existing = model_repository.version_for_request(session, request_id)
         if existing is not None:
             self._mark_succeeded(session, request, existing)
@@ -168,41 +186,70 @@ class DeletionJobs:
         self._mark_succeeded(session, request, version)
         return request
 
-    def fail(self, session: Session, request_id: str, *, code: str, message: str) -> None:
+    def fail(self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None) -> None:
         begin_write(session)
         request = deletion_request_repository.get(session, None, request_id, for_update=True)
         if request is None or JobState(request.state).is_terminal:
             return
+        if attempt is not None and request.attempts != attempt:
+            return  # taken over by a later attempt, which decides the outcome
         request.error = {"code": code, "message": message}
         self._finish(session, request, JobState.FAILED, error=request.error)
 
-    def cancelled(self, session: Session, request_id: str) -> None:
+    def cancelled(self, session: Session, request_id: str, attempt: int | None = None) -> None:
         begin_write(session)
-        request = self._running(session, request_id)
+        request = self._running(session, request_id, attempt)
         self._finish(session, request, JobState.CANCELLED)
 
-    def retry_later(self, session: Session, request_id: str, *, code: str, message: str) -> None:
+    def retry_later(
+        self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None
+    ) -> None:
         """running -> queued after a failure that may pass (the broker redelivers the task)."""
         begin_write(session)
-        request = self._running(session, request_id)
+        request = self._running(session, request_id, attempt)
         request.state = JobState.QUEUED.value
         request.stage = None
         request.progress = 0.0
         request.lease_expires_at = None
+        request.dispatched_at = utcnow()  # Celery's retry is a new message
         session.flush()
         self._audit(
             session, request, "deletion_request.retry_scheduled",
             previous_state=JobState.RUNNING.value, attempt=request.attempts, error={"code": code, "message": message},
         )
 
-    def orphan_ids(self, session: Session, *, queued_grace_s: float) -> list[str]:
-        now = utcnow()
-        return deletion_request_repository.orphan_ids(session, now - timedelta(seconds=queued_grace_s), now)
+    def due_for_dispatch(self, session: Session, *, requeue_after_s: float, limit: int = 500) -> list[str]:
+        """Requests whose message seems lost, marked as re-sent now: the caller sends each id.
 
-    def _running(self, session: Session, request_id: str) -> DeletionRequest:
+        - running, lease expired: its worker died (or the broker lost the message it was
+          redelivering); sent once as soon as the lease has run out, then every `requeue_after_s`;
+        - queued, not sent for `requeue_after_s`: the broker lost the message (flushed, failed
+          over, publish failed after the commit). A queue can also simply be long, so the wait
+          doubles with each re-send (it is at least the request's age at its last send).
+
+        Duplicates are harmless: a worker finds the request claimed or finished and skips it.
+        Several workers may reconcile at once; the conditional update lets one of them send.
+        """
+        begin_write(session)
+        now = utcnow()
+        requeue_after = timedelta(seconds=requeue_after_s)
+        due: list[str] = []
+        for row in deletion_request_repository.dispatch_candidates(session, now, limit):
+            last = row.dispatched_at
+            if row.state == JobState.RUNNING.value:
+                is_due = last is None or last < row.lease_expires_at or now - last >= requeue_after
+            else:
+                is_due = last is None or now - last >= max(requeue_after, last - row.created_at)
+            if is_due and deletion_request_repository.mark_dispatched(session, row.id, row.state, last, now):
+                due.append(row.id)
+        return due
+
+    def _running(self, session: Session, request_id: str, attempt: int | None = None) -> DeletionRequest:
         request = deletion_request_repository.get(session, None, request_id, for_update=True)
         if request is None or request.state != JobState.RUNNING.value:
             raise JobLost(request_id)
+        if attempt is not None and request.attempts != attempt:
+            raise JobLost(request_id)  # our lease ran out and another worker took the request over
         return request
 
     def _mark_succeeded(self, session: Session, request: DeletionRequest, version: ModelVersion) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.db import DeletionRequest, JobState
@@ -82,22 +82,72 @@ class DeletionRequestRepository:
         return result.rowcount == 1
 
     def report_progress(
-        self, session: Session, request_id: str, stage: str, progress: float, lease_until: datetime
+        self,
+        session: Session,
+        request_id: str,
+        stage: str,
+        progress: float,
+        lease_until: datetime,
+        attempt: int | None = None,
     ) -> bool | None:
-        """Write progress and renew the lease; returns cancel_requested, or None if no longer running."""
+        """Write progress and renew the lease; returns cancel_requested, or None if no longer running
+        (or, given `attempt`, no longer run by that attempt: another worker took it over)."""
+        query = update(_table).where(_table.c.id == request_id, _table.c.state == JobState.RUNNING.value)
+        if attempt is not None:
+            query = query.where(_table.c.attempts == attempt)
         return session.execute(
-            update(_table)
-            .where(_table.c.id == request_id, _table.c.state == JobState.RUNNING.value)
-            .values(stage=stage, progress=progress, lease_expires_at=lease_until)
-            .returning(_table.c.cancel_requested)
+            query.values(stage=stage, progress=progress, lease_expires_at=lease_until).returning(
+                _table.c.cancel_requested
+            )
         ).scalar_one_or_none()
 
-    def orphan_ids(self, session: Session, queued_before: datetime, now: datetime) -> list[str]:
-        """Requests a worker should be running but may never have been told about (all tenants)."""
-        stale_queued = and_(_table.c.state == JobState.QUEUED.value, _table.c.created_at < queued_before)
+    def count_active(self, session: Session, tenant_id: str) -> int:
+        active = (JobState.QUEUED.value, JobState.RUNNING.value)
+        return session.scalar(
+            select(func.count()).select_from(_table).where(_table.c.tenant_id == tenant_id, _table.c.state.in_(active))
+        ) or 0
+
+    def dispatch_candidates(self, session: Session, now: datetime, limit: int) -> list[Any]:
+        """Queued requests, and running ones whose lease ran out (all tenants), oldest first."""
         expired = and_(_table.c.state == JobState.RUNNING.value, _table.c.lease_expires_at < now)
-        query = select(_table.c.id).where(or_(stale_queued, expired)).order_by(_table.c.created_at)
-        return list(session.scalars(query))
+        query = (
+            select(
+                _table.c.id,
+                _table.c.state,
+                _table.c.created_at,
+                _table.c.dispatched_at,
+                _table.c.lease_expires_at,
+            )
+            .where(or_(_table.c.state == JobState.QUEUED.value, expired))
+            .order_by(_table.c.created_at)
+            .limit(limit)
+        )
+        return list(session.execute(query))
+
+    def mark_dispatched(
+        self, session: Session, request_id: str, state: str, previous: datetime | None, now: datetime
+    ) -> bool:
+        """Record a re-send, if nobody else recorded one since `previous` (one re-send per period)."""
+        unchanged = _table.c.dispatched_at.is_(None) if previous is None else _table.c.dispatched_at == previous
+        result = session.execute(
+            update(_table)
+            .where(_table.c.id == request_id, _table.c.state == state, unchanged)
+            .values(dispatched_at=now)
+        )
+        return result.rowcount == 1
+
+    def renew_lease(self, session: Session, request_id: str, attempt: int, lease_until: datetime) -> bool:
+        """Extend a running attempt's lease; False when the request is no longer this attempt's."""
+        result = session.execute(
+            update(_table)
+            .where(
+                _table.c.id == request_id,
+                _table.c.state == JobState.RUNNING.value,
+                _table.c.attempts == attempt,
+            )
+            .values(lease_expires_at=lease_until)
+        )
+        return result.rowcount == 1
 
 
 deletion_request_repository = DeletionRequestRepository()

@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.certificates import CERTIFICATE_FORMAT, CERTIFICATE_TYPE
 from core.config import UnlearnConfig
-from core.db import DeletionRequest, JobState, ModelVersion, record_event, utcnow
+from core.db import AuditEvent, DeletionRequest, JobState, ModelVersion, record_event, utcnow
+from core.db.audit import lock_tenant
 from core.errors import InvalidLabels
 from core.services.deletion_requests.repository import deletion_request_repository
-from core.services.errors import Conflict, InvalidParameters, NotFound, UnsupportedMethod
+from core.services.errors import (
+    Conflict,
+    InvalidParameters,
+    NotFound,
+    RequestNotSucceeded,
+    TooManyActiveRequests,
+    UnsupportedMethod,
+)
 from core.services.models.repository import model_repository
 from core.services.pagination import Page, PageRequest
 from core.services.transactions import after_commit, begin_write
 from core.settings import Settings
 
 SUPPORTED_METHODS = ("uisps",)
+ACTIVE_LIMIT_RETRY_AFTER_S = 30
 
 Dispatch = Callable[[str], None]
 
@@ -53,6 +65,15 @@ class DeletionRequestService:
             raise NotFound("model", model_id)
         base = self._base_version(session, tenant_id, model_id, base_version)
         labels = _check_labels(list(forget_labels), model.num_classes, base.forgotten_labels)
+        # One tenant's creates are serialised from here on, so the count below stays true.
+        lock_tenant(session, tenant_id)
+        active = deletion_request_repository.count_active(session, tenant_id)
+        if active >= settings.max_active_requests_per_tenant:
+            raise TooManyActiveRequests(
+                f"this tenant has {active} deletion requests queued or running; at most "
+                f"{settings.max_active_requests_per_tenant} at once: retry when some have finished",
+                retry_after_s=ACTIVE_LIMIT_RETRY_AFTER_S,
+            )
         request = DeletionRequest(
             tenant_id=tenant_id,
             model_id=model_id,
@@ -62,6 +83,7 @@ class DeletionRequestService:
             params=normalised_params,
             external_ref=external_ref,
             state=JobState.QUEUED.value,
+            dispatched_at=utcnow(),
         )
         session.add(request)
         session.flush()
@@ -138,6 +160,105 @@ class DeletionRequestService:
         )
         return request
 
+    def certificate(
+        self,
+        session: Session,
+        *,
+        tenant_id: str,
+        actor: str,
+        request_id: str,
+        sign: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The signed certificate of a succeeded request (`sign`: core.certificates.Signer.sign);
+        the download is audited."""
+        content = self.certificate_content(session, tenant_id, request_id)
+        document = sign(content)
+        session.commit()  # end the read before taking the write lock (SQLite)
+        begin_write(session)
+        record_event(
+            session,
+            tenant_id=tenant_id,
+            actor=actor,
+            action="deletion_request.certificate_downloaded",
+            subject_type="deletion_request",
+            subject_id=request_id,
+            model_id=content["model"]["id"],
+            details={"key_id": document["signature"]["key_id"], "new_sha256": content["new_checkpoint"]["sha256"]},
+        )
+        return document
+
+    def certificate_content(self, session: Session, tenant_id: str, request_id: str) -> dict[str, Any]:
+        """What a succeeded request's certificate states, built from its immutable records.
+
+        Every value comes from rows that never change once the request succeeded (the request,
+        its versions, the audit event of its success), so signing it again gives the same file.
+        """
+        request = self.get(session, tenant_id, request_id)
+        if request.state != JobState.SUCCEEDED.value or request.result_version is None:
+            raise RequestNotSucceeded(
+                f"deletion request {request_id} is {request.state}; only a succeeded request has a certificate"
+            )
+        model = request.model
+        base = model_repository.get_version(session, tenant_id, request.model_id, request.base_version)
+        result = model_repository.version_for_request(session, request.id)
+        if base is None or result is None:  # versions are never deleted
+            raise RuntimeError(f"the versions of deletion request {request_id} are missing")
+        succeeded = session.scalar(
+            select(AuditEvent)
+            .where(
+                AuditEvent.tenant_id == tenant_id,
+                AuditEvent.subject_type == "deletion_request",
+                AuditEvent.subject_id == request.id,
+                AuditEvent.action == "deletion_request.succeeded",
+            )
+            .order_by(AuditEvent.id)
+            .limit(1)
+        )
+        report = result.metrics or {}
+        return {
+            "type": CERTIFICATE_TYPE,
+            "format": CERTIFICATE_FORMAT,
+            "request_id": request.id,
+            "tenant_id": request.tenant_id,
+            "external_ref": request.external_ref,
+            "model": {
+                "id": model.id,
+                "name": model.name,
+                "architecture": model.architecture,
+                "data_source": model.data_source,
+            },
+            "labels": {
+                "forgotten": list(request.forget_labels),
+                "class_names": [model.class_names[label] for label in request.forget_labels],
+                "previously_forgotten": list(base.forgotten_labels),
+                "forgotten_by_result": list(result.forgotten_labels),
+            },
+            "method": request.method,
+            "parameters": {"overrides": request.params or {}, "effective": report.get("config")},
+            "base_checkpoint": {"version": base.version, "sha256": base.sha256},
+            "new_checkpoint": {"version": result.version, "sha256": result.sha256, "size_bytes": result.size_bytes},
+            "metrics": {
+                "before": report.get("before"),
+                "after": report.get("after"),
+                "frozen_fraction": report.get("frozen_fraction"),
+                "retained_train_samples": report.get("retained_train_samples"),
+                "mia_definition": report.get("mia_definition"),
+                "splits": report.get("splits"),
+            },
+            "code_version": report.get("code_version"),
+            "device": report.get("device"),
+            "attempts": request.attempts,
+            "timestamps": {
+                "requested_at": _iso(request.created_at),
+                "started_at": _iso(request.started_at),
+                "finished_at": _iso(request.finished_at),
+                "new_checkpoint_created_at": _iso(result.created_at),
+            },
+            "audit_event": (
+                {"id": succeeded.id, "hash": succeeded.hash, "action": succeeded.action} if succeeded else None
+            ),
+        }
+
     def _base_version(self, session: Session, tenant_id: str, model_id: str, number: int | None) -> ModelVersion:
         if number is None:
             base = model_repository.latest_version(session, tenant_id, model_id)
@@ -150,6 +271,10 @@ class DeletionRequestService:
         if base is None:
             raise NotFound(f"version of model {model_id}", number)
         return base
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat(timespec="microseconds") if value is not None else None
 
 
 def _validate_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -10,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db import Model, ModelVersion, record_event
-from core.services.errors import ArtifactMissing, CheckpointTooLarge, Conflict, NotFound
+from core.services.errors import ArtifactCorrupted, ArtifactMissing, CheckpointTooLarge, Conflict, NotFound
 from core.services.models.repository import model_repository
 from core.services.pagination import Page, PageRequest
 from core.services.transactions import begin_write
@@ -170,10 +172,12 @@ class ModelService:
         checkpoint: bytes,
         store: ArtifactStore,
         max_bytes: int,
+        max_parameters: int | None = None,
     ) -> ModelVersion:
         """Validate an uploaded safetensors checkpoint against the model and store it as a new version.
 
-        Blocking (it parses and checks every tensor): call it from a worker thread.
+        Nothing is stored (no artifact, no row) unless every check passed. Blocking (it parses
+        and checks every tensor): call it from a worker thread.
         """
         if len(checkpoint) > max_bytes:
             raise CheckpointTooLarge(f"the checkpoint is {len(checkpoint)} bytes; the limit is {max_bytes}")
@@ -181,7 +185,7 @@ class ModelService:
         expected = manifest_for(model, [])
         # End the read before the slow part, so a stale SQLite snapshot cannot block the write.
         session.commit()
-        _validate_checkpoint(checkpoint, expected)
+        _validate_checkpoint(checkpoint, expected, max_parameters)
         stored = store.put(checkpoint)
         begin_write(session)
         model = self._lock(session, tenant_id, model_id)
@@ -219,13 +223,23 @@ class ModelService:
     def checkpoint_for_download(
         self, session: Session, *, tenant_id: str, actor: str, model_id: str, version: int, store: ArtifactStore
     ) -> ModelVersion:
-        """The version whose checkpoint is about to be served; the download is audited first."""
-        begin_write(session)
+        """The version whose checkpoint is about to be served; the download is audited first.
+
+        A checkpoint kept as a local file is hashed again first (ArtifactCorrupted if it no longer
+        matches its recorded sha256); other backends are checked while streaming
+        (`verified_chunks`).
+        """
         found = self.get_version(session, tenant_id, model_id, version)
         if not store.exists(found.artifact_key):
             raise ArtifactMissing(
                 f"the checkpoint of model {model_id} version {version} is missing from artifact storage"
             )
+        # End the read before hashing, so a stale SQLite snapshot cannot block the write below.
+        session.commit()
+        if store.local_path(found.artifact_key) is not None:
+            verify_artifact(store, found.artifact_key, found.sha256)
+        begin_write(session)
+        found = self.get_version(session, tenant_id, model_id, version)
         record_event(
             session,
             tenant_id=tenant_id,
@@ -259,12 +273,35 @@ def _check_data_source(spec: str) -> None:
     validate_data_spec(spec)
 
 
-def _validate_checkpoint(checkpoint: bytes, expected: Manifest) -> None:
+def _validate_checkpoint(checkpoint: bytes, expected: Manifest, max_parameters: int | None) -> None:
     # Parses safetensors (never pickle) and checks names, shapes, dtypes and finite values against
     # the registered architecture; raises core.errors.CheckpointError with what is wrong.
     from core.checkpoint import load_checkpoint_bytes
 
-    load_checkpoint_bytes(checkpoint, expected=expected)
+    load_checkpoint_bytes(checkpoint, expected=expected, max_parameters=max_parameters)
+
+
+def verify_artifact(store: ArtifactStore, key: str, sha256: str) -> None:
+    """Read a stored checkpoint through and check it still hashes to its recorded sha256."""
+    digest = hashlib.sha256()
+    for chunk in store.iter_bytes(key):
+        digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise ArtifactCorrupted(
+            f"the stored checkpoint {key} hashes to {digest.hexdigest()}, not its recorded {sha256}; "
+            "an operator must restore it"
+        )
+
+
+def verified_chunks(store: ArtifactStore, key: str, sha256: str) -> Iterator[bytes]:
+    """Stream a stored checkpoint, failing at the end (the client sees a broken download) if its
+    bytes do not hash to the recorded sha256: for backends without a local file to check first."""
+    digest = hashlib.sha256()
+    for chunk in store.iter_bytes(key):
+        digest.update(chunk)
+        yield chunk
+    if digest.hexdigest() != sha256:
+        raise ArtifactCorrupted(f"the stored checkpoint {key} hashes to {digest.hexdigest()}, not its recorded {sha256}")
 
 
 model_service = ModelService()

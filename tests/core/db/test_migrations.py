@@ -9,7 +9,7 @@ from sqlalchemy import Engine, exc, inspect, text
 from core.db import make_engine, make_sessionmaker, record_event
 from core.db.migrate import alembic_config, current_revision, downgrade, upgrade
 
-TABLES = {"models", "model_versions", "deletion_requests", "audit_events"}
+TABLES = {"models", "model_versions", "deletion_requests", "audit_events", "api_keys", "idempotency_keys"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -61,7 +61,7 @@ def test_upgrade_creates_every_table(empty_db: str) -> None:
     upgrade(empty_db)
 
     assert _tables(empty_db) == TABLES
-    assert current_revision(empty_db) == "0001"
+    assert current_revision(empty_db) == "0002"
 
 
 def test_downgrade_removes_everything(empty_db: str) -> None:

@@ -1,0 +1,1 @@
+"""Idempotency-Key: the first response to a creating POST, replayed to its retries."""

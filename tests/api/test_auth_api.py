@@ -1,0 +1,150 @@
+"""API keys over HTTP: 401 without a valid key, 403 for a role that may not act, 429 past the rate
+limit; keys managed by a tenant's admin; the audit log names the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api_helpers import assert_problem, authorize, make_keys, unique_name
+from core.settings import Settings
+
+# (method, path) of every route that needs a key; ids need not exist: auth comes first.
+PROTECTED = [
+    ("GET", "/models"), ("POST", "/models"), ("GET", "/models/m"), ("GET", "/models/m/versions"),
+    ("POST", "/models/m/versions"), ("GET", "/models/m/versions/1"), ("GET", "/models/m/versions/1/checkpoint"),
+    ("GET", "/deletion-requests"), ("POST", "/deletion-requests"), ("GET", "/deletion-requests/r"),
+    ("POST", "/deletion-requests/r/cancel"), ("GET", "/deletion-requests/r/certificate"),
+    ("GET", "/audit-events"), ("GET", "/api-keys"), ("POST", "/api-keys"), ("GET", "/api-keys/k"),
+    ("POST", "/api-keys/k/revoke"),
+]
+
+
+def _bare(client: TestClient) -> TestClient:
+    client.auth = None  # type: ignore[assignment]
+    return client
+
+
+def test_the_openapi_document_covers_every_protected_route(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    documented = {
+        (method.upper(), path) for path, item in spec["paths"].items() for method, op in item.items() if op.get("security")
+    }
+    templated = {(m, p.replace("/m/", "/{model_id}/").replace("/r/", "/{request_id}/")) for m, p in PROTECTED}
+    assert len(documented) == len(PROTECTED)
+    assert spec["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "http", "scheme": "bearer", "description": spec["components"]["securitySchemes"]["ApiKey"]["description"]
+    }
+    assert templated  # the list above is what a client must authenticate for
+    for path in ("/healthz", "/readyz", "/certificate-key"):
+        assert "security" not in spec["paths"][path]["get"]
+
+
+def test_without_a_valid_key_every_route_is_401(client: TestClient) -> None:
+    bare = _bare(client)
+    for method, path in PROTECTED:
+        problem = assert_problem(bare.request(method, path), 401, "unauthenticated", "needs an API key")
+        assert problem["title"] == "Unauthorized"
+        assert bare.request(method, path).headers["www-authenticate"] == 'Bearer realm="uisps"'
+    for header, message in (
+        ("Bearer uisps_" + "A" * 43, "not valid"),
+        ("Bearer not-a-key", "malformed"),
+        ("Basic dXNlcjpwYXNz", "must be 'Bearer <key>'"),
+        ("Bearer ", "must be 'Bearer <key>'"),
+    ):
+        response = bare.get("/models", headers={"Authorization": header})
+        assert_problem(response, 401, "unauthenticated", message)
+        assert response.headers["www-authenticate"] == 'Bearer realm="uisps", error="invalid_token"'
+
+
+def test_health_the_public_key_and_the_documents_need_no_key(client: TestClient) -> None:
+    bare = _bare(client)
+    for path in ("/healthz", "/readyz", "/certificate-key", "/openapi.json", "/docs"):
+        assert bare.get(path).status_code == 200, path
+
+
+@pytest.mark.parametrize(
+    ("role", "method", "path", "body", "action"),
+    [
+        ("reader", "POST", "/models", {}, "register models"),
+        ("compliance", "POST", "/models", {}, "register models"),
+        ("reader", "POST", "/models/m/versions", None, "register models or upload versions"),
+        ("reader", "POST", "/deletion-requests", {"model_id": "m", "forget_labels": [1]}, "create or cancel deletion"),
+        ("admin", "POST", "/deletion-requests", {"model_id": "m", "forget_labels": [1]}, "create or cancel deletion"),
+        ("admin", "POST", "/deletion-requests/r/cancel", None, "create or cancel deletion"),
+        ("reader", "GET", "/api-keys", None, "manage API keys"),
+        ("compliance", "POST", "/api-keys", {"role": "admin", "name": "x"}, "manage API keys"),
+    ],
+)
+def test_a_role_that_may_not_act_is_403(
+    client: TestClient, role: str, method: str, path: str, body: Any, action: str
+) -> None:
+    keys = make_keys(client.app.state.sessions)
+
+    response = _bare(client).request(method, path, json=body, headers=keys.header(role))
+
+    assert_problem(response, 403, "forbidden", f"role {role!r} may not {action}")
+
+
+def test_each_role_does_its_part_and_the_log_names_the_key(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model()
+    keys = make_keys(client.app.state.sessions)
+    bare = _bare(client)
+    for role in ("admin", "compliance", "reader"):
+        assert bare.get(f"/models/{model['id']}", headers=keys.header(role)).status_code == 200
+
+    response = bare.post(
+        "/deletion-requests", json={"model_id": model["id"], "forget_labels": [2]}, headers=keys.header("compliance")
+    )
+
+    assert response.status_code == 202, response.text
+    events = bare.get("/audit-events", params={"model_id": model["id"]}, headers=keys.header("reader")).json()
+    assert events["audit_events"][-1]["actor"] == f"api_key:{keys.ids['compliance']}"
+    key = bare.get(f"/api-keys/{keys.ids['compliance']}", headers=keys.header("admin")).json()
+    assert key["prefix"] == keys.compliance[:12] and key["role"] == "compliance" and key["last_used_at"]
+
+
+def test_an_admin_manages_its_tenants_keys_and_a_revoked_key_is_refused_at_once(client: TestClient) -> None:
+    admin = make_keys(client.app.state.sessions, tenant=unique_name("tenant")).header("admin")
+    bare = _bare(client)
+
+    created = bare.post("/api-keys", json={"role": "reader", "name": "auditor"}, headers=admin)
+
+    assert created.status_code == 201, created.text
+    new = created.json()
+    assert new["key"].startswith("uisps_") and new["prefix"] == new["key"][:12] and new["role"] == "reader"
+    assert created.headers["location"] == f"/api-keys/{new['id']}" and created.headers["cache-control"] == "no-store"
+    reader = {"Authorization": f"Bearer {new['key']}"}
+    assert bare.get("/models", headers=reader).status_code == 200
+    listed = bare.get("/api-keys", headers=admin).json()["api_keys"]
+    assert {k["name"] for k in listed} == {"test admin", "test compliance", "test reader", "auditor"}
+    assert all("key" not in k for k in listed)  # the secret is shown once, never listed
+    assert bare.get(f"/api-keys/{new['id']}", headers=admin).json()["last_used_at"] is not None
+
+    revoked = bare.post(f"/api-keys/{new['id']}/revoke", headers=admin)
+
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+    assert_problem(bare.get("/models", headers=reader), 401, "unauthenticated", "revoked")
+    assert bare.post(f"/api-keys/{new['id']}/revoke", headers=admin).status_code == 200  # twice is harmless
+    assert_problem(bare.post("/api-keys", json={"role": "owner", "name": "x"}, headers=admin), 422, "validation_error")
+
+
+def test_past_the_rate_limit_a_key_gets_429_with_retry_after(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, rate_limit_per_s=0.5, rate_limit_burst=3)
+    with TestClient(create_app(settings)) as client:
+        keys = authorize(client)
+        bare = _bare(client)
+        for _ in range(3):
+            assert bare.get("/models", headers=keys.header("reader")).status_code == 200
+
+        limited = bare.get("/models", headers=keys.header("reader"))
+
+        problem = assert_problem(limited, 429, "rate_limited", "rate limit of this API key exceeded")
+        assert problem["title"] == "Too Many Requests"
+        assert 1 <= int(limited.headers["retry-after"]) <= 2
+        # Per key: another key of the same tenant is not affected.
+        assert bare.get("/models", headers=keys.header("admin")).status_code == 200

@@ -1,0 +1,112 @@
+"""Signed certificates of succeeded deletion requests, and the public key that checks them."""
+
+from __future__ import annotations
+
+import copy
+import stat
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api_helpers import assert_problem, authorize
+from core.certificates import InvalidCertificate, load_public_key_pem, verify_certificate
+from core.services.deletion_requests.jobs import deletion_jobs
+from core.storage import StoredArtifact
+
+REPORT: dict[str, Any] = {
+    "before": {"acc_retain": 97.1, "acc_forget": 98.0, "mia": 61.5},
+    "after": {"acc_retain": 95.2, "acc_forget": 0.0, "mia": 2.5},
+    "config": {"lr": 0.1, "inversion": {"iterations": 200}},
+    "frozen_fraction": 0.31,
+    "code_version": "0.1.0+gtest",
+    "device": "cpu",
+}
+
+
+def _succeeded_request(client: TestClient, model_id: str, label: int = 3) -> str:
+    """A request that went through the worker's claim and completion (the result: v1's bytes)."""
+    request_id = client.post(
+        "/deletion-requests", json={"model_id": model_id, "forget_labels": [label], "external_ref": "GDPR-7"}
+    ).json()["id"]
+    with client.app.state.sessions.begin() as session:
+        job = deletion_jobs.claim(session, request_id, lease_s=60).job
+        artifact = StoredArtifact(job.base.artifact_key, job.base.sha256, job.base.size_bytes)
+        deletion_jobs.complete(
+            session, request_id, artifact=artifact, forgotten_labels=[label], metrics=REPORT, attempt=job.attempt
+        )
+    return request_id
+
+
+def test_a_succeeded_request_has_a_signed_certificate(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model()
+    request_id = _succeeded_request(client, model["id"])
+
+    response = client.get(f"/deletion-requests/{request_id}/certificate")
+
+    assert response.status_code == 200, response.text
+    assert f"deletion-certificate-{request_id}.json" in response.headers["content-disposition"]
+    key = client.get("/certificate-key")
+    assert key.headers["content-type"] == "application/x-pem-file"
+    document = response.json()
+    certificate = verify_certificate(document, load_public_key_pem(key.content))
+    assert document["signature"]["key_id"] == key.headers["x-key-id"]
+    v1, v2 = (client.get(f"/models/{model['id']}/versions/{n}").json() for n in (1, 2))
+    assert certificate["request_id"] == request_id and certificate["tenant_id"] == "default"
+    assert certificate["external_ref"] == "GDPR-7" and certificate["method"] == "uisps"
+    assert certificate["labels"] == {
+        "forgotten": [3], "class_names": ["3"], "previously_forgotten": [], "forgotten_by_result": [3]
+    }
+    assert certificate["base_checkpoint"] == {"version": 1, "sha256": v1["sha256"]}
+    assert certificate["new_checkpoint"] == {"version": 2, "sha256": v2["sha256"], "size_bytes": v2["size_bytes"]}
+    assert certificate["metrics"]["after"] == REPORT["after"] and certificate["metrics"]["before"] == REPORT["before"]
+    assert certificate["parameters"]["effective"] == REPORT["config"] and certificate["code_version"] == "0.1.0+gtest"
+    assert certificate["timestamps"]["finished_at"] and certificate["timestamps"]["requested_at"]
+    events = client.get("/audit-events", params={"model_id": model["id"]}).json()["audit_events"]
+    succeeded = next(e for e in events if e["action"] == "deletion_request.succeeded")
+    assert certificate["audit_event"] == {"id": succeeded["id"], "hash": succeeded["hash"], "action": succeeded["action"]}
+    assert events[-1]["action"] == "deletion_request.certificate_downloaded"
+    # Deterministic: the same request, signed again, is the same file.
+    assert client.get(f"/deletion-requests/{request_id}/certificate").json() == document
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda d: d["certificate"]["labels"].update(forgotten=[4]),
+        lambda d: d["certificate"]["new_checkpoint"].update(sha256="0" * 64),
+        lambda d: d["certificate"]["metrics"]["after"].update(acc_forget=0.1),
+        lambda d: d["signature"].update(value=d["signature"]["value"][::-1]),
+        lambda d: d["signature"].update(key_id="sha256:" + "1" * 64),
+    ],
+    ids=["labels", "sha256", "metric", "signature", "key-id"],
+)
+def test_a_changed_certificate_fails_verification(client: TestClient, registered_model, tamper) -> None:  # noqa: ANN001
+    request_id = _succeeded_request(client, registered_model()["id"])
+    document = client.get(f"/deletion-requests/{request_id}/certificate").json()
+    public_key = load_public_key_pem(client.get("/certificate-key").content)
+    forged = copy.deepcopy(document)
+    tamper(forged)
+
+    with pytest.raises(InvalidCertificate):
+        verify_certificate(forged, public_key)
+
+
+def test_only_a_succeeded_request_has_a_certificate(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model()
+    queued = client.post("/deletion-requests", json={"model_id": model["id"], "forget_labels": [1]}).json()["id"]
+
+    assert_problem(client.get(f"/deletion-requests/{queued}/certificate"), 409, "request_not_succeeded", "is queued")
+    assert_problem(client.get("/deletion-requests/nope/certificate"), 404, "not_found")
+
+
+def test_the_signing_key_is_made_once_private_and_kept(client: TestClient) -> None:
+    settings = client.app.state.settings
+    first = client.get("/certificate-key").headers["x-key-id"]
+    path = settings.effective_certificate_key_path
+
+    assert path.exists() and stat.S_IMODE(path.stat().st_mode) == 0o600
+    with TestClient(create_app(settings)) as restarted:  # a new process reads the same file
+        authorize(restarted)
+        assert restarted.get("/certificate-key").headers["x-key-id"] == first

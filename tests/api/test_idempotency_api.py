@@ -1,0 +1,136 @@
+"""Idempotency-Key on the POSTs that create: replay, refusal of another body, 409 while in flight,
+release on failure, scope per API key, expiry."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from api.models.schemas import ModelCreate
+from api_helpers import assert_problem, make_keys, unique_name
+from core.db import IdempotencyKey, utcnow
+from core.services.idempotency.service import fingerprint, idempotency_service
+
+
+def _key(value: str) -> dict[str, str]:
+    return {"Idempotency-Key": value}
+
+
+def _models_named(client: TestClient, name: str) -> list[dict[str, Any]]:
+    return [m for m in client.get("/models", params={"page_size": 1000}).json()["models"] if m["name"] == name]
+
+
+def test_a_retry_replays_the_first_response_and_creates_nothing(client: TestClient, model_spec: dict[str, Any]) -> None:
+    key = _key(unique_name("key"))
+    first = client.post("/models", json=model_spec, headers=key)
+
+    again = client.post("/models", json=model_spec, headers=key)
+
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json() and again.headers["location"] == first.headers["location"]
+    assert again.headers["idempotent-replayed"] == "true" and "idempotent-replayed" not in first.headers
+    assert len(_models_named(client, model_spec["name"])) == 1
+    # Without the key the same body is a new request (here: the name is taken).
+    assert client.post("/models", json=model_spec).status_code == 409
+
+
+def test_the_same_key_with_another_body_is_422(client: TestClient, model_spec: dict[str, Any]) -> None:
+    key = _key(unique_name("key"))
+    assert client.post("/models", json=model_spec, headers=key).status_code == 201
+
+    other = client.post("/models", json={**model_spec, "name": unique_name()}, headers=key)
+
+    assert_problem(other, 422, "idempotency_key_reused", "was first used with a different request")
+
+
+def test_a_duplicate_while_the_first_is_in_flight_is_409(client: TestClient, model_spec: dict[str, Any]) -> None:
+    app = client.app
+    keys = make_keys(app.state.sessions)
+    admin_key_id = keys.ids["admin"]
+    # The first request has claimed the key and is still running (here: claimed by hand).
+    idempotency_service.begin(
+        app.state.sessions, tenant_id="default", api_key_id=admin_key_id, key="in-flight",
+        fingerprint=fingerprint("POST", "/models", ModelCreate(**model_spec).model_dump(mode="json")),
+        ttl_s=3600, lock_s=600,
+    )
+
+    duplicate = client.post("/models", json=model_spec, headers={**keys.header("admin"), **_key("in-flight")})
+
+    assert_problem(duplicate, 409, "idempotency_key_in_use", "still being processed")
+    assert duplicate.headers["retry-after"] == "1"
+    assert _models_named(client, model_spec["name"]) == []
+
+
+def test_a_failed_request_releases_its_key(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model()
+    key = _key(unique_name("key"))
+    body = {"model_id": model["id"], "forget_labels": [42]}
+
+    assert client.post("/deletion-requests", json=body, headers=key).status_code == 422
+    # The caller fixes the body and retries with the same key: it runs (nothing was stored).
+    fixed = client.post("/deletion-requests", json={**body, "forget_labels": [4]}, headers=key)
+    assert fixed.status_code == 202, fixed.text
+
+    replay = client.post("/deletion-requests", json={**body, "forget_labels": [4]}, headers=key)
+    assert replay.status_code == 202 and replay.json()["id"] == fixed.json()["id"]
+    assert replay.headers["location"] == f"/deletion-requests/{fixed.json()['id']}"
+    requests = client.get("/deletion-requests", params={"model_id": model["id"]}).json()["deletion_requests"]
+    assert [r["id"] for r in requests] == [fixed.json()["id"]]
+
+
+def test_an_upload_retried_with_its_key_makes_one_version(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model = registered_model(upload=False)
+    key = _key(unique_name("key"))
+
+    def upload(data: bytes):  # noqa: ANN202
+        files = {"file": ("m.safetensors", data, "application/octet-stream")}
+        return client.post(f"/models/{model['id']}/versions", files=files, headers=key)
+
+    first, again = upload(digits_checkpoint), upload(digits_checkpoint)  # multipart boundaries differ
+
+    assert first.status_code == again.status_code == 201 and again.json() == first.json()
+    assert again.headers["location"] == f"/models/{model['id']}/versions/1"
+    assert [v["version"] for v in client.get(f"/models/{model['id']}/versions").json()["versions"]] == [1]
+    assert_problem(upload(digits_checkpoint[:-4] + b"\0\0\0\0"), 422, "idempotency_key_reused")
+
+
+def test_keys_are_scoped_to_the_api_key_and_kept_a_day(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model()
+    other = make_keys(client.app.state.sessions)  # a second compliance key of the same tenant
+    body = {"model_id": model["id"], "forget_labels": [5]}
+    key = unique_name("key")
+
+    mine = client.post("/deletion-requests", json=body, headers=_key(key))
+    theirs = client.post("/deletion-requests", json=body, headers={**other.header("compliance"), **_key(key)})
+
+    assert mine.status_code == theirs.status_code == 202 and mine.json()["id"] != theirs.json()["id"]
+    with client.app.state.sessions() as session:
+        records = list(session.scalars(select(IdempotencyKey).where(IdempotencyKey.key == key)))
+    assert len(records) == 2
+    for record in records:
+        assert record.expires_at - record.created_at >= timedelta(hours=24)
+        assert record.response_status == 202 and record.response_headers["Location"].startswith("/deletion-requests/")
+
+
+def test_an_expired_key_starts_afresh(client: TestClient, model_spec: dict[str, Any]) -> None:
+    key = unique_name("key")
+    first = client.post("/models", json=model_spec, headers=_key(key))
+    with client.app.state.sessions.begin() as session:
+        session.execute(update(IdempotencyKey).where(IdempotencyKey.key == key).values(expires_at=utcnow()))
+
+    again = client.post("/models", json=model_spec, headers=_key(key))
+
+    assert first.status_code == 201
+    assert_problem(again, 409, "model_name_taken")  # run again, not replayed
+
+
+def test_a_malformed_key_is_422(client: TestClient, model_spec: dict[str, Any]) -> None:
+    for bad in ("", "x" * 256, "has space"):
+        response = client.post("/models", json=model_spec, headers=_key(bad))
+        assert_problem(response, 422, "validation_error")
+        assert response.json()["errors"][0]["loc"] == ["header", "Idempotency-Key"]

@@ -1,0 +1,126 @@
+"""Malicious and malformed checkpoint uploads: each a 4xx that says what is wrong, nothing executed,
+nothing stored (no artifact file, no version row, no audit event)."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api_helpers import assert_problem, authorize
+from core.architectures import build_model
+from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
+from core.settings import Settings
+
+MARKER = "PWNED-by-upload"
+
+
+class _Payload:
+    """Unpickling this writes a file: proof that something was executed."""
+
+    def __reduce__(self):  # noqa: ANN204
+        return (exec, (f"import pathlib; pathlib.Path({MARKER!r}).write_text('x')",))
+
+
+def _pickle(_good: bytes) -> bytes:
+    return pickle.dumps({"state_dict": _Payload()}, protocol=4)
+
+
+def _torch_zip(_good: bytes) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"weights": torch.zeros(3), "evil": _Payload()}, buffer)  # a real .pt file
+    return buffer.getvalue()
+
+
+def _mutate_header(data: bytes, change: Callable[[dict], None]) -> bytes:
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    change(header)
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data[8 + length :]
+
+
+def _header_overflow(good: bytes) -> bytes:
+    return struct.pack("<Q", 2**63) + good[8:]
+
+
+def _overlapping(good: bytes) -> bytes:
+    def change(header: dict) -> None:
+        tensors = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+        first, second = header[tensors[0]], header[tensors[1]]
+        size = second["data_offsets"][1] - second["data_offsets"][0]
+        second["data_offsets"] = [first["data_offsets"][0], first["data_offsets"][0] + size]  # on top of the first
+
+    return _mutate_header(good, change)
+
+
+def _wrong_shapes(good: bytes) -> bytes:
+    _, manifest = load_checkpoint_bytes(good)
+    five = manifest.model_copy(update={"num_classes": 5, "class_names": list("abcde")})
+    return checkpoint_bytes(build_model("smallcnn", 1, 5), five)
+
+
+def _nan(good: bytes) -> bytes:
+    model, manifest = load_checkpoint_bytes(good)
+    with torch.no_grad():
+        next(p for p in model.parameters()).view(-1)[0] = float("nan")
+    return checkpoint_bytes(model, manifest)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_pickle, "this is a Python pickle (protocol 4"),
+        (_torch_zip, "this is a zip archive, the format of torch.save"),
+        (_header_overflow, "header length (9223372036854775808 bytes) is out of bounds"),
+        (_overlapping, "tensor data overlap"),
+        (_wrong_shapes, "shape [5"),
+        (_nan, "holds NaN or Inf"),
+        (lambda good: good[: len(good) // 2], "data offsets lie outside the file"),
+    ],
+    ids=["pickle", "torch-zip", "header-overflow", "overlapping-offsets", "wrong-shapes", "nan", "truncated"],
+)
+def test_a_bad_checkpoint_is_refused_unexecuted_and_unstored(
+    client: TestClient, registered_model, digits_checkpoint: bytes, make, message: str,  # noqa: ANN001
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where the payload would write its marker
+    model = registered_model(upload=False)
+    artifacts = client.app.state.settings.effective_artifact_dir
+    before = sorted(artifacts.rglob("*")) if artifacts.exists() else []
+
+    files = {"file": ("model.safetensors", make(digits_checkpoint), "application/octet-stream")}
+    response = client.post(f"/models/{model['id']}/versions", files=files)
+
+    assert_problem(response, 422, "invalid_checkpoint", message)
+    assert not (tmp_path / MARKER).exists()
+    assert (sorted(artifacts.rglob("*")) if artifacts.exists() else []) == before
+    assert client.get(f"/models/{model['id']}/versions").json()["versions"] == []
+    events = client.get("/audit-events", params={"model_id": model["id"]}).json()["audit_events"]
+    assert [e["action"] for e in events] == ["model.created"]
+
+
+def test_oversized_checkpoints_are_refused(tmp_path: Path, digits_checkpoint: bytes) -> None:
+    parameters = sum(p.numel() for p in load_checkpoint_bytes(digits_checkpoint)[0].state_dict().values())
+    settings = Settings(home=tmp_path, max_checkpoint_parameters=parameters - 1, max_upload_bytes=len(digits_checkpoint) + 10)
+    with TestClient(create_app(settings)) as client:
+        authorize(client)
+        spec = {"name": "m", "architecture": "smallcnn", "num_classes": 10, "input_shape": [1, 8, 8],
+                "mean": [0.3], "std": [0.4], "data_source": "digits"}
+        model_id = client.post("/models", json=spec).json()["id"]
+
+        def upload(data: bytes):  # noqa: ANN202
+            return client.post(f"/models/{model_id}/versions", files={"file": ("m.safetensors", data)})
+
+        assert_problem(upload(digits_checkpoint), 422, "invalid_checkpoint", f"more than {parameters - 1} parameters")
+        assert_problem(upload(digits_checkpoint + b"\0" * 64), 413, "checkpoint_too_large", "the limit is")
+        assert client.get(f"/models/{model_id}/versions").json()["versions"] == []
+        assert not settings.effective_artifact_dir.exists() or not any(settings.effective_artifact_dir.rglob("*.*"))

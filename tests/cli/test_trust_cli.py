@@ -1,0 +1,146 @@
+"""`uisps keys`, `uisps audit verify` and `uisps certificate verify`, on the embedded SQLite database
+and on a PostgreSQL database of this test's own (the audit test tampers with it)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text
+from typer.testing import CliRunner
+
+from core.certificates import Signer
+from core.db import AuditEvent, Model, ModelVersion, make_engine, make_sessionmaker
+from core.db.migrate import upgrade
+from core.services.deletion_requests.jobs import deletion_jobs
+from core.services.deletion_requests.service import deletion_request_service
+from core.settings import Settings
+from core.storage import StoredArtifact
+from uisps.cli import app
+
+runner = CliRunner()
+
+
+def uisps(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def home(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """UISPS_HOME (and, for PostgreSQL, UISPS_DATABASE_URL) as the command line reads them."""
+    for name in ("UISPS_DATABASE_URL", "UISPS_BROKER_URL", "UISPS_CERTIFICATE_KEY_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("UISPS_HOME", str(tmp_path))
+    if request.param == "postgresql":
+        # A database of its own: the audit test tampers with it.
+        monkeypatch.setenv("UISPS_DATABASE_URL", request.getfixturevalue("own_pg_database"))
+    settings = Settings()
+    upgrade(settings.effective_database_url)
+    return settings
+
+
+def _sessions(settings: Settings):  # noqa: ANN202
+    return make_sessionmaker(make_engine(settings.effective_database_url))
+
+
+def _succeeded_request(settings: Settings, tenant: str = "acme") -> str:
+    """A model, a version 1 and a succeeded deletion request, written straight to the database."""
+    sessions = _sessions(settings)
+    with sessions.begin() as session:
+        model = Model(tenant_id=tenant, name=f"m-{uuid.uuid4().hex[:8]}", architecture="smallcnn", arch_kwargs={},
+                      num_classes=10, class_names=[str(i) for i in range(10)], input_shape=[1, 8, 8], mean=[0.3],
+                      std=[0.4], data_source="digits")
+        session.add(model)
+        session.flush()
+        session.add(ModelVersion(tenant_id=tenant, model_id=model.id, version=1, artifact_key="sha256/aa/" + "a" * 64,
+                                 sha256="a" * 64, size_bytes=10, forgotten_labels=[]))
+        session.flush()
+        request = deletion_request_service.create(
+            session, tenant_id=tenant, actor="test", settings=settings, model_id=model.id, forget_labels=[7],
+            dispatch=lambda _id: None,
+        )
+        request_id = request.id
+    with sessions.begin() as session:
+        job = deletion_jobs.claim(session, request_id, lease_s=60).job
+        deletion_jobs.complete(
+            session, request_id, artifact=StoredArtifact("sha256/bb/" + "b" * 64, "b" * 64, 10),
+            forgotten_labels=[7], metrics={"after": {"acc_forget": 0.0}, "code_version": "test"}, attempt=job.attempt,
+        )
+    return request_id
+
+
+def test_keys_are_created_listed_and_revoked(home: Settings) -> None:
+    code, out = uisps("keys", "create", "--tenant", "acme", "--role", "compliance", "--name", "dpo")
+    assert code == 0
+    secret = out.strip().splitlines()[-1]
+    assert secret.startswith("uisps_") and len(secret) == 49
+
+    code, out = uisps("keys", "list", "--json")
+    assert code == 0
+    (listed,) = [json.loads(line) for line in out.splitlines()]
+    assert listed["role"] == "compliance" and listed["name"] == "dpo" and secret[:12] == listed["prefix"]
+    assert secret not in out  # only the prefix is ever shown again
+
+    assert uisps("keys", "revoke", listed["id"])[0] == 0
+    assert json.loads(uisps("keys", "list", "--json")[1])["revoked_at"] is not None
+    assert uisps("keys", "revoke", "no-such-key") == (2, "error: API key no-such-key does not exist\n")
+    code, out = uisps("keys", "create", "--tenant", "acme", "--role", "owner")
+    assert code == 2 and "role must be one of admin, compliance, reader" in out
+
+
+def test_audit_verify_names_the_first_changed_row(home: Settings) -> None:
+    _succeeded_request(home, "acme")
+    _succeeded_request(home, "globex")
+    code, out = uisps("audit", "verify")
+    assert code == 0 and out.startswith("OK: ") and "2 tenant chain(s)" in out
+
+    sessions = _sessions(home)
+    with sessions.begin() as session:
+        events = list(session.scalars(select(AuditEvent).where(AuditEvent.tenant_id == "acme").order_by(AuditEvent.id)))
+        victim = events[2]
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("ALTER TABLE audit_events DISABLE TRIGGER USER"))
+        else:
+            session.execute(text("DROP TRIGGER audit_events_no_update"))
+        session.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE id = :id"), {"id": victim.id})
+
+    code, out = uisps("audit", "verify")
+
+    assert code == 1
+    assert f"BROKEN: tenant 'acme': audit event {victim.id} ({victim.action}" in out
+    assert "content no longer matches its hash" in out
+    assert "1 broken chain(s), 1 intact" in out
+    assert uisps("audit", "verify", "--tenant", "globex")[0] == 0
+
+
+def test_certificate_verify_accepts_the_real_one_and_refuses_a_changed_one(home: Settings, tmp_path: Path) -> None:
+    request_id = _succeeded_request(home)
+    signer = Signer(home.effective_certificate_key_path)  # the key the service signs with
+    with _sessions(home)() as session:
+        document = signer.sign(deletion_request_service.certificate_content(session, "acme", request_id))
+    good = tmp_path / "certificate.json"
+    good.write_text(json.dumps(document, indent=2))
+    pem = tmp_path / "key.pem"
+    pem.write_bytes(signer.public_key_pem())
+
+    code, out = uisps("certificate", "verify", str(good))
+    assert code == 0 and f"OK: deletion request {request_id} of tenant 'acme': labels [7] forgotten" in out
+    assert uisps("certificate", "verify", str(good), "--public-key", str(pem))[0] == 0
+
+    forged = json.loads(good.read_text())
+    forged["certificate"]["new_checkpoint"]["sha256"] = "c" * 64
+    bad = tmp_path / "forged.json"
+    bad.write_text(json.dumps(forged))
+    code, out = uisps("certificate", "verify", str(bad), "--public-key", str(pem))
+    assert code == 1 and out.startswith("INVALID: the signature does not match")
+
+    other = tmp_path / "other.pem"
+    other.write_bytes(Signer(tmp_path / "elsewhere" / "k.pem").public_key_pem())
+    code, out = uisps("certificate", "verify", str(good), "--public-key", str(other))
+    assert code == 1 and "not by the given public key" in out
+    (tmp_path / "junk.json").write_text("{not json")
+    assert uisps("certificate", "verify", str(tmp_path / "junk.json"))[0] == 1
+    assert uisps("certificate", "verify", str(tmp_path / "missing.json"))[0] == 2

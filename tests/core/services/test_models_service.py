@@ -1,0 +1,36 @@
+"""The checkpoint checks of core.services.models.service that need no database: a stored
+checkpoint is hashed again before it is served, whole (local files) or while it streams."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from core.services.errors import ArtifactCorrupted
+from core.services.models.service import verified_chunks, verify_artifact
+from core.storage import LocalArtifactStore
+
+
+def test_an_intact_artifact_passes_and_streams_whole(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path)
+    data = b"checkpoint" * 300_000  # several chunks
+    stored = store.put(data)
+
+    verify_artifact(store, stored.key, stored.sha256)
+    assert b"".join(verified_chunks(store, stored.key, stored.sha256)) == data
+
+
+def test_a_changed_artifact_is_refused_before_or_at_the_end_of_the_stream(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path)
+    stored = store.put(b"checkpoint" * 300_000)
+    store.local_path(stored.key).write_bytes(b"tampered" * 300_000)
+
+    with pytest.raises(ArtifactCorrupted, match=f"not its recorded {stored.sha256}"):
+        verify_artifact(store, stored.key, stored.sha256)
+    stream = verified_chunks(store, stored.key, stored.sha256)
+    with pytest.raises(ArtifactCorrupted):
+        for _ in stream:  # the bytes go out, then the stream fails: the connection is cut
+            pass
+    assert hashlib.sha256(store.local_path(stored.key).read_bytes()).hexdigest() != stored.sha256

@@ -1,0 +1,336 @@
+"""The S3 artifact store against a real S3-compatible server: moto's server, in a subprocess.
+
+The same behaviours as tests/core/test_storage.py checks for the local store, over HTTP. Skipped
+(with the reason) when boto3 or moto's server is not installed or the server does not start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from core.settings import Settings
+from core.storage import (
+    ArtifactNotFound,
+    InvalidArtifactKey,
+    S3ArtifactStore,
+    make_artifact_store,
+)
+
+boto3 = pytest.importorskip("boto3", reason="boto3 is not installed (pip install -e '.[test]')")
+
+CONTENT = b"checkpoint bytes " * 1000
+DIGEST = hashlib.sha256(CONTENT).hexdigest()
+KEY = f"sha256/{DIGEST[:2]}/{DIGEST}"
+MIB = 1024 * 1024
+SERVER_START_TIMEOUT_S = 30.0
+# Fake credentials for the fake server; boto3 refuses to sign without some.
+FAKE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _moto_server_command() -> list[str] | None:
+    script = Path(sys.executable).with_name("moto_server")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("moto_server")
+    return [found] if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> str | None:
+    """None once the port accepts connections, else why it never did."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return f"moto_server exited with {process.returncode}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return None
+        except OSError:
+            time.sleep(0.1)
+    return f"moto_server did not listen on port {port} within {timeout_s:.0f} s"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    command = _moto_server_command()
+    if command is None:
+        pytest.skip("moto's server is not installed (pip install 'moto[server]')")
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    env = {**os.environ, **FAKE_CREDENTIALS}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*command, "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        problem = _wait_for_port(port, process, SERVER_START_TIMEOUT_S)
+        if problem is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            pytest.skip(f"{problem}; its log ends with:\n{tail}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Only the fake credentials: never a developer's profile or real keys.
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    for name, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, aws_env: None) -> str:
+    """A new, empty bucket for this test."""
+    name = f"uisps-test-{secrets.token_hex(6)}"
+    _raw_client(s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def store(s3_endpoint: str, bucket: str) -> S3ArtifactStore:
+    return S3ArtifactStore(bucket, "tenant/artifacts/", endpoint_url=s3_endpoint, addressing_style="path")
+
+
+def _raw_client(endpoint: str):  # type: ignore[no-untyped-def]
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+def _objects(store: S3ArtifactStore) -> list[str]:
+    """Every object in the store's bucket (not only under its prefix: nothing may leak outside)."""
+    listing = _raw_client(store.endpoint_url).list_objects_v2(Bucket=store.bucket)  # type: ignore[arg-type]
+    return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+def _in_progress_uploads(store: S3ArtifactStore) -> list[str]:
+    listing = _raw_client(store.endpoint_url).list_multipart_uploads(Bucket=store.bucket)  # type: ignore[arg-type]
+    return [upload["Key"] for upload in listing.get("Uploads", [])]
+
+
+def test_key_is_the_content_hash(store: S3ArtifactStore) -> None:
+    stored = store.put(CONTENT)
+
+    assert stored.key == KEY
+    assert (stored.sha256, stored.size) == (DIGEST, len(CONTENT))
+    assert _objects(store) == [f"tenant/artifacts/{KEY}"]
+    with store.open(stored.key) as stream:
+        assert stream.read() == CONTENT
+
+
+def test_object_records_its_sha256(store: S3ArtifactStore) -> None:
+    store.put(CONTENT)
+
+    client = _raw_client(store.endpoint_url)  # type: ignore[arg-type]
+    head = client.head_object(Bucket=store.bucket, Key=store.object_key(KEY))
+
+    assert head["Metadata"] == {"sha256": DIGEST}
+    assert head["ContentLength"] == len(CONTENT)
+
+
+def test_every_kind_of_source_stores_the_same_artifact(store: S3ArtifactStore, tmp_path: Path) -> None:
+    source_file = tmp_path / "model.safetensors"
+    source_file.write_bytes(CONTENT)
+    chunks = [CONTENT[:100], CONTENT[100:]]
+
+    keys = {
+        store.put(source).key
+        for source in (CONTENT, bytearray(CONTENT), source_file, io.BytesIO(CONTENT), chunks)
+    }
+
+    assert keys == {KEY}
+    assert _objects(store) == [f"tenant/artifacts/{KEY}"]
+
+
+def test_put_is_idempotent(store: S3ArtifactStore) -> None:
+    first = store.put(CONTENT)
+    second = store.put(CONTENT)
+
+    assert first == second
+    assert _objects(store) == [f"tenant/artifacts/{KEY}"]
+
+
+def test_failing_stream_leaves_no_object(store: S3ArtifactStore) -> None:
+    def broken_upload() -> Iterator[bytes]:
+        yield CONTENT
+        raise ConnectionError("client went away")
+
+    with pytest.raises(ConnectionError):
+        store.put(broken_upload())
+
+    assert _objects(store) == []
+    assert _in_progress_uploads(store) == []
+
+
+def test_large_artifacts_go_up_in_parts(s3_endpoint: str, bucket: str) -> None:
+    # S3's smallest part is 5 MiB; 11 MiB over 5 MiB parts is three of them.
+    store = S3ArtifactStore(
+        bucket, endpoint_url=s3_endpoint, addressing_style="path", multipart_threshold=5 * MIB, part_size=5 * MIB
+    )
+    content = secrets.token_bytes(11 * MIB)
+    digest = hashlib.sha256(content).hexdigest()
+
+    stored = store.put(iter([content[:3 * MIB], content[3 * MIB :]]))
+
+    assert (stored.sha256, stored.size) == (digest, len(content))
+    assert _objects(store) == [f"sha256/{digest[:2]}/{digest}"]
+    assert _in_progress_uploads(store) == []
+    assert hashlib.sha256(b"".join(store.iter_bytes(stored.key))).hexdigest() == digest
+
+
+def test_iter_bytes_streams_the_content(store: S3ArtifactStore) -> None:
+    key = store.put(CONTENT).key
+
+    chunks = list(store.iter_bytes(key, chunk_size=1000))
+
+    assert b"".join(chunks) == CONTENT
+    assert len(chunks) >= len(CONTENT) // 1000
+
+
+def test_open_reads_in_pieces(store: S3ArtifactStore) -> None:
+    key = store.put(CONTENT).key
+
+    with store.open(key) as stream:
+        head = stream.read(10)
+        rest = stream.read()
+
+    assert head + rest == CONTENT
+
+
+def test_there_is_no_local_path(store: S3ArtifactStore) -> None:
+    key = store.put(CONTENT).key
+
+    assert store.local_path(key) is None
+
+
+def test_exists_tells_stored_from_missing(store: S3ArtifactStore) -> None:
+    assert not store.exists(KEY)
+
+    store.put(CONTENT)
+
+    assert store.exists(KEY)
+
+
+def test_delete_removes_the_artifact(store: S3ArtifactStore) -> None:
+    key = store.put(CONTENT).key
+
+    store.delete(key)
+
+    assert not store.exists(key)
+    assert _objects(store) == []
+    store.delete(key)  # deleting a missing artifact is not an error
+
+
+def test_missing_artifact_is_reported(store: S3ArtifactStore) -> None:
+    with pytest.raises(ArtifactNotFound):
+        store.open(KEY)
+    with pytest.raises(ArtifactNotFound):
+        list(store.iter_bytes(KEY))
+
+
+def test_an_unreachable_bucket_is_an_error_not_a_missing_artifact(s3_endpoint: str, aws_env: None) -> None:
+    store = S3ArtifactStore("no-such-bucket-" + secrets.token_hex(4), endpoint_url=s3_endpoint, addressing_style="path")
+
+    with pytest.raises(Exception) as raised:
+        store.put(CONTENT)
+
+    assert not isinstance(raised.value, ArtifactNotFound)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../../etc/passwd",
+        f"sha256/{DIGEST[:2]}/../../../{DIGEST}",
+        f"/sha256/{DIGEST[:2]}/{DIGEST}",
+        f"sha256/{DIGEST[:2].upper()}/{DIGEST.upper()}",
+        f"sha256/00/{DIGEST}" if not DIGEST.startswith("00") else f"sha256/11/{DIGEST}",
+        f"sha256/{DIGEST[:2]}/{DIGEST}/",
+    ],
+)
+def test_keys_outside_the_scheme_are_rejected(key: str) -> None:
+    # Rejected before any request: the client is never even created.
+    store = S3ArtifactStore("bucket", endpoint_url="http://127.0.0.1:9")
+    for operation in (store.exists, store.open, store.delete, store.local_path, store.iter_bytes):
+        with pytest.raises(InvalidArtifactKey):
+            result = operation(key)
+            if isinstance(result, Iterator):
+                next(result)
+    assert store._client is None
+
+
+def test_prefix_is_optional_and_slashes_are_trimmed() -> None:
+    assert S3ArtifactStore("b").object_key(KEY) == KEY
+    assert S3ArtifactStore("b", "/a/b/").object_key(KEY) == f"a/b/{KEY}"
+
+
+def test_factory_builds_the_s3_store_from_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("UISPS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("UISPS_HOME", str(tmp_path))
+    monkeypatch.setenv("UISPS_ARTIFACT_BACKEND", "s3")
+    monkeypatch.setenv("UISPS_S3_BUCKET", "checkpoints")
+    monkeypatch.setenv("UISPS_S3_PREFIX", "prod")
+    monkeypatch.setenv("UISPS_S3_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("UISPS_S3_REGION", "eu-west-1")
+    monkeypatch.setenv("UISPS_S3_ADDRESSING_STYLE", "path")
+
+    store = make_artifact_store(Settings())
+
+    assert isinstance(store, S3ArtifactStore)
+    assert (store.bucket, store.prefix, store.endpoint_url, store.region, store.addressing_style) == (
+        "checkpoints",
+        "prod",
+        "http://minio:9000",
+        "eu-west-1",
+        "path",
+    )
+
+
+def test_empty_s3_variables_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Compose files pass `UISPS_S3_ENDPOINT_URL=${UISPS_S3_ENDPOINT_URL:-}`: empty is "use AWS".
+    monkeypatch.setenv("UISPS_S3_ENDPOINT_URL", "")
+    monkeypatch.setenv("UISPS_S3_REGION", "")
+
+    settings = Settings()
+
+    assert settings.s3_endpoint_url is None and settings.s3_region is None
+
+
+def test_factory_refuses_s3_without_a_bucket(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="UISPS_S3_BUCKET"):
+        make_artifact_store(Settings(home=tmp_path, artifact_backend="s3", s3_bucket=None))

@@ -1,0 +1,129 @@
+"""Crash-safe jobs with real worker processes on PostgreSQL + Redis: a worker killed with SIGKILL in
+the middle of a job (scripts/crash_drill.py), and Redis flushed while jobs wait in its queue."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from core.db import DeletionRequest, ModelVersion, make_engine, make_sessionmaker
+from core.db.migrate import upgrade
+from core.services.deletion_requests.service import deletion_request_service
+from core.services.models.service import ModelSpec, model_service
+from core.settings import Settings
+from core.storage import make_artifact_store
+from uisps.demo import model_spec_of
+from worker.celery_app import make_celery, send_deletion_request
+
+ROOT = Path(__file__).resolve().parents[2]
+# Enough to exercise every stage of a job in a second or two (as in conftest.py).
+TINY_PARAMS = {"inversion": {"iterations": 20, "n_per_class": 8}, "fisher_retain_size": 64, "steps": 5, "precision": "fp32"}
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_job_makes_one_version(
+    own_pg_database: str, redis_url: str, digits_checkpoint: bytes, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    checkpoint = tmp_path_factory.getbasetemp() / "digits-smallcnn.safetensors"  # digits_checkpoint's cache
+    assert checkpoint.read_bytes() == digits_checkpoint
+
+    drill = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "crash_drill.py"), "--runs", "1", "--checkpoint", str(checkpoint),
+         "--database-url", own_pg_database, "--broker-url", redis_url],
+        capture_output=True, text=True, timeout=400,
+    )
+
+    assert drill.returncode == 0, drill.stdout + drill.stderr[-3000:]
+    assert "run   1: ok   killed at " in drill.stdout and "on attempt 2, 1 version" in drill.stdout
+    assert "crash drill: 1/1 runs finished with exactly one version" in drill.stdout
+
+
+@pytest.fixture
+def worker_process(own_pg_database: str, redis_url: str, tmp_path: Path) -> Iterator[tuple[Settings, subprocess.Popen]]:
+    """`python -m worker` on a database of its own and the run's Redis, reconciling every second."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("UISPS_")},
+        "UISPS_HOME": str(tmp_path),
+        "UISPS_DATABASE_URL": own_pg_database,
+        "UISPS_BROKER_URL": redis_url,
+        "UISPS_RECONCILE_INTERVAL_S": "1",
+        "UISPS_REQUEUE_AFTER_S": "3",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    settings = Settings(home=tmp_path, database_url=own_pg_database, broker_url=redis_url)
+    upgrade(own_pg_database)
+    with (tmp_path / "worker.log").open("wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "worker", "--loglevel=INFO"], cwd=ROOT, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield settings, worker
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+
+
+def test_flushing_redis_while_jobs_are_queued_loses_none(worker_process, digits_checkpoint: bytes, redis_url: str) -> None:  # noqa: ANN001
+    settings, worker = worker_process
+    engine = make_engine(settings.effective_database_url)
+    sessions = make_sessionmaker(engine)
+    celery = make_celery(settings)
+    try:
+        with sessions() as session:
+            model = model_service.create(session, tenant_id="default", actor="test",
+                                         spec=ModelSpec(**model_spec_of(digits_checkpoint, "flush")))
+            session.commit()
+            model_service.upload_version(session, tenant_id="default", actor="test", model_id=model.id,
+                                         checkpoint=digits_checkpoint, store=make_artifact_store(settings),
+                                         max_bytes=len(digits_checkpoint))
+            session.commit()
+            ids = []
+            for label in (1, 2, 3, 4):
+                request = deletion_request_service.create(
+                    session, tenant_id="default", actor="test", settings=settings, model_id=model.id,
+                    forget_labels=[label], base_version=1, params=TINY_PARAMS,
+                    dispatch=lambda request_id: send_deletion_request(celery, request_id),
+                )
+                session.commit()  # each is sent to Redis on commit
+                ids.append(request.id)
+
+        def states() -> dict[str, str]:
+            with sessions() as session:
+                rows = session.execute(select(DeletionRequest.id, DeletionRequest.state).where(DeletionRequest.id.in_(ids)))
+                return {row.id: row.state for row in rows}
+
+        deadline = time.monotonic() + 120
+        while "running" not in states().values():  # the worker took the first; the rest wait in Redis
+            assert worker.poll() is None and time.monotonic() < deadline, "the worker never started a job"
+            time.sleep(0.1)
+        waiting = [i for i, state in states().items() if state == "queued"]
+        assert waiting, "every job had already left the queue"
+
+        redis.Redis.from_url(redis_url).flushdb()  # the broker loses every message it held
+
+        deadline = time.monotonic() + 240
+        while set(states().values()) - {"succeeded"}:
+            assert worker.poll() is None and time.monotonic() < deadline, states()
+            time.sleep(0.2)
+        with sessions() as session:
+            for request_id in ids:
+                count = select(func.count()).select_from(ModelVersion).where(ModelVersion.deletion_request_id == request_id)
+                assert session.scalar(count) == 1
+            attempts = dict(session.execute(select(DeletionRequest.id, DeletionRequest.attempts).where(
+                DeletionRequest.id.in_(ids))).all())
+        assert all(attempts[request_id] == 1 for request_id in waiting)  # re-sent, not retried
+    finally:
+        celery.close()
+        engine.dispose()
