@@ -58,3 +58,15 @@ def test_imagefolder_reads_train_and_test_class_folders(tmp_path):
     ds = load_dataset(f"imagefolder:{tmp_path}")
     assert ds.classes == ["cat", "dog"] and ds.input_shape == (3, 5, 6)
     assert len(ds.train) == 6 and ds.train.y.tolist().count(1) == 3
+
+
+def test_the_shared_cifar10_subset_loads_as_colour_images():
+    import os
+    from pathlib import Path
+
+    path = Path(os.environ.get("UISPS_CIFAR10_SUBSET", Path(__file__).parents[3] / "shared/data/cifar10_subset.npz"))
+    if not path.exists():
+        pytest.skip(f"the CIFAR-10 subset is not on this machine ({path}; set UISPS_CIFAR10_SUBSET)")
+    ds = load_dataset(f"npz:{path}")
+    assert (len(ds.train), len(ds.test), ds.input_shape) == (5085, 1017, (3, 32, 32))
+    assert ds.classes[0] == "airplane" and ds.flip
