@@ -18,11 +18,15 @@ from api.certificates.endpoints import router as certificates_router
 from api.deletion_requests.endpoints import router as deletion_requests_router
 from api.health import router as health_router
 from api.limits import BodySizeLimit
+from api.metrics import HttpMetrics
+from api.metrics import router as metrics_router
 from api.models.endpoints import router as models_router
+from api.observability import RequestContext
 from api.problems import document_validation_problems, install_problem_handlers
 from core.certificates import Signer
 from core.db import ApiKey, make_engine, make_sessionmaker
 from core.db.migrate import upgrade
+from core.logs import configure_logging, root_configured_elsewhere
 from core.settings import Settings, get_settings
 from core.storage import make_artifact_store
 from worker.celery_app import make_celery, send_deletion_request
@@ -49,6 +53,8 @@ DB_CONNECT_TIMEOUT_S = 5
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    if not root_configured_elsewhere():  # uvicorn leaves the root logger alone; a host may not
+        configure_logging(settings.log_format, settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,8 +86,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     document_validation_problems(app)
     app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes)
+    # Added last, so outermost: a body-limit refusal has a request id and is counted too.
+    app.state.metrics = HttpMetrics(lambda: app.state.sessions(), settings.metrics_recent_jobs)
+    app.add_middleware(RequestContext, metrics=app.state.metrics, access_log=settings.access_log)
     for router in (
         health_router,
+        metrics_router,
         models_router,
         deletion_requests_router,
         audit_events_router,

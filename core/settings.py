@@ -63,6 +63,17 @@ class Settings(BaseSettings):
         return path.expanduser()
     # --- end of the trust settings ----------------------------------------------------------------
 
+    # --- Observability (issue #7): logs and metrics -----------------------------------------------
+    # `json` (one object per line, with request_id / deletion_request_id) for log collectors;
+    # `text` for a terminal.
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    # One INFO line per HTTP request (logger `uisps.access`: method, route, status, duration).
+    access_log: bool = True
+    # /metrics: job stage timings are averaged over this many most recently finished jobs.
+    metrics_recent_jobs: int = 100
+    # --- end of the observability settings --------------------------------------------------------
+
     # --- S3-compatible artifact storage (UISPS_ARTIFACT_BACKEND=s3) ------------------------------
     # Credentials are deliberately not settings: boto3 finds them the standard way
     # (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE, an instance role).

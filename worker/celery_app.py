@@ -20,7 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.signals import setup_logging
 
+from core.logs import configure_logging
 from core.settings import Settings, get_settings
 
 RUN_DELETION_REQUEST = "uisps.run_deletion_request"
@@ -74,6 +76,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app = Celery("uisps", include=["worker.tasks"], set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
+
+
+@setup_logging.connect(weak=False)
+def _configure_worker_logging(loglevel: Any = None, **_: Any) -> None:
+    """The worker logs through core.logs (UISPS_LOG_FORMAT=json|text), its job lines carrying the
+    deletion request id; connecting here tells Celery not to install its own handlers."""
+    configure_logging(get_settings().log_format, loglevel or get_settings().log_level)
 
 
 # The worker's app (`celery -A worker.celery_app worker`, `uisps worker`), from the environment.

@@ -6,6 +6,7 @@ written to the database; Celery only carries the request id.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import math
@@ -22,6 +23,7 @@ from core.config import UnlearnConfig
 from core.data import load_dataset
 from core.device import pick_device
 from core.errors import UisError
+from core.logs import deletion_request_context
 from core.services.deletion_requests.jobs import ClaimOutcome, JobInput, JobLost, deletion_jobs
 from core.services.errors import ArtifactCorrupted
 from core.services.models.service import manifest_for
@@ -111,6 +113,11 @@ class ProgressTracker:
 
 
 def run_job(request_id: str, settings: Settings) -> RunOutcome:
+    with deletion_request_context(request_id):  # every log line of the job names the request
+        return _run_job(request_id, settings)
+
+
+def _run_job(request_id: str, settings: Settings) -> RunOutcome:
     sessions = sessions_for(settings.effective_database_url)
     lease_s = float(settings.job_lease_s)
     with sessions.begin() as session:
@@ -183,7 +190,10 @@ class LeaseKeeper:
         self._attempt = attempt
         self._lease_s = lease_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{request_id[:8]}", daemon=True)
+        # In a copy of the job's context, so the heartbeat's log lines name the request too.
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._run,), name=f"lease-{request_id[:8]}", daemon=True
+        )
 
     def __enter__(self) -> LeaseKeeper:
         self._thread.start()
