@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from core.errors import DataError
-from core.validation import check_labels  # noqa: F401  (re-exported: callers know it here)
 
 
 @dataclass(frozen=True)

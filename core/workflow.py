@@ -11,13 +11,14 @@ from torch import nn
 from core.architectures import build_model, validate_arch_name
 from core.checkpoint import Manifest
 from core.config import TrainConfig, UnlearnConfig
-from core.data import Dataset, check_labels, retained_data
+from core.data import Dataset, retained_data
 from core.device import Normalizer
 from core.errors import DataError
 from core.metrics import MIA_DEFINITION, Evaluation, evaluate
 from core.progress import ProgressFn, no_progress
 from core.training import train
 from core.uisps import run_uisps
+from core.validation import check_labels
 
 
 def train_model(

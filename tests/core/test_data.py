@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from core.data import check_labels, load_dataset
+from core.data import load_dataset
+from core.validation import check_labels
 from core.errors import DataError, InvalidLabels
 
 
