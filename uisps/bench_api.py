@@ -78,7 +78,7 @@ class ApiBenchSetup:
     database_url: str | None = None  # default: a fresh database on admin_url's server
     admin_url: str = DEFAULT_ADMIN_URL
     broker_url: str | None = None  # default: an empty database number of DEFAULT_REDIS_URL
-    access_log: bool = False
+    access_log: bool = True  # the service's own access log (UISPS_ACCESS_LOG), on as in production
     seed: int = 0
 
     @property
@@ -364,14 +364,21 @@ class CpuMeter:
         after, host_after, wall = _proc_table(), _host_cpu(), time.perf_counter() - self.t0
         groups = self._groups(after)
         used: dict[str, float] = {"api": 0.0, "client": 0.0, "postgresql": 0.0, "redis": 0.0}
-        for pid, group in groups.items():
+        others: dict[str, float] = {}
+        for pid, (name, _, seconds) in after.items():
             before = self.before.get(pid)
-            used[group] += after[pid][2] - (before[2] if before and before[0] == after[pid][0] else 0.0)
+            delta = seconds - (before[2] if before and before[0] == name else 0.0)
+            if pid in groups:
+                used[groups[pid]] += delta
+            elif delta > 0:
+                others[name] = others.get(name, 0.0) + delta
         result: dict[str, Any] = {
             "wall_s": round(wall, 2),
             "cores_used": {group: round(seconds / wall, 2) for group, seconds in used.items()},
         }
         result["cpu_s"] = {group: round(seconds, 3) for group, seconds in used.items()}
+        top = sorted(others.items(), key=lambda item: -item[1])[:5]
+        result["other_processes"] = {name: round(seconds / wall, 2) for name, seconds in top if seconds / wall >= 0.01}
         if self.host_before and host_after:
             busy = host_after[0] - self.host_before[0]
             total = host_after[1] - self.host_before[1]
@@ -515,8 +522,8 @@ def _random_checkpoint() -> tuple[dict[str, Any], bytes]:
 
 
 class _Server:
-    def __init__(self, home: Path, env: dict[str, str], workers: int, access_log: bool) -> None:
-        self.home, self.env, self.workers, self.access_log = home, env, workers, access_log
+    def __init__(self, home: Path, env: dict[str, str], workers: int) -> None:
+        self.home, self.env, self.workers = home, env, workers
         self.port = _free_port()
         self.log_path = home / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -527,11 +534,11 @@ class _Server:
 
     @property
     def command(self) -> list[str]:
-        command = [
+        # uvicorn's own access log off: the service writes one itself (UISPS_ACCESS_LOG).
+        return [
             sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
-            "--port", str(self.port), "--workers", str(self.workers), "--log-level", "warning",
+            "--port", str(self.port), "--workers", str(self.workers), "--log-level", "warning", "--no-access-log",
         ]
-        return command + ([] if self.access_log else ["--no-access-log"])
 
     def start(self) -> None:
         log = self.log_path.open("wb")
@@ -600,9 +607,48 @@ def _seed(url: str, admin_key: str, compliance_key: str, count: int) -> tuple[st
     return model_id, ids, labels
 
 
-def _run_phase(spec: dict[str, Any], server_pid: int, timeout_s: float) -> dict[str, Any]:
+class _SessionCounter:
+    """New PostgreSQL connections to the bench's database (pg_stat_database.sessions, PG 14+).
+
+    Many per second under a steady load means connection churn: the API's pool discards the
+    connections it opened above its pool_size, and every new one costs a backend fork and a login.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.connection = None
+        try:
+            import psycopg
+            from sqlalchemy.engine import make_url
+
+            parsed = make_url(url)
+            if parsed.get_backend_name() == "postgresql":
+                conninfo = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+                self.connection = psycopg.connect(conninfo, autocommit=True, connect_timeout=5)
+        except Exception:  # noqa: BLE001 - a diagnostic: without it the phase still runs
+            self.connection = None
+
+    def read(self) -> int | None:
+        if self.connection is None:
+            return None
+        try:
+            row = self.connection.execute(
+                "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+            ).fetchone()
+        except Exception:  # noqa: BLE001 - older PostgreSQL has no sessions column
+            return None
+        return int(row[0]) if row and row[0] is not None else None
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+
+
+def _run_phase(spec: dict[str, Any], server_pid: int, timeout_s: float, database_url: str) -> dict[str, Any]:
     import multiprocessing
 
+    sessions = _SessionCounter(database_url)
+    sessions_at_start: int | None = None
+    sessions_opened: int | None = None
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     child = context.Process(target=_load_main, args=(theirs, spec), name=f"uisps-bench-load-{spec['phase']}")
@@ -622,18 +668,28 @@ def _run_phase(spec: dict[str, Any], server_pid: int, timeout_s: float) -> dict[
                 raise BenchError(f"the load process died during phase {spec['phase']!r}") from None
             if event == "start":
                 meter.start()
+                sessions_at_start = sessions.read()
             elif event == "end":
                 cpu = meter.stop()
+                sessions_at_end = sessions.read()
+                if sessions_at_start is not None and sessions_at_end is not None:
+                    sessions_opened = sessions_at_end - sessions_at_start
             elif event == "failed":
                 raise BenchError(f"the load process failed in phase {spec['phase']!r}: {payload}")
             elif event == "result":
                 if cpu and payload["requests"]:
-                    cpu["ms_per_request"] = {
-                        group: round(1000 * seconds / payload["requests"], 3) for group, seconds in cpu["cpu_s"].items()
-                    }
+                    count = payload["requests"]
+                    per_request = {group: 1000 * seconds / count for group, seconds in cpu["cpu_s"].items()}
+                    cpu["ms_per_request"] = {group: round(ms, 3) for group, ms in per_request.items()}
+                    # What the machine's cores could serve if this phase's CPU per request (API,
+                    # database, broker and the client together) were the only limit.
+                    total = sum(per_request.values())
+                    cpu["cpu_bound_ceiling_rps"] = round(cpu_count() * 1000 / total) if total > 0 else None
                 payload["cpu"] = cpu
+                payload["database_sessions_opened"] = sessions_opened
                 return payload
     finally:
+        sessions.close()
         child.join(10)
         if child.is_alive():
             child.kill()
@@ -700,7 +756,8 @@ def run_api_bench(setup: ApiBenchSetup, log: Callable[[str], None] = lambda _lin
             "UISPS_MAX_ACTIVE_REQUESTS_PER_TENANT": UNREACHABLE_RATE,
             "OMP_NUM_THREADS": "1",
         }
-        server = _Server(home, env, workers, setup.access_log)
+        env["UISPS_ACCESS_LOG"] = "true" if setup.access_log else "false"
+        server = _Server(home, env, workers)
         server.start()
         log(f"API on {server.url} ({workers} uvicorn workers), broker {broker_url}")
         server.wait_ready()
@@ -723,7 +780,7 @@ def run_api_bench(setup: ApiBenchSetup, log: Callable[[str], None] = lambda _lin
             log(f"phase {phase}: {setup.concurrency} connections for {duration:g} s "
                 f"(after {setup.warmup_s:g} s warm-up)")
             spec = common | extra | {"phase": phase, "duration_s": duration}
-            result = _run_phase(spec, server.process.pid, setup.warmup_s + duration + 120)
+            result = _run_phase(spec, server.process.pid, setup.warmup_s + duration + 120, url)
             phases.append(_phase_record(phase, duration, setup, result))
             if server.process.poll() is not None:
                 raise BenchError(f"the API exited during phase {phase!r}:\n{server.log_tail()}")
@@ -756,10 +813,10 @@ def run_api_bench(setup: ApiBenchSetup, log: Callable[[str], None] = lambda _lin
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "server": {
             "command": "uvicorn --factory api.app:create_app --workers "
-            f"{workers}{'' if setup.access_log else ' --no-access-log'} --log-level warning",
+            f"{workers} --log-level warning --no-access-log",
             "workers": workers,
             **(server.uvicorn_implementations() if server else {}),
-            "access_log": setup.access_log,
+            "access_log": setup.access_log,  # the service's (UISPS_ACCESS_LOG), to a file
             "celery_worker": False,
             "settings": {
                 "UISPS_RATE_LIMIT_PER_S": UNREACHABLE_RATE, "UISPS_RATE_LIMIT_BURST": UNREACHABLE_RATE,
@@ -813,7 +870,8 @@ def markdown(result: dict[str, Any]) -> str:
         + (f"; machine {result['background_busy_percent']:.0f} % busy just before the load."
            if result.get("background_busy_percent") is not None else "."),
         f"Server: `{server['command']}` ({server.get('loop', '?')} loop, {server.get('http', '?')} HTTP parser),",
-        "no Celery worker (requests stay queued); rate limit on but out of reach.",
+        "no Celery worker (requests stay queued); rate limit on but out of reach; the service's access log "
+        f"{'on (to a file)' if server.get('access_log') else 'off'}.",
         f"Client: {result['client']['kind']}, {result['client']['concurrency']} connections, "
         f"{result['client']['api_keys']} API key(s), {result['client']['warmup_s']:g} s warm-up per phase.",
         "",
@@ -829,20 +887,38 @@ def markdown(result: dict[str, Any]) -> str:
               "machine and competes with the server:", ""]
     lines += ["| phase | API workers | PostgreSQL | Redis | load client | other processes | machine busy |",
               "|---|---:|---:|---:|---:|---:|---:|"]
-    busiest_other = 0.0
+    busiest_other, busiest_names = 0.0, {}
     for p in result["phases"]:
         cpu = p.get("cpu", {})
         cores, per = cpu.get("cores_used", {}), cpu.get("ms_per_request", {})
         cell = lambda g: f"{cores[g]:.2f} ({per[g]:.2f} ms)" if g in cores and g in per else "?"  # noqa: E731
         busy = cpu.get("host_busy_percent")
-        busiest_other = max(busiest_other, cores.get("other", 0.0))
+        if cores.get("other", 0.0) > busiest_other:
+            busiest_other, busiest_names = cores["other"], cpu.get("other_processes", {})
         lines.append(
             f"| {p['name']} | {cell('api')} | {cell('postgresql')} | {cell('redis')} | {cell('client')} | "
             f"{cores.get('other', '?')} | {'?' if busy is None else f'{busy:.0f} %'} |"
         )
+    churn = [
+        f"{p['name']} {p['database_sessions_opened']} ({p['database_sessions_opened'] / p['duration_s']:.0f}/s)"
+        for p in result["phases"] if p.get("database_sessions_opened")
+    ]
+    if churn:
+        lines += ["", f"New PostgreSQL connections during the phases: {', '.join(churn)}. More than a few per "
+                  "second means connection churn: the API's pool closes what it opened beyond its pool_size, and "
+                  "those short-lived backends' CPU shows up as other processes."]
+    ceilings = [
+        f"{p['name']} {p['cpu']['cpu_bound_ceiling_rps']} req/s"
+        for p in result["phases"] if p.get("cpu", {}).get("cpu_bound_ceiling_rps")
+    ]
+    if ceilings:
+        lines += ["", f"CPU-bound ceiling on {host['cpu_count']} cores (cores x 1000 / CPU ms per request of API, "
+                  f"PostgreSQL, Redis and client): {', '.join(ceilings)}."]
     if busiest_other >= OTHER_LOAD_WARNING_CORES:
-        lines += ["", f"**Warning:** other processes used up to {busiest_other:.2f} cores during the run; "
-                  "these figures understate what the service does on a quiet machine."]
+        names = ", ".join(f"{name} {cores:.2f}" for name, cores in busiest_names.items())
+        lines += ["", f"**Warning:** other processes used up to {busiest_other:.2f} cores during the run"
+                  f"{f' ({names})' if names else ''}; these figures understate what the service does on a quiet "
+                  "machine."]
     verdict = "met" if goal["met"] else "NOT met"
     get = result["phases"][0]
     lines += [

@@ -379,7 +379,8 @@ def bench_api(
     broker_url: Annotated[str | None, typer.Option(
         "--broker-url", help="Redis URL with a database number of its own: emptied at the end "
         "(default: an empty one of redis://127.0.0.1:6379)")] = None,
-    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="uvicorn's access log")] = False,
+    access_log: Annotated[bool, typer.Option(
+        "--access-log/--no-access-log", help="the service's access log (UISPS_ACCESS_LOG; on, as by default)")] = True,
     out: Annotated[Path, typer.Option("--out", help="folder for api-bench-cpu.json and .md")] = Path("docs/results"),
 ) -> None:
     """Load the HTTP API on PostgreSQL over loopback: GET polls, then POST creations (no worker)."""

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 PHASE_KEYS = {
     "name", "method", "path", "concurrency", "duration_s", "requests", "requests_per_second",
     "p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "errors", "error_samples", "status_counts",
-    "client_cpu_percent_of_one_core", "cpu",
+    "client_cpu_percent_of_one_core", "cpu", "database_sessions_opened",
 }
 TOP_KEYS = {"benchmark", "device", "host", "cpu_count", "database", "server", "client", "phases", "goal"}
 
