@@ -46,7 +46,7 @@ from torch import nn
 
 from core import baselines as B
 from core.architectures import DEFAULT_UNLEARN_LR, UNLEARN_LR
-from core.config import InversionConfig, TrainConfig, UnlearnConfig
+from core.config import PAPER_PASS, InversionConfig, TrainConfig, UnlearnConfig
 from core.data import Dataset, RetainedData, retained_data
 from core.device import use_bf16
 from core.forgetting_probes import (
@@ -59,7 +59,21 @@ from core.inversion import Synthetic, invert
 from core.metrics import MIA_DEFINITION, evaluate
 from core.workflow import train_model
 
-EXPERIMENTS = ("main", "ablation", "alpha", "lambda", "retain_fraction")
+EXPERIMENTS = ("main", "tune", "ablation", "alpha", "lambda", "retain_fraction")
+# `tune`: UISPS pass settings side by side on every arch and forget set of `main`, the evidence
+# the default is chosen from. The paper's literal pass first; then faster passes whose rate decays
+# (cosine) and whose soft labels leave out the forgotten classes, each change also shown alone.
+TUNE_VARIANTS: tuple[tuple[str, dict], ...] = (
+    ("paper", PAPER_PASS),
+    ("lr 0.01, cosine, one epoch, excl", {**PAPER_PASS, "lr": 0.01, "min_steps": 20, "synthetic_per_batch": 16,
+                                          "lr_schedule": "cosine", "relabel_exclude_forgotten": True}),
+    ("lr 0.01, cosine, 350 steps, excl", {**PAPER_PASS, "lr": 0.01, "steps": 350, "synthetic_per_batch": 16,
+                                          "lr_schedule": "cosine", "relabel_exclude_forgotten": True}),
+    ("lr 0.03, cosine, 350 steps, excl", {**PAPER_PASS, "lr": 0.03, "steps": 350, "synthetic_per_batch": 16,
+                                          "lr_schedule": "cosine", "relabel_exclude_forgotten": True}),
+    ("lr 0.03, cosine, 350 steps", {**PAPER_PASS, "lr": 0.03, "steps": 350, "synthetic_per_batch": 16,
+                                    "lr_schedule": "cosine"}),
+)
 MAIN_METHODS = (
     "original", "retrain", "finetune", "amnesiac", "unsir", "fisher",
     "bad_teacher", "bad_teacher_sps", "head_mask", "uisps", "uisps-350",
@@ -106,6 +120,8 @@ class Preset:
     bad_teacher: B.BadTeacherConfig = field(default_factory=lambda: B.BadTeacherConfig(fisher_chunk=64))
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     relearn: RelearnConfig = field(default_factory=RelearnConfig)
+    tune_variants: tuple[tuple[str, dict], ...] = TUNE_VARIANTS
+    tune_archs: tuple[str, ...] | None = None  # default: `archs`
     relearn_experiments: tuple[str, ...] = EXPERIMENTS  # where the relearn probe runs
     precision: str = "auto"  # bf16 autocast on CUDA
     cudnn_benchmark: bool = True
@@ -122,6 +138,9 @@ PRESETS: dict[str, Callable[[], Preset]] = {
         train={"epochs": 6, "lr": 0.1},
         unlearn={"inversion": {"iterations": 40, "n_per_class": 16}},
         long_steps=40,
+        tune_variants=(TUNE_VARIANTS[0], ("lr 0.1, cosine, 40 steps, excl", {
+            **PAPER_PASS, "lr": 0.1, "steps": 40, "synthetic_per_batch": 16, "lr_schedule": "cosine",
+            "relabel_exclude_forgotten": True})),
         main_forget=((0,),),
         ablation_forget=((0,),),
         alphas=(2.0,),
@@ -263,7 +282,7 @@ class PaperBench:
 
     def _uisps_cfg(self, steps: int | None = None, **changes: object) -> UnlearnConfig:
         inversion = changes.pop("inversion", None)
-        cfg = self.base_unlearn.model_copy(update={"steps": steps, **changes})
+        cfg = UnlearnConfig.model_validate({**self.base_unlearn.model_dump(), "steps": steps, **changes})
         if inversion:
             cfg = cfg.model_copy(update={"inversion": cfg.inversion.model_copy(update=inversion)})
         return cfg
@@ -291,6 +310,13 @@ class PaperBench:
                                             unlearn=self._uisps_cfg(p.long_steps)))
                         else:
                             out.append(Unit(experiment, arch, forget, m, "default", seed, m))
+        elif experiment == "tune":
+            for arch in p.tune_archs or p.archs:
+                for forget in p.main_forget:
+                    refs(arch, forget)
+                    for name, changes in p.tune_variants:
+                        out.append(Unit(experiment, arch, forget, "uisps", name, seed, "uisps",
+                                        unlearn=self._uisps_cfg(**changes)))
         elif experiment == "ablation":
             for forget in p.ablation_forget:
                 refs(p.sweep_arch, forget)
@@ -601,6 +627,7 @@ def _fmt(value: float | None, std: float | None = None, seeds: int = 1, digits: 
 
 TITLES = {
     "main": "Main comparison (paper Tables I and IV)",
+    "tune": "UISPS pass settings (what the default is chosen from)",
     "ablation": "Ablation: entropy term and SPS (paper Table II)",
     "alpha": "SPS threshold alpha (paper Table X)",
     "lambda": "Inversion weights lambda1 (BN) x lambda2 (entropy) (paper Table XII)",

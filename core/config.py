@@ -58,6 +58,14 @@ class UnlearnConfig(BaseModel):
     # "train": BatchNorm running statistics follow the pass (a plain training epoch).
     # "frozen": BatchNorm layers stay in eval mode, so their running statistics do not move.
     bn_mode: Literal["train", "frozen"] = "train"
+    # "constant": the pass runs at `lr` throughout (the paper's). "cosine": `lr` decays to 0 over
+    # the pass, so a pass long and fast enough to forget ends by settling the retained classes
+    # instead of leaving them wherever the last large step threw them.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Eq. 13's soft labels come from a random model over all classes, so they keep ~1/C of their
+    # mass on the very labels being forgotten. True removes the forgotten labels' share and
+    # renormalises: D'_g then pulls the forgotten classes' outputs down instead of holding them.
+    relabel_exclude_forgotten: bool = False
     augment: bool = True
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -75,3 +83,12 @@ class TrainConfig(BaseModel):
     augment: bool = True
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+# The paper read literally (Sec. IV-C and V-A): one epoch of the retained data at the
+# architecture's rate held constant, D'_g shuffled into that epoch once, eq. 13's soft labels
+# over every class. Fields not named here keep UnlearnConfig's defaults (which are the paper's).
+PAPER_PASS: dict[str, object] = {
+    "lr": None, "steps": None, "epochs": 1.0, "min_steps": 1, "synthetic_per_batch": 0,
+    "lr_schedule": "constant", "relabel_exclude_forgotten": False, "bn_mode": "train",
+}

@@ -58,6 +58,20 @@ def random_model_soft_labels(
         return F.softmax(teacher(x).float(), dim=1)
 
 
+def without_labels(soft: torch.Tensor, labels: set[int]) -> torch.Tensor:
+    """`soft` with the mass of `labels` removed and each row renormalised to sum to 1."""
+    keep = torch.ones(soft.shape[1], dtype=torch.bool, device=soft.device)
+    keep[sorted(labels)] = False
+    kept = soft * keep
+    return kept / kept.sum(dim=1, keepdim=True)
+
+
+def scheduled_lr(cfg: UnlearnConfig, lr: float, step: int, steps: int) -> float:
+    if cfg.lr_schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    return lr
+
+
 class MaskedSGD:
     """SGD whose frozen elements end bit-identical to their original values.
 
@@ -70,6 +84,10 @@ class MaskedSGD:
         self.frozen = {k: m.to(self.params[k].device) for k, m in frozen.items() if m.any()}
         self.original = {k: self.params[k].detach().clone() for k in self.frozen}
         self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
 
     def step(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -138,6 +156,7 @@ def unlearning_pass(
         targets = torch.cat([targets, synthetic_targets[syn]])
         with autocast(bf16, device):
             logits = model(inputs)
+        opt.set_lr(scheduled_lr(cfg, lr, step, steps))
         opt.step(F.cross_entropy(logits.float(), targets))
         progress("unlearning", step + 1, steps)
     return steps
@@ -202,6 +221,8 @@ def run_uisps(
         frozen = timed("fisher", fisher)  # type: ignore[assignment]
     soft = timed("relabel", lambda: random_model_soft_labels(
         arch, in_shape[0], retained.num_classes, synthetic.x, cfg.seed))
+    if cfg.relabel_exclude_forgotten:
+        soft = without_labels(soft, retained.forgotten)  # type: ignore[arg-type]
     lr = cfg.lr or UNLEARN_LR.get(arch, DEFAULT_UNLEARN_LR)
     steps = timed("unlearning", lambda: unlearning_pass(
         model, retained, synthetic.x, soft, frozen, normalize, cfg, lr, progress))

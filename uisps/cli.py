@@ -303,7 +303,7 @@ def bench_paper(
     time_budget: Annotated[float | None, typer.Option(
         "--time-budget", help="seconds; no new row starts after this (finished rows are kept)")] = None,
     experiments: Annotated[str, typer.Option(
-        "--experiments", help="comma-separated subset of main,ablation,alpha,lambda,retain_fraction")] = "",
+        "--experiments", help="comma-separated subset of main,tune,ablation,alpha,lambda,retain_fraction")] = "",
     order: Annotated[str, typer.Option(
         "--order", help="seed: every experiment (in priority order) per seed; experiment: all seeds of one first")] = "seed",
     preset_json: Annotated[str, typer.Option("--preset-json", help="JSON overrides of the preset's fields")] = "{}",
@@ -381,6 +381,9 @@ def bench_api(
         "(default: an empty one of redis://127.0.0.1:6379)")] = None,
     access_log: Annotated[bool, typer.Option(
         "--access-log/--no-access-log", help="the service's access log (UISPS_ACCESS_LOG; on, as by default)")] = True,
+    nodelay_fix: Annotated[bool, typer.Option(
+        "--nodelay-fix/--no-nodelay-fix", help="give the workers' connections TCP_NODELAY, which plain "
+        "`uvicorn --workers` leaves off (~40 ms per keep-alive request, Kludex/uvicorn#3149)")] = True,
     out: Annotated[Path, typer.Option("--out", help="folder for api-bench-cpu.json and .md")] = Path("docs/results"),
 ) -> None:
     """Load the HTTP API on PostgreSQL over loopback: GET polls, then POST creations (no worker)."""
@@ -389,6 +392,7 @@ def bench_api(
     setup = ApiBenchSetup(
         duration_s=duration, concurrency=concurrency, create_duration_s=create_duration, workers=workers, keys=keys,
         database_url=database_url, admin_url=admin_url, broker_url=broker_url, access_log=access_log,
+        nodelay_fix=nodelay_fix,
     )
     try:
         result = run_api_bench(setup, log=lambda line: typer.echo(line, err=True))

@@ -99,8 +99,11 @@ def test_full_plan_covers_the_papers_tables(trained_digits, tmp_path):
     bench = PaperBench(make_preset("full"), trained_digits.dataset, CPU, tmp_path, seeds=1)
     units = bench.plan()
     count = {e: sum(u.experiment == e for u in units) for e in EXPERIMENTS}
-    assert count == {"main": 2 * 2 * 11, "ablation": 4 * (2 + 4), "alpha": 2 + 6, "lambda": 2 + 9,
+    assert count == {"main": 2 * 2 * 11, "tune": 2 * 2 * (2 + 5), "ablation": 4 * (2 + 4), "alpha": 2 + 6, "lambda": 2 + 9,
                      "retain_fraction": 4 * 5}
+    paper = [u for u in units if u.experiment == "tune" and u.setting == "paper"]
+    assert paper and all(u.unlearn.synthetic_per_batch == 0 and u.unlearn.lr is None and u.unlearn.steps is None
+                         and u.unlearn.lr_schedule == "constant" for u in paper)
     long = [u for u in units if u.method == "uisps-350"]
     assert long and all(u.unlearn.steps == 350 for u in long)
     no_entropy = [u for u in units if u.setting.startswith("entropy=off")]

@@ -6,7 +6,14 @@ import torch
 from core.config import InversionConfig, UnlearnConfig
 from core.data import retained_data
 from core.device import Normalizer
-from core.uisps import random_model_soft_labels, run_uisps, stratified_subset, unlearning_pass
+from core.uisps import (
+    random_model_soft_labels,
+    run_uisps,
+    scheduled_lr,
+    stratified_subset,
+    unlearning_pass,
+    without_labels,
+)
 
 FAST = UnlearnConfig(inversion=InversionConfig(iterations=200), precision="fp32")
 
@@ -33,6 +40,44 @@ def test_relabel_is_reproducible_from_its_seed_and_differs_across_seeds():
     c = random_model_soft_labels("smallcnn", 1, 10, x, seed=8)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.allclose(a.sum(1), torch.ones(5))
+
+
+def test_relabel_without_forgotten_labels_puts_no_mass_on_them_and_keeps_the_rest_in_proportion():
+    soft = random_model_soft_labels("smallcnn", 1, 10, torch.randn(6, 1, 8, 8), seed=0)
+    kept = without_labels(soft, {2, 7})
+    assert torch.equal(kept[:, [2, 7]], torch.zeros(6, 2))
+    assert torch.allclose(kept.sum(1), torch.ones(6))
+    others = [c for c in range(10) if c not in (2, 7)]
+    ratio = kept[:, others] / soft[:, others]
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio))  # one factor per row
+
+
+def test_cosine_schedule_starts_at_the_rate_and_decays_to_near_zero_while_constant_stays():
+    cosine = UnlearnConfig(lr_schedule="cosine")
+    rates = [scheduled_lr(cosine, 0.03, step, 100) for step in range(100)]
+    assert rates[0] == 0.03 and rates[-1] < 1e-4
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert {scheduled_lr(UnlearnConfig(), 0.03, step, 100) for step in range(100)} == {0.03}
+
+
+def test_the_pass_follows_the_cosine_schedule_so_its_last_step_barely_moves_the_weights(trained_digits):
+    import copy
+
+    ds = trained_digits.dataset
+    norm = Normalizer(trained_digits.manifest.mean, trained_digits.manifest.std, torch.device("cpu"))
+    syn_x, soft = torch.randn(8, 1, 8, 8), torch.softmax(torch.randn(8, 10), 1)
+    last_move = {}
+    for schedule in ("constant", "cosine"):
+        model = copy.deepcopy(trained_digits.model)
+        weights = []
+
+        def snapshot(_stage: str, _done: int, _total: int) -> None:
+            weights.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+
+        cfg = FAST.model_copy(update={"steps": 12, "momentum": 0.0, "lr_schedule": schedule})
+        unlearning_pass(model, retained_data(ds, [3]), syn_x, soft, {}, norm, cfg, lr=0.1, progress=snapshot)
+        last_move[schedule] = (weights[-1] - weights[-2]).norm().item()
+    assert 0 < last_move["cosine"] < 0.1 * last_move["constant"]
 
 
 def test_relabel_leaves_the_global_random_state_alone():
