@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.architectures import DEFAULT_UNLEARN_LR, UNLEARN_LR, build_model, penultimate_features
+from core.architectures import PAPER_DEFAULT_UNLEARN_LR, PAPER_UNLEARN_LR, build_model, penultimate_features
 from core.config import InversionConfig, TrainConfig, UnlearnConfig
 from core.data import RetainedData, Split
 from core.device import Normalizer, augment, autocast, use_bf16
@@ -470,7 +470,7 @@ class BadTeacherConfig:
     min_steps: int = 20
     synthetic_per_batch: int = 16
     batch_size: int = 128
-    lr: float | None = None  # None: UNLEARN_LR of the architecture (paper Sec. V-A)
+    lr: float | None = None  # None: PAPER_UNLEARN_LR of the architecture (paper Sec. V-A, App. D)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     temperature: float = 1.0
@@ -538,7 +538,7 @@ def bad_teacher(
     syn_perm = torch.randperm(n_g, generator=gen).to(device)
     syn_offsets = torch.arange(k, device=device)
     aug_gen = torch.Generator(device=device).manual_seed(seed)
-    lr = cfg.lr or UNLEARN_LR.get(arch, DEFAULT_UNLEARN_LR)
+    lr = cfg.lr or PAPER_UNLEARN_LR.get(arch, PAPER_DEFAULT_UNLEARN_LR)
     opt = MaskedSGD(model, frozen, lr, cfg.momentum, cfg.weight_decay)
     t = cfg.temperature
     with torch.no_grad(), autocast(bf16, device):

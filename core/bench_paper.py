@@ -5,8 +5,10 @@ and says so; every finished row is already on disk):
 
 - `main` (Tables I, IV): forget 1 class ([0]) and 3 classes ([0, 1, 2]), ResNet18 and AllCNN,
   every method: Original, Retrain, Fine-tune, Amnesiac (not zero-glance), UNSIR, Fisher, bad
-  teacher with and without SPS, the head-mask control, UISPS (one epoch, the design default) and
-  UISPS-350 (350 steps: the paper's step count on full CIFAR-10, see design.md sec. 1).
+  teacher with and without SPS, the head-mask control, UISPS (the default pass) and UISPS-paper
+  (`preset=paper`: the paper's pass read literally).
+- `tune`: UISPS pass settings side by side (TUNE_VARIANTS), every arch and forget set of `main`:
+  the evidence the default pass was chosen from.
 - `ablation` (Table II): UISPS with/without the entropy term (lambda2 = 0) and with/without SPS,
   forgetting 1/3/5/7 classes, ResNet18.
 - `alpha` (Table X): alpha 0.5 .. 3.0.  `lambda` (Table XII): a 3 x 3 grid of lambda1 x lambda2.
@@ -45,7 +47,7 @@ import torch
 from torch import nn
 
 from core import baselines as B
-from core.architectures import DEFAULT_UNLEARN_LR, UNLEARN_LR
+from core.architectures import unlearning_lr
 from core.config import PAPER_PASS, InversionConfig, TrainConfig, UnlearnConfig
 from core.data import Dataset, RetainedData, retained_data
 from core.device import use_bf16
@@ -64,7 +66,7 @@ EXPERIMENTS = ("main", "tune", "ablation", "alpha", "lambda", "retain_fraction")
 # the default is chosen from. The paper's literal pass first; then faster passes whose rate decays
 # (cosine) and whose soft labels leave out the forgotten classes, each change also shown alone.
 TUNE_VARIANTS: tuple[tuple[str, dict], ...] = (
-    ("paper", PAPER_PASS),
+    ("paper", {"preset": "paper"}),
     ("lr 0.01, cosine, one epoch, excl", {**PAPER_PASS, "lr": 0.01, "min_steps": 20, "synthetic_per_batch": 16,
                                           "lr_schedule": "cosine", "relabel_exclude_forgotten": True}),
     ("lr 0.01, cosine, 350 steps, excl", {**PAPER_PASS, "lr": 0.01, "steps": 350, "synthetic_per_batch": 16,
@@ -76,7 +78,7 @@ TUNE_VARIANTS: tuple[tuple[str, dict], ...] = (
 )
 MAIN_METHODS = (
     "original", "retrain", "finetune", "amnesiac", "unsir", "fisher",
-    "bad_teacher", "bad_teacher_sps", "head_mask", "uisps", "uisps-350",
+    "bad_teacher", "bad_teacher_sps", "head_mask", "uisps", "uisps-paper",
 )
 ROW_KEYS = (
     "experiment", "arch", "forget", "method", "setting", "seeds", "acc_retain", "acc_retain_std",
@@ -100,7 +102,6 @@ class Preset:
     # UnlearnConfig overrides for every UISPS row (paper defaults otherwise: 1000 inversion
     # iterations, 32 per class, alpha 1.5, ...). A larger vmap chunk only speeds the Fisher up.
     unlearn: dict = field(default_factory=lambda: {"fisher_chunk": 64})
-    long_steps: int = 350  # `uisps-350`
     main_methods: tuple[str, ...] = MAIN_METHODS
     main_forget: tuple[tuple[int, ...], ...] = ((0,), (0, 1, 2))
     ablation_forget: tuple[tuple[int, ...], ...] = ((0,), (0, 1, 2), (0, 1, 2, 3, 4), (0, 1, 2, 3, 4, 5, 6))
@@ -111,7 +112,7 @@ class Preset:
     retain_fractions: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
     retain_forget: tuple[int, ...] = (0, 1, 2)
     retain_methods: tuple[str, ...] = ("original", "retrain", "finetune", "unsir", "uisps")
-    # UISPS pass length outside `main` (None: the design default, one epoch of the retained data)
+    # UISPS pass length outside `main` and `tune` (None: the default pass's)
     sweep_steps: int | None = None
     finetune: B.FinetuneConfig = field(default_factory=B.FinetuneConfig)
     amnesiac: B.AmnesiacConfig = field(default_factory=B.AmnesiacConfig)
@@ -137,7 +138,6 @@ PRESETS: dict[str, Callable[[], Preset]] = {
         seeds=1,
         train={"epochs": 6, "lr": 0.1},
         unlearn={"inversion": {"iterations": 40, "n_per_class": 16}},
-        long_steps=40,
         tune_variants=(TUNE_VARIANTS[0], ("lr 0.1, cosine, 40 steps, excl", {
             **PAPER_PASS, "lr": 0.1, "steps": 40, "synthetic_per_batch": 16, "lr_schedule": "cosine",
             "relabel_exclude_forgotten": True})),
@@ -197,7 +197,7 @@ class Unit:
     experiment: str
     arch: str
     forget: tuple[int, ...]
-    method: str  # the row's name (`uisps-350` runs the `uisps` method)
+    method: str  # the row's name (`uisps-paper` runs the `uisps` method)
     setting: str
     seed: int
     kind: str  # "original", or a key of core.baselines.METHODS
@@ -282,7 +282,8 @@ class PaperBench:
 
     def _uisps_cfg(self, steps: int | None = None, **changes: object) -> UnlearnConfig:
         inversion = changes.pop("inversion", None)
-        cfg = UnlearnConfig.model_validate({**self.base_unlearn.model_dump(), "steps": steps, **changes})
+        # only the fields the preset set, so that a `preset` among the changes fills in the rest
+        cfg = UnlearnConfig.model_validate({**self.base_unlearn.model_dump(exclude_unset=True), "steps": steps, **changes})
         if inversion:
             cfg = cfg.model_copy(update={"inversion": cfg.inversion.model_copy(update=inversion)})
         return cfg
@@ -303,11 +304,11 @@ class PaperBench:
                             out.append(Unit(experiment, arch, forget, m,
                                             "trained on D" if m == "original" else "trained on D_r", seed, m))
                         elif m == "uisps":
-                            out.append(Unit(experiment, arch, forget, m, "one epoch", seed, "uisps",
+                            out.append(Unit(experiment, arch, forget, m, "default", seed, "uisps",
                                             unlearn=self._uisps_cfg()))
-                        elif m == "uisps-350":
-                            out.append(Unit(experiment, arch, forget, m, f"steps={p.long_steps}", seed, "uisps",
-                                            unlearn=self._uisps_cfg(p.long_steps)))
+                        elif m == "uisps-paper":
+                            out.append(Unit(experiment, arch, forget, m, "preset=paper", seed, "uisps",
+                                            unlearn=self._uisps_cfg(preset="paper")))
                         else:
                             out.append(Unit(experiment, arch, forget, m, "default", seed, m))
         elif experiment == "tune":
@@ -536,7 +537,7 @@ class PaperBench:
     def _meta(self, planned: int) -> dict:
         per_arch = {}
         for arch in {*self.preset.archs, self.preset.sweep_arch}:
-            lr = self.base_unlearn.lr or UNLEARN_LR.get(arch, DEFAULT_UNLEARN_LR)
+            lr = self.base_unlearn.lr or unlearning_lr(arch, paper=self.base_unlearn.preset == "paper")
             per_arch[arch] = {"unlearning_lr": lr}
         return {
             "device": device_name(self.device),
@@ -703,9 +704,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += [
         "## UISPS settings of this run",
         "",
-        "Pass length: `uisps` rows use the design default, one epoch of the retained data (`epochs=1`, floored at "
-        f"`min_steps`); `uisps-350` rows use `steps={preset.get('long_steps')}`, the paper's step count on full CIFAR-10. "
-        f"Outside `main` the pass is {'one epoch' if preset.get('sweep_steps') is None else str(preset.get('sweep_steps')) + ' steps'}. "
+        "Pass length: `uisps` rows use the default pass, one epoch of the retained data floored at `min_steps` (350, "
+        "the paper's step count for one epoch of full CIFAR-10), with a cosine-decaying rate and soft labels without "
+        "the forgotten classes; `uisps-paper` rows use `preset=paper`, the paper's pass read literally (one epoch, "
+        "the paper's rate held constant). "
+        f"Outside `main` and `tune` the pass is {'the default' if preset.get('sweep_steps') is None else str(preset.get('sweep_steps')) + ' steps'}. "
         "Optimiser steps used, per experiment/arch/method:",
         "",
         "```json",
@@ -730,7 +733,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-PLOT_METHODS = ("retrain", "uisps", "uisps-350", "unsir")
+PLOT_METHODS = ("retrain", "uisps", "uisps-paper", "unsir")
 
 
 def plot_prediction_distributions(rows: list[dict], out: Path, classes: list[str]) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.architectures import DEFAULT_UNLEARN_LR, UNLEARN_LR, build_model
+from core.architectures import build_model, unlearning_lr
 from core.config import UnlearnConfig
 from core.data import RetainedData, Split
 from core.errors import UnlearningDiverged
@@ -223,7 +223,7 @@ def run_uisps(
         arch, in_shape[0], retained.num_classes, synthetic.x, cfg.seed))
     if cfg.relabel_exclude_forgotten:
         soft = without_labels(soft, retained.forgotten)  # type: ignore[arg-type]
-    lr = cfg.lr or UNLEARN_LR.get(arch, DEFAULT_UNLEARN_LR)
+    lr = cfg.lr or unlearning_lr(arch, paper=cfg.preset == "paper")
     steps = timed("unlearning", lambda: unlearning_pass(
         model, retained, synthetic.x, soft, frozen, normalize, cfg, lr, progress))
     model.eval()

@@ -45,7 +45,7 @@ def test_quick_preset_writes_every_table_with_every_key(tmp_path):
     md = (out / "paper.md").read_text()
     assert "softmax entropy" in md and "preset: **quick**" in md and "device:" in md
     assert md.count("| retrain |") == len(EXPERIMENTS)  # Retrain's MIA stands in every table
-    assert "uisps-350" in md and '"steps"' in md
+    assert "uisps-paper" in md and '"steps"' in md
     summary = json.loads(run.stdout)
     assert summary["finished_runs"] == summary["planned_runs"] == len(raw) and not summary["stopped_by_budget"]
 
@@ -103,9 +103,11 @@ def test_full_plan_covers_the_papers_tables(trained_digits, tmp_path):
                      "retain_fraction": 4 * 5}
     paper = [u for u in units if u.experiment == "tune" and u.setting == "paper"]
     assert paper and all(u.unlearn.synthetic_per_batch == 0 and u.unlearn.lr is None and u.unlearn.steps is None
-                         and u.unlearn.lr_schedule == "constant" for u in paper)
-    long = [u for u in units if u.method == "uisps-350"]
-    assert long and all(u.unlearn.steps == 350 for u in long)
+                         and u.unlearn.lr_schedule == "constant" and u.unlearn.preset == "paper" for u in paper)
+    literal = [u for u in units if u.method == "uisps-paper"]
+    assert literal and all(u.unlearn.preset == "paper" and u.unlearn.min_steps == 1 for u in literal)
+    default = [u for u in units if u.experiment == "main" and u.method == "uisps"]
+    assert default and all(u.unlearn.min_steps == 350 and u.unlearn.lr_schedule == "cosine" for u in default)
     no_entropy = [u for u in units if u.setting.startswith("entropy=off")]
     assert all(u.unlearn.inversion.lambda_entropy == 0 for u in no_entropy)
     seed_major = PaperBench(make_preset("full"), trained_digits.dataset, CPU, tmp_path, seeds=2, order="seed").plan()

@@ -57,7 +57,19 @@ def test_cosine_schedule_starts_at_the_rate_and_decays_to_near_zero_while_consta
     rates = [scheduled_lr(cosine, 0.03, step, 100) for step in range(100)]
     assert rates[0] == 0.03 and rates[-1] < 1e-4
     assert all(a > b for a, b in zip(rates, rates[1:]))
-    assert {scheduled_lr(UnlearnConfig(), 0.03, step, 100) for step in range(100)} == {0.03}
+    assert {scheduled_lr(UnlearnConfig(lr_schedule="constant"), 0.03, step, 100) for step in range(100)} == {0.03}
+
+
+def test_the_paper_preset_is_the_literal_pass_and_fields_given_beside_it_win():
+    from core.architectures import unlearning_lr
+
+    paper = UnlearnConfig(preset="paper")
+    assert (paper.min_steps, paper.synthetic_per_batch, paper.lr_schedule, paper.relabel_exclude_forgotten) == (
+        1, 0, "constant", False)
+    assert UnlearnConfig.model_validate({"preset": "paper", "min_steps": 40}).min_steps == 40
+    default = UnlearnConfig()
+    assert (default.min_steps, default.lr_schedule, default.relabel_exclude_forgotten) == (350, "cosine", True)
+    assert unlearning_lr("resnet18", paper=True) == 0.002 and unlearning_lr("resnet18") == 0.03
 
 
 def test_the_pass_follows_the_cosine_schedule_so_its_last_step_barely_moves_the_weights(trained_digits):
