@@ -8,11 +8,13 @@ and ``UISPS_BROKER_URL`` at Redis.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -73,6 +75,45 @@ class Settings(BaseSettings):
     # /metrics: job stage timings are averaged over this many most recently finished jobs.
     metrics_recent_jobs: int = 100
     # --- end of the observability settings --------------------------------------------------------
+
+    # --- Webhooks (issue #7): a signed event when a deletion request ends ------------------------
+    # The Standard Webhooks signing secret, `whsec_` + base64 of 24 to 64 random bytes; the API and
+    # every worker need the same one. Unset: a callback_url is refused (422 webhooks_not_configured).
+    webhook_secret: SecretStr | None = None
+    # Hosts a callback URL may name, comma-separated: `hooks.example.com`, `*.example.com` (its
+    # subdomains), `*` (any host). Empty, the default: none, so webhooks stay off until an operator
+    # names the receivers.
+    webhook_allowed_hosts: str = ""
+    # http:// callbacks (default: https only), and receivers on private, loopback, link-local or
+    # other non-public addresses (default: refused, checked on the addresses resolved at send time).
+    webhook_allow_http: bool = False
+    webhook_allow_private_addresses: bool = False
+    # Attempts per event; the wait after attempt n is base * 2**(n-1) seconds, at most max.
+    webhook_max_attempts: int = 10
+    webhook_retry_base_s: float = 10.0
+    webhook_retry_max_s: float = 3600.0
+    webhook_timeout_s: float = 10.0
+    # How often each worker's webhook sender looks for due deliveries.
+    webhook_poll_interval_s: float = 2.0
+
+    @field_validator("webhook_secret", mode="after")
+    @classmethod
+    def _webhook_secret_form(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        secret = value.get_secret_value()
+        try:
+            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except binascii.Error:
+            key = b""
+        if not secret.startswith("whsec_") or len(key) < 24:
+            raise ValueError("UISPS_WEBHOOK_SECRET must be 'whsec_' followed by base64 of at least 24 random bytes")
+        return value
+
+    @property
+    def webhook_allowed_host_patterns(self) -> list[str]:
+        return [host.strip().lower().rstrip(".") for host in self.webhook_allowed_hosts.split(",") if host.strip()]
+    # --- end of the webhook settings ---------------------------------------------------------------
 
     # --- S3-compatible artifact storage (UISPS_ARTIFACT_BACKEND=s3) ------------------------------
     # Credentials are deliberately not settings: boto3 finds them the standard way

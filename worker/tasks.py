@@ -12,10 +12,12 @@ from celery.signals import worker_ready, worker_shutdown
 from core.settings import get_settings
 from worker.celery_app import RUN_DELETION_REQUEST, app, make_celery, send_deletion_request
 from worker.reconciler import Reconciler
+from worker.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
 _reconciler: Reconciler | None = None
+_webhook_sender: WebhookSender | None = None
 
 
 @app.task(name=RUN_DELETION_REQUEST, bind=True, max_retries=None)
@@ -40,14 +42,18 @@ def _start_reconciler(sender: Any = None, **_: Any) -> None:
     every `reconcile_interval_s` while the worker runs (worker.reconciler).
 
     Delivery is at-least-once: a duplicate finds the request claimed or finished and does nothing.
+    The webhook sender (worker.webhooks) starts here too: it sends the events of finished requests.
     """
-    global _reconciler
+    global _reconciler, _webhook_sender
     settings = get_settings()
     sender_app = make_celery(settings)  # its own connections, apart from the consumer's
     _reconciler = Reconciler(settings, lambda request_id: send_deletion_request(sender_app, request_id)).start()
+    _webhook_sender = WebhookSender(settings).start()
 
 
 @worker_shutdown.connect
 def _stop_reconciler(sender: Any = None, **_: Any) -> None:
     if _reconciler is not None:
         _reconciler.stop()
+    if _webhook_sender is not None:
+        _webhook_sender.stop()

@@ -42,7 +42,8 @@ RequestId = Annotated[str, Path(max_length=64, description="the deletion request
         "every class, at most `UISPS_MAX_LABELS_PER_REQUEST`) and the overrides against the method's "
         "parameters, records the request and queues it. Poll the `Location` until `state` is "
         "succeeded, failed or cancelled. A tenant may have `UISPS_MAX_ACTIVE_REQUESTS_PER_TENANT` "
-        "requests queued or running at once (429 beyond)."
+        "requests queued or running at once (429 beyond). With a `callback_url`, a signed event is "
+        "POSTed there when the request ends (succeeded, failed or cancelled; see the API guide)."
     ),
 )
 def create_deletion_request(
@@ -69,6 +70,7 @@ def create_deletion_request(
         method=body.method,
         params=body.param_overrides(),
         external_ref=body.external_ref,
+        callback_url=body.callback_url,
         dispatch=dispatch,
     )
     location = f"/deletion-requests/{request.id}"

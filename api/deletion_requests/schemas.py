@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
 from core.config import UnlearnConfig
-from core.db import DeletionRequest, JobState
+from core.db import DeletionRequest, JobState, WebhookDelivery, WebhookDeliveryState
 
 
 class DeletionRequestCreate(BaseModel):
@@ -40,6 +40,14 @@ class DeletionRequestCreate(BaseModel):
     external_ref: Annotated[str, StringConstraints(max_length=200)] | None = Field(
         None, description="the caller's reference, e.g. a ticket id"
     )
+    callback_url: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = Field(
+        None,
+        description=(
+            "where to POST a signed event (Standard Webhooks) when the request ends: https, a host the "
+            "operator allows (UISPS_WEBHOOK_ALLOWED_HOSTS), no credentials or fragment"
+        ),
+        examples=["https://hooks.example.com/uisps"],
+    )
 
     def param_overrides(self) -> dict[str, Any]:
         """Only the fields the caller set (nested too), so defaults are not frozen into the request."""
@@ -51,6 +59,45 @@ class JobError(BaseModel):
     message: str
 
 
+class WebhookAttemptRead(BaseModel):
+    attempt: int
+    started_at: datetime
+    finished_at: datetime | None = Field(description="null while the attempt is in flight")
+    status_code: int | None = Field(description="the receiver's HTTP status; null when it gave none")
+    error: str | None = Field(description="why the attempt did not deliver the event")
+
+
+class WebhookDeliveryRead(BaseModel):
+    """The final-state event sent to `callback_url`, and every attempt to deliver it."""
+
+    id: str = Field(description="the `webhook-id` header of every attempt: receivers drop duplicates by it")
+    event_type: str = Field(examples=["deletion_request.succeeded"])
+    state: Literal["pending", "succeeded", "failed"]
+    attempts: list[WebhookAttemptRead]
+    next_attempt_at: datetime | None = Field(description="when the next attempt is due, while pending")
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, delivery: WebhookDelivery) -> WebhookDeliveryRead:
+        pending = delivery.state == WebhookDeliveryState.PENDING.value
+        return cls(
+            id=delivery.id,
+            event_type=delivery.event_type,
+            state=delivery.state,  # type: ignore[arg-type]
+            attempts=[
+                WebhookAttemptRead(
+                    attempt=a.attempt, started_at=a.started_at, finished_at=a.finished_at,
+                    status_code=a.status_code, error=a.error,
+                )
+                for a in delivery.attempt_rows
+            ],
+            next_attempt_at=delivery.next_attempt_at if pending else None,
+            created_at=delivery.created_at,
+            finished_at=delivery.finished_at,
+        )
+
+
 class DeletionRequestRead(BaseModel):
     id: str
     model_id: str
@@ -59,6 +106,7 @@ class DeletionRequestRead(BaseModel):
     method: str
     params: dict[str, Any]
     external_ref: str | None
+    callback_url: str | None
     state: JobState
     stage: str | None = Field(
         description="while running: loading, evaluation, inversion, fisher, unlearning, storing"
@@ -69,6 +117,9 @@ class DeletionRequestRead(BaseModel):
     error: JobError | None = Field(description="set when state is failed")
     result_version: int | None = Field(description="the version this request produced, once succeeded")
     metrics: dict[str, Any] | None = Field(description="the unlearning report, once succeeded")
+    webhook: WebhookDeliveryRead | None = Field(
+        description="the event sent to callback_url once the request ended; null before, or without a callback_url"
+    )
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -84,6 +135,7 @@ class DeletionRequestRead(BaseModel):
             method=request.method,
             params=request.params or {},
             external_ref=request.external_ref,
+            callback_url=request.callback_url,
             state=JobState(request.state),
             stage=request.stage,
             progress=request.progress,
@@ -92,6 +144,12 @@ class DeletionRequestRead(BaseModel):
             error=JobError.model_validate(request.error) if request.error else None,
             result_version=request.result_version,
             metrics=request.metrics,
+            # Only a request with a callback has a delivery: the others cost no query.
+            webhook=(
+                WebhookDeliveryRead.of(request.webhook_delivery)
+                if request.callback_url and request.webhook_delivery is not None
+                else None
+            ),
             created_at=request.created_at,
             updated_at=request.updated_at,
             started_at=request.started_at,

@@ -14,6 +14,9 @@ from core.db.tables import (
     JobState,
     Model,
     ModelVersion,
+    WebhookDelivery,
+    WebhookDeliveryAttempt,
+    WebhookDeliveryState,
 )
 
 __all__ = [
@@ -32,6 +35,9 @@ __all__ = [
     "Model",
     "ModelVersion",
     "UTCDateTime",
+    "WebhookDelivery",
+    "WebhookDeliveryAttempt",
+    "WebhookDeliveryState",
     "make_engine",
     "make_sessionmaker",
     "new_id",

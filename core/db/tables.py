@@ -1,4 +1,5 @@
-"""ORM tables: models, model versions, deletion requests, audit events, API keys, idempotency keys.
+"""ORM tables: models, model versions, deletion requests, audit events, API keys, idempotency keys,
+webhook deliveries and their attempts.
 
 Every row carries ``tenant_id``: an API key belongs to one tenant and every query filters by it. JSON columns use the portable ``sqlalchemy.JSON`` so SQLite and PostgreSQL
 run the same code.
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
     false,
     text,
@@ -29,6 +31,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from core.db.base import UUID_LENGTH, Base, tenant_column, utcnow, uuid_pk
 
 HASH_LENGTH = 64
+CALLBACK_URL_LENGTH = 2048
 
 
 class JobState(StrEnum):
@@ -146,8 +149,13 @@ class DeletionRequest(Base):
     # When a message for this request was last sent to the broker (the reconciler re-sends
     # requests whose message seems lost, at most once per period, whichever worker notices).
     dispatched_at: Mapped[datetime | None] = mapped_column()
+    # Where the final-state event is POSTed (core.services.webhooks); checked when the request is made.
+    callback_url: Mapped[str | None] = mapped_column(String(CALLBACK_URL_LENGTH))
 
     model: Mapped[Model] = relationship()
+    webhook_delivery: Mapped[WebhookDelivery | None] = relationship(
+        back_populates="deletion_request", uselist=False, viewonly=True
+    )
 
 
 class AuditEvent(Base):
@@ -234,3 +242,73 @@ class IdempotencyKey(Base):
     response_headers: Mapped[dict[str, str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class WebhookDeliveryState(StrEnum):
+    PENDING = "pending"  # due at next_attempt_at (or in flight while lease_expires_at is ahead)
+    SUCCEEDED = "succeeded"  # the receiver answered 2xx
+    FAILED = "failed"  # attempts used up, or an address that may never be called
+
+
+_DELIVERY_STATE_VALUES = ", ".join(f"'{state.value}'" for state in WebhookDeliveryState)
+
+
+class WebhookDelivery(Base):
+    """The event a deletion request's final state sends to its callback URL (a transactional outbox).
+
+    Written in the same transaction as the final state, so a crash cannot lose it; the workers'
+    webhook sender claims due rows with a lease and records every attempt.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint(f"state IN ({_DELIVERY_STATE_VALUES})", name="state"),
+        Index("ix_webhook_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
+    )
+
+    # Also the `webhook-id` header: the same on every attempt, so receivers can drop duplicates.
+    id: Mapped[str] = uuid_pk()
+    tenant_id: Mapped[str] = tenant_column()
+    # One final state per request, so one event.
+    deletion_request_id: Mapped[str] = mapped_column(
+        String(UUID_LENGTH), ForeignKey("deletion_requests.id"), unique=True
+    )
+    event_type: Mapped[str] = mapped_column(String(100))
+    url: Mapped[str] = mapped_column(String(CALLBACK_URL_LENGTH))
+    # The exact body: every attempt sends (and signs) the same bytes.
+    payload: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(
+        String(16), default=WebhookDeliveryState.PENDING.value, server_default=WebhookDeliveryState.PENDING.value
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set while an attempt is in flight; a sender that died leaves it to run out.
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    last_attempt_at: Mapped[datetime | None] = mapped_column()
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+    deletion_request: Mapped[DeletionRequest] = relationship(back_populates="webhook_delivery")
+    attempt_rows: Mapped[list[WebhookDeliveryAttempt]] = relationship(
+        order_by="WebhookDeliveryAttempt.attempt", viewonly=True
+    )
+
+
+class WebhookDeliveryAttempt(Base):
+    """One POST of a webhook delivery: when, how long, what the receiver answered or what went wrong."""
+
+    __tablename__ = "webhook_delivery_attempts"
+    __table_args__ = (UniqueConstraint("delivery_id", "attempt"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    delivery_id: Mapped[str] = mapped_column(String(UUID_LENGTH), ForeignKey("webhook_deliveries.id"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Null while in flight; an attempt whose sender died is closed by the next one ("sender_lost").
+    finished_at: Mapped[datetime | None] = mapped_column()
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(String(500))

@@ -82,3 +82,29 @@ def test_trust_defaults(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert settings.rate_limit_per_s > 0 and settings.max_active_requests_per_tenant > 0
     clean_env.setenv("UISPS_CERTIFICATE_KEY_PATH", "~/keys/sign.pem")
     assert Settings().effective_certificate_key_path == Path("~/keys/sign.pem").expanduser()
+
+
+def test_webhooks_are_off_until_an_operator_sets_a_secret_and_hosts(clean_env: pytest.MonkeyPatch) -> None:
+    settings = Settings()
+
+    assert settings.webhook_secret is None and settings.webhook_allowed_host_patterns == []
+    assert not settings.webhook_allow_http and not settings.webhook_allow_private_addresses
+
+
+def test_webhook_settings_from_the_environment(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("UISPS_WEBHOOK_SECRET", "whsec_" + "QUJD" * 8)  # base64 of 24 bytes
+    clean_env.setenv("UISPS_WEBHOOK_ALLOWED_HOSTS", " Hooks.Example.com, *.acme.test ,")
+
+    settings = Settings()
+
+    assert settings.webhook_secret.get_secret_value() == "whsec_" + "QUJD" * 8
+    assert "QUJD" not in repr(settings)  # a secret stays out of logs and tracebacks
+    assert settings.webhook_allowed_host_patterns == ["hooks.example.com", "*.acme.test"]
+
+
+@pytest.mark.parametrize("secret", ["changeme", "whsec_not base64!", "whsec_" + "QUJD" * 4, "QUJD" * 8])
+def test_a_webhook_secret_of_another_form_is_refused(clean_env: pytest.MonkeyPatch, secret: str) -> None:
+    clean_env.setenv("UISPS_WEBHOOK_SECRET", secret)
+
+    with pytest.raises(ValueError, match="whsec_"):
+        Settings()

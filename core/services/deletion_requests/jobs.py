@@ -17,6 +17,7 @@ from core.db import DeletionRequest, JobState, Model, ModelVersion, record_event
 from core.services.deletion_requests.repository import deletion_request_repository
 from core.services.models.repository import model_repository
 from core.services.transactions import begin_write
+from core.services.webhooks.service import webhook_service
 from core.storage import StoredArtifact
 
 WORKER_ACTOR = "worker"
@@ -271,6 +272,7 @@ class DeletionJobs:
             request.progress = 1.0
         session.flush()
         self._audit(session, request, f"deletion_request.{state.value}", previous_state=previous_state, **details)
+        webhook_service.enqueue_final_event(session, request)
 
     def _audit(self, session: Session, request: DeletionRequest, action: str, **details: Any) -> None:
         record_event(

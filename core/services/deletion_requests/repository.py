@@ -6,9 +6,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
-from core.db import DeletionRequest, JobState
+from core.db import DeletionRequest, JobState, WebhookDelivery
 from core.services.pagination import Page, PageRequest, decode_token, make_page
 
 _table = DeletionRequest.__table__
@@ -58,6 +58,8 @@ class DeletionRequestRepository:
                 )
             )
         query = query.order_by(DeletionRequest.created_at.desc(), DeletionRequest.id.desc()).limit(page.size + 1)
+        # The page's webhook deliveries in two queries, not two per request that has a callback.
+        query = query.options(selectinload(DeletionRequest.webhook_delivery).selectinload(WebhookDelivery.attempt_rows))
         rows = list(session.scalars(query))
         return make_page(rows, page, lambda r: [r.created_at.isoformat(), r.id], filters)
 

@@ -27,6 +27,8 @@ from core.services.errors import (
 from core.services.models.repository import model_repository
 from core.services.pagination import Page, PageRequest
 from core.services.transactions import after_commit, begin_write
+from core.services.webhooks.service import webhook_service
+from core.services.webhooks.urls import check_callback_url
 from core.settings import Settings
 
 SUPPORTED_METHODS = ("uisps",)
@@ -49,12 +51,15 @@ class DeletionRequestService:
         method: str = "uisps",
         params: dict[str, Any] | None = None,
         external_ref: str | None = None,
+        callback_url: str | None = None,
         dispatch: Dispatch,
     ) -> DeletionRequest:
         """Record a request and hand it to a worker once the row is committed."""
         if method not in SUPPORTED_METHODS:
             raise UnsupportedMethod(f"method {method!r} is not supported (supported: {', '.join(SUPPORTED_METHODS)})")
         normalised_params = _validate_params(params or {})
+        if callback_url is not None:
+            check_callback_url(callback_url, settings)
         if len(forget_labels) > settings.max_labels_per_request:
             raise InvalidLabels(
                 f"{len(forget_labels)} labels given; at most {settings.max_labels_per_request} per request"
@@ -82,6 +87,7 @@ class DeletionRequestService:
             method=method,
             params=normalised_params,
             external_ref=external_ref,
+            callback_url=callback_url,
             state=JobState.QUEUED.value,
             dispatched_at=utcnow(),
         )
@@ -102,6 +108,7 @@ class DeletionRequestService:
                 "method": method,
                 "params": normalised_params,
                 "external_ref": external_ref,
+                "callback_url": callback_url,
             },
         )
         request_id = request.id
@@ -158,6 +165,8 @@ class DeletionRequestService:
             model_id=request.model_id,
             details={"previous_state": state.value, "state": request.state},
         )
+        if state is JobState.QUEUED:
+            webhook_service.enqueue_final_event(session, request)
         return request
 
     def certificate(

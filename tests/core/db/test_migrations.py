@@ -9,7 +9,10 @@ from sqlalchemy import Engine, exc, inspect, text
 from core.db import make_engine, make_sessionmaker, record_event
 from core.db.migrate import alembic_config, current_revision, downgrade, upgrade
 
-TABLES = {"models", "model_versions", "deletion_requests", "audit_events", "api_keys", "idempotency_keys"}
+TABLES = {
+    "models", "model_versions", "deletion_requests", "audit_events", "api_keys", "idempotency_keys",
+    "webhook_deliveries", "webhook_delivery_attempts",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -61,7 +64,7 @@ def test_upgrade_creates_every_table(empty_db: str) -> None:
     upgrade(empty_db)
 
     assert _tables(empty_db) == TABLES
-    assert current_revision(empty_db) == "0002"
+    assert current_revision(empty_db) == "0003"
 
 
 def test_downgrade_removes_everything(empty_db: str) -> None:
@@ -105,3 +108,31 @@ def test_audit_events_are_append_only(engine: Engine, statement: str) -> None:
         )
         with pytest.raises(exc.DBAPIError, match="append-only"):
             session.execute(text(statement))
+
+
+def test_a_request_made_before_webhooks_survives_upgrade_and_downgrade(empty_db: str) -> None:
+    upgrade(empty_db, "0002")
+    engine = make_engine(empty_db)
+    now = "2026-01-01 00:00:00"
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO models (id, tenant_id, name, architecture, arch_kwargs, num_classes, class_names,"
+                " input_shape, mean, std, data_source, created_at) VALUES ('m1', 'default', 'old', 'smallcnn',"
+                " '{}', 10, '[]', '[1, 8, 8]', '[0]', '[1]', 'digits', :now)"), {"now": now})
+            connection.execute(text(
+                "INSERT INTO deletion_requests (id, tenant_id, model_id, forget_labels, base_version, params,"
+                " state, created_at, updated_at) VALUES ('r1', 'default', 'm1', '[3]', 1, '{}', 'cancelled', :now, :now)"),
+                {"now": now})
+        upgrade(empty_db)
+        with engine.connect() as connection:
+            row = connection.execute(text("SELECT forget_labels, callback_url FROM deletion_requests WHERE id = 'r1'")).one()
+        assert row.callback_url is None and "3" in str(row.forget_labels)
+
+        downgrade(empty_db, "0002")
+
+        with engine.connect() as connection:
+            assert connection.scalar(text("SELECT state FROM deletion_requests WHERE id = 'r1'")) == "cancelled"
+    finally:
+        engine.dispose()
+        downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows

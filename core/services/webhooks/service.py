@@ -1,0 +1,215 @@
+"""The webhook outbox: an event written with a deletion request's final state, then claimed, sent
+and recorded attempt by attempt by the workers' webhook sender (worker/webhooks.py). Torch-free.
+
+Delivery is at least once: an attempt whose sender died before recording it is closed as
+`sender_lost` and tried again, so a receiver may see an event twice; `webhook-id` is the same on
+every attempt of an event, for receivers to drop duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from core.db import (
+    DeletionRequest,
+    WebhookDelivery,
+    WebhookDeliveryAttempt,
+    WebhookDeliveryState,
+    record_event,
+    utcnow,
+)
+from core.services.transactions import begin_write
+from core.services.webhooks.delivery import AttemptResult
+from core.settings import Settings
+
+SENDER_ACTOR = "worker"
+SENDER_LOST = "sender_lost: the worker sending this attempt stopped before it finished"
+
+_deliveries = WebhookDelivery.__table__
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    """A claimed attempt: what to send, and the attempt number that fences its result."""
+
+    id: str
+    url: str
+    payload: str
+    attempt: int
+
+
+def event_type(state: str) -> str:
+    return f"deletion_request.{state}"
+
+
+def backoff_s(attempt: int, settings: Settings) -> float:
+    """Wait after failed attempt `attempt` (1, 2, ...): base, 2 base, 4 base, ... at most max."""
+    return min(settings.webhook_retry_max_s, settings.webhook_retry_base_s * 2 ** (attempt - 1))
+
+
+class WebhookService:
+    def enqueue_final_event(self, session: Session, request: DeletionRequest) -> None:
+        """Called in the transaction that gives `request` its final state: the event is committed
+        with it or not at all, and never sent before that state is visible to the receiver."""
+        if not request.callback_url:
+            return
+        exists = session.scalar(
+            select(WebhookDelivery.id).where(WebhookDelivery.deletion_request_id == request.id)
+        )
+        if exists is not None:
+            return  # a request ends once; never two events for it
+        now = utcnow()
+        session.add(
+            WebhookDelivery(
+                tenant_id=request.tenant_id,
+                deletion_request_id=request.id,
+                event_type=event_type(request.state),
+                url=request.callback_url,
+                payload=event_payload(request, now),
+                next_attempt_at=now,
+            )
+        )
+
+    def claim_due(self, session: Session, *, settings: Settings, limit: int = 16) -> list[DueDelivery]:
+        """Deliveries due now, each claimed for one attempt under a lease (one sender wins each).
+
+        A delivery whose previous attempt never finished (its sender died) has that attempt closed
+        as `sender_lost` first; one that already used every attempt that way is failed.
+        """
+        begin_write(session)
+        now = utcnow()
+        lease_until = now + timedelta(seconds=lease_s(settings))
+        free = or_(_deliveries.c.lease_expires_at.is_(None), _deliveries.c.lease_expires_at < now)
+        due = and_(
+            _deliveries.c.state == WebhookDeliveryState.PENDING.value, _deliveries.c.next_attempt_at <= now, free
+        )
+        rows = session.execute(
+            select(_deliveries.c.id, _deliveries.c.attempts)
+            .where(due)
+            .order_by(_deliveries.c.next_attempt_at)
+            .limit(limit)
+        ).all()
+        claimed: list[DueDelivery] = []
+        for row in rows:
+            self._close_lost_attempts(session, row.id, now)
+            if row.attempts >= settings.webhook_max_attempts:
+                delivery = session.get(WebhookDelivery, row.id, populate_existing=True)
+                assert delivery is not None
+                self._finish(session, delivery, WebhookDeliveryState.FAILED, now)
+                continue
+            won = session.execute(
+                update(_deliveries)
+                .where(_deliveries.c.id == row.id, _deliveries.c.attempts == row.attempts, due)
+                .values(attempts=row.attempts + 1, lease_expires_at=lease_until, last_attempt_at=now)
+            ).rowcount
+            if won != 1:
+                continue
+            session.add(WebhookDeliveryAttempt(delivery_id=row.id, attempt=row.attempts + 1, started_at=now))
+            delivery = session.get(WebhookDelivery, row.id, populate_existing=True)
+            assert delivery is not None
+            claimed.append(DueDelivery(delivery.id, delivery.url, delivery.payload, delivery.attempts))
+        session.flush()
+        return claimed
+
+    def record_result(self, session: Session, due: DueDelivery, result: AttemptResult, *, settings: Settings) -> None:
+        """Record what attempt `due.attempt` got, and decide: delivered, try again later, or failed."""
+        begin_write(session)
+        delivery = session.scalar(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.id == due.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        if delivery is None or delivery.state != WebhookDeliveryState.PENDING.value or delivery.attempts != due.attempt:
+            return  # taken over after our lease ran out: the later attempt decides
+        now = utcnow()
+        attempt = session.scalar(
+            select(WebhookDeliveryAttempt).where(
+                WebhookDeliveryAttempt.delivery_id == due.id, WebhookDeliveryAttempt.attempt == due.attempt
+            )
+        )
+        if attempt is not None:
+            attempt.finished_at = now
+            attempt.status_code = result.status_code
+            attempt.error = result.error
+        delivery.last_status_code = result.status_code
+        delivery.last_error = result.error
+        delivery.lease_expires_at = None
+        if result.delivered:
+            self._finish(session, delivery, WebhookDeliveryState.SUCCEEDED, now)
+        elif result.permanent or due.attempt >= settings.webhook_max_attempts:
+            self._finish(session, delivery, WebhookDeliveryState.FAILED, now)
+        else:
+            delivery.next_attempt_at = now + timedelta(seconds=backoff_s(due.attempt, settings))
+        session.flush()
+
+    def _close_lost_attempts(self, session: Session, delivery_id: str, now: datetime) -> None:
+        session.execute(
+            update(WebhookDeliveryAttempt)
+            .where(WebhookDeliveryAttempt.delivery_id == delivery_id, WebhookDeliveryAttempt.finished_at.is_(None))
+            .values(finished_at=now, error=SENDER_LOST)
+        )
+
+    def _finish(self, session: Session, delivery: WebhookDelivery, state: WebhookDeliveryState, now: datetime) -> None:
+        delivery.state = state.value
+        delivery.finished_at = now
+        delivery.lease_expires_at = None
+        if state is WebhookDeliveryState.FAILED and delivery.last_error is None:
+            delivery.last_error = SENDER_LOST
+        session.flush()
+        request = session.get(DeletionRequest, delivery.deletion_request_id)
+        outcome = "delivered" if state is WebhookDeliveryState.SUCCEEDED else "failed"
+        record_event(
+            session,
+            tenant_id=delivery.tenant_id,
+            actor=SENDER_ACTOR,
+            action=f"deletion_request.webhook_{outcome}",
+            subject_type="deletion_request",
+            subject_id=delivery.deletion_request_id,
+            model_id=request.model_id if request is not None else None,
+            details={
+                "webhook_id": delivery.id,
+                "event_type": delivery.event_type,
+                "url": delivery.url,
+                "attempts": delivery.attempts,
+                "status_code": delivery.last_status_code,
+                "error": delivery.last_error,
+            },
+        )
+
+
+def lease_s(settings: Settings) -> float:
+    # An attempt may resolve a name, connect to up to three addresses and wait for an answer.
+    return 4 * settings.webhook_timeout_s + 30.0
+
+
+def event_payload(request: DeletionRequest, now: datetime) -> str:
+    """The event body (Standard Webhooks' type / timestamp / data), fixed once for every attempt."""
+    data: dict[str, Any] = {
+        "id": request.id,
+        "model_id": request.model_id,
+        "state": request.state,
+        "forget_labels": list(request.forget_labels),
+        "base_version": request.base_version,
+        "result_version": request.result_version,
+        "external_ref": request.external_ref,
+        "error": request.error,
+        "attempts": request.attempts,
+        "created_at": _iso(request.created_at),
+        "finished_at": _iso(request.finished_at),
+    }
+    body = {"type": event_type(request.state), "timestamp": _iso(now), "data": data}
+    return json.dumps(body, separators=(",", ":"), sort_keys=True)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z") if value else None
+
+
+webhook_service = WebhookService()

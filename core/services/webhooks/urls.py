@@ -1,0 +1,128 @@
+"""Which callback URLs may be called: checked when a request is made, and again at send time on
+the addresses the host resolves to then (a name that resolved to a public address when the request
+was made may point at 127.0.0.1 by the time the event is sent). Torch-free."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from core.db.tables import CALLBACK_URL_LENGTH
+from core.errors import UisError
+from core.settings import Settings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class InvalidCallbackUrl(UisError):
+    code = "invalid_callback_url"
+
+
+class WebhooksNotConfigured(UisError):
+    code = "webhooks_not_configured"
+
+
+class RefusedAddress(Exception):
+    """The callback's host resolves to an address the service may not call."""
+
+
+@dataclass(frozen=True)
+class CallbackTarget:
+    scheme: str
+    host: str  # lower case, IPv6 without brackets
+    port: int
+    target: str  # path and query, as sent on the request line
+
+    @property
+    def literal_address(self) -> IPAddress | None:
+        try:
+            return ipaddress.ip_address(self.host)
+        except ValueError:
+            return None
+
+
+def check_callback_url(url: str, settings: Settings) -> str:
+    """The check made when a deletion request is created: InvalidCallbackUrl (422) says what is wrong."""
+    if settings.webhook_secret is None:
+        raise WebhooksNotConfigured(
+            "this service sends no webhooks: its operator has not set UISPS_WEBHOOK_SECRET"
+        )
+    target = parse_callback_url(url, settings)
+    address = target.literal_address
+    if address is not None and not settings.webhook_allow_private_addresses and not is_public(address):
+        raise InvalidCallbackUrl(f"callback_url names {address}, a {address_kind(address)} address")
+    return url
+
+
+def parse_callback_url(url: str, settings: Settings) -> CallbackTarget:
+    """Form, scheme and allowed host (UISPS_WEBHOOK_ALLOWED_HOSTS); no name is resolved here."""
+    if len(url) > CALLBACK_URL_LENGTH:
+        raise InvalidCallbackUrl(f"callback_url is longer than {CALLBACK_URL_LENGTH} characters")
+    if any(char.isspace() or ord(char) < 0x20 or ord(char) == 0x7F for char in url):
+        raise InvalidCallbackUrl("callback_url contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidCallbackUrl(f"callback_url is not a valid URL: {exc}") from None
+    schemes = ("https", "http") if settings.webhook_allow_http else ("https",)
+    if parts.scheme.lower() not in schemes:
+        allowed = " or ".join(f"{s}://" for s in schemes)
+        raise InvalidCallbackUrl(f"callback_url must start with {allowed}")
+    if not parts.hostname:
+        raise InvalidCallbackUrl("callback_url has no host")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidCallbackUrl("callback_url must not carry credentials (user:password@)")
+    if parts.fragment:
+        raise InvalidCallbackUrl("callback_url must not have a #fragment")
+    host = parts.hostname.rstrip(".")
+    if not host_allowed(host, settings.webhook_allowed_host_patterns):
+        raise InvalidCallbackUrl(
+            f"callback host {host!r} is not one this service may call (UISPS_WEBHOOK_ALLOWED_HOSTS)"
+        )
+    scheme = parts.scheme.lower()
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return CallbackTarget(scheme, host, port or (443 if scheme == "https" else 80), target)
+
+
+def host_allowed(host: str, patterns: list[str]) -> bool:
+    """`*` allows any host, `*.example.com` the subdomains of example.com, anything else itself."""
+    for pattern in patterns:
+        if pattern == "*" or host == pattern:
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:]):
+            return True
+    return False
+
+
+def is_public(address: IPAddress) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    return address.is_global and not address.is_multicast
+
+
+def address_kind(address: IPAddress) -> str:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for kind in ("loopback", "link_local", "private", "multicast", "unspecified", "reserved"):
+        if getattr(address, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return "non-public"
+
+
+def resolve(target: CallbackTarget, *, allow_private: bool) -> list[IPAddress]:
+    """Every address the host resolves to now; RefusedAddress if any of them is not public (a host
+    with one private address among public ones may be an attack on whichever one is picked)."""
+    infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+    addresses: list[IPAddress] = []
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%", 1)[0])  # drop an IPv6 zone id
+        if address not in addresses:
+            addresses.append(address)
+    if not allow_private:
+        for address in addresses:
+            if not is_public(address):
+                raise RefusedAddress(f"{target.host} resolves to {address}, a {address_kind(address)} address")
+    return addresses

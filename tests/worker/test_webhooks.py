@@ -1,0 +1,231 @@
+"""Webhooks end to end in this process: a request's final state, the worker's webhook sender, and a
+real HTTP receiver on 127.0.0.1 (allowed by the settings of each test), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import select, update
+from standardwebhooks.webhooks import Webhook
+
+from core.db import AuditEvent, DeletionRequest, WebhookDelivery, WebhookDeliveryAttempt, utcnow
+from core.services.deletion_requests.service import deletion_request_service
+from conftest import WorkerEnv
+from core.settings import get_settings
+from core.storage import make_artifact_store
+from webhook_receiver import WebhookReceiver
+from worker.celery_app import make_celery, send_deletion_request
+from worker.context import sessions_for
+from worker.tasks import run_deletion_request
+from worker.webhooks import WebhookSender
+
+SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+def webhook_env(worker_env, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, ANN201
+    """The worker environment with webhooks on: receivers on this machine, over http, retried fast."""
+    for name, value in {
+        "UISPS_WEBHOOK_SECRET": SECRET,
+        "UISPS_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1, localhost",
+        "UISPS_WEBHOOK_ALLOW_HTTP": "true",
+        "UISPS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "true",
+        "UISPS_WEBHOOK_RETRY_BASE_S": "0.05",
+        "UISPS_WEBHOOK_TIMEOUT_S": "5",
+    }.items():
+        monkeypatch.setenv(name, value)
+    worker_env.settings = get_settings()
+    return worker_env
+
+
+def _send(env) -> None:  # noqa: ANN001
+    """One pass of the worker's webhook sender."""
+    sender = WebhookSender(env.settings)
+    try:
+        sender.run_once()
+    finally:
+        sender.stop()
+
+
+def _cancel(env, request_id: str) -> None:  # noqa: ANN001
+    with env.sessions() as session:
+        deletion_request_service.cancel(session, tenant_id="default", actor="test", request_id=request_id)
+        session.commit()
+
+
+def _delivery(env, request_id: str) -> tuple[WebhookDelivery, list[WebhookDeliveryAttempt]]:  # noqa: ANN001
+    with env.sessions() as session:
+        delivery = session.scalars(select(WebhookDelivery).where(WebhookDelivery.deletion_request_id == request_id)).one()
+        attempts = session.scalars(
+            select(WebhookDeliveryAttempt).where(WebhookDeliveryAttempt.delivery_id == delivery.id)
+            .order_by(WebhookDeliveryAttempt.attempt)
+        ).all()
+        return delivery, list(attempts)
+
+
+def _last_action(env, request_id: str) -> str:  # noqa: ANN001
+    with env.sessions() as session:
+        query = select(AuditEvent.action).where(AuditEvent.subject_id == request_id).order_by(AuditEvent.id.desc())
+        return session.scalars(query).first()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once it is closed
+
+
+def test_a_succeeded_request_posts_a_signed_event_that_verifies(webhook_env, receiver, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    request_id = webhook_env.new_request(digits_checkpoint, [3], callback_url=receiver.url())
+    assert run_deletion_request.apply(args=[request_id]).result == "succeeded"
+
+    _send(webhook_env)
+
+    (post,) = receiver.wait_for(1, timeout_s=5)
+    assert post.path == "/hooks/uisps?tenant=default"
+    # The spec's reference implementation checks the signature and the timestamp's freshness.
+    event = Webhook(SECRET).verify(post.body, post.headers)
+    assert event["type"] == "deletion_request.succeeded"
+    assert event["data"]["id"] == request_id and event["data"]["result_version"] == 2
+    assert event["data"]["forget_labels"] == [3] and event["data"]["state"] == "succeeded"
+    delivery, attempts = _delivery(webhook_env, request_id)
+    assert post.headers["webhook-id"] == delivery.id and post.headers["content-type"] == "application/json"
+    assert delivery.state == "succeeded" and [(a.attempt, a.status_code) for a in attempts] == [(1, 200)]
+    assert _last_action(webhook_env, request_id) == "deletion_request.webhook_delivered"
+
+
+def test_a_tampered_body_does_not_verify(webhook_env, receiver, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    request_id = webhook_env.new_request(digits_checkpoint, [3], callback_url=receiver.url())
+    _cancel(webhook_env, request_id)
+    _send(webhook_env)
+
+    (post,) = receiver.wait_for(1, timeout_s=5)
+    assert json.loads(post.body)["type"] == "deletion_request.cancelled"
+    with pytest.raises(Exception, match="signature"):
+        Webhook(SECRET).verify(post.body.replace(b"cancelled", b"succeeded"), post.headers)
+
+
+def test_a_receiver_that_answers_500_gets_the_event_again(webhook_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    receiver = WebhookReceiver(statuses=(500,))
+    try:
+        request_id = webhook_env.new_request(digits_checkpoint, [1], callback_url=receiver.url())
+        _cancel(webhook_env, request_id)
+
+        _send(webhook_env)
+        delivery, _ = _delivery(webhook_env, request_id)
+        assert delivery.state == "pending" and delivery.next_attempt_at > delivery.last_attempt_at
+        time.sleep(0.1)  # the retry is due after UISPS_WEBHOOK_RETRY_BASE_S
+        _send(webhook_env)
+
+        first, second = receiver.wait_for(2, timeout_s=5)
+    finally:
+        receiver.close()
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]  # one event, sent twice
+    assert Webhook(SECRET).verify(second.body, second.headers)["data"]["id"] == request_id
+    delivery, attempts = _delivery(webhook_env, request_id)
+    assert delivery.state == "succeeded" and [(a.attempt, a.status_code) for a in attempts] == [(1, 500), (2, 200)]
+    assert attempts[0].error == "HTTP 500" and attempts[1].error is None
+
+
+def test_a_host_that_resolves_to_a_private_address_is_refused(
+    webhook_env, receiver, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    # "localhost" is a name, so the request is accepted; what it resolves to is checked when sending.
+    monkeypatch.setenv("UISPS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES", "false")
+    webhook_env.settings = get_settings()
+    request_id = webhook_env.new_request(digits_checkpoint, [1], callback_url=receiver.url("localhost"))
+    _cancel(webhook_env, request_id)
+
+    _send(webhook_env)
+
+    assert receiver.received == []
+    delivery, attempts = _delivery(webhook_env, request_id)
+    assert delivery.state == "failed" and len(attempts) == 1  # retrying cannot make it allowed
+    assert "localhost resolves to" in attempts[0].error and "loopback" in attempts[0].error
+    assert _last_action(webhook_env, request_id) == "deletion_request.webhook_failed"
+
+
+def test_the_job_succeeds_when_the_callback_host_is_down(
+    webhook_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    monkeypatch.setenv("UISPS_WEBHOOK_MAX_ATTEMPTS", "2")
+    webhook_env.settings = get_settings()
+    request_id = webhook_env.new_request(digits_checkpoint, [4], callback_url=f"http://127.0.0.1:{_closed_port()}/hook")
+
+    assert run_deletion_request.apply(args=[request_id]).result == "succeeded"
+    _send(webhook_env)
+    time.sleep(0.1)
+    _send(webhook_env)
+
+    with webhook_env.sessions() as session:
+        request = session.get(DeletionRequest, request_id)
+        assert request.state == "succeeded" and request.result_version == 2
+    delivery, attempts = _delivery(webhook_env, request_id)
+    assert delivery.state == "failed" and len(attempts) == 2
+    assert all(a.status_code is None and "ConnectionRefused" in a.error for a in attempts)
+    assert _last_action(webhook_env, request_id) == "deletion_request.webhook_failed"
+
+
+def test_an_attempt_whose_sender_died_is_closed_and_tried_again(webhook_env, receiver, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    request_id = webhook_env.new_request(digits_checkpoint, [2], callback_url=receiver.url())
+    _cancel(webhook_env, request_id)
+    from core.services.webhooks.service import webhook_service
+
+    with webhook_env.sessions.begin() as session:  # a sender claims the event, then its worker dies
+        (claimed,) = [d for d in webhook_service.claim_due(session, settings=webhook_env.settings) if d.url == receiver.url()]
+    with webhook_env.sessions.begin() as session:  # ... and its lease runs out
+        past = utcnow() - timedelta(seconds=1)
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.id == claimed.id).values(lease_expires_at=past))
+
+    _send(webhook_env)
+
+    (post,) = receiver.wait_for(1, timeout_s=5)
+    assert post.headers["webhook-id"] == claimed.id
+    delivery, attempts = _delivery(webhook_env, request_id)
+    assert delivery.state == "succeeded"
+    assert [(a.attempt, a.status_code) for a in attempts] == [(1, None), (2, 200)]
+    assert attempts[0].error.startswith("sender_lost") and attempts[0].finished_at is not None
+
+
+def test_a_worker_process_sends_the_event_of_the_job_it_ran(worker_processes, receiver, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    webhook_env = {
+        "UISPS_WEBHOOK_SECRET": SECRET, "UISPS_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "UISPS_WEBHOOK_ALLOW_HTTP": "true", "UISPS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "true",
+    }
+    settings = worker_processes.settings.model_copy(update={
+        "webhook_secret": SecretStr(SECRET), "webhook_allowed_hosts": "127.0.0.1",
+        "webhook_allow_http": True, "webhook_allow_private_addresses": True,
+    })
+    env = WorkerEnv(settings, sessions_for(settings.effective_database_url), make_artifact_store(settings))
+    celery = make_celery(settings)
+    try:
+        worker = worker_processes.start(**webhook_env)
+        model_id = env.new_model(digits_checkpoint)
+        request_id = env.queue(model_id, [6], callback_url=receiver.url(),
+                               dispatch=lambda request_id: send_deletion_request(celery, request_id))
+
+        deadline = time.monotonic() + 180
+        while not receiver.received:
+            assert worker.poll() is None and time.monotonic() < deadline, worker_processes.log_tail()
+            time.sleep(0.2)
+    finally:
+        celery.close()
+
+    event = Webhook(SECRET).verify(receiver.received[0].body, receiver.received[0].headers)
+    assert event["type"] == "deletion_request.succeeded" and event["data"]["id"] == request_id
+    with env.sessions() as session:
+        assert session.get(DeletionRequest, request_id).state == "succeeded"  # committed before it was sent
