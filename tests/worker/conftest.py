@@ -145,6 +145,11 @@ class WorkerProcesses:
         self.started.append(worker)
         return worker
 
+    def requests(self, settings: Settings | None = None) -> WorkerEnv:
+        """Make models and requests in the workers' database (with `settings`, e.g. webhooks on)."""
+        settings = settings or self.settings
+        return WorkerEnv(settings, sessions_for(settings.effective_database_url), make_artifact_store(settings))
+
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 

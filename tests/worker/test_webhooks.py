@@ -17,12 +17,9 @@ from standardwebhooks.webhooks import Webhook
 
 from core.db import AuditEvent, DeletionRequest, WebhookDelivery, WebhookDeliveryAttempt, utcnow
 from core.services.deletion_requests.service import deletion_request_service
-from conftest import WorkerEnv
 from core.settings import get_settings
-from core.storage import make_artifact_store
 from webhook_receiver import WebhookReceiver
 from worker.celery_app import make_celery, send_deletion_request
-from worker.context import sessions_for
 from worker.tasks import run_deletion_request
 from worker.webhooks import WebhookSender
 
@@ -210,7 +207,7 @@ def test_a_worker_process_sends_the_event_of_the_job_it_ran(worker_processes, re
         "webhook_secret": SecretStr(SECRET), "webhook_allowed_hosts": "127.0.0.1",
         "webhook_allow_http": True, "webhook_allow_private_addresses": True,
     })
-    env = WorkerEnv(settings, sessions_for(settings.effective_database_url), make_artifact_store(settings))
+    env = worker_processes.requests(settings)
     celery = make_celery(settings)
     try:
         worker = worker_processes.start(**webhook_env)
