@@ -97,8 +97,10 @@ def test_api_serves_the_factory_on_8000_and_checks_readiness(services: dict[str,
     api = services["api"]
     command = _command(api)
 
-    assert command[0] == "uvicorn" and "--factory" in command and "api.app:create_app" in command
+    assert command[:3] == ["uisps", "serve", "--no-worker"]  # uvicorn as uisps.serving sets it up
     assert command[command.index("--port") + 1] == "8000"
+    assert command[command.index("--workers") + 1] == "${UISPS_API_WORKERS:-2}"
+    _assert_cli_accepts([*command[:-1], "2"])
     assert "/readyz" in _healthcheck_text(api)
     assert any(str(port).endswith(":8000") for port in api["ports"])
 
@@ -368,7 +370,7 @@ def test_the_image_has_a_healthcheck_and_serves_the_api_by_default() -> None:
     runs = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
 
     assert healthcheck.split()[-1] != "NONE" and "/healthz" in healthcheck
-    assert "api.app:create_app" in cmd and "--factory" in cmd
+    assert '"uisps", "serve", "--no-worker"' in cmd and '"0.0.0.0"' in cmd
     assert "python3.11 -m venv" in runs
 
 

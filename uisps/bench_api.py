@@ -8,10 +8,11 @@ What it does, in order:
 2. API keys, made in this process with `api_key_service.create` exactly like
    `uisps keys create`: one admin key (setup) and `keys` compliance keys the load connections
    share (a compliance key may read and create deletion requests).
-3. The API alone, `uvicorn --factory api.app:create_app --workers W` in a subprocess on a free
-   127.0.0.1 port. No Celery worker: nothing runs, the run measures the HTTP and database path.
-   The per-key rate limit stays on (every request still takes a token, so its write is
-   measured) but is raised out of reach, and so is the per-tenant cap on active requests.
+3. The API alone, as production runs it: `uisps serve --no-worker --workers W` (uvicorn with
+   uvloop and httptools, see uisps.serving) in a subprocess on a free 127.0.0.1 port. No Celery
+   worker: nothing runs, the run measures the HTTP and database path.
+   The per-key rate limit stays on (every request takes a token from the broker's Redis, as in
+   production) but is raised out of reach, and so is the per-tenant cap on active requests.
 4. Setup over HTTP: a smallcnn model with a random-init version 1, and `seed_requests` deletion
    requests (they stay queued).
 5. The load, from a second process (a `spawn` child running a minimal asyncio HTTP/1.1 keep-alive
@@ -55,7 +56,12 @@ GOAL_GET_RPS = 1000.0
 GOAL_GET_P99_MS = 50.0
 READY_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 30.0
-# "Never refused": the limit code path runs (one write per request), its answer is always yes.
+CONNECT_STAGGER_S = 0.02
+# New database connections per second above which a phase is said to churn its pool.
+CHURN_PER_S = 5.0
+# A GET /healthz slower than this on a kept-alive connection means Nagle + delayed ACK (~40 ms).
+NAGLE_SUSPECT_MS = 30.0
+# "Never refused": the limit's code path runs (Redis buckets, as in production), its answer is always yes.
 UNREACHABLE_RATE = "1000000000"
 RESULT_NAME = "api-bench-cpu"
 # Other processes using more than this many cores during a phase make the run's figures suspect.
@@ -181,6 +187,10 @@ async def _connection_loop(
     reader = writer = None
     n = 0
     perf = time.perf_counter
+    # Connections open one after another, not all at once: a uvicorn worker accepts every
+    # connection pending when it wakes, so a burst would all land on one worker and stay there
+    # (keep-alive); arriving over time, they go to whichever worker is free to accept.
+    await asyncio.sleep(connection * CONNECT_STAGGER_S)
     while True:
         start = perf()
         if start >= window["end"]:
@@ -280,9 +290,10 @@ def _load_main(conn: Any, spec: dict[str, Any]) -> None:
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _proc_table() -> dict[int, tuple[str, int, float]]:
-    """pid -> (command name, parent pid, CPU seconds used), for every readable process."""
-    table: dict[int, tuple[str, int, float]] = {}
+def _proc_table() -> dict[int, tuple[str, int, float, float]]:
+    """pid -> (command name, parent pid, CPU seconds used, CPU seconds of its reaped children),
+    for every readable process."""
+    table: dict[int, tuple[str, int, float, float]] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
@@ -297,7 +308,9 @@ def _proc_table() -> dict[int, tuple[str, int, float]]:
             continue
         name = raw[raw.index("(") + 1 : raw.rindex(")")]
         fields = raw[raw.rindex(")") + 2 :].split()
-        table[int(entry)] = (name, int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+        own = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        children = (int(fields[13]) + int(fields[14])) / _CLK_TCK
+        table[int(entry)] = (name, int(fields[1]), own, children)
     return table
 
 
@@ -323,11 +336,38 @@ def _background_busy_percent(seconds: float = 1.0) -> float | None:
     return round(100 * (after[0] - before[0]) / (after[1] - before[1]), 1)
 
 
-def _descendants(table: dict[int, tuple[str, int, float]], root: int) -> set[int]:
+def _connections_per_worker(server_pid: int, port: int) -> list[int]:
+    """Established connections to `port` held by each uvicorn worker (Linux /proc), busiest first."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    processes = _proc_table()
+    counts = []
+    for pid in _descendants(processes, server_pid) - {server_pid}:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" not in f.read():  # a uvicorn worker, not multiprocessing's tracker
+                    continue
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        counts.append(sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in inodes))
+    return sorted(counts, reverse=True)
+
+
+def _descendants(table: dict[int, tuple[str, int, float, float]], root: int) -> set[int]:
     found, frontier = {root}, [root]
     while frontier:
         parent = frontier.pop()
-        for pid, (_, ppid, _) in table.items():
+        for pid, (_, ppid, *_) in table.items():
             if ppid == parent and pid not in found:
                 found.add(pid)
                 frontier.append(pid)
@@ -339,14 +379,14 @@ class CpuMeter:
 
     def __init__(self, server_pid: int, client_pid: int) -> None:
         self.server_pid, self.client_pid = server_pid, client_pid
-        self.before: dict[int, tuple[str, int, float]] = {}
+        self.before: dict[int, tuple[str, int, float, float]] = {}
         self.host_before: tuple[float, float] | None = None
         self.t0 = 0.0
 
-    def _groups(self, table: dict[int, tuple[str, int, float]]) -> dict[int, str]:
+    def _groups(self, table: dict[int, tuple[str, int, float, float]]) -> dict[int, str]:
         api = _descendants(table, self.server_pid)
         groups = {}
-        for pid, (name, _, _) in table.items():
+        for pid, (name, *_) in table.items():
             if pid in api:
                 groups[pid] = "api"
             elif pid == self.client_pid:
@@ -363,15 +403,27 @@ class CpuMeter:
     def stop(self) -> dict[str, Any]:
         after, host_after, wall = _proc_table(), _host_cpu(), time.perf_counter() - self.t0
         groups = self._groups(after)
+        # Each process's own CPU in the window, plus that of the children it reaped meanwhile
+        # (PostgreSQL backends of closed connections live on only in the postmaster's count),
+        # less what those children had used before the window started.
+        spent: dict[int, float] = {}
+        for pid, (name, _, own, children) in after.items():
+            before = self.before.get(pid)
+            if before and before[0] == name:
+                spent[pid] = (own - before[2]) + (children - before[3])
+            else:
+                spent[pid] = own + children
+        for pid, (_, parent, own, children) in self.before.items():
+            if pid not in after and parent in spent:
+                spent[parent] -= own + children
         used: dict[str, float] = {"api": 0.0, "client": 0.0, "postgresql": 0.0, "redis": 0.0}
         others: dict[str, float] = {}
-        for pid, (name, _, seconds) in after.items():
-            before = self.before.get(pid)
-            delta = seconds - (before[2] if before and before[0] == name else 0.0)
+        for pid, seconds in spent.items():
             if pid in groups:
-                used[groups[pid]] += delta
-            elif delta > 0:
-                others[name] = others.get(name, 0.0) + delta
+                used[groups[pid]] += seconds
+            elif seconds > 0:
+                name = after[pid][0]
+                others[name] = others.get(name, 0.0) + seconds
         result: dict[str, Any] = {
             "wall_s": round(wall, 2),
             "cores_used": {group: round(seconds / wall, 2) for group, seconds in used.items()},
@@ -533,12 +585,18 @@ class _Server:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def arguments(self) -> list[str]:
+        """`uisps serve` as docker-compose runs it, on this bench's port."""
+        return ["serve", "--no-worker", "--host", "127.0.0.1", "--port", str(self.port),
+                "--workers", str(self.workers), "--log-level", "warning"]
+
+    @property
     def command(self) -> list[str]:
-        # uvicorn's own access log off: the service writes one itself (UISPS_ACCESS_LOG).
-        return [
-            sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
-            "--port", str(self.port), "--workers", str(self.workers), "--log-level", "warning", "--no-access-log",
-        ]
+        return [sys.executable, "-m", "uisps", *self.arguments]
+
+    @staticmethod
+    def shown_command(workers: int) -> str:
+        return f"uisps serve --no-worker --host 127.0.0.1 --port <free port> --workers {workers} --log-level warning"
 
     def start(self) -> None:
         log = self.log_path.open("wb")
@@ -573,11 +631,24 @@ class _Server:
         stop_process(self.process, 30.0, signal.SIGTERM)
 
     def uvicorn_implementations(self) -> dict[str, str]:
-        """What uvicorn's `auto` loop and http settings pick in this environment."""
-        import importlib.util
+        """The event loop and HTTP parser `uisps serve` picks in this environment."""
+        from uisps.serving import implementations
 
-        has = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
-        return {"loop": "uvloop" if has("uvloop") else "asyncio", "http": "httptools" if has("httptools") else "h11"}
+        return implementations()
+
+
+def _keepalive_probe(url: str, count: int = 20) -> float:
+    """Median ms of sequential GET /healthz on one kept-alive connection (no database work)."""
+    import httpx
+
+    times = []
+    with httpx.Client(base_url=url, timeout=10) as client:
+        client.get("/healthz")  # connects
+        for _ in range(count):
+            start = time.perf_counter()
+            client.get("/healthz")
+            times.append(time.perf_counter() - start)
+    return round(1000 * sorted(times)[count // 2], 2)
 
 
 def _seed(url: str, admin_key: str, compliance_key: str, count: int) -> tuple[str, list[str], list[int]]:
@@ -648,6 +719,7 @@ def _run_phase(spec: dict[str, Any], server_pid: int, timeout_s: float, database
 
     sessions = _SessionCounter(database_url)
     sessions_at_start: int | None = None
+    per_worker: list[int] = []
     sessions_opened: int | None = None
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
@@ -669,6 +741,7 @@ def _run_phase(spec: dict[str, Any], server_pid: int, timeout_s: float, database
             if event == "start":
                 meter.start()
                 sessions_at_start = sessions.read()
+                per_worker = _connections_per_worker(server_pid, spec["port"])
             elif event == "end":
                 cpu = meter.stop()
                 sessions_at_end = sessions.read()
@@ -687,6 +760,7 @@ def _run_phase(spec: dict[str, Any], server_pid: int, timeout_s: float, database
                     cpu["cpu_bound_ceiling_rps"] = round(cpu_count() * 1000 / total) if total > 0 else None
                 payload["cpu"] = cpu
                 payload["database_sessions_opened"] = sessions_opened
+                payload["connections_per_worker"] = per_worker
                 return payload
     finally:
         sessions.close()
@@ -761,6 +835,10 @@ def run_api_bench(setup: ApiBenchSetup, log: Callable[[str], None] = lambda _lin
         server.start()
         log(f"API on {server.url} ({workers} uvicorn workers), broker {broker_url}")
         server.wait_ready()
+        keepalive_ms = _keepalive_probe(server.url)
+        if keepalive_ms >= NAGLE_SUSPECT_MS:
+            log(f"warning: GET /healthz takes {keepalive_ms:.0f} ms on a kept-alive connection: "
+                "Nagle's algorithm is on (uvicorn --workers without uvloop)")
         model_id, ids, labels = _seed(server.url, admin_key, keys[0], setup.seed_requests)
         log(f"seeded model {model_id} and {len(ids)} queued deletion requests")
         background = _background_busy_percent()
@@ -810,10 +888,10 @@ def run_api_bench(setup: ApiBenchSetup, log: Callable[[str], None] = lambda _lin
         "database": db_description,
         "database_kept": database is None,
         "background_busy_percent": background,
+        "keepalive_healthz_p50_ms": keepalive_ms,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "server": {
-            "command": "uvicorn --factory api.app:create_app --workers "
-            f"{workers} --log-level warning --no-access-log",
+            "command": _Server.shown_command(workers),
             "workers": workers,
             **(server.uvicorn_implementations() if server else {}),
             "access_log": setup.access_log,  # the service's (UISPS_ACCESS_LOG), to a file
@@ -871,7 +949,8 @@ def markdown(result: dict[str, Any]) -> str:
            if result.get("background_busy_percent") is not None else "."),
         f"Server: `{server['command']}` ({server.get('loop', '?')} loop, {server.get('http', '?')} HTTP parser),",
         "no Celery worker (requests stay queued); rate limit on but out of reach; the service's access log "
-        f"{'on (to a file)' if server.get('access_log') else 'off'}.",
+        f"{'on (to a file)' if server.get('access_log') else 'off'}; "
+        f"GET /healthz on a kept-alive connection: {result.get('keepalive_healthz_p50_ms', float('nan')):.1f} ms.",
         f"Client: {result['client']['kind']}, {result['client']['concurrency']} connections, "
         f"{result['client']['api_keys']} API key(s), {result['client']['warmup_s']:g} s warm-up per phase.",
         "",
@@ -899,14 +978,24 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {p['name']} | {cell('api')} | {cell('postgresql')} | {cell('redis')} | {cell('client')} | "
             f"{cores.get('other', '?')} | {'?' if busy is None else f'{busy:.0f} %'} |"
         )
-    churn = [
-        f"{p['name']} {p['database_sessions_opened']} ({p['database_sessions_opened'] / p['duration_s']:.0f}/s)"
-        for p in result["phases"] if p.get("database_sessions_opened")
+    spread = [
+        f"{p['name']} {'/'.join(str(n) for n in p['connections_per_worker'])}"
+        for p in result["phases"] if p.get("connections_per_worker")
     ]
+    if spread:
+        lines += ["", f"Client connections per uvicorn worker: {', '.join(spread)} (opened "
+                  f"{CONNECT_STAGGER_S * 1000:.0f} ms apart; a burst would all go to one worker)."]
+    churn = [p for p in result["phases"] if p.get("database_sessions_opened") is not None]
     if churn:
-        lines += ["", f"New PostgreSQL connections during the phases: {', '.join(churn)}. More than a few per "
-                  "second means connection churn: the API's pool closes what it opened beyond its pool_size, and "
-                  "those short-lived backends' CPU shows up as other processes."]
+        counts = ", ".join(
+            f"{p['name']} {p['database_sessions_opened']} ({p['database_sessions_opened'] / p['duration_s']:.0f}/s)"
+            for p in churn
+        )
+        lines += ["", f"New PostgreSQL connections during the phases: {counts}."]
+        if any(p["database_sessions_opened"] / p["duration_s"] > CHURN_PER_S for p in churn):
+            lines[-1] += (" More than a few per second is connection churn: the API's pool closes what it opened "
+                          "beyond its pool_size, and each new connection costs a backend start and a login "
+                          "(counted under PostgreSQL).")
     ceilings = [
         f"{p['name']} {p['cpu']['cpu_bound_ceiling_rps']} req/s"
         for p in result["phases"] if p.get("cpu", {}).get("cpu_bound_ceiling_rps")
@@ -919,6 +1008,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"**Warning:** other processes used up to {busiest_other:.2f} cores during the run"
                   f"{f' ({names})' if names else ''}; these figures understate what the service does on a quiet "
                   "machine."]
+    if result.get("keepalive_healthz_p50_ms", 0.0) >= NAGLE_SUSPECT_MS:
+        lines += ["", f"**Warning:** GET /healthz took {result['keepalive_healthz_p50_ms']:.0f} ms on a kept-alive "
+                  "connection: Nagle's algorithm holds each response body for the client's delayed ACK "
+                  "(`uvicorn --workers` on asyncio rather than uvloop, see uisps/serving.py); latencies include "
+                  "~40 ms of it."]
     verdict = "met" if goal["met"] else "NOT met"
     get = result["phases"][0]
     lines += [

@@ -186,13 +186,16 @@ def serve(
     port: Annotated[int, typer.Option("--port")] = 8000,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="run the API only")] = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    workers: Annotated[int, typer.Option(
+        "--workers", min=1, envvar="UISPS_API_WORKERS",
+        help="API processes sharing the port (one per core is the usual choice)")] = 1,
 ) -> None:
-    """Run the HTTP API and, unless --no-worker, a local worker process (stopped with the API)."""
-    import uvicorn
-
+    """Run the HTTP API (uvloop + httptools) and, unless --no-worker, a local worker process (stopped
+    with the API)."""
     from core.db.migrate import upgrade
     from core.settings import get_settings
     from uisps.local import stop_process
+    from uisps.serving import run_api
 
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -200,7 +203,7 @@ def serve(
     upgrade(settings.effective_database_url)
     worker = None if no_worker else _spawn_worker()
     try:
-        uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level=log_level)
+        run_api(host, port, workers=workers, log_level=log_level)
     finally:
         stop_process(worker, WORKER_STOP_GRACE_S)
 
@@ -381,9 +384,6 @@ def bench_api(
         "(default: an empty one of redis://127.0.0.1:6379)")] = None,
     access_log: Annotated[bool, typer.Option(
         "--access-log/--no-access-log", help="the service's access log (UISPS_ACCESS_LOG; on, as by default)")] = True,
-    nodelay_fix: Annotated[bool, typer.Option(
-        "--nodelay-fix/--no-nodelay-fix", help="give the workers' connections TCP_NODELAY, which plain "
-        "`uvicorn --workers` leaves off (~40 ms per keep-alive request, Kludex/uvicorn#3149)")] = True,
     out: Annotated[Path, typer.Option("--out", help="folder for api-bench-cpu.json and .md")] = Path("docs/results"),
 ) -> None:
     """Load the HTTP API on PostgreSQL over loopback: GET polls, then POST creations (no worker)."""
@@ -392,7 +392,6 @@ def bench_api(
     setup = ApiBenchSetup(
         duration_s=duration, concurrency=concurrency, create_duration_s=create_duration, workers=workers, keys=keys,
         database_url=database_url, admin_url=admin_url, broker_url=broker_url, access_log=access_log,
-        nodelay_fix=nodelay_fix,
     )
     try:
         result = run_api_bench(setup, log=lambda line: typer.echo(line, err=True))

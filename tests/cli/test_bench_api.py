@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 PHASE_KEYS = {
     "name", "method", "path", "concurrency", "duration_s", "requests", "requests_per_second",
     "p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "errors", "error_samples", "status_counts",
-    "client_cpu_percent_of_one_core", "cpu", "database_sessions_opened",
+    "client_cpu_percent_of_one_core", "cpu", "database_sessions_opened", "connections_per_worker",
 }
 TOP_KEYS = {"benchmark", "device", "host", "cpu_count", "database", "server", "client", "phases", "goal"}
 
@@ -35,6 +35,11 @@ def test_short_run_writes_every_key_without_errors(pg_url: str, redis_url: str, 
     assert TOP_KEYS <= result.keys()
     assert result["cpu_count"] >= 1 and result["database"].startswith("PostgreSQL")
     assert result["server"]["workers"] >= 2 and result["server"]["celery_worker"] is False
+    # `uisps serve` as production runs it: uvloop gives every connection TCP_NODELAY, so a kept-alive
+    # request does not wait ~40 ms for Nagle's algorithm (what asyncio + --workers would do).
+    assert result["server"]["command"].startswith("uisps serve --no-worker")
+    assert result["server"]["loop"] == "uvloop" and result["server"]["http"] == "httptools"
+    assert result["keepalive_healthz_p50_ms"] < 30
     assert [p["name"] for p in result["phases"]] == ["get", "create"]
     for phase in result["phases"]:
         assert PHASE_KEYS <= phase.keys(), phase
