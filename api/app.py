@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from anyio import CapacityLimiter
 from fastapi import FastAPI
 from sqlalchemy import exists, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import QueuePool
 from starlette.concurrency import run_in_threadpool
 
 from api.api_keys.endpoints import router as api_keys_router
@@ -26,7 +28,10 @@ from api.problems import document_validation_problems, install_problem_handlers
 from core.certificates import Signer
 from core.db import ApiKey, make_engine, make_sessionmaker
 from core.db.migrate import upgrade
+from core.db.session import make_read_sessionmaker
 from core.logs import configure_logging, root_configured_elsewhere
+from core.services.api_keys.cache import KeyCache
+from core.services.api_keys.rate_limit import make_rate_limiter
 from core.settings import Settings, get_settings
 from core.storage import make_artifact_store
 from worker.celery_app import make_celery, send_deletion_request
@@ -61,18 +66,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.home.mkdir(parents=True, exist_ok=True)
         # Alembic, not create_all: the schema a deployment runs is the one its migrations made.
         await run_in_threadpool(upgrade, settings.effective_database_url)
-        engine = make_engine(settings.effective_database_url, **_engine_options(settings.effective_database_url))
+        engine = make_engine(settings.effective_database_url, **_engine_options(settings))
         celery = make_celery(settings)
         app.state.engine = engine
         app.state.sessions = make_sessionmaker(engine)
+        app.state.read_sessions = make_read_sessionmaker(engine)
+        # Reads at once in worker threads: at most the pool's size, so none opens a connection.
+        app.state.read_limiter = CapacityLimiter(engine.pool.size() if isinstance(engine.pool, QueuePool) else 10)
         app.state.store = make_artifact_store(settings)
         app.state.celery = celery
         app.state.dispatch = lambda request_id: send_deletion_request(celery, request_id)
         app.state.signer = Signer(settings.effective_certificate_key_path)
+        app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s)
+        app.state.rate_limiter = make_rate_limiter(
+            settings.rate_limit_backend, settings.rate_limit_per_s, settings.rate_limit_burst,
+            settings.effective_broker_url,
+        )
         await run_in_threadpool(_warn_without_keys, app.state.sessions)
         try:
             yield
         finally:
+            await app.state.rate_limiter.close()
             celery.close()
             engine.dispose()
 
@@ -115,8 +129,13 @@ def _warn_without_keys(sessions: Any) -> None:
     )
 
 
-def _engine_options(url: str) -> dict[str, Any]:
-    if make_url(url).get_backend_name() == "postgresql":
+def _engine_options(settings: Settings) -> dict[str, Any]:
+    if make_url(settings.effective_database_url).get_backend_name() == "postgresql":
         # An unreachable server must turn into a quick 503, not a request hanging on connect.
-        return {"connect_args": {"connect_timeout": DB_CONNECT_TIMEOUT_S}, "pool_timeout": 10}
+        return {
+            "connect_args": {"connect_timeout": DB_CONNECT_TIMEOUT_S},
+            "pool_timeout": 10,
+            "pool_size": settings.db_pool_size,
+            "max_overflow": settings.db_max_overflow,
+        }
     return {}

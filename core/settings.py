@@ -52,6 +52,20 @@ class Settings(BaseSettings):
     # to `rate_limit_burst`. 0 turns the limit off.
     rate_limit_per_s: float = 20.0
     rate_limit_burst: int = 200
+    # Where the buckets live: `redis` (the broker's Redis, one bucket per key for every API
+    # process), `memory` (per API process: exact for one process, N times the rate with N), `auto`
+    # (redis when the broker is Redis, else memory). A Redis outage lets requests through.
+    rate_limit_backend: Literal["auto", "redis", "memory"] = "auto"
+    # Each API process trusts a key it verified for this long without reading it again: a key
+    # revoked through another process (or `uisps keys revoke`) works here for at most this long.
+    # Revoked through this process's API, it is refused at once. 0: read the key every request.
+    api_key_cache_ttl_s: float = 5.0
+    # PostgreSQL connections each API process keeps open (its reads never use more, so polling
+    # opens no new ones), and how many more it may open for a burst of writes (closed again when
+    # returned: PostgreSQL starts a process for each). The server's max_connections must cover
+    # every API process's pool_size + max_overflow, plus the workers.
+    db_pool_size: int = 10
+    db_max_overflow: int = 10
     # Queued + running deletion requests one tenant may have at once (429 beyond).
     max_active_requests_per_tenant: int = 50
     # Largest checkpoint accepted, in parameters (elements of all tensors together).

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response, status
+from fastapi import APIRouter, Path, Request, Response, status
 
 from api.api_keys.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyRead
 from api.auth import manage_keys
 from api.deps import ActorDep, PageDep, SessionDep, TenantDep
 from api.problems import problem_responses
 from core.services.api_keys.service import api_key_service
+from core.services.transactions import after_commit
 
 router = APIRouter(
     prefix="/api-keys",
@@ -56,5 +57,10 @@ def get_api_key(key_id: KeyId, session: SessionDep, tenant_id: TenantDep) -> Api
     responses=problem_responses(404),
     summary="Revoke an API key (at once; revoking twice is harmless)",
 )
-def revoke_api_key(key_id: KeyId, session: SessionDep, tenant_id: TenantDep, actor: ActorDep) -> ApiKeyRead:
-    return ApiKeyRead.of(api_key_service.revoke(session, tenant_id=tenant_id, key_id=key_id, actor=actor))
+def revoke_api_key(
+    key_id: KeyId, request: Request, session: SessionDep, tenant_id: TenantDep, actor: ActorDep
+) -> ApiKeyRead:
+    revoked = api_key_service.revoke(session, tenant_id=tenant_id, key_id=key_id, actor=actor)
+    # Once committed, this process forgets the key at once (others within UISPS_API_KEY_CACHE_TTL_S).
+    after_commit(session, lambda: request.app.state.key_cache.forget(revoked.id))
+    return ApiKeyRead.of(revoked)

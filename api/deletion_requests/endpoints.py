@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from api.auth import authenticate, request_deletions
@@ -14,7 +14,7 @@ from api.deletion_requests.schemas import (
     DeletionRequestList,
     DeletionRequestRead,
 )
-from api.deps import ActorDep, DispatchDep, PageDep, SessionDep, SettingsDep, SignerDep, TenantDep
+from api.deps import ActorDep, DispatchDep, PageDep, SessionDep, SettingsDep, SignerDep, TenantDep, read_only
 from api.idempotency import IdempotencyDep
 from api.problems import problem_responses
 from core.db import JobState
@@ -100,8 +100,11 @@ def list_deletion_requests(
     responses=problem_responses(404),
     summary="Get a deletion request (poll it)",
 )
-def get_deletion_request(request_id: RequestId, session: SessionDep, tenant_id: TenantDep) -> DeletionRequestRead:
-    return DeletionRequestRead.of(deletion_request_service.get(session, tenant_id, request_id))
+async def get_deletion_request(request_id: RequestId, request: Request, tenant_id: TenantDep) -> DeletionRequestRead:
+    # The endpoint clients poll: async, with its one database read in a single thread hop.
+    return await read_only(
+        request, lambda session: DeletionRequestRead.of(deletion_request_service.get(session, tenant_id, request_id))
+    )
 
 
 @router.post(

@@ -26,6 +26,15 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for work that only reads. On PostgreSQL each statement commits by itself
+    (autocommit), which at READ COMMITTED sees what a transaction would, without the BEGIN and
+    COMMIT round trips; the pool is the engine's. SQLite keeps its usual sessions."""
+    if engine.dialect.name == "postgresql":
+        engine = engine.execution_options(isolation_level="AUTOCOMMIT")  # type: ignore[assignment]
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
 def sqlite_file(url: URL) -> Path | None:
     """The database file of a SQLite URL, or None for an in-memory database."""
     database = url.database

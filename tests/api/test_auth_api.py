@@ -3,6 +3,7 @@ limit; keys managed by a tenant's admin; the audit log names the key."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api_helpers import assert_problem, authorize, make_keys, unique_name
+from core.db import make_engine, make_sessionmaker
+from core.services.api_keys.service import api_key_service
 from core.settings import Settings
 
 # (method, path) of every route that needs a key; ids need not exist: auth comes first.
@@ -133,8 +136,14 @@ def test_an_admin_manages_its_tenants_keys_and_a_revoked_key_is_refused_at_once(
     assert_problem(bare.post("/api-keys", json={"role": "owner", "name": "x"}, headers=admin), 422, "validation_error")
 
 
-def test_past_the_rate_limit_a_key_gets_429_with_retry_after(tmp_path: Path) -> None:
-    settings = Settings(home=tmp_path, rate_limit_per_s=0.5, rate_limit_burst=3)
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_past_the_rate_limit_a_key_gets_429_with_retry_after(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    broker = request.getfixturevalue("redis_url") if backend == "redis" else None
+    settings = Settings(
+        home=tmp_path, broker_url=broker, rate_limit_backend=backend, rate_limit_per_s=0.5, rate_limit_burst=3
+    )
     with TestClient(create_app(settings)) as client:
         keys = authorize(client)
         bare = _bare(client)
@@ -148,3 +157,25 @@ def test_past_the_rate_limit_a_key_gets_429_with_retry_after(tmp_path: Path) -> 
         assert 1 <= int(limited.headers["retry-after"]) <= 2
         # Per key: another key of the same tenant is not affected.
         assert bare.get("/models", headers=keys.header("admin")).status_code == 200
+
+
+def test_a_key_revoked_by_another_process_is_refused_once_the_cache_ttl_has_passed(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, api_key_cache_ttl_s=0.5)
+    with TestClient(create_app(settings)) as client:
+        keys = authorize(client)
+        reader = keys.header("reader")
+        bare = _bare(client)
+        assert bare.get("/models", headers=reader).status_code == 200
+        # As `uisps keys revoke` does: straight in the database, not through this API process.
+        engine = make_engine(settings.effective_database_url)
+        try:
+            with make_sessionmaker(engine).begin() as session:
+                api_key_service.revoke(session, tenant_id=None, key_id=keys.ids["reader"], actor="cli")
+        finally:
+            engine.dispose()
+
+        served_from_cache = bare.get("/models", headers=reader).status_code
+        time.sleep(0.6)
+
+        assert served_from_cache == 200  # within the TTL this process still trusts the key...
+        assert_problem(bare.get("/models", headers=reader), 401, "unauthenticated", "revoked")  # ...then not

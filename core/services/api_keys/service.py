@@ -5,18 +5,17 @@ sha256 is a safe thing to store and to look it up by (no salt or slow hash neede
 nothing to guess); the stored hash is still compared in constant time. Keys are never deleted,
 only revoked, so the audit log's actors (``api_key:<id>``) always resolve.
 
-Every authenticated request also takes a token from its key's bucket (the rate limit), in the
-same short transaction that reads the key.
+The API verifies a key against the database at most once per UISPS_API_KEY_CACHE_TTL_S in each
+process (core.services.api_keys.cache) and takes a token of its rate limit from a bucket outside
+the database (core.services.api_keys.rate_limit).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -25,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from core.db import ApiKey, ApiKeyRole, record_event, utcnow
 from core.errors import UisError
-from core.services.errors import NotFound, RateLimited, Unauthenticated
+from core.services.errors import NotFound, Unauthenticated
 from core.services.pagination import Page, PageRequest, decode_token, make_page
 from core.services.transactions import begin_write
 
@@ -34,7 +33,7 @@ _SECRET_BYTES = 32
 _KEY_LENGTH = len(KEY_PREFIX) + 43  # token_urlsafe(32) is 43 characters
 _DISPLAY_PREFIX = 12
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-# last_used_at is rewritten at most this often when no rate limit forces a write anyway.
+# last_used_at is rewritten at most this often.
 _LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 
@@ -146,48 +145,29 @@ class ApiKeyService:
         )
         return key
 
-    def authenticate(
-        self, session: Session, secret: str, *, rate_per_s: float, burst: int, now: float | None = None
-    ) -> Principal:
-        """The caller behind `secret`, after taking one token from its bucket.
-
-        Raises Unauthenticated for an unknown, malformed or revoked key and RateLimited when the
-        bucket is empty. Call it in a transaction of its own (it writes the bucket).
+    def verify(self, session: Session, key_hash: str) -> Principal:
+        """The caller behind the key whose hash is `key_hash` (see `hash_of`), and a note of its use
+        in last_used_at (at most once a minute). Raises Unauthenticated for an unknown or revoked key.
         """
-        if not secret.startswith(KEY_PREFIX) or len(secret) != _KEY_LENGTH:
-            raise Unauthenticated("the API key is malformed; keys look like uisps_<43 characters>", invalid_token=True)
-        digest = hash_key(secret)
         begin_write(session)
-        key = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest).with_for_update())
+        key = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
         # The lookup is by hash; comparing again in constant time costs nothing and keeps the
         # check itself free of timing differences.
-        if key is None or not hmac.compare_digest(key.key_hash, digest):
+        if key is None or not hmac.compare_digest(key.key_hash, key_hash):
             raise Unauthenticated("the API key is not valid", invalid_token=True)
         if key.revoked_at is not None:
             raise Unauthenticated("the API key has been revoked", invalid_token=True)
-        now = time.time() if now is None else now
-        if rate_per_s > 0:
-            self._take_token(key, now, rate_per_s, burst)
         stamp = utcnow()
-        if key.last_used_at is None or stamp - key.last_used_at >= _LAST_USED_RESOLUTION or rate_per_s > 0:
+        if key.last_used_at is None or stamp - key.last_used_at >= _LAST_USED_RESOLUTION:
             key.last_used_at = stamp
         return Principal(key_id=key.id, tenant_id=key.tenant_id, role=ApiKeyRole(key.role), name=key.name)
 
-    def _take_token(self, key: ApiKey, now: float, rate_per_s: float, burst: int) -> None:
-        if key.rate_tokens is None or key.rate_updated_at is None:
-            tokens = float(burst)
-        else:
-            elapsed = max(0.0, now - key.rate_updated_at)
-            tokens = min(float(burst), key.rate_tokens + elapsed * rate_per_s)
-        if tokens < 1.0:
-            retry_after = math.ceil((1.0 - tokens) / rate_per_s)
-            raise RateLimited(
-                f"rate limit of this API key exceeded ({rate_per_s:g} requests per second, bursts of {burst}); "
-                f"retry in {retry_after} s",
-                retry_after_s=retry_after,
-            )
-        key.rate_tokens = tokens - 1.0
-        key.rate_updated_at = now
+    @staticmethod
+    def hash_of(secret: str) -> str:
+        """The stored form of a well-formed key; Unauthenticated for one that cannot be a key."""
+        if not secret.startswith(KEY_PREFIX) or len(secret) != _KEY_LENGTH:
+            raise Unauthenticated("the API key is malformed; keys look like uisps_<43 characters>", invalid_token=True)
+        return hash_key(secret)
 
 
 api_key_service = ApiKeyService()
