@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from api.api_keys.endpoints import router as api_keys_router
 from api.audit_events.endpoints import router as audit_events_router
 from api.certificates.endpoints import router as certificates_router
+from api.dashboard.endpoints import router as dashboard_router
 from api.deletion_requests.endpoints import router as deletion_requests_router
 from api.health import router as health_router
 from api.limits import BodySizeLimit
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         audit_events_router,
         api_keys_router,
         certificates_router,
+        dashboard_router,
     ):
         app.include_router(router)
     return app
