@@ -129,6 +129,14 @@ class Settings(BaseSettings):
         return [host.strip().lower().rstrip(".") for host in self.webhook_allowed_hosts.split(",") if host.strip()]
     # --- end of the webhook settings ---------------------------------------------------------------
 
+    # --- Request coalescing (issue #7) ------------------------------------------------------------
+    # A worker that claims a queued request also takes the other queued requests one job can serve
+    # (same tenant, model, base version number, method and overrides) and forgets all their labels
+    # at once: one job, one version; each request keeps its own state, audit events, certificate and
+    # webhook. false: every request runs a job of its own.
+    coalesce_requests: bool = True
+    # --- end of the coalescing settings -----------------------------------------------------------
+
     # --- S3-compatible artifact storage (UISPS_ARTIFACT_BACKEND=s3) ------------------------------
     # Credentials are deliberately not settings: boto3 finds them the standard way
     # (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE, an instance role).

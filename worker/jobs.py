@@ -121,12 +121,17 @@ def _run_job(request_id: str, settings: Settings) -> RunOutcome:
     sessions = sessions_for(settings.effective_database_url)
     lease_s = float(settings.job_lease_s)
     with sessions.begin() as session:
-        claim = deletion_jobs.claim(session, request_id, lease_s, settings.max_attempts)
+        claim = deletion_jobs.claim(
+            session, request_id, lease_s, settings.max_attempts,
+            coalesce=settings.coalesce_requests, max_labels=settings.max_labels_per_request,
+        )
     if claim.outcome is not ClaimOutcome.CLAIMED or claim.job is None:
         logger.info("deletion request %s not run: %s (state %s)", request_id, claim.outcome, claim.state)
         return RunOutcome("skipped")
     job = claim.job
-    tracker = ProgressTracker(_progress_writer(sessions, request_id, lease_s, job.attempt))
+    if job.members:
+        logger.info("deletion request %s runs with %s, forgetting %s", request_id, ", ".join(job.members), job.forget_labels)
+    tracker = ProgressTracker(_progress_writer(sessions, request_id, lease_s, job.attempt, bool(job.members)))
     try:
         # Every write below names the attempt: if this worker stalls past its lease and another
         # takes the request over, this one stops (JobLost) instead of finishing it a second time.
@@ -169,11 +174,13 @@ def _run_job(request_id: str, settings: Settings) -> RunOutcome:
 
 
 def _progress_writer(
-    sessions: sessionmaker[Session], request_id: str, lease_s: float, attempt: int
+    sessions: sessionmaker[Session], request_id: str, lease_s: float, attempt: int, members: bool
 ) -> Callable[[str, float], bool]:
     def write(stage: str, progress: float) -> bool:
         with sessions.begin() as session:
-            return deletion_jobs.report_progress(session, request_id, stage, progress, lease_s, attempt)
+            return deletion_jobs.report_progress(
+                session, request_id, stage, progress, lease_s, attempt, members=members
+            )
 
     return write
 
@@ -238,6 +245,7 @@ def _unlearn(
         "base_version": job.base.version,
         "base_sha256": job.base.sha256,
         "checkpoint_sha256": artifact.sha256,
+        "deletion_request_ids": job.request_ids,  # more than one when requests were coalesced
         "attempt": job.attempt,
         "code_version": code_version(),
     }

@@ -116,6 +116,12 @@ class DeletionRequestRead(BaseModel):
     cancel_requested: bool
     error: JobError | None = Field(description="set when state is failed")
     result_version: int | None = Field(description="the version this request produced, once succeeded")
+    coalesced_into: str | None = Field(
+        description=(
+            "set when this request ran in another queued request's job (request coalescing): that "
+            "request's id. Both end with the same result_version"
+        )
+    )
     metrics: dict[str, Any] | None = Field(description="the unlearning report, once succeeded")
     webhook: WebhookDeliveryRead | None = Field(
         description="the event sent to callback_url once the request ended; null before, or without a callback_url"
@@ -143,6 +149,7 @@ class DeletionRequestRead(BaseModel):
             cancel_requested=request.cancel_requested,
             error=JobError.model_validate(request.error) if request.error else None,
             result_version=request.result_version,
+            coalesced_into=request.coalesced_into,
             metrics=request.metrics,
             # Only a request with a callback has a delivery: the others cost no query.
             webhook=(

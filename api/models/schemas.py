@@ -70,6 +70,12 @@ class ModelVersionRead(BaseModel):
     parent_version: int | None = Field(description="the version this one was unlearned from; null for uploads")
     forgotten_labels: list[int] = Field(description="every label forgotten by this version and its ancestors")
     deletion_request_id: str | None = Field(description="the deletion request that produced it; null for uploads")
+    deletion_request_ids: list[str] = Field(
+        description=(
+            "every deletion request it was made for: deletion_request_id first, then the requests "
+            "coalesced into its job; empty for uploads"
+        )
+    )
     metrics: dict[str, Any] | None = Field(description="the unlearning report (before/after metrics, timings)")
     created_at: datetime
     checkpoint_url: str
@@ -84,6 +90,8 @@ class ModelVersionRead(BaseModel):
             parent_version=version.parent_version,
             forgotten_labels=version.forgotten_labels,
             deletion_request_id=version.deletion_request_id,
+            # Uploads have no requests: no query for them.
+            deletion_request_ids=version.deletion_request_ids if version.deletion_request_id else [],
             metrics=version.metrics,
             created_at=version.created_at,
             checkpoint_url=f"/models/{version.model_id}/versions/{version.version}/checkpoint",

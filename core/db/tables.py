@@ -96,7 +96,8 @@ class ModelVersion(Base):
     parent_version: Mapped[int | None] = mapped_column(Integer)
     # Cumulative: every label forgotten by this version and its ancestors.
     forgotten_labels: Mapped[list[int]] = mapped_column(JSON, default=list)
-    # Unique so a retried job can never produce two versions for the same request.
+    # The request whose job made it (with coalescing, the one that claimed the job; every request
+    # it was made for is in `request_links`). Unique so a retried job never makes two versions.
     deletion_request_id: Mapped[str | None] = mapped_column(
         String(UUID_LENGTH), ForeignKey("deletion_requests.id"), unique=True
     )
@@ -104,6 +105,27 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions")
+    request_links: Mapped[list[ModelVersionRequest]] = relationship(viewonly=True)
+
+    @property
+    def deletion_request_ids(self) -> list[str]:
+        """Every request this version was made for: the one that ran the job first, then the others."""
+        others = sorted(link.deletion_request_id for link in self.request_links)
+        if self.deletion_request_id is None:
+            return others
+        return [self.deletion_request_id, *(i for i in others if i != self.deletion_request_id)]
+
+
+class ModelVersionRequest(Base):
+    """A deletion request a version was made for: one per version, or several when queued requests
+    were coalesced into one job. The primary key keeps a request in at most one version."""
+
+    __tablename__ = "model_version_requests"
+
+    deletion_request_id: Mapped[str] = mapped_column(
+        String(UUID_LENGTH), ForeignKey("deletion_requests.id"), primary_key=True
+    )
+    model_version_id: Mapped[str] = mapped_column(String(UUID_LENGTH), ForeignKey("model_versions.id"), index=True)
 
 
 class DeletionRequest(Base):
@@ -151,6 +173,11 @@ class DeletionRequest(Base):
     dispatched_at: Mapped[datetime | None] = mapped_column()
     # Where the final-state event is POSTed (core.services.webhooks); checked when the request is made.
     callback_url: Mapped[str | None] = mapped_column(String(CALLBACK_URL_LENGTH))
+    # Set when another request's job runs this one too (request coalescing): the request that
+    # claimed the job. Its job's progress, outcome and version are this request's.
+    coalesced_into: Mapped[str | None] = mapped_column(
+        String(UUID_LENGTH), ForeignKey("deletion_requests.id"), index=True
+    )
 
     model: Mapped[Model] = relationship()
     webhook_delivery: Mapped[WebhookDelivery | None] = relationship(

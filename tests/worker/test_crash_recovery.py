@@ -93,7 +93,8 @@ def test_flushing_redis_while_jobs_are_queued_loses_none(worker_process, digits_
             for label in (1, 2, 3, 4):
                 request = deletion_request_service.create(
                     session, tenant_id="default", actor="test", settings=settings, model_id=model.id,
-                    forget_labels=[label], base_version=1, params=TINY_PARAMS,
+                    # Other overrides each (the seed), so that no two are coalesced into one job.
+                    forget_labels=[label], base_version=1, params={**TINY_PARAMS, "seed": label},
                     dispatch=lambda request_id: send_deletion_request(celery, request_id),
                 )
                 session.commit()  # each is sent to Redis on commit

@@ -2,6 +2,12 @@
 
 Each function works inside the caller's transaction (the worker opens one per call with
 ``sessionmaker.begin()``), so every state change commits together with its audit event.
+
+Request coalescing: a claim may take other queued requests along (`_absorb`), which then run in the
+claiming request's job as its *members* (`coalesced_into` = the claiming request, state running, no
+lease of their own). The claiming request's row carries the lease and the attempt (the fencing
+token) for the whole group; every transition below (progress, success, failure, retry, cancel,
+takeover) is applied to the members in the same transaction, each with its own audit event.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from core.db import DeletionRequest, JobState, Model, ModelVersion, record_event, utcnow
+from core.db import DeletionRequest, JobState, Model, ModelVersion, ModelVersionRequest, record_event, utcnow
+from core.db.audit import canonical_json
 from core.services.deletion_requests.repository import deletion_request_repository
 from core.services.models.repository import model_repository
 from core.services.transactions import begin_write
@@ -37,13 +44,18 @@ class ClaimOutcome(StrEnum):
 class JobInput:
     """Everything a job reads from the database, loaded once when it is claimed."""
 
-    request_id: str
+    request_id: str  # the request that claimed the job
     tenant_id: str
     attempt: int
-    forget_labels: list[int]
+    forget_labels: list[int]  # with members: the union of every request's labels
     params: dict[str, Any]
     model: Model
     base: ModelVersion
+    members: tuple[str, ...] = ()  # the other requests this job runs (coalesced into it)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [self.request_id, *self.members]
 
 
 @dataclass(frozen=True)
@@ -54,16 +66,30 @@ class Claim:
 
 
 class DeletionJobs:
-    def claim(self, session: Session, request_id: str, lease_s: float, max_attempts: int | None = None) -> Claim:
+    def claim(
+        self,
+        session: Session,
+        request_id: str,
+        lease_s: float,
+        max_attempts: int | None = None,
+        *,
+        coalesce: bool = False,
+        max_labels: int | None = None,
+    ) -> Claim:
         """Take a queued request, or a running one whose worker's lease ran out.
 
         A request whose worker vanished `max_attempts` times (killed for memory, say) is failed
-        with `worker_lost` instead of being handed to the next worker to kill.
+        with `worker_lost` instead of being handed to the next worker to kill. With `coalesce`, the
+        other queued requests that the same job can serve join it (see `_absorb`); a request that
+        another request's job already took is not claimable (its message is a no-op).
         """
         begin_write(session)
         request = deletion_request_repository.get(session, None, request_id, for_update=True)
         if request is None:
             return Claim(ClaimOutcome.NOT_CLAIMABLE, state="missing")
+        if request.coalesced_into is not None:
+            # Run (or being run) by the job of the request it was coalesced into.
+            return Claim(ClaimOutcome.NOT_CLAIMABLE, state=request.state)
         existing = model_repository.version_for_request(session, request_id)
         if existing is not None:
             # A previous run stored its version (and may have died before anything else): the
@@ -75,15 +101,20 @@ class DeletionJobs:
         orphaned = previous_state == JobState.RUNNING.value and (
             request.lease_expires_at is None or request.lease_expires_at < now
         )
-        if orphaned and request.cancel_requested:
-            # Its worker died after the caller asked to cancel: nothing left to run.
-            self._finish(session, request, JobState.CANCELLED)
-            return Claim(ClaimOutcome.NOT_CLAIMABLE, state=JobState.CANCELLED.value)
-        if orphaned and max_attempts is not None and request.attempts >= max_attempts:
-            message = f"the worker running this request was lost {request.attempts} times; giving up"
-            request.error = {"code": "worker_lost", "message": message}
-            self._finish(session, request, JobState.FAILED, error=request.error)
-            return Claim(ClaimOutcome.NOT_CLAIMABLE, state=JobState.FAILED.value)
+        if orphaned:
+            group = [request, *self._members(session, request_id)]
+            if any(row.cancel_requested for row in group):
+                # Its worker died after a cancel: cancel who asked, queue the others again.
+                self._stop_group(session, group)
+                if request.state == JobState.CANCELLED.value:
+                    return Claim(ClaimOutcome.NOT_CLAIMABLE, state=JobState.CANCELLED.value)
+                previous_state = request.state  # queued again: claimed afresh below
+            elif max_attempts is not None and request.attempts >= max_attempts:
+                message = f"the worker running this request was lost {request.attempts} times; giving up"
+                for row in group:
+                    row.error = {"code": "worker_lost", "message": message}
+                    self._finish(session, row, JobState.FAILED, error=row.error)
+                return Claim(ClaimOutcome.NOT_CLAIMABLE, state=JobState.FAILED.value)
         if not deletion_request_repository.claim(session, request_id, now, now + timedelta(seconds=lease_s)):
             return Claim(ClaimOutcome.NOT_CLAIMABLE, state=previous_state)
         request = deletion_request_repository.get(session, None, request_id)
@@ -91,25 +122,94 @@ class DeletionJobs:
         base = model_repository.get_version(session, request.tenant_id, request.model_id, request.base_version)
         if base is None:  # versions are never deleted; a missing base means a broken database
             raise RuntimeError(f"base version {request.base_version} of model {request.model_id} is missing")
-        self._audit(session, request, "deletion_request.running", previous_state=previous_state, attempt=request.attempts)
+        # Members of the previous attempt (a takeover) stay; queued requests may join.
+        kept = self._members(session, request_id)
+        labels = set(request.forget_labels).union(*(m.forget_labels for m in kept))
+        joined: list[DeletionRequest] = []
+        if coalesce:
+            joined, labels = self._absorb(session, request, base, labels, max_labels)
+        members = [*kept, *joined]
+        details: dict[str, Any] = {"previous_state": previous_state, "attempt": request.attempts}
+        if members:
+            details["coalesced"] = [m.id for m in members]
+        self._audit(session, request, "deletion_request.running", **details)
+        for member in members:
+            member_previous = JobState.RUNNING.value if member in kept else JobState.QUEUED.value
+            member.attempts += 1
+            member.state = JobState.RUNNING.value
+            member.coalesced_into = request.id
+            member.started_at = now
+            member.stage = "starting"
+            member.progress = 0.0
+            member.lease_expires_at = None  # the group's lease is the claiming request's
+            session.flush()
+            self._audit(
+                session, member, "deletion_request.running",
+                previous_state=member_previous, attempt=member.attempts, coalesced_into=request.id,
+            )
         job = JobInput(
             request_id=request.id,
             tenant_id=request.tenant_id,
             attempt=request.attempts,
-            forget_labels=list(request.forget_labels),
+            forget_labels=sorted(labels),
             params=dict(request.params or {}),
             model=request.model,
             base=base,
+            members=tuple(m.id for m in members),
         )
         return Claim(ClaimOutcome.CLAIMED, job, JobState.RUNNING.value)
 
+    def _absorb(
+        self,
+        session: Session,
+        request: DeletionRequest,
+        base: ModelVersion,
+        labels: set[int],
+        max_labels: int | None,
+    ) -> tuple[list[DeletionRequest], set[int]]:
+        """The queued requests one job can serve with `request`, oldest first, and the labels then.
+
+        The rule: same tenant and model, the same base version number (a request that asked for
+        "latest" has the number that was latest when it was made), the same method and exactly the
+        same overrides. A request joins only while the union of labels stays within `max_labels`
+        (UISPS_MAX_LABELS_PER_REQUEST) and leaves a class to classify; a request that does not fit
+        stays queued and runs in a job of its own.
+        """
+        candidates = deletion_request_repository.coalescable(session, request)
+        if not candidates:
+            return [], labels
+        params = canonical_json(request.params or {})
+        done = model_repository.requests_with_versions(session, [c.id for c in candidates])
+        num_classes = request.model.num_classes
+        joined: list[DeletionRequest] = []
+        for candidate in candidates:
+            if candidate.id in done or canonical_json(candidate.params or {}) != params:
+                continue
+            union = labels | set(candidate.forget_labels)
+            if max_labels is not None and len(union) > max_labels:
+                continue
+            if len(union | set(base.forgotten_labels)) >= num_classes:
+                continue
+            joined.append(candidate)
+            labels = union
+        return joined, labels
+
     def report_progress(
-        self, session: Session, request_id: str, stage: str, progress: float, lease_s: float, attempt: int | None = None
+        self,
+        session: Session,
+        request_id: str,
+        stage: str,
+        progress: float,
+        lease_s: float,
+        attempt: int | None = None,
+        *,
+        members: bool = False,
     ) -> bool:
         """Record progress and renew the lease; True when the caller asked to cancel.
 
         With `attempt` (the claim's), a worker that lost its lease and was taken over gets
-        JobLost instead of writing over its successor's progress.
+        JobLost instead of writing over its successor's progress. With `members` (a coalesced
+        job), the members show the same progress, and a cancel asked of any of them counts.
         """
         lease_until = utcnow() + timedelta(seconds=lease_s)
         cancel_requested = deletion_request_repository.report_progress(
@@ -117,6 +217,10 @@ class DeletionJobs:
         )
         if cancel_requested is None:
             raise JobLost(request_id)
+        if members:
+            cancel_requested = deletion_request_repository.report_member_progress(
+                session, request_id, stage, progress
+            ) or cancel_requested
         return cancel_requested
 
     def renew_lease(self, session: Session, request_id: str, attempt: int, lease_s: float) -> bool:
@@ -135,21 +239,25 @@ class DeletionJobs:
         metrics: dict[str, Any],
         attempt: int | None = None,
     ) -> DeletionRequest:
-        """Create version n+1 and mark the request succeeded, in one transaction.
+        """Create version n+1 and mark the request (and its members) succeeded, in one transaction.
 
-        Exactly one version per request, whatever happens: the request row is locked, a version
-        already made for it is reused, and (given `attempt`) an attempt that was taken over after
-        its lease ran out stops here (JobLost) rather than finishing for its successor.
+        Exactly one version per request, whatever happens: the request rows are locked, a version
+        already made for it is reused, every request is linked to the version it was made for (a
+        primary key: never two), and (given `attempt`) an attempt that was taken over after its
+        lease ran out stops here (JobLost) rather than finishing for its successor.
         """
         begin_write(session)
         request = self._running(session, request_id, attempt)
+        group = [request, *self._members(session, request_id)]
         existing = model_repository.version_for_request(session, request_id)
         if existing is not None:
-            self._mark_succeeded(session, request, existing)
+            for row in group:
+                self._mark_succeeded(session, row, existing)
             return request
-        if request.cancel_requested:
-            # The cancel arrived before the result was committed: honour it, store nothing.
-            self._finish(session, request, JobState.CANCELLED)
+        if any(row.cancel_requested for row in group):
+            # A cancel arrived before the result was committed: honour it, store nothing (the
+            # version would forget the labels of a request that was cancelled).
+            self._stop_group(session, group)
             return request
         model_repository.get(session, request.tenant_id, request.model_id, for_update=True)
         version = ModelVersion(
@@ -166,6 +274,12 @@ class DeletionJobs:
         )
         session.add(version)
         session.flush()
+        for row in group:
+            session.add(ModelVersionRequest(deletion_request_id=row.id, model_version_id=version.id))
+        session.flush()
+        details: dict[str, Any] = {}
+        if len(group) > 1:
+            details["deletion_request_ids"] = [row.id for row in group]
         record_event(
             session,
             tenant_id=request.tenant_id,
@@ -182,9 +296,11 @@ class DeletionJobs:
                 "deletion_request_id": request.id,
                 "parent_version": version.parent_version,
                 "forgotten_labels": version.forgotten_labels,
+                **details,
             },
         )
-        self._mark_succeeded(session, request, version)
+        for row in group:
+            self._mark_succeeded(session, row, version)
         return request
 
     def fail(self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None) -> None:
@@ -194,13 +310,16 @@ class DeletionJobs:
             return
         if attempt is not None and request.attempts != attempt:
             return  # taken over by a later attempt, which decides the outcome
-        request.error = {"code": code, "message": message}
-        self._finish(session, request, JobState.FAILED, error=request.error)
+        for row in [request, *self._members(session, request_id)]:
+            row.error = {"code": code, "message": message}
+            self._finish(session, row, JobState.FAILED, error=row.error)
 
     def cancelled(self, session: Session, request_id: str, attempt: int | None = None) -> None:
+        """The job stopped because a cancel was asked: who asked is cancelled, the rest of a
+        coalesced group is queued again (and runs without them)."""
         begin_write(session)
         request = self._running(session, request_id, attempt)
-        self._finish(session, request, JobState.CANCELLED)
+        self._stop_group(session, [request, *self._members(session, request_id)])
 
     def retry_later(
         self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None
@@ -214,10 +333,15 @@ class DeletionJobs:
         request.lease_expires_at = None
         request.dispatched_at = utcnow()  # Celery's retry is a new message
         session.flush()
+        error = {"code": code, "message": message}
         self._audit(
             session, request, "deletion_request.retry_scheduled",
-            previous_state=JobState.RUNNING.value, attempt=request.attempts, error={"code": code, "message": message},
+            previous_state=JobState.RUNNING.value, attempt=request.attempts, error=error,
         )
+        # Members wait in the queue too, free to join the retry's job (or another); the
+        # reconciler sends them, as nothing else holds a message for them.
+        for member in self._members(session, request_id):
+            self._requeue(session, member, "deletion_request.retry_scheduled", attempt=member.attempts, error=error)
 
     def due_for_dispatch(self, session: Session, *, requeue_after_s: float, limit: int = 500) -> list[str]:
         """Requests whose message seems lost, marked as re-sent now: the caller sends each id.
@@ -252,6 +376,33 @@ class DeletionJobs:
         if attempt is not None and request.attempts != attempt:
             raise JobLost(request_id)  # our lease ran out and another worker took the request over
         return request
+
+    def _members(self, session: Session, request_id: str) -> list[DeletionRequest]:
+        return deletion_request_repository.members(session, request_id)
+
+    def _stop_group(self, session: Session, group: list[DeletionRequest]) -> None:
+        """After a cancel: the requests that asked are cancelled; the others go back to the queue,
+        so no version ever forgets the labels of a cancelled request."""
+        asked = [row for row in group if row.cancel_requested] or group[:1]
+        for row in group:
+            if row in asked:
+                self._finish(session, row, JobState.CANCELLED)
+            else:
+                self._requeue(
+                    session, row, "deletion_request.requeued",
+                    reason="a request of its coalesced job was cancelled", cancelled=[r.id for r in asked],
+                )
+
+    def _requeue(self, session: Session, request: DeletionRequest, action: str, **details: Any) -> None:
+        previous_state = request.state
+        request.state = JobState.QUEUED.value
+        request.coalesced_into = None
+        request.stage = None
+        request.progress = 0.0
+        request.lease_expires_at = None
+        request.dispatched_at = None  # no message holds it: the reconciler sends it on its next pass
+        session.flush()
+        self._audit(session, request, action, previous_state=previous_state, **details)
 
     def _mark_succeeded(self, session: Session, request: DeletionRequest, version: ModelVersion) -> None:
         if request.state == JobState.SUCCEEDED.value:

@@ -71,7 +71,11 @@ class DeletionRequestRepository:
         )
         result = session.execute(
             update(_table)
-            .where(_table.c.id == request_id, or_(_table.c.state == JobState.QUEUED.value, lease_expired))
+            .where(
+                _table.c.id == request_id,
+                or_(_table.c.state == JobState.QUEUED.value, lease_expired),
+                _table.c.coalesced_into.is_(None),  # a member runs in the job it was coalesced into
+            )
             .values(
                 state=JobState.RUNNING.value,
                 attempts=_table.c.attempts + 1,
@@ -102,6 +106,47 @@ class DeletionRequestRepository:
                 _table.c.cancel_requested
             )
         ).scalar_one_or_none()
+
+    def report_member_progress(self, session: Session, request_id: str, stage: str, progress: float) -> bool:
+        """Show a coalesced job's progress on its members; True when any of them asked to cancel."""
+        flags = session.execute(
+            update(_table)
+            .where(_table.c.coalesced_into == request_id, _table.c.state == JobState.RUNNING.value)
+            .values(stage=stage, progress=progress)
+            .returning(_table.c.cancel_requested)
+        ).scalars()
+        return any(flags)
+
+    def members(self, session: Session, request_id: str) -> list[DeletionRequest]:
+        """The running requests coalesced into `request_id`'s job, locked, oldest first."""
+        query = (
+            select(DeletionRequest)
+            .where(DeletionRequest.coalesced_into == request_id, DeletionRequest.state == JobState.RUNNING.value)
+            .order_by(DeletionRequest.created_at, DeletionRequest.id)
+            .with_for_update()
+        )
+        return list(session.scalars(query.execution_options(populate_existing=True)))
+
+    def coalescable(self, session: Session, request: DeletionRequest, limit: int = 100) -> list[DeletionRequest]:
+        """Queued requests that could share `request`'s job (same tenant, model, base version number
+        and method; the caller compares overrides), oldest first, locked. Rows another worker is
+        claiming right now are skipped rather than waited for: two workers never block each other."""
+        query = (
+            select(DeletionRequest)
+            .where(
+                DeletionRequest.tenant_id == request.tenant_id,
+                DeletionRequest.model_id == request.model_id,
+                DeletionRequest.base_version == request.base_version,
+                DeletionRequest.method == request.method,
+                DeletionRequest.state == JobState.QUEUED.value,
+                DeletionRequest.coalesced_into.is_(None),
+                DeletionRequest.id != request.id,
+            )
+            .order_by(DeletionRequest.created_at, DeletionRequest.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return list(session.scalars(query.execution_options(populate_existing=True)))
 
     def count_active(self, session: Session, tenant_id: str) -> int:
         active = (JobState.QUEUED.value, JobState.RUNNING.value)

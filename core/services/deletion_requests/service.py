@@ -224,7 +224,7 @@ class DeletionRequestService:
             .limit(1)
         )
         report = result.metrics or {}
-        return {
+        content: dict[str, Any] = {
             "type": CERTIFICATE_TYPE,
             "format": CERTIFICATE_FORMAT,
             "request_id": request.id,
@@ -267,6 +267,11 @@ class DeletionRequestService:
                 {"id": succeeded.id, "hash": succeeded.hash, "action": succeeded.action} if succeeded else None
             ),
         }
+        others = [i for i in result.deletion_request_ids if i != request.id]
+        if others:
+            # One job served several requests: the new checkpoint also forgot their labels.
+            content["coalesced_with"] = others
+        return content
 
     def _base_version(self, session: Session, tenant_id: str, model_id: str, number: int | None) -> ModelVersion:
         if number is None:

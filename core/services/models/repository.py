@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
-from core.db import Model, ModelVersion
+from core.db import Model, ModelVersion, ModelVersionRequest
 from core.services.pagination import Page, PageRequest, decode_token, make_page
 
 
@@ -69,6 +69,7 @@ class ModelRepository:
         position = decode_token(page.token, filters)
         if position is not None:
             query = query.where(ModelVersion.version > int(position[0]))
+        query = query.options(selectinload(ModelVersion.request_links))  # one query for the page's links
         rows = list(session.scalars(query.order_by(ModelVersion.version).limit(page.size + 1)))
         return make_page(rows, page, lambda v: [v.version], filters)
 
@@ -77,7 +78,23 @@ class ModelRepository:
         return (current or 0) + 1
 
     def version_for_request(self, session: Session, deletion_request_id: str) -> ModelVersion | None:
-        return session.scalar(select(ModelVersion).where(ModelVersion.deletion_request_id == deletion_request_id))
+        """The version made for a deletion request (alone or coalesced with others)."""
+        return session.scalar(
+            select(ModelVersion)
+            .join(ModelVersionRequest, ModelVersionRequest.model_version_id == ModelVersion.id)
+            .where(ModelVersionRequest.deletion_request_id == deletion_request_id)
+        )
+
+    def requests_with_versions(self, session: Session, deletion_request_ids: list[str]) -> set[str]:
+        """Which of these requests a version was already made for."""
+        if not deletion_request_ids:
+            return set()
+        rows = session.scalars(
+            select(ModelVersionRequest.deletion_request_id).where(
+                ModelVersionRequest.deletion_request_id.in_(deletion_request_ids)
+            )
+        )
+        return set(rows)
 
 
 model_repository = ModelRepository()

@@ -198,6 +198,7 @@ def event_payload(request: DeletionRequest, now: datetime) -> str:
         "forget_labels": list(request.forget_labels),
         "base_version": request.base_version,
         "result_version": request.result_version,
+        "coalesced_into": request.coalesced_into,
         "external_ref": request.external_ref,
         "error": request.error,
         "attempts": request.attempts,

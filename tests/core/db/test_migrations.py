@@ -11,7 +11,7 @@ from core.db.migrate import alembic_config, current_revision, downgrade, upgrade
 
 TABLES = {
     "models", "model_versions", "deletion_requests", "audit_events", "api_keys", "idempotency_keys",
-    "webhook_deliveries", "webhook_delivery_attempts",
+    "webhook_deliveries", "webhook_delivery_attempts", "model_version_requests",
 }
 
 
@@ -64,7 +64,7 @@ def test_upgrade_creates_every_table(empty_db: str) -> None:
     upgrade(empty_db)
 
     assert _tables(empty_db) == TABLES
-    assert current_revision(empty_db) == "0003"
+    assert current_revision(empty_db) == "0004"
 
 
 def test_downgrade_removes_everything(empty_db: str) -> None:
@@ -110,7 +110,7 @@ def test_audit_events_are_append_only(engine: Engine, statement: str) -> None:
             session.execute(text(statement))
 
 
-def test_a_request_made_before_webhooks_survives_upgrade_and_downgrade(empty_db: str) -> None:
+def test_rows_made_at_0002_survive_upgrade_and_downgrade(empty_db: str) -> None:
     upgrade(empty_db, "0002")
     engine = make_engine(empty_db)
     now = "2026-01-01 00:00:00"
@@ -122,17 +122,25 @@ def test_a_request_made_before_webhooks_survives_upgrade_and_downgrade(empty_db:
                 " '{}', 10, '[]', '[1, 8, 8]', '[0]', '[1]', 'digits', :now)"), {"now": now})
             connection.execute(text(
                 "INSERT INTO deletion_requests (id, tenant_id, model_id, forget_labels, base_version, params,"
-                " state, created_at, updated_at) VALUES ('r1', 'default', 'm1', '[3]', 1, '{}', 'cancelled', :now, :now)"),
+                " state, created_at, updated_at) VALUES ('r1', 'default', 'm1', '[3]', 1, '{}', 'succeeded', :now, :now)"),
                 {"now": now})
+            connection.execute(text(
+                "INSERT INTO model_versions (id, tenant_id, model_id, version, artifact_key, sha256, size_bytes,"
+                " parent_version, forgotten_labels, deletion_request_id, created_at) VALUES ('v2', 'default', 'm1',"
+                " 2, 'k', :sha, 1, 1, '[3]', 'r1', :now)"), {"now": now, "sha": "0" * 64})
         upgrade(empty_db)
         with engine.connect() as connection:
-            row = connection.execute(text("SELECT forget_labels, callback_url FROM deletion_requests WHERE id = 'r1'")).one()
-        assert row.callback_url is None and "3" in str(row.forget_labels)
+            row = connection.execute(text(
+                "SELECT forget_labels, callback_url, coalesced_into FROM deletion_requests WHERE id = 'r1'")).one()
+            links = connection.execute(text("SELECT deletion_request_id, model_version_id FROM model_version_requests")).all()
+        assert row.callback_url is None and row.coalesced_into is None and "3" in str(row.forget_labels)
+        assert [tuple(link) for link in links] == [("r1", "v2")]  # the version made for r1 is linked to it
 
         downgrade(empty_db, "0002")
 
         with engine.connect() as connection:
-            assert connection.scalar(text("SELECT state FROM deletion_requests WHERE id = 'r1'")) == "cancelled"
+            assert connection.scalar(text("SELECT state FROM deletion_requests WHERE id = 'r1'")) == "succeeded"
+            assert connection.scalar(text("SELECT deletion_request_id FROM model_versions WHERE id = 'v2'")) == "r1"
     finally:
         engine.dispose()
         downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows

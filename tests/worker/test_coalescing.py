@@ -1,0 +1,274 @@
+"""Request coalescing: queued requests one job can serve run as one job, one version, each request
+with its own state and audit trail. The task runs in this process (SQLite and PostgreSQL), and in
+real worker processes on PostgreSQL + Redis, one of them killed mid-job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from sqlalchemy import select
+
+from core.checkpoint import load_checkpoint_bytes
+from core.db import AuditEvent, DeletionRequest, ModelVersion, verify_chain
+from core.services.deletion_requests.jobs import ClaimOutcome, deletion_jobs
+from core.services.deletion_requests.service import deletion_request_service
+from worker.celery_app import make_celery, send_deletion_request
+from worker.tasks import run_deletion_request
+
+TINY = {"inversion": {"iterations": 20, "n_per_class": 8}, "fisher_retain_size": 64, "steps": 5, "precision": "fp32"}
+
+
+def _run(request_id: str) -> str:
+    return run_deletion_request.apply(args=[request_id]).result
+
+
+def _requests(env, *ids: str) -> list[DeletionRequest]:  # noqa: ANN001
+    with env.sessions() as session:
+        return [session.get(DeletionRequest, request_id) for request_id in ids]
+
+
+def _versions(env, model_id: str) -> list[ModelVersion]:  # noqa: ANN001
+    with env.sessions() as session:
+        query = select(ModelVersion).where(ModelVersion.model_id == model_id).order_by(ModelVersion.version)
+        versions = list(session.scalars(query))
+        for version in versions:
+            version.deletion_request_ids  # noqa: B018 (load the links while the session is open)
+        return versions
+
+
+def _actions(env, request_id: str) -> list[str]:  # noqa: ANN001
+    with env.sessions() as session:
+        query = select(AuditEvent.action).where(AuditEvent.subject_id == request_id).order_by(AuditEvent.id)
+        return list(session.scalars(query))
+
+
+def _claim(env, request_id: str, **options):  # noqa: ANN001, ANN003, ANN202
+    with env.sessions.begin() as session:
+        return deletion_jobs.claim(session, request_id, lease_s=options.pop("lease_s", 60), coalesce=True, **options)
+
+
+def test_two_queued_requests_on_one_model_run_as_one_job(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    model_id = worker_env.new_model(digits_checkpoint)
+    first = worker_env.queue(model_id, [3])
+    second = worker_env.queue(model_id, [5])
+
+    assert _run(first) == "succeeded"
+    assert _run(second) == "skipped"  # its own message arrives later: its job already ran
+
+    a, b = _requests(worker_env, first, second)
+    assert (a.state, b.state) == ("succeeded", "succeeded") and a.result_version == b.result_version == 2
+    assert a.coalesced_into is None and b.coalesced_into == first
+    assert a.attempts == b.attempts == 1 and b.progress == 1.0
+    assert a.metrics["forget_labels"] == b.metrics["forget_labels"] == [3, 5]
+    v1, v2 = _versions(worker_env, model_id)  # one job, one new version
+    assert v2.forgotten_labels == [3, 5] and v2.parent_version == 1
+    assert v2.deletion_request_id == first and v2.deletion_request_ids == [first, second]
+    _, manifest = load_checkpoint_bytes(worker_env.store.open(v2.artifact_key).read())
+    assert manifest.forgotten_labels == [3, 5]
+    assert _actions(worker_env, second) == [
+        "deletion_request.created", "deletion_request.running", "deletion_request.succeeded"
+    ]
+    with worker_env.sessions() as session:
+        certificate = deletion_request_service.certificate_content(session, "default", second)
+        assert certificate["labels"]["forgotten"] == [5] and certificate["labels"]["forgotten_by_result"] == [3, 5]
+        assert certificate["coalesced_with"] == [first] and certificate["new_checkpoint"]["version"] == 2
+        assert verify_chain(session, "default") is None
+
+
+def test_with_coalescing_off_each_request_makes_its_own_version(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    monkeypatch.setenv("UISPS_COALESCE_REQUESTS", "false")
+    model_id = worker_env.new_model(digits_checkpoint)
+    first = worker_env.queue(model_id, [3])
+    second = worker_env.queue(model_id, [5])
+
+    assert _run(first) == "succeeded"
+    assert _requests(worker_env, second)[0].state == "queued"
+    assert _run(second) == "succeeded"
+
+    _, v2, v3 = _versions(worker_env, model_id)
+    assert (v2.forgotten_labels, v2.deletion_request_ids) == ([3], [first])
+    assert (v3.forgotten_labels, v3.deletion_request_ids) == ([5], [second])
+
+
+def test_only_requests_with_the_same_base_version_and_overrides_join(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    model_id = worker_env.new_model(digits_checkpoint)
+    from core.services.models.service import model_service
+
+    with worker_env.sessions() as session:  # version 2 (another upload): "latest" is now 2
+        model_service.upload_version(session, tenant_id="default", actor="test", model_id=model_id,
+                                     checkpoint=digits_checkpoint, store=worker_env.store, max_bytes=len(digits_checkpoint))
+        session.commit()
+    claiming = worker_env.queue(model_id, [3])
+    on_version_1 = worker_env.queue(model_id, [4], base_version=1)
+    other_overrides = worker_env.queue(model_id, [5], {**TINY, "seed": 7})
+    same = worker_env.queue(model_id, [6], base_version=2)  # "latest" and 2 are the same base
+
+    claim = _claim(worker_env, claiming)
+
+    assert claim.outcome is ClaimOutcome.CLAIMED
+    assert claim.job.members == (same,) and claim.job.forget_labels == [3, 6]
+    assert [r.state for r in _requests(worker_env, on_version_1, other_overrides)] == ["queued", "queued"]
+
+
+def test_requests_of_another_tenant_are_not_merged(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    ours = worker_env.queue(worker_env.new_model(digits_checkpoint), [3])
+    theirs = worker_env.queue(worker_env.new_model(digits_checkpoint, tenant="acme"), [3], tenant="acme")
+
+    claim = _claim(worker_env, ours)
+
+    assert claim.job.members == () and _requests(worker_env, theirs)[0].state == "queued"
+
+
+def test_a_request_that_would_exceed_the_label_limits_waits_for_a_job_of_its_own(
+    worker_env, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model_id = worker_env.new_model(digits_checkpoint)
+    first = worker_env.queue(model_id, [0, 1, 2, 3, 4])
+    too_many = worker_env.queue(model_id, [5, 6])  # 7 labels > max_labels
+    fits = worker_env.queue(model_id, [5])
+    every_class = worker_env.queue(model_id, [6, 7, 8, 9])  # with the others: all 10 digits
+
+    claim = _claim(worker_env, first, max_labels=6)
+
+    assert claim.job.members == (fits,) and claim.job.forget_labels == [0, 1, 2, 3, 4, 5]
+    assert [r.state for r in _requests(worker_env, too_many, every_class)] == ["queued", "queued"]
+
+
+def test_a_group_whose_worker_died_is_taken_over_whole(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    model_id = worker_env.new_model(digits_checkpoint)
+    first = worker_env.queue(model_id, [2])
+    second = worker_env.queue(model_id, [7])
+    assert _claim(worker_env, first, lease_s=-1).job.members == (second,)  # its worker dies at once
+
+    assert _run(second) == "skipped"  # a member's message never starts a job of its own
+    assert _run(first) == "succeeded"  # the reconciler re-sends the claiming request: takeover
+
+    a, b = _requests(worker_env, first, second)
+    assert (a.state, b.state) == ("succeeded", "succeeded") and (a.attempts, b.attempts) == (2, 2)
+    _, v2 = _versions(worker_env, model_id)
+    assert v2.forgotten_labels == [2, 7] and v2.deletion_request_ids == [first, second]
+
+
+def test_cancelling_one_request_of_a_running_group_runs_the_others_without_it(
+    worker_env, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model_id = worker_env.new_model(digits_checkpoint)
+    first, cancelled, third = (worker_env.queue(model_id, [label]) for label in (1, 4, 8))
+    job = _claim(worker_env, first).job
+    assert job.members == (cancelled, third)
+    with worker_env.sessions() as session:
+        deletion_request_service.cancel(session, tenant_id="default", actor="test", request_id=cancelled)
+        session.commit()
+
+    # The job's next progress report sees the cancel and stops it (worker.jobs does this).
+    with worker_env.sessions.begin() as session:
+        assert deletion_jobs.report_progress(session, first, "inversion", 0.3, 60, job.attempt, members=True)
+    with worker_env.sessions.begin() as session:
+        deletion_jobs.cancelled(session, first, attempt=job.attempt)
+
+    assert [r.state for r in _requests(worker_env, first, cancelled, third)] == ["queued", "cancelled", "queued"]
+    assert _actions(worker_env, third)[-1] == "deletion_request.requeued"
+    assert _run(first) == "succeeded"  # the others run again, together, without the cancelled one
+    a, b, c = _requests(worker_env, first, cancelled, third)
+    assert (a.state, b.state, c.state) == ("succeeded", "cancelled", "succeeded")
+    _, v2 = _versions(worker_env, model_id)
+    assert v2.forgotten_labels == [1, 8] and v2.deletion_request_ids == [first, third]
+
+
+def test_a_failed_job_fails_every_request_it_ran(worker_env, digits_checkpoint: bytes, tmp_path) -> None:  # noqa: ANN001
+    model_id = worker_env.new_model(digits_checkpoint, data_source=f"npz:{tmp_path / 'missing.npz'}")
+    first = worker_env.queue(model_id, [1])
+    second = worker_env.queue(model_id, [2])
+
+    assert _run(first) == "failed"
+
+    for request in _requests(worker_env, first, second):
+        assert request.state == "failed" and request.error["code"] == "invalid_data"
+    assert _actions(worker_env, second)[-1] == "deletion_request.failed"
+
+
+def test_a_retried_group_runs_again_together(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    monkeypatch.setenv("UISPS_MAX_ATTEMPTS", "2")
+    model_id = worker_env.new_model(digits_checkpoint)
+    first = worker_env.queue(model_id, [1])
+    second = worker_env.queue(model_id, [2])
+    worker_env.store.delete(_versions(worker_env, model_id)[0].artifact_key)  # an error that may pass: retried
+
+    run_deletion_request.apply(args=[first])  # eager: Celery runs the retry in place
+
+    for request in _requests(worker_env, first, second):
+        assert request.state == "failed" and request.attempts == 2 and request.error["code"] == "internal_error"
+    assert _actions(worker_env, second) == [
+        "deletion_request.created", "deletion_request.running", "deletion_request.retry_scheduled",
+        "deletion_request.running", "deletion_request.failed",
+    ]
+
+
+# --- real worker processes (PostgreSQL + Redis) -----------------------------------------------
+
+
+def _wait(env, ids: list[str], done, timeout_s: float, processes) -> list[DeletionRequest]:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while True:
+        requests = _requests(env, *ids)
+        if done(requests):
+            return requests
+        assert time.monotonic() < deadline, ([(r.state, r.stage) for r in requests], processes.log_tail())
+        time.sleep(0.2)
+
+
+def test_a_worker_process_runs_two_queued_requests_as_one_job(worker_processes, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    env = worker_processes.requests()
+    celery = make_celery(worker_processes.settings)
+    try:
+        model_id = env.new_model(digits_checkpoint)
+        ids = [env.queue(model_id, [label], dispatch=lambda i: send_deletion_request(celery, i)) for label in (3, 5)]
+    finally:
+        celery.close()
+    worker_processes.start()  # both messages wait in Redis: the first claim takes both requests
+
+    requests = _wait(env, ids, lambda rs: all(r.state == "succeeded" for r in rs), 180, worker_processes)
+
+    assert [r.result_version for r in requests] == [2, 2] and [r.attempts for r in requests] == [1, 1]
+    (claiming,) = [r.id for r in requests if r.coalesced_into is None]  # whichever message came first
+    assert {r.coalesced_into for r in requests} == {None, claiming}
+    versions = _versions(env, model_id)
+    assert [v.version for v in versions] == [1, 2] and versions[1].forgotten_labels == [3, 5]
+    assert sorted(versions[1].deletion_request_ids) == sorted(ids)
+
+
+def test_a_coalesced_job_whose_worker_is_killed_is_finished_by_another(worker_processes, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    slow = {"inversion": {"iterations": 400, "n_per_class": 16}, "steps": 40, "precision": "fp32"}
+    env = worker_processes.requests()
+    celery = make_celery(worker_processes.settings)
+    try:
+        model_id = env.new_model(digits_checkpoint)
+        ids = [env.queue(model_id, [label], slow, dispatch=lambda i: send_deletion_request(celery, i)) for label in (2, 6)]
+    finally:
+        celery.close()
+    short_lease = {"UISPS_JOB_LEASE_S": "4"}  # a takeover in seconds, not minutes
+    doomed = worker_processes.start(**short_lease)
+    def computing_together(requests: list[DeletionRequest]) -> bool:
+        stages = {r.stage for r in requests}
+        return bool(stages & {"inversion", "fisher", "unlearning"}) and any(r.coalesced_into for r in requests)
+
+    _wait(env, ids, computing_together, 180, worker_processes)
+
+    os.killpg(doomed.pid, signal.SIGKILL)  # parent and pool child, mid-job
+    doomed.wait()
+    worker_processes.start(**short_lease)
+    requests = _wait(env, ids, lambda rs: all(r.state in ("succeeded", "failed") for r in rs), 240, worker_processes)
+
+    assert [r.state for r in requests] == ["succeeded", "succeeded"], [r.error for r in requests]
+    assert [r.attempts for r in requests] == [2, 2] and [r.result_version for r in requests] == [2, 2]
+    versions = _versions(env, model_id)  # exactly one version, made for both
+    assert len(versions) == 2 and sorted(versions[1].deletion_request_ids) == sorted(ids)
+    with env.sessions() as session:
+        assert verify_chain(session, "default") is None
