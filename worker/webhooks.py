@@ -75,10 +75,12 @@ class WebhookSender:
         while True:
             try:
                 # Straight on while there is a backlog; otherwise wait for the next poll.
-                busy = self.run_once() > 0
+                wait_s = 0.0 if self.run_once() > 0 else self.settings.webhook_poll_interval_s
             except Exception as exc:
+                # Typically the database away or not migrated yet: wait as long as the reconciler
+                # does, rather than log a warning every poll.
                 first_line = (str(exc).strip().splitlines() or [""])[0]
                 logger.warning("webhook sender pass failed: %s: %s", type(exc).__name__, first_line)
-                busy = False
-            if self._stop.wait(0 if busy else self.settings.webhook_poll_interval_s):
+                wait_s = max(self.settings.webhook_poll_interval_s, self.settings.reconcile_interval_s)
+            if self._stop.wait(wait_s):
                 return
