@@ -72,12 +72,14 @@ class UispsClient:
         *,
         params: dict[str, Any] | None = None,
         base_version: int | None = None,
+        external_ref: str | None = None,
+        callback_url: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"model_id": model_id, "forget_labels": forget_labels}
         if params:
             body["params"] = params
-        if base_version is not None:
-            body["base_version"] = base_version
+        optional = {"base_version": base_version, "external_ref": external_ref, "callback_url": callback_url}
+        body |= {key: value for key, value in optional.items() if value is not None}
         return self._json(self.http.post("/deletion-requests", json=body, headers=_idempotency_key()), 202)
 
     def get_certificate(self, request_id: str) -> dict[str, Any]:

@@ -134,3 +134,16 @@ def test_a_cancelled_request_shows_its_pending_event(client: TestClient, registe
     assert webhook["attempts"] == [] and webhook["next_attempt_at"] is not None
     listed = client.get("/deletion-requests", params={"model_id": model["id"]}).json()["deletion_requests"]
     assert [r["webhook"] for r in listed] == [webhook]
+
+
+def test_the_python_client_sends_the_callback_url_and_external_ref(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    from uisps.client import UispsClient
+
+    model = registered_model()
+    uisps_client = UispsClient(str(client.base_url))
+    uisps_client.http.close()
+    uisps_client.http = client  # the app in process, with this test's key (the fixture closes it)
+    created = uisps_client.create_deletion_request(model["id"], [3], external_ref="GDPR-7", callback_url=HOOK)
+
+    shown = client.get(f"/deletion-requests/{created['id']}").json()
+    assert (shown["callback_url"], shown["external_ref"]) == (HOOK, "GDPR-7")
