@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,7 +36,7 @@ from core.services.api_keys.cache import KeyCache
 from core.services.api_keys.rate_limit import make_rate_limiter
 from core.settings import Settings, get_settings
 from core.storage import make_artifact_store
-from worker.celery_app import make_celery, send_deletion_request
+from core.broker import make_celery, send_deletion_request
 
 DESCRIPTION = """
 Make trained image classifiers forget whole classes without reading those classes' data
@@ -84,9 +85,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.effective_broker_url,
         )
         await run_in_threadpool(_warn_without_keys, app.state.sessions)
+        # What start-up built (modules, the app, SQLAlchemy's and pydantic's caches: ~170k objects)
+        # lives as long as the process: kept out of the cyclic GC, a full collection pauses the
+        # event loop for ~1 ms instead of ~100 ms, which every request in flight would wait for.
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             await app.state.rate_limiter.close()
             celery.close()
             engine.dispose()

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.problems import problem_response, problem_responses
-from worker.celery_app import QUEUE
+from core.broker import QUEUE
 
 logger = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from core.services.deletion_requests.service import deletion_request_service  # 
 from core.services.models.service import ModelSpec, model_service  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.storage import make_artifact_store  # noqa: E402
-from worker.celery_app import make_celery, send_deletion_request  # noqa: E402
+from core.broker import make_celery, send_deletion_request  # noqa: E402
 
 TENANT = "crash-drill"
 FAST_PARAMS: dict[str, Any] = {"inversion": {"iterations": 200}, "lr": 0.1, "batch_size": 64, "precision": "fp32"}

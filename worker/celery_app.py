@@ -1,81 +1,18 @@
-"""The Celery app, configured from core.settings. Torch-free, so the API can import it to send.
+"""The worker's Celery app: core.broker's configuration plus the worker's tasks and logging.
 
-Choices, and why:
-- The database is the truth about a job, so there is no result backend (`task_ignore_result`).
-- `task_acks_late` + `task_reject_on_worker_lost`: a message is acknowledged only once its task
-  returned, so a worker killed mid-job (OOM, node loss) leaves it to be delivered again; the
-  atomic claim in the task makes a second delivery harmless.
-- `worker_prefetch_multiplier=1`: a job takes minutes; a worker must not hoard messages that an
-  idle worker could run.
-- Pool: prefork with concurrency 1. The parent process only talks to the broker and never imports
-  torch, so CUDA is initialised in the child alone (a forked CUDA context is unusable); the parent
-  keeps heartbeats and the broker connection alive while the child computes, which `solo` cannot.
-  One job at a time per worker, because one job can use the whole GPU (or every CPU core); run
-  more workers to run more jobs. `worker_max_tasks_per_child` recycles the child now and then so
-  memory held by the allocator (CUDA caches, fragmentation) goes back to the system.
+`celery -A worker.celery_app worker`, `uisps worker`. The choices behind the configuration (late
+acknowledgement, prefetch 1, a prefork child that owns CUDA) are in core/broker.py.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
 from celery.signals import setup_logging
 
+from core.broker import make_celery
 from core.logs import configure_logging
-from core.settings import Settings, get_settings
-
-RUN_DELETION_REQUEST = "uisps.run_deletion_request"
-QUEUE = "uisps"
-MAX_TASKS_PER_CHILD = 20
-
-
-def broker_transport_options(settings: Settings) -> dict[str, Any]:
-    url = settings.effective_broker_url
-    if url.startswith("sqla+"):
-        # kombu's SQLAlchemy transport hands its options to create_engine (a visibility timeout
-        # would be refused); it has no visibility timeout: unacknowledged messages return to the
-        # queue when the worker's connection closes.
-        if url.startswith("sqla+sqlite"):
-            return {"connect_args": {"timeout": 30}}  # the broker file is shared with the API: wait, don't fail
-        return {}
-    # Redis and SQS: a message not acknowledged within this time is delivered again, so it should
-    # outlast the longest job (a duplicate is harmless, just wasted). A dead worker's job does
-    # not wait for it: its lease in the database (UISPS_JOB_LEASE_S, renewed by a heartbeat) runs
-    # out in minutes and the reconciler (worker.reconciler) sends the request again.
-    return {"visibility_timeout": settings.job_visibility_timeout_s}
-
-
-def celery_config(settings: Settings) -> dict[str, Any]:
-    return {
-        "broker_url": settings.effective_broker_url,
-        "broker_transport_options": broker_transport_options(settings),
-        "broker_connection_retry_on_startup": True,
-        "result_backend": None,
-        "task_ignore_result": True,
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "task_default_queue": QUEUE,
-        "task_serializer": "json",
-        "accept_content": ["json"],
-        # Publishing happens inside an HTTP request: fail fast (the row is committed anyway and the
-        # workers' reconciler re-sends it) rather than hang the request.
-        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
-        "worker_prefetch_multiplier": 1,
-        "worker_concurrency": 1,
-        "worker_pool": "prefork",
-        "worker_max_tasks_per_child": MAX_TASKS_PER_CHILD,
-        "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
-        "enable_utc": True,
-    }
-
-
-def make_celery(settings: Settings | None = None) -> Celery:
-    settings = settings or get_settings()
-    app = Celery("uisps", include=["worker.tasks"], set_as_current=False)
-    app.conf.update(celery_config(settings))
-    return app
+from core.settings import get_settings
 
 
 @setup_logging.connect(weak=False)
@@ -85,10 +22,5 @@ def _configure_worker_logging(loglevel: Any = None, **_: Any) -> None:
     configure_logging(get_settings().log_format, loglevel or get_settings().log_level)
 
 
-# The worker's app (`celery -A worker.celery_app worker`, `uisps worker`), from the environment.
-app = make_celery()
-
-
-def send_deletion_request(celery: Celery, request_id: str) -> None:
-    """Queue a request by task name, so the sender (the API) imports neither the task nor torch."""
-    celery.send_task(RUN_DELETION_REQUEST, args=[request_id], queue=QUEUE)
+# The worker's app, from the environment.
+app = make_celery(include=["worker.tasks"])

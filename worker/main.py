@@ -7,7 +7,7 @@ import socket
 from collections.abc import Sequence
 
 from core.settings import get_settings
-from worker.celery_app import QUEUE
+from core.broker import QUEUE
 
 
 def worker_argv(*, pool: str = "prefork", concurrency: int = 1, loglevel: str = "INFO") -> list[str]:

@@ -9,8 +9,9 @@ from typing import Any
 from celery import Task
 from celery.signals import worker_ready, worker_shutdown
 
+from core.broker import RUN_DELETION_REQUEST, make_celery, send_deletion_request
 from core.settings import get_settings
-from worker.celery_app import RUN_DELETION_REQUEST, app, make_celery, send_deletion_request
+from worker.celery_app import app
 from worker.reconciler import Reconciler
 from worker.webhooks import WebhookSender
 

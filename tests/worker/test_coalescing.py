@@ -15,7 +15,7 @@ from core.checkpoint import load_checkpoint_bytes
 from core.db import AuditEvent, DeletionRequest, ModelVersion, verify_chain
 from core.services.deletion_requests.jobs import ClaimOutcome, deletion_jobs
 from core.services.deletion_requests.service import deletion_request_service
-from worker.celery_app import make_celery, send_deletion_request
+from core.broker import make_celery, send_deletion_request
 from worker.tasks import run_deletion_request
 
 TINY = {"inversion": {"iterations": 20, "n_per_class": 8}, "fisher_retain_size": 64, "steps": 5, "precision": "fp32"}

@@ -22,7 +22,7 @@ from core.services.models.service import ModelSpec, model_service
 from core.settings import Settings
 from core.storage import make_artifact_store
 from uisps.demo import model_spec_of
-from worker.celery_app import make_celery, send_deletion_request
+from core.broker import make_celery, send_deletion_request
 
 ROOT = Path(__file__).resolve().parents[2]
 # Enough to exercise every stage of a job in a second or two (as in conftest.py).

@@ -19,7 +19,7 @@ from core.db import AuditEvent, DeletionRequest, WebhookDelivery, WebhookDeliver
 from core.services.deletion_requests.service import deletion_request_service
 from core.settings import get_settings
 from webhook_receiver import WebhookReceiver
-from worker.celery_app import make_celery, send_deletion_request
+from core.broker import make_celery, send_deletion_request
 from worker.tasks import run_deletion_request
 from worker.webhooks import WebhookSender
 
