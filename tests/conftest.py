@@ -122,3 +122,22 @@ def digits_copy(trained_digits: TrainedDigits):
     import copy
 
     return copy.deepcopy(trained_digits.model)
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """safetensors bytes of a smallcnn trained on digits, trained once per test run (shared through
+    the run's temp root), on one torch thread: two oversubscribe a small shared CI machine."""
+    cached = tmp_path_factory.getbasetemp() / "digits-smallcnn.safetensors"
+    if not cached.exists():
+        import torch
+
+        from uisps.demo import train_digits_checkpoint
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            cached.write_bytes(train_digits_checkpoint())
+        finally:
+            torch.set_num_threads(before)
+    return cached.read_bytes()

@@ -18,21 +18,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 from api.app import create_app  # noqa: E402
 from core.db.migrate import upgrade  # noqa: E402
 from core.settings import Settings  # noqa: E402
-from uisps.demo import model_spec_of, train_digits_checkpoint  # noqa: E402
+from uisps.demo import model_spec_of  # noqa: E402
 
-from api_helpers import authorize, one_torch_thread, unique_name  # noqa: E402
+from api_helpers import authorize, unique_name  # noqa: E402
 
 ModelFactory = Callable[..., dict[str, Any]]
-
-
-@pytest.fixture(scope="session")
-def digits_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """A smallcnn trained on digits, trained once per test run (shared through the run's temp root)."""
-    cached = tmp_path_factory.getbasetemp() / "digits-smallcnn.safetensors"
-    if not cached.exists():
-        with one_torch_thread():
-            cached.write_bytes(train_digits_checkpoint())
-    return cached.read_bytes()
 
 
 def make_settings(home: Path, database_url: str | None = None, **overrides: Any) -> Settings:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.architectures import batchnorm_layers, build_model
+from core.architectures import batchnorm_layers
 from core.config import InversionConfig
 from core.inversion import BatchNormStatistics, entropy, group_moments, invert
 

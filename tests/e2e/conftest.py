@@ -10,27 +10,11 @@ from pathlib import Path
 import pytest
 
 from uisps.client import UispsClient
-from uisps.demo import train_digits_checkpoint
 from uisps.local import LocalService
 
 # One torch thread per process: two oversubscribe a small shared CI machine (OpenMP spins).
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 READY_TIMEOUT_S = 120.0
-
-
-@pytest.fixture(scope="session")
-def digits_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    cached = tmp_path_factory.getbasetemp() / "digits-smallcnn.safetensors"
-    if not cached.exists():
-        import torch
-
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            cached.write_bytes(train_digits_checkpoint())
-        finally:
-            torch.set_num_threads(before)
-    return cached.read_bytes()
 
 
 @dataclass

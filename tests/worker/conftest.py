@@ -21,7 +21,7 @@ from core.services.deletion_requests.service import deletion_request_service
 from core.services.models.service import ModelSpec, model_service
 from core.settings import Settings, get_settings
 from core.storage import ArtifactStore, make_artifact_store
-from uisps.demo import model_spec_of, train_digits_checkpoint
+from uisps.demo import model_spec_of
 from worker.context import sessions_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,21 +44,6 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def digits_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    cached = tmp_path_factory.getbasetemp() / "digits-smallcnn.safetensors"
-    if not cached.exists():
-        import torch
-
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            cached.write_bytes(train_digits_checkpoint())
-        finally:
-            torch.set_num_threads(before)
-    return cached.read_bytes()
 
 
 @dataclass
