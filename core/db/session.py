@@ -2,23 +2,51 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# A pooled connection that sat unused for longer than this is pinged (one round trip) before it is
+# handed out, and replaced if the server dropped it (a restart, an idle timeout); one returned
+# moments ago is not: under load almost no checkout pays for a ping. (SQLAlchemy's pool_pre_ping
+# pings at every checkout: a round trip per request on the polling path.)
+PING_AFTER_IDLE_S = 1.0
+_RETURNED_AT = "uisps.returned_at"
 
 
 def make_engine(url: str | URL, **kwargs: Any) -> Engine:
-    """Create an engine; SQLite gets WAL, a busy timeout, foreign keys and real transactions."""
+    """Create an engine; SQLite gets WAL, a busy timeout, foreign keys and real transactions;
+    others a ping of connections that were idle (see PING_AFTER_IDLE_S) unless `pool_pre_ping`."""
     url = make_url(url)
     if url.get_backend_name() == "sqlite":
         return _make_sqlite_engine(url, **kwargs)
-    kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if not kwargs.get("pool_pre_ping"):
+        _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_RETURNED_AT] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _handed_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        returned = record.info.get(_RETURNED_AT)
+        if returned is None or time.monotonic() - returned < PING_AFTER_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            # The pool drops this connection and checks out a fresh one (up to three tries).
+            raise DisconnectionError(f"pooled connection lost while idle: {exc}") from exc
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
