@@ -73,8 +73,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.sessions = make_sessionmaker(engine)
         app.state.read_sessions = make_read_sessionmaker(engine)
-        # Reads at once in worker threads: at most the pool's size, so none opens a connection.
-        app.state.read_limiter = CapacityLimiter(engine.pool.size() if isinstance(engine.pool, QueuePool) else 10)
+        # Reads at once in worker threads (UISPS_API_READ_THREADS), never more than the pool's size,
+        # so none opens a connection of its own.
+        pool_size = engine.pool.size() if isinstance(engine.pool, QueuePool) else settings.api_read_threads
+        app.state.read_limiter = CapacityLimiter(max(1, min(settings.api_read_threads, pool_size)))
         app.state.store = make_artifact_store(settings)
         app.state.celery = celery
         app.state.dispatch = lambda request_id: send_deletion_request(celery, request_id)

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # every API process's pool_size + max_overflow, plus the workers.
     db_pool_size: int = 10
     db_max_overflow: int = 10
+    # Reads (GET /deletion-requests/{id}) one API process runs at once, each in a worker thread:
+    # one can compute while another waits for PostgreSQL; more only fight over the GIL (with 10,
+    # the p99 under load doubled). Raise it when PostgreSQL is a slow round trip away.
+    api_read_threads: int = 2
     # Queued + running deletion requests one tenant may have at once (429 beyond).
     max_active_requests_per_tenant: int = 50
     # Largest checkpoint accepted, in parameters (elements of all tensors together).
