@@ -7,23 +7,21 @@ ready: once straight away (the start-up sweep), then every `reconcile_interval_s
   (queued and not picked up for `requeue_after_s`), see `DeletionJobs.due_for_dispatch`;
 - deletes Idempotency-Key records past their expiry.
 
-Its database engine keeps no pooled connections (NullPool), so nothing of it is inherited by the
-pool children the parent forks; it sends with a Celery app of its own, not the consumer's.
+It sends with a Celery app of its own, not the consumer's.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, pool
+from sqlalchemy import Engine
 
-from core.db import make_engine, make_sessionmaker
 from core.services.deletion_requests.jobs import deletion_jobs
 from core.services.idempotency.service import idempotency_service
 from core.settings import Settings
+from worker.periodic import PeriodicPass
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +32,12 @@ class Reconciled:
     purged_idempotency_keys: int
 
 
-class Reconciler:
+class Reconciler(PeriodicPass):
+    thread_name = "uisps-reconciler"
+
     def __init__(self, settings: Settings, send: Callable[[str], None], engine: Engine | None = None) -> None:
-        self.settings = settings
+        super().__init__(settings, engine)
         self.send = send
-        self.engine = engine or make_engine(settings.effective_database_url, poolclass=pool.NullPool)
-        self.sessions = make_sessionmaker(self.engine)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def run_once(self) -> Reconciled:
         with self.sessions.begin() as session:
@@ -60,24 +56,6 @@ class Reconciler:
             purged = idempotency_service.purge_expired(session)
         return Reconciled(resent, purged)
 
-    def start(self) -> Reconciler:
-        self._thread = threading.Thread(target=self._loop, name="uisps-reconciler", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        self.engine.dispose()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                self.run_once()
-            except Exception as exc:
-                # Typically a database not migrated yet or unreachable for a while: try again later.
-                first_line = (str(exc).strip().splitlines() or [""])[0]
-                logger.warning("reconciler pass failed: %s: %s", type(exc).__name__, first_line)
-            if self._stop.wait(self.settings.reconcile_interval_s):
-                return
+    def tick(self) -> float:
+        self.run_once()
+        return self.settings.reconcile_interval_s

@@ -2,27 +2,22 @@
 
 Not a Celery task, on purpose: a worker runs one job at a time in its pool child, so a task queued
 behind a GPU job would wait minutes, and a separate webhook worker is one more thing to deploy.
-The parent only talks to the broker, so it has time to spare. The truth is the database
-(core.services.webhooks.service): an event is written with the request's final state, claimed
-here under a lease, and every attempt is recorded, so a worker that dies loses nothing; another
+The truth is the database (core.services.webhooks.service): an event is written with the
+request's final state, claimed here under a lease, and every attempt is recorded, so a worker that dies loses nothing; another
 worker's sender (or this one after a restart) takes the delivery over when the lease runs out.
-
-Like the reconciler, its engine keeps no pooled connections (NullPool), so the pool children the
-parent forks inherit none of them; torch-free.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from sqlalchemy import Engine, pool
+from sqlalchemy import Engine
 
-from core.db import make_engine, make_sessionmaker
 from core.services.webhooks.delivery import post_event
 from core.services.webhooks.service import DueDelivery, webhook_service
 from core.settings import Settings
+from worker.periodic import PeriodicPass
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +25,11 @@ logger = logging.getLogger(__name__)
 SENDER_THREADS = 4
 
 
-class WebhookSender:
+class WebhookSender(PeriodicPass):
+    thread_name = "uisps-webhook-sender"
+
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
-        self.settings = settings
-        self.engine = engine or make_engine(settings.effective_database_url, poolclass=pool.NullPool)
-        self.sessions = make_sessionmaker(self.engine)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__(settings, engine)
         self._pool = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="uisps-webhook")
 
     def run_once(self) -> int:
@@ -59,28 +52,13 @@ class WebhookSender:
             # Unrecorded: the lease runs out and the attempt is closed as lost, then tried again.
             logger.exception("could not record attempt %d of webhook %s", due.attempt, due.id)
 
-    def start(self) -> WebhookSender:
-        self._thread = threading.Thread(target=self._loop, name="uisps-webhook-sender", daemon=True)
-        self._thread.start()
-        return self
+    def tick(self) -> float:
+        # Straight on while there is a backlog; otherwise wait for the next poll.
+        return 0.0 if self.run_once() > 0 else self.settings.webhook_poll_interval_s
+
+    def failure_wait_s(self) -> float:
+        return max(self.settings.webhook_poll_interval_s, self.settings.reconcile_interval_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        super().stop(timeout_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.engine.dispose()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                # Straight on while there is a backlog; otherwise wait for the next poll.
-                wait_s = 0.0 if self.run_once() > 0 else self.settings.webhook_poll_interval_s
-            except Exception as exc:
-                # Typically the database away or not migrated yet: wait as long as the reconciler
-                # does, rather than log a warning every poll.
-                first_line = (str(exc).strip().splitlines() or [""])[0]
-                logger.warning("webhook sender pass failed: %s: %s", type(exc).__name__, first_line)
-                wait_s = max(self.settings.webhook_poll_interval_s, self.settings.reconcile_interval_s)
-            if self._stop.wait(wait_s):
-                return
