@@ -83,6 +83,15 @@ class UnlearnConfig(BaseModel):
     # mass on the very labels being forgotten. True removes the forgotten labels' share and
     # renormalises: D'_g then pulls the forgotten classes' outputs down instead of holding them.
     relabel_exclude_forgotten: bool = True
+    # Below the output (docs/algorithm.md sec. 6). The pass rewrites what the head says about the
+    # forgotten classes; the features under it can still tell them apart. Both are off by default.
+    # dampen: before the pass, every parameter element far more important to D'_g than to D'_r
+    # (norm_g > dampen * norm_r, eq. 11's normalised Fisher) is scaled by dampen * norm_r / norm_g,
+    # as Selective Synaptic Dampening does with real forget data; the pass then repairs D_r.
+    dampen: float | None = Field(None, gt=1, description="dampen parameters where norm_g > dampen * norm_r")
+    # feature_scrub: a loss term pulling D'_g's penultimate features onto the mean feature of the
+    # batch's retained samples, so the forgotten classes lose their own region of feature space.
+    feature_scrub: float = Field(0.0, ge=0, description="weight of the feature-scrub term (0: off)")
     augment: bool = True
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -72,6 +72,19 @@ def suppression_mask(fisher_retain: FisherDiag, fisher_forget: FisherDiag, alpha
     return {k: r[k] > alpha * g[k] for k in r}
 
 
+def dampening_scale(fisher_retain: FisherDiag, fisher_forget: FisherDiag, dampen: float) -> FisherDiag:
+    """Per-element factors: dampen * norm_r / norm_g where norm_g > dampen * norm_r, else 1.
+
+    The elements far more important to the forgotten classes than to the retained ones shrink in
+    proportion to that imbalance (Foster et al.'s Selective Synaptic Dampening, here on D'_g)."""
+    r, g = minmax_normalize(fisher_retain), minmax_normalize(fisher_forget)
+    out = {}
+    for k in r:
+        selected = g[k] > dampen * r[k]
+        out[k] = torch.where(selected, dampen * r[k] / g[k].clamp_min(torch.finfo(g[k].dtype).tiny), torch.ones_like(g[k]))
+    return out
+
+
 def frozen_fraction(mask: dict[str, torch.Tensor]) -> float:
     frozen = sum(int(m.sum()) for m in mask.values())
     total = sum(m.numel() for m in mask.values())

@@ -17,9 +17,9 @@ from torch import nn
 from core.architectures import build_model, unlearning_lr
 from core.config import UnlearnConfig
 from core.data import RetainedData, Split
-from core.errors import UnlearningDiverged
+from core.errors import ArchitectureError, UnlearningDiverged
 from core.device import Normalizer, augment, autocast, use_bf16
-from core.fisher import fisher_diagonal, frozen_fraction, suppression_mask
+from core.fisher import FisherDiag, dampening_scale, fisher_diagonal, frozen_fraction, suppression_mask
 from core.inversion import Synthetic, invert
 from core.progress import ProgressFn, no_progress
 
@@ -28,6 +28,7 @@ from core.progress import ProgressFn, no_progress
 class UnlearnOutcome:
     model: nn.Module
     frozen_fraction: float
+    dampened_fraction: float
     timings: dict[str, float]
     steps: int
     epochs_equivalent: float
@@ -99,10 +100,34 @@ class MaskedSGD:
                 p.copy_(torch.where(mask, self.original[k], p))
 
 
+@torch.no_grad()
+def dampen_parameters(model: nn.Module, scale: FisherDiag) -> float:
+    """Multiply each parameter by its factor in `scale`; returns the share of elements shrunk."""
+    shrunk = total = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if name in scale:
+            p.mul_(scale[name].to(p.dtype))
+            shrunk += int((scale[name] < 1).sum())
+    return shrunk / total if total else 0.0
+
+
 def resolve_steps(cfg: UnlearnConfig, n_retained: int) -> int:
     if cfg.steps is not None:
         return cfg.steps
     return max(cfg.min_steps, math.ceil(cfg.epochs * n_retained / cfg.batch_size))
+
+
+def feature_scrub_loss(feats: torch.Tensor, n_real: int) -> torch.Tensor:
+    """Mean squared distance of the synthetic rows' features (after the first `n_real`) to the
+    retained rows' mean feature, relative to the retained features' mean squared norm (so the
+    weight means the same at any feature scale). Zero for a batch without synthetic rows."""
+    real, syn = feats[:n_real], feats[n_real:]
+    if not len(syn):
+        return feats.sum() * 0.0
+    target = real.mean(dim=0).detach()
+    scale = real.detach().pow(2).sum(dim=1).mean().clamp_min(1e-12)
+    return (syn - target).pow(2).sum(dim=1).mean() / scale
 
 
 def unlearning_pass(
@@ -155,9 +180,13 @@ def unlearning_pass(
         inputs = torch.cat([inputs, synthetic_x[syn]])
         targets = torch.cat([targets, synthetic_targets[syn]])
         with autocast(bf16, device):
-            logits = model(inputs)
+            feats = model.features(inputs) if cfg.feature_scrub else None
+            logits = model(inputs) if feats is None else model.head(feats)
+        loss = F.cross_entropy(logits.float(), targets)
+        if feats is not None:
+            loss = loss + cfg.feature_scrub * feature_scrub_loss(feats.float(), len(real))
         opt.set_lr(scheduled_lr(cfg, lr, step, steps))
-        opt.step(F.cross_entropy(logits.float(), targets))
+        opt.step(loss)
         progress("unlearning", step + 1, steps)
     return steps
 
@@ -182,6 +211,8 @@ def run_uisps(
     """
     if set(forget_labels) - retained.forgotten:
         raise ValueError("retained data must exclude the labels being forgotten")
+    if cfg.feature_scrub and not (hasattr(model, "features") and hasattr(model, "head")):
+        raise ArchitectureError("feature_scrub needs one of this project's own architectures (features + head)")
     # channels_last lets cuDNN use its fastest convolution kernels; on CPU it barely matters
     fmt = torch.channels_last if device.type == "cuda" else torch.preserve_format
     model.to(device, memory_format=fmt).eval()
@@ -209,16 +240,21 @@ def run_uisps(
             raise ValueError("the synthetic samples handed in were not inverted for these forget labels")
         timings["inversion"] = 0.0
     frozen: dict[str, torch.Tensor] = {}
-    if cfg.sps:
-        def fisher() -> dict[str, torch.Tensor]:
+    dampened = 0.0
+    if cfg.sps or cfg.dampen:
+        def fisher() -> tuple[FisherDiag, FisherDiag]:
             gen = torch.Generator().manual_seed(cfg.seed)
             size = cfg.fisher_retain_size or min(2048, cfg.inversion.n_per_class * len(retained.train.y.unique()))
             subset = stratified_subset(retained.train, size, gen)
             f_g = fisher_diagonal(model, synthetic.x, synthetic.y, cfg.fisher_chunk, progress, "fisher")
             x_r = normalize(subset.x.to(device))
             f_r = fisher_diagonal(model, x_r, subset.y.to(device), cfg.fisher_chunk, progress, "fisher")
-            return suppression_mask(f_r, f_g, cfg.alpha)
-        frozen = timed("fisher", fisher)  # type: ignore[assignment]
+            return f_r, f_g
+        f_r, f_g = timed("fisher", fisher)  # type: ignore[misc]
+        if cfg.sps:
+            frozen = suppression_mask(f_r, f_g, cfg.alpha)
+        if cfg.dampen:
+            dampened = dampen_parameters(model, dampening_scale(f_r, f_g, cfg.dampen))
     soft = timed("relabel", lambda: random_model_soft_labels(
         arch, in_shape[0], retained.num_classes, synthetic.x, cfg.seed))
     if cfg.relabel_exclude_forgotten:
@@ -232,6 +268,7 @@ def run_uisps(
     return UnlearnOutcome(
         model=model,
         frozen_fraction=frozen_fraction(frozen) if frozen else 0.0,
+        dampened_fraction=dampened,
         timings=timings,
         steps=steps,  # type: ignore[arg-type]
         epochs_equivalent=steps * cfg.batch_size / max(1, len(retained.train)),  # type: ignore[operator]

@@ -104,6 +104,7 @@ def unlearn_model(
         "after": after.as_dict(),
         "timings": outcome.timings,
         "frozen_fraction": outcome.frozen_fraction,
+        "dampened_fraction": outcome.dampened_fraction,
         "steps": outcome.steps,
         "epochs_equivalent": outcome.epochs_equivalent,
         "retained_train_samples": len(retained.train),

@@ -3,7 +3,7 @@
 import torch
 
 from core.architectures import build_model
-from core.fisher import fisher_diagonal, fisher_diagonal_loop, frozen_fraction, minmax_normalize, suppression_mask
+from core.fisher import dampening_scale, fisher_diagonal, fisher_diagonal_loop, frozen_fraction, minmax_normalize, suppression_mask
 
 
 def test_vmap_fisher_equals_a_per_sample_loop_on_a_tiny_model():
@@ -44,3 +44,11 @@ def test_selection_freezes_where_retain_importance_exceeds_alpha_times_forget():
     # normalised: r = [0, .5, .9, 1], g = [0, .2, .8, 1]: 0.5 > 0.3 only
     assert mask["w"].tolist() == [False, True, False, False]
     assert frozen_fraction(mask) == 0.25
+
+
+def test_dampening_shrinks_only_elements_far_more_important_to_the_forgotten_classes():
+    retain = {"w": torch.tensor([0.0, 0.1, 0.5, 1.0])}
+    forget = {"w": torch.tensor([0.0, 0.8, 0.6, 1.0])}
+    scale = dampening_scale(retain, forget, dampen=2.0)
+    # normalised: r = [0, .1, .5, 1], g = [0, .8, .6, 1]: only .8 > 2 * .1, scaled by 2 * .1 / .8
+    assert torch.allclose(scale["w"], torch.tensor([1.0, 0.25, 1.0, 1.0]))

@@ -6,7 +6,10 @@ import torch
 from core.config import InversionConfig, UnlearnConfig
 from core.data import retained_data
 from core.device import Normalizer
+from core.errors import ArchitectureError
 from core.uisps import (
+    dampen_parameters,
+    feature_scrub_loss,
     random_model_soft_labels,
     run_uisps,
     scheduled_lr,
@@ -132,3 +135,54 @@ def test_uisps_forgets_a_digit_and_keeps_the_rest(trained_digits, digits_copy):
     assert 0 < result.report["frozen_fraction"] < 1
     assert result.manifest.forgotten_labels == [3]
     assert set(result.report["timings"]) == {"inversion", "fisher", "relabel", "unlearning", "evaluation"}
+
+
+def test_dampening_multiplies_each_parameter_element_by_its_factor(digits_copy):
+    before = {k: v.clone() for k, v in digits_copy.named_parameters()}
+    name = next(iter(before))
+    scale = {name: torch.ones_like(before[name])}
+    scale[name].view(-1)[:3] = torch.tensor([0.0, 0.5, 0.25])
+    shrunk = dampen_parameters(digits_copy, scale)
+    after = dict(digits_copy.named_parameters())
+    assert torch.equal(after[name].detach(), before[name] * scale[name])
+    assert all(torch.equal(after[k].detach(), v) for k, v in before.items() if k != name)
+    assert shrunk == pytest.approx(3 / sum(v.numel() for v in before.values()))
+
+
+def test_feature_scrub_loss_is_zero_at_the_retained_mean_and_blind_to_feature_scale():
+    real = torch.randn(6, 4)
+    at_mean = torch.cat([real, real.mean(0, keepdim=True).repeat(2, 1)])
+    assert feature_scrub_loss(at_mean, 6).item() == pytest.approx(0.0, abs=1e-6)
+    away = torch.cat([real, torch.randn(2, 4) + 3.0])
+    assert feature_scrub_loss(away, 6).item() > 0.1
+    assert feature_scrub_loss(10 * away, 6).item() == pytest.approx(feature_scrub_loss(away, 6).item(), rel=1e-4)
+
+
+def test_feature_scrub_pulls_the_synthetic_samples_features_onto_the_retained_mean(trained_digits, digits_copy):
+    import copy
+
+    ds, m = trained_digits.dataset, trained_digits.manifest
+    norm = Normalizer(m.mean, m.std, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    syn_x = norm(ds.train.with_labels([3]).x[:16])  # stand-ins for D'_g: real 3s make the pull visible
+    soft = without_labels(torch.softmax(torch.randn(16, 10, generator=gen), 1), {3})
+    retained = retained_data(ds, [3])
+    probe_x = norm(retained.train.x[:256])
+
+    def distance_after(weight: float) -> float:
+        model = copy.deepcopy(digits_copy)
+        cfg = FAST.model_copy(update={"steps": 30, "feature_scrub": weight})
+        unlearning_pass(model, retained, syn_x, soft, {}, norm, cfg, lr=0.05)
+        model.eval()
+        with torch.no_grad():
+            return (model.features(syn_x) - model.features(probe_x).mean(0)).pow(2).sum(1).mean().item()
+
+    assert distance_after(5.0) < 0.5 * distance_after(0.0)
+
+
+def test_feature_scrub_needs_a_model_with_features_and_a_head(trained_digits):
+    m = trained_digits.manifest
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    cfg = FAST.model_copy(update={"feature_scrub": 1.0})
+    with pytest.raises(ArchitectureError, match="feature_scrub"):
+        run_uisps(plain, "smallcnn", retained_data(trained_digits.dataset, [3]), [3], m.mean, m.std, cfg, torch.device("cpu"))
