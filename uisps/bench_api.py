@@ -16,10 +16,14 @@ What it does, in order:
 4. Setup over HTTP: a smallcnn model with a random-init version 1, and `seed_requests` deletion
    requests (they stay queued).
 5. The load, from a second process (a `spawn` child running a minimal asyncio HTTP/1.1 keep-alive
-   client, `concurrency` connections, closed loop): a warm-up, then phase `get` (polls of
-   `GET /deletion-requests/{id}` over random seeded ids) for `duration_s`, then phase `create`
-   (`POST /deletion-requests` with a fresh `Idempotency-Key`, as `uisps.client` sends) for
-   `create_duration_s`. Each phase reports req/s, latency percentiles and errors, and where the
+   client, `concurrency` connections): a warm-up, then phase `get` (polls of
+   `GET /deletion-requests/{id}` over random seeded ids, closed loop: each connection sends its
+   next request when the last is answered, so the phase finds the most the service can answer)
+   for `duration_s`; phase `get_at_rate`, the same polls sent open loop at a fixed `rate` (each
+   request at its scheduled time, its latency counted from that time even when the server is
+   behind, so a slow answer is not hidden by a late send: what a client population polling at
+   that rate sees) for `duration_s`; then phase `create` (`POST /deletion-requests` with a fresh
+   `Idempotency-Key`, as `uisps.client` sends, closed loop) for `create_duration_s`. Each phase reports req/s, latency percentiles and errors, and where the
    machine's CPU went (the client's own share included: on a 2-core box it competes with the
    server).
 
@@ -80,6 +84,7 @@ class ApiBenchSetup:
     warmup_s: float = 2.0
     workers: int | None = None  # default: the number of cores, at least 2
     keys: int = 1  # compliance keys the connections share (connection i uses key i % keys)
+    rate: float = GOAL_GET_RPS  # GET/s of the open-loop phase `get_at_rate` (0: no such phase)
     seed_requests: int = 50
     database_url: str | None = None  # default: a fresh database on admin_url's server
     admin_url: str = DEFAULT_ADMIN_URL
@@ -156,7 +161,7 @@ def _make_request_factory(spec: dict[str, Any], connection: int) -> Callable[[in
     host = f"Host: {spec['host']}:{spec['port']}\r\n"
     auth = f"Authorization: Bearer {spec['keys'][connection % len(spec['keys'])]}\r\n"
     rng = random.Random(spec["seed"] * 100_003 + connection)
-    if spec["phase"] == "get":
+    if spec["phase"] in ("get", "get_at_rate"):
         ids = spec["ids"]
         prebuilt = [
             (
@@ -191,8 +196,16 @@ async def _connection_loop(
     # connection pending when it wakes, so a burst would all land on one worker and stay there
     # (keep-alive); arriving over time, they go to whichever worker is free to accept.
     await asyncio.sleep(connection * CONNECT_STAGGER_S)
+    # Open loop (a `rate`): this connection's share of the requests, evenly spaced from now on.
+    interval = spec["concurrency"] / spec["rate"] if spec.get("rate") else None
+    first = perf()
     while True:
         start = perf()
+        if interval is not None:
+            scheduled = first + n * interval
+            if scheduled > start:
+                await asyncio.sleep(scheduled - start)
+            start = scheduled  # behind schedule, the wait for the connection counts as latency
         if start >= window["end"]:
             break
         if writer is None:
@@ -203,7 +216,8 @@ async def _connection_loop(
                     stats.error(f"connect: {exc!r}")
                 await asyncio.sleep(0.05)
                 continue
-            start = perf()
+            if interval is None:
+                start = perf()
         request, fragment = make(n)
         n += 1
         try:
@@ -797,8 +811,8 @@ def _host_description() -> dict[str, Any]:
 
 def run_api_bench(setup: ApiBenchSetup, log: Callable[[str], None] = lambda _line: None) -> dict[str, Any]:
     """Set up, load, tear down; the result (see `markdown`)."""
-    if setup.concurrency < 1 or setup.duration_s <= 0 or setup.keys < 1 or setup.seed_requests < 1:
-        raise BenchError("duration, concurrency, keys and seed requests must be positive")
+    if setup.concurrency < 1 or setup.duration_s <= 0 or setup.keys < 1 or setup.seed_requests < 1 or setup.rate < 0:
+        raise BenchError("duration, concurrency, keys and seed requests must be positive, the rate at least 0")
     from core.db.migrate import upgrade
 
     host = _host_description()
@@ -850,12 +864,15 @@ def run_api_bench(setup: ApiBenchSetup, log: Callable[[str], None] = lambda _lin
             "warmup_s": setup.warmup_s, "seed": setup.seed,
         }
         phases = []
-        for phase, duration, extra in (
+        plan = [
             ("get", setup.duration_s, {"ids": ids, "expect_status": 200}),
+            ("get_at_rate", setup.duration_s, {"ids": ids, "expect_status": 200, "rate": setup.rate}),
             ("create", setup.effective_create_duration_s,
              {"model_id": model_id, "labels": labels, "expect_status": 202}),
-        ):
-            log(f"phase {phase}: {setup.concurrency} connections for {duration:g} s "
+        ]
+        for phase, duration, extra in (p for p in plan if p[0] != "get_at_rate" or setup.rate > 0):
+            pace = f" at {extra['rate']:g} req/s" if extra.get("rate") else ""
+            log(f"phase {phase}: {setup.concurrency} connections{pace} for {duration:g} s "
                 f"(after {setup.warmup_s:g} s warm-up)")
             spec = common | extra | {"phase": phase, "duration_s": duration}
             result = _run_phase(spec, server.process.pid, setup.warmup_s + duration + 120, url)
@@ -879,7 +896,6 @@ def run_api_bench(setup: ApiBenchSetup, log: Callable[[str], None] = lambda _lin
         shutil.rmtree(home, ignore_errors=True)
         for error in cleanup_errors:
             log(f"cleanup: {error}")
-    get = phases[0]
     return {
         "benchmark": "api",
         "device": f"{host['cpu_model']} ({host['cpu_count']} cores), loopback, no accelerator",
@@ -903,29 +919,45 @@ def run_api_bench(setup: ApiBenchSetup, log: Callable[[str], None] = lambda _lin
             "log_tail": server_log_tail,
         },
         "client": {
-            "kind": "asyncio HTTP/1.1 keep-alive client (uisps/bench_api.py), closed loop, in a spawned process",
+            "kind": "asyncio HTTP/1.1 keep-alive client (uisps/bench_api.py), in a spawned process",
             "concurrency": setup.concurrency,
             "api_keys": setup.keys,
             "warmup_s": setup.warmup_s,
         },
         "setup": {"seeded_requests": setup.seed_requests, "tenant": TENANT},
         "phases": phases,
-        "goal": {
-            "phase": "get",
-            "requests_per_second_min": GOAL_GET_RPS,
-            "p99_ms_max": GOAL_GET_P99_MS,
-            "met": bool(
-                get["errors"] == 0
-                and get["requests_per_second"] >= GOAL_GET_RPS
-                and get["p99_ms"] <= GOAL_GET_P99_MS
-            ),
-        },
+        "goal": _goal(phases),
+    }
+
+
+def _goal(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """At least GOAL_GET_RPS polls per second answered with p99 <= GOAL_GET_P99_MS, no errors.
+
+    Judged on the open-loop phase when it ran at the goal's rate (the latency of 1000 polls a
+    second), else on the closed-loop one (the latency at the most it can answer, which is higher)."""
+    by_name = {p["name"]: p for p in phases}
+    at_rate = by_name.get("get_at_rate")
+    judged = at_rate if at_rate and at_rate["target_rps"] >= GOAL_GET_RPS else by_name["get"]
+    # open loop: answering 99 % of the scheduled rate is keeping up (the last sends of the
+    # window are still in flight when it closes)
+    needed = 0.99 * GOAL_GET_RPS if judged is at_rate else GOAL_GET_RPS
+    return {
+        "phase": judged["name"],
+        "requests_per_second_min": GOAL_GET_RPS,
+        "p99_ms_max": GOAL_GET_P99_MS,
+        "met": bool(
+            judged["errors"] == 0
+            and judged["requests_per_second"] >= needed
+            and judged["p99_ms"] <= GOAL_GET_P99_MS
+        ),
     }
 
 
 def _phase_record(phase: str, duration: float, setup: ApiBenchSetup, result: dict[str, Any]) -> dict[str, Any]:
     what = {
         "get": ("GET", "/deletion-requests/{id}", f"random ids among {setup.seed_requests} queued requests"),
+        "get_at_rate": ("GET", "/deletion-requests/{id}",
+                        f"as `get`, open loop at {setup.rate:g} req/s, latency from each request's scheduled time"),
         "create": ("POST", "/deletion-requests", "one label, a fresh Idempotency-Key each"),
     }[phase]
     return {
@@ -935,6 +967,7 @@ def _phase_record(phase: str, duration: float, setup: ApiBenchSetup, result: dic
         "what": what[2],
         "concurrency": setup.concurrency,
         "duration_s": duration,
+        "target_rps": setup.rate if phase == "get_at_rate" else None,  # None: closed loop
         **result,
     }
 
@@ -954,12 +987,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"Client: {result['client']['kind']}, {result['client']['concurrency']} connections, "
         f"{result['client']['api_keys']} API key(s), {result['client']['warmup_s']:g} s warm-up per phase.",
         "",
-        "| phase | request | s | req/s | p50 ms | p90 ms | p99 ms | max ms | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| phase | request | load | s | req/s | p50 ms | p90 ms | p99 ms | max ms | errors |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in result["phases"]:
+        load = f"open loop, {p['target_rps']:g}/s" if p.get("target_rps") else "closed loop"
         lines.append(
-            f"| {p['name']} | `{p['method']} {p['path']}` | {p['duration_s']:g} | {p['requests_per_second']:.0f} | "
+            f"| {p['name']} | `{p['method']} {p['path']}` | {load} | {p['duration_s']:g} | {p['requests_per_second']:.0f} | "
             f"{p['p50_ms']:.1f} | {p['p90_ms']:.1f} | {p['p99_ms']:.1f} | {p['max_ms']:.1f} | {p['errors']} |"
         )
     lines += ["", "CPU during each phase, in cores used (CPU ms per request); the load client runs on the same "
@@ -1014,11 +1048,12 @@ def markdown(result: dict[str, Any]) -> str:
                   "(`uvicorn --workers` on asyncio rather than uvloop, see uisps/serving.py); latencies include "
                   "~40 ms of it."]
     verdict = "met" if goal["met"] else "NOT met"
-    get = result["phases"][0]
+    judged = next(p for p in result["phases"] if p["name"] == goal["phase"])
     lines += [
         "",
-        f"Goal ({goal['requests_per_second_min']:.0f} GET/s with p99 <= {goal['p99_ms_max']:.0f} ms): **{verdict}** "
-        f"({get['requests_per_second']:.0f} GET/s, p99 {get['p99_ms']:.1f} ms, {get['errors']} errors).",
+        f"Goal ({goal['requests_per_second_min']:.0f} GET/s with p99 <= {goal['p99_ms_max']:.0f} ms), judged on phase "
+        f"`{judged['name']}`: **{verdict}** ({judged['requests_per_second']:.0f} GET/s, p99 {judged['p99_ms']:.1f} ms, "
+        f"{judged['errors']} errors).",
     ]
     for p in result["phases"]:
         if p["error_samples"]:

@@ -374,6 +374,8 @@ def bench_api(
         "--create-duration", help="seconds of POST creations (phase 2); default a quarter of --duration")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="uvicorn workers (default: cores, at least 2)")] = None,
     keys: Annotated[int, typer.Option("--keys", help="API keys the connections share")] = 1,
+    rate: Annotated[float, typer.Option(
+        "--rate", help="GET/s of the open-loop phase get_at_rate (0: skip it)")] = 1000.0,
     database_url: Annotated[str | None, typer.Option(
         "--database-url", help="use (and keep) this database instead of a fresh one")] = None,
     admin_url: Annotated[str, typer.Option(
@@ -386,12 +388,13 @@ def bench_api(
         "--access-log/--no-access-log", help="the service's access log (UISPS_ACCESS_LOG; on, as by default)")] = True,
     out: Annotated[Path, typer.Option("--out", help="folder for api-bench-cpu.json and .md")] = Path("docs/results"),
 ) -> None:
-    """Load the HTTP API on PostgreSQL over loopback: GET polls, then POST creations (no worker)."""
+    """Load the HTTP API on PostgreSQL over loopback: GET polls (closed loop, then at a fixed rate), then
+    POST creations (no worker)."""
     from uisps.bench_api import ApiBenchSetup, BenchError, markdown, run_api_bench, write_results
 
     setup = ApiBenchSetup(
         duration_s=duration, concurrency=concurrency, create_duration_s=create_duration, workers=workers, keys=keys,
-        database_url=database_url, admin_url=admin_url, broker_url=broker_url, access_log=access_log,
+        rate=rate, database_url=database_url, admin_url=admin_url, broker_url=broker_url, access_log=access_log,
     )
     try:
         result = run_api_bench(setup, log=lambda line: typer.echo(line, err=True))

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 PHASE_KEYS = {
     "name", "method", "path", "concurrency", "duration_s", "requests", "requests_per_second",
     "p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "errors", "error_samples", "status_counts",
-    "client_cpu_percent_of_one_core", "cpu", "database_sessions_opened", "connections_per_worker",
+    "client_cpu_percent_of_one_core", "cpu", "database_sessions_opened", "connections_per_worker", "target_rps",
 }
 TOP_KEYS = {"benchmark", "device", "host", "cpu_count", "database", "server", "client", "phases", "goal"}
 
@@ -24,7 +24,7 @@ def test_short_run_writes_every_key_without_errors(pg_url: str, redis_url: str, 
     admin = make_url(pg_url).set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("UISPS_")} | {"PYTHONPATH": str(REPO)}
     run = subprocess.run(
-        [sys.executable, "-m", "uisps", "bench", "api", "--duration", "2", "--concurrency", "4",
+        [sys.executable, "-m", "uisps", "bench", "api", "--duration", "2", "--concurrency", "4", "--rate", "100",
          "--admin-url", admin, "--broker-url", redis_url, "--out", str(tmp_path / "results")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -40,15 +40,20 @@ def test_short_run_writes_every_key_without_errors(pg_url: str, redis_url: str, 
     assert result["server"]["command"].startswith("uisps serve --no-worker")
     assert result["server"]["loop"] == "uvloop" and result["server"]["http"] == "httptools"
     assert result["keepalive_healthz_p50_ms"] < 30
-    assert [p["name"] for p in result["phases"]] == ["get", "create"]
+    assert [p["name"] for p in result["phases"]] == ["get", "get_at_rate", "create"]
     for phase in result["phases"]:
         assert PHASE_KEYS <= phase.keys(), phase
         assert phase["errors"] == 0, phase["error_samples"]
         assert phase["concurrency"] == 4 and phase["requests"] > 0 and phase["requests_per_second"] > 0
         assert 0 < phase["p50_ms"] <= phase["p90_ms"] <= phase["p99_ms"] <= phase["max_ms"]
     assert result["phases"][0]["duration_s"] == 2 and result["phases"][0]["status_counts"].keys() == {"200"}
-    assert result["phases"][1]["status_counts"].keys() == {"202"}
-    assert isinstance(result["goal"]["met"], bool)
+    # open loop: the requests go out at the asked rate, not as fast as the server answers
+    at_rate = result["phases"][1]
+    assert at_rate["target_rps"] == 100 and 80 <= at_rate["requests_per_second"] <= 105
+    assert result["phases"][0]["requests_per_second"] > 105  # closed loop is not held back to a rate
+    assert result["phases"][2]["status_counts"].keys() == {"202"}
+    # judged at the goal's rate only: this run's 100/s cannot meet 1000/s
+    assert result["goal"]["phase"] == "get" and isinstance(result["goal"]["met"], bool)
     assert (tmp_path / "results" / "api-bench-cpu.md").read_text().startswith("# API load")
 
     # The bench cleaned up: its database is gone, and the broker's Redis database is empty.
