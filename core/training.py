@@ -24,8 +24,8 @@ def train(
 ) -> nn.Module:
     """SGD with Nesterov momentum and a one-cycle (linear warm-up, cosine down) schedule."""
     device = normalize.mean.device
-    fmt = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    model.to(device, memory_format=fmt).train()
+    # channels_last: cuDNN's fastest convolutions; oneDNN's CPU training steps are a little faster too
+    model.to(device, memory_format=torch.channels_last).train()
     x, y = data.x.to(device), data.y.to(device)
     gen = torch.Generator().manual_seed(config.seed)
     aug_gen = torch.Generator(device=device).manual_seed(config.seed)

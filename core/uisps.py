@@ -213,9 +213,9 @@ def run_uisps(
         raise ValueError("retained data must exclude the labels being forgotten")
     if cfg.feature_scrub and not (hasattr(model, "features") and hasattr(model, "head")):
         raise ArchitectureError("feature_scrub needs one of this project's own architectures (features + head)")
-    # channels_last lets cuDNN use its fastest convolution kernels; on CPU it barely matters
-    fmt = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    model.to(device, memory_format=fmt).eval()
+    # channels_last: cuDNN's fastest convolutions; on CPU (oneDNN) the pass's training steps are a
+    # little faster and the inversion no slower (scripts/cpu_layout_check.py)
+    model.to(device, memory_format=torch.channels_last).eval()
     normalize = Normalizer(mean, std, device)
     bf16 = use_bf16(cfg.precision, device)
     in_shape = tuple(retained.train.x.shape[1:])

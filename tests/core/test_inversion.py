@@ -17,6 +17,16 @@ def test_group_moments_equal_direct_biased_statistics():
         assert torch.allclose(var[g], part.var(dim=(0, 2, 3), unbiased=False), atol=1e-6)
 
 
+def test_group_moments_of_bf16_activations_match_float64_in_either_memory_format():
+    x = (torch.randn(8, 16, 6, 6) * 3 + 2).to(torch.bfloat16)  # a mean of 2 against a spread of 3
+    ref = x.double().reshape(2, 4, 16, 36)
+    for layout in (x, x.to(memory_format=torch.channels_last)):
+        mean, var = group_moments(layout, groups=2)
+        assert mean.dtype == var.dtype == torch.float32
+        assert torch.allclose(mean.double(), ref.mean(dim=(1, 3)), atol=1e-5)
+        assert torch.allclose(var.double(), ref.var(dim=(1, 3), unbiased=False), rtol=1e-5, atol=1e-5)
+
+
 def test_bn_hook_loss_equals_direct_computation_from_layer_inputs(trained_digits):
     model = trained_digits.model
     x = torch.randn(8, 1, 8, 8)
