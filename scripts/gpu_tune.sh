@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call for issue #4: the `tune` experiment of `uisps bench paper` (UISPS pass settings side
 # by side with Original and Retrain, 3 seeds), ResNet18 first, then AllCNN in the time left.
+# EXPERIMENTS=main NAME=main: the main table (every method) instead, one architecture at a time.
 # Each architecture writes its own folder, docs/results/<NAME>-<arch>/ (NAME: tune), packed into
 # OUTDIR/<NAME>.tgz. VARIANTS=file.json: other preset overrides (e.g. their tune_variants), such as
 # scripts/features-variants.json with NAME=features.
@@ -25,9 +26,9 @@ for arch in "${archs[@]}"; do
   if [ "$arch" = "${archs[0]}" ]; then budget=$first; else budget=$((total - SECONDS - 45)); fi
   [ "$budget" -gt 20 ] || { log "no time left for $arch"; continue; }
   log "$name $arch (budget ${budget}s)"
-  overrides=$($py -c 'import json, sys; d = json.load(open(sys.argv[1])) if sys.argv[1] else {}; d["tune_archs"] = [sys.argv[2]]; print(json.dumps(d))' "${VARIANTS:-}" "$arch")
+  overrides=$($py -c 'import json, sys; d = json.load(open(sys.argv[1])) if sys.argv[1] else {}; d["tune_archs"] = d["archs"] = [sys.argv[2]]; print(json.dumps(d))' "${VARIANTS:-}" "$arch")
   timeout $((budget + 60)) $py -m uisps bench paper --preset "${PRESET:-full}" --data "${DATA_SPEC:-npz:$data}" \
-    --device "$device" --seeds "${SEEDS:-3}" --experiments tune --preset-json "$overrides" \
+    --device "$device" --seeds "${SEEDS:-3}" --experiments "${EXPERIMENTS:-tune}" --preset-json "$overrides" \
     --out "docs/results/$name-$arch" --time-budget "$budget"
 done
 log "done"
