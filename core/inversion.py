@@ -62,7 +62,7 @@ def group_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Ten
     BatchNorm term cost about as much as the rest of an inversion step on CPU). A BatchNorm
     input's mean is not large against its spread, so the difference keeps fp32's precision.
     """
-    g = x.reshape(groups, x.shape[0] // groups, x.shape[1], -1).float()  # a view in either memory format
+    g = x.reshape(groups, x.shape[0] // groups, x.shape[1], -1).float()  # the reshape is a view in either layout
     mean = g.mean(dim=(1, 3))
     return mean, (g.square().mean(dim=(1, 3)) - mean.square()).clamp_min(0.0)
 
