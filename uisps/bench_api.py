@@ -23,9 +23,9 @@ What it does, in order:
    request at its scheduled time, its latency counted from that time even when the server is
    behind, so a slow answer is not hidden by a late send: what a client population polling at
    that rate sees) for `duration_s`; then phase `create` (`POST /deletion-requests` with a fresh
-   `Idempotency-Key`, as `uisps.client` sends, closed loop) for `create_duration_s`. Each phase reports req/s, latency percentiles and errors, and where the
-   machine's CPU went (the client's own share included: on a 2-core box it competes with the
-   server).
+   `Idempotency-Key`, as `uisps.client` sends, closed loop) for `create_duration_s`. Each phase
+   reports req/s, latency percentiles and errors, and where the machine's CPU went (the client's
+   own share included: on a 2-core box it competes with the server).
 
 Linux only for the CPU breakdown (it reads /proc); the load itself runs anywhere.
 This module imports only the standard library at the top: the load child stays light.
