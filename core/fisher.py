@@ -78,11 +78,8 @@ def dampening_scale(fisher_retain: FisherDiag, fisher_forget: FisherDiag, dampen
     The elements far more important to the forgotten classes than to the retained ones shrink in
     proportion to that imbalance (Foster et al.'s Selective Synaptic Dampening, here on D'_g)."""
     r, g = minmax_normalize(fisher_retain), minmax_normalize(fisher_forget)
-    out = {}
-    for k in r:
-        selected = g[k] > dampen * r[k]
-        out[k] = torch.where(selected, dampen * r[k] / g[k].clamp_min(torch.finfo(g[k].dtype).tiny), torch.ones_like(g[k]))
-    return out
+    # where g is 0 nothing is selected, so the quotient's 0/0 there is never used
+    return {k: torch.where(g[k] > dampen * r[k], dampen * r[k] / g[k], 1.0) for k in r}
 
 
 def frozen_fraction(mask: dict[str, torch.Tensor]) -> float:

@@ -864,13 +864,12 @@ def run_api_bench(setup: ApiBenchSetup, log: Callable[[str], None] = lambda _lin
             "warmup_s": setup.warmup_s, "seed": setup.seed,
         }
         phases = []
-        plan = [
-            ("get", setup.duration_s, {"ids": ids, "expect_status": 200}),
-            ("get_at_rate", setup.duration_s, {"ids": ids, "expect_status": 200, "rate": setup.rate}),
-            ("create", setup.effective_create_duration_s,
-             {"model_id": model_id, "labels": labels, "expect_status": 202}),
-        ]
-        for phase, duration, extra in (p for p in plan if p[0] != "get_at_rate" or setup.rate > 0):
+        plan: list[tuple[str, float, dict[str, Any]]] = [("get", setup.duration_s, {"ids": ids, "expect_status": 200})]
+        if setup.rate > 0:
+            plan.append(("get_at_rate", setup.duration_s, {"ids": ids, "expect_status": 200, "rate": setup.rate}))
+        plan.append(("create", setup.effective_create_duration_s,
+                     {"model_id": model_id, "labels": labels, "expect_status": 202}))
+        for phase, duration, extra in plan:
             pace = f" at {extra['rate']:g} req/s" if extra.get("rate") else ""
             log(f"phase {phase}: {setup.concurrency} connections{pace} for {duration:g} s "
                 f"(after {setup.warmup_s:g} s warm-up)")
