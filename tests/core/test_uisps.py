@@ -186,3 +186,13 @@ def test_feature_scrub_needs_a_model_with_features_and_a_head(trained_digits):
     cfg = FAST.model_copy(update={"feature_scrub": 1.0})
     with pytest.raises(ArchitectureError, match="feature_scrub"):
         run_uisps(plain, "smallcnn", retained_data(trained_digits.dataset, [3]), [3], m.mean, m.std, cfg, torch.device("cpu"))
+
+
+def test_a_pass_with_dampening_and_without_sps_shrinks_some_elements_and_freezes_none(trained_digits, digits_copy):
+    m = trained_digits.manifest
+    cfg = FAST.model_copy(update={"sps": False, "dampen": 2.0, "steps": 5})
+    outcome = run_uisps(digits_copy, "smallcnn", retained_data(trained_digits.dataset, [3]), [3],
+                        m.mean, m.std, cfg, torch.device("cpu"))
+    assert 0 < outcome.dampened_fraction < 1
+    assert outcome.frozen_fraction == 0.0
+    assert "fisher" in outcome.timings  # the Fisher stage runs for dampening alone
