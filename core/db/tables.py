@@ -240,11 +240,6 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column()
     last_used_at: Mapped[datetime | None] = mapped_column()
-    # No longer used: the rate limit's buckets moved out of the database (one write per request
-    # serialised every request of a key), see core.services.api_keys.rate_limit. Kept, unused, so
-    # the schema needs no migration; a later one may drop them.
-    rate_tokens: Mapped[float | None] = mapped_column(Float)
-    rate_updated_at: Mapped[float | None] = mapped_column(Float)
 
 
 class IdempotencyState(StrEnum):

@@ -64,7 +64,7 @@ def test_upgrade_creates_every_table(empty_db: str) -> None:
     upgrade(empty_db)
 
     assert _tables(empty_db) == TABLES
-    assert current_revision(empty_db) == "0004"
+    assert current_revision(empty_db) == "0005"
 
 
 def test_downgrade_removes_everything(empty_db: str) -> None:
@@ -128,6 +128,9 @@ def test_rows_made_at_0002_survive_upgrade_and_downgrade(empty_db: str) -> None:
                 "INSERT INTO model_versions (id, tenant_id, model_id, version, artifact_key, sha256, size_bytes,"
                 " parent_version, forgotten_labels, deletion_request_id, created_at) VALUES ('v2', 'default', 'm1',"
                 " 2, 'k', :sha, 1, 1, '[3]', 'r1', :now)"), {"now": now, "sha": "0" * 64})
+            connection.execute(text(
+                "INSERT INTO api_keys (id, tenant_id, role, name, prefix, key_hash, created_at, rate_tokens)"
+                " VALUES ('k1', 'default', 'admin', 'ops', 'uisps_ab', :hash, :now, 3.5)"), {"now": now, "hash": "1" * 64})
         upgrade(empty_db)
         with engine.connect() as connection:
             row = connection.execute(text(
@@ -135,12 +138,15 @@ def test_rows_made_at_0002_survive_upgrade_and_downgrade(empty_db: str) -> None:
             links = connection.execute(text("SELECT deletion_request_id, model_version_id FROM model_version_requests")).all()
         assert row.callback_url is None and row.coalesced_into is None and "3" in str(row.forget_labels)
         assert [tuple(link) for link in links] == [("r1", "v2")]  # the version made for r1 is linked to it
+        with engine.connect() as connection:  # 0005 dropped two unused columns, kept the key
+            assert connection.scalar(text("SELECT name FROM api_keys WHERE id = 'k1'")) == "ops"
 
         downgrade(empty_db, "0002")
 
         with engine.connect() as connection:
             assert connection.scalar(text("SELECT state FROM deletion_requests WHERE id = 'r1'")) == "succeeded"
             assert connection.scalar(text("SELECT deletion_request_id FROM model_versions WHERE id = 'v2'")) == "r1"
+            assert connection.execute(text("SELECT name, rate_tokens FROM api_keys WHERE id = 'k1'")).one() == ("ops", None)
     finally:
         engine.dispose()
         downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
