@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # soft labels over every class. The other fields' defaults are the paper's already.
 PAPER_PASS: dict[str, object] = {
     "lr": None, "steps": None, "epochs": 1.0, "min_steps": 1, "synthetic_per_batch": 0,
-    "lr_schedule": "constant", "relabel_exclude_forgotten": False, "bn_mode": "train",
+    "lr_schedule": "constant", "relabel_exclude_forgotten": False, "bn_mode": "train", "reset_head": False,
 }
 
 
@@ -84,7 +84,8 @@ class UnlearnConfig(BaseModel):
     # renormalises: D'_g then pulls the forgotten classes' outputs down instead of holding them.
     relabel_exclude_forgotten: bool = True
     # Below the output (docs/algorithm.md sec. 6). The pass rewrites what the head says about the
-    # forgotten classes; the features under it can still tell them apart. Both are off by default.
+    # forgotten classes; the features under it can still tell them apart. dampen and feature_scrub
+    # are off by default.
     # dampen: before the pass, every parameter element far more important to D'_g than to D'_r
     # (norm_g > dampen * norm_r, eq. 11's normalised Fisher) is scaled by dampen * norm_r / norm_g,
     # as Selective Synaptic Dampening does with real forget data; the pass then repairs D_r.
@@ -92,6 +93,11 @@ class UnlearnConfig(BaseModel):
     # feature_scrub: a loss term pulling D'_g's penultimate features onto the mean feature of the
     # batch's retained samples, so the forgotten classes lose their own region of feature space.
     feature_scrub: float = Field(0.0, ge=0, description="weight of the feature-scrub term (0: off)")
+    # reset_head (on by default): before the pass, the output rows (weights and bias) of the
+    # forgotten labels are re-initialised as a fresh model's and never frozen, so the pass pushes a
+    # random row down as Retrain's training did, instead of nudging the trained class template just
+    # below the others, from where a few steps of fine-tuning bring it back (docs/algorithm.md sec. 6).
+    reset_head: bool = True
     augment: bool = True
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"

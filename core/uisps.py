@@ -29,6 +29,7 @@ class UnlearnOutcome:
     model: nn.Module
     frozen_fraction: float
     dampened_fraction: float
+    head_reset: bool
     timings: dict[str, float]
     steps: int
     epochs_equivalent: float
@@ -110,6 +111,48 @@ def dampen_parameters(model: nn.Module, scale: FisherDiag) -> float:
             p.mul_(scale[name].to(p.dtype))
             shrunk += int((scale[name] < 1).sum())
     return shrunk / total if total else 0.0
+
+
+def output_layer(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear] | None:
+    """The last linear layer with one output per class: the head whose rows are class templates."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    return found[-1] if found else None
+
+
+def resets_head(model: nn.Module, num_classes: int, cfg: UnlearnConfig) -> bool:
+    """Whether this pass resets the forgotten output rows. On by default; a model without a final
+    linear layer (torchvision's squeezenet ends in a convolution) skips it unless it was asked for."""
+    if not cfg.reset_head:
+        return False
+    if output_layer(model, num_classes) is not None:
+        return True
+    if "reset_head" in cfg.model_fields_set:
+        raise ArchitectureError(f"reset_head needs a final linear layer with {num_classes} outputs")
+    return False
+
+
+@torch.no_grad()
+def reset_output_rows(model: nn.Module, labels: list[int], num_classes: int, seed: int) -> dict[str, torch.Tensor]:
+    """Re-initialise the output rows of `labels` as a fresh (seeded) linear layer's; returns, per
+    parameter name, a mask of the elements reset."""
+    found = output_layer(model, num_classes)
+    if found is None:
+        raise ArchitectureError(f"reset_head needs a final linear layer with {num_classes} outputs")
+    name, head = found
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+    rows = torch.tensor(sorted(labels))
+    reset: dict[str, torch.Tensor] = {}
+    for suffix in ("weight", "bias"):
+        p, q = getattr(head, suffix), getattr(fresh, suffix)
+        if p is None:
+            continue
+        p[rows] = q[rows].to(p.device, p.dtype)
+        mask = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+        mask[rows] = True
+        reset[f"{name}.{suffix}"] = mask
+    return reset
 
 
 def resolve_steps(cfg: UnlearnConfig, n_retained: int) -> int:
@@ -213,6 +256,7 @@ def run_uisps(
         raise ValueError("retained data must exclude the labels being forgotten")
     if cfg.feature_scrub and not (hasattr(model, "features") and hasattr(model, "head")):
         raise ArchitectureError("feature_scrub needs one of this project's own architectures (features + head)")
+    reset_head = resets_head(model, retained.num_classes, cfg)  # fails before the inversion, not after
     # channels_last gives cuDNN's fastest convolutions, and oneDNN's for the pass's training steps;
     # but the inversion on CPU runs ~10 % faster contiguous (docs/results/README.md, CPU)
     inversion_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -256,6 +300,11 @@ def run_uisps(
             frozen = suppression_mask(f_r, f_g, cfg.alpha)
         if cfg.dampen:
             dampened = dampen_parameters(model, dampening_scale(f_r, f_g, cfg.dampen))
+    if reset_head:
+        # after the Fisher stage, which must see the model D'_g was inverted from
+        for name, rows in reset_output_rows(model, forget_labels, retained.num_classes, cfg.seed).items():
+            if name in frozen:
+                frozen[name] = frozen[name] & ~rows.to(frozen[name].device)
     soft = timed("relabel", lambda: random_model_soft_labels(
         arch, in_shape[0], retained.num_classes, synthetic.x, cfg.seed))
     if cfg.relabel_exclude_forgotten:
@@ -271,6 +320,7 @@ def run_uisps(
         model=model,
         frozen_fraction=frozen_fraction(frozen) if frozen else 0.0,
         dampened_fraction=dampened,
+        head_reset=reset_head,
         timings=timings,
         steps=steps,  # type: ignore[arg-type]
         epochs_equivalent=steps * cfg.batch_size / max(1, len(retained.train)),  # type: ignore[operator]

@@ -105,6 +105,7 @@ def unlearn_model(
         "timings": outcome.timings,
         "frozen_fraction": outcome.frozen_fraction,
         "dampened_fraction": outcome.dampened_fraction,
+        "head_reset": outcome.head_reset,
         "steps": outcome.steps,
         "epochs_equivalent": outcome.epochs_equivalent,
         "retained_train_samples": len(retained.train),

@@ -11,6 +11,7 @@ from core.uisps import (
     dampen_parameters,
     feature_scrub_loss,
     random_model_soft_labels,
+    reset_output_rows,
     run_uisps,
     scheduled_lr,
     stratified_subset,
@@ -196,3 +197,48 @@ def test_a_pass_with_dampening_and_without_sps_shrinks_some_elements_and_freezes
     assert 0 < outcome.dampened_fraction < 1
     assert outcome.frozen_fraction == 0.0
     assert "fisher" in outcome.timings  # the Fisher stage runs for dampening alone
+
+
+def test_reset_head_gives_the_forgotten_rows_a_fresh_layers_values_and_leaves_the_others(digits_copy):
+    before = {k: v.clone() for k, v in digits_copy.head.named_parameters()}
+    reset = reset_output_rows(digits_copy, [3, 5], num_classes=10, seed=4)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        fresh = torch.nn.Linear(64, 10)
+    for name in ("weight", "bias"):
+        now, mask = getattr(digits_copy.head, name), reset[f"head.{name}"]
+        assert torch.equal(now[[3, 5]], getattr(fresh, name)[[3, 5]])
+        assert torch.equal(now[~mask], before[name][~mask])
+        assert int(mask.sum()) == 2 * (64 if name == "weight" else 1)
+
+
+def test_reset_rows_are_never_frozen_so_the_pass_moves_them(trained_digits, digits_copy):
+    m = trained_digits.manifest
+    cfg = FAST.model_copy(update={"alpha": 0.01, "steps": 5})  # reset_head by default; tiny alpha: SPS freezes most
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        fresh = torch.nn.Linear(64, 10)
+    outcome = run_uisps(digits_copy, "smallcnn", retained_data(trained_digits.dataset, [3]), [3],
+                        m.mean, m.std, cfg, torch.device("cpu"))
+    assert outcome.head_reset and outcome.frozen_fraction > 0.5
+    row = digits_copy.head.weight[3]
+    assert not torch.equal(row, fresh.weight[3])  # moved from its fresh values by the pass
+    assert row @ fresh.weight[3] > 0.5 * fresh.weight[3].norm() ** 2  # yet still mostly the fresh row
+
+
+def test_reset_head_needs_a_final_layer_with_one_output_per_class(trained_digits):
+    m = trained_digits.manifest
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 10, 8), torch.nn.Flatten())
+    cfg = FAST.model_copy(update={"reset_head": True, "sps": False})
+    with pytest.raises(ArchitectureError, match="reset_head"):
+        run_uisps(plain, "smallcnn", retained_data(trained_digits.dataset, [3]), [3], m.mean, m.std, cfg, torch.device("cpu"))
+
+
+def test_by_default_a_model_without_a_final_linear_layer_skips_the_head_reset(trained_digits):
+    m = trained_digits.manifest
+    conv_head = torch.nn.Sequential(  # a classifier ending in a convolution, as torchvision's squeezenet
+        torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 10, 6), torch.nn.Flatten())
+    cfg = UnlearnConfig(inversion=InversionConfig(iterations=2, n_per_class=2), precision="fp32", steps=2)
+    outcome = run_uisps(conv_head, "smallcnn", retained_data(trained_digits.dataset, [3]), [3], m.mean, m.std, cfg,
+                        torch.device("cpu"))
+    assert cfg.reset_head and not outcome.head_reset
