@@ -46,6 +46,8 @@ def test_quick_preset_writes_every_table_with_every_key(tmp_path):
     assert "softmax entropy" in md and "preset: **quick**" in md and "device:" in md
     assert md.count("| retrain |") == len(EXPERIMENTS)  # Retrain's MIA stands in every table
     assert "uisps-paper" in md and '"steps"' in md
+    assert "![pred-dist-smallcnn-f0.png](pred-dist-smallcnn-f0.png)" in md  # paper Fig. 4/5
+    assert (out / "pred-dist-smallcnn-f0.png").read_bytes().startswith(b"\x89PNG")
     summary = json.loads(run.stdout)
     assert summary["finished_runs"] == summary["planned_runs"] == len(raw) and not summary["stopped_by_budget"]
 
