@@ -113,10 +113,12 @@ def dampen_parameters(model: nn.Module, scale: FisherDiag) -> float:
     return shrunk / total if total else 0.0
 
 
-def output_layer(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear] | None:
+def output_layer(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
     """The last linear layer with one output per class: the head whose rows are class templates."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
-    return found[-1] if found else None
+    if not found:
+        raise ArchitectureError(f"reset_head needs a final linear layer with {num_classes} outputs")
+    return found[-1]
 
 
 def resets_head(model: nn.Module, num_classes: int, cfg: UnlearnConfig) -> bool:
@@ -124,21 +126,20 @@ def resets_head(model: nn.Module, num_classes: int, cfg: UnlearnConfig) -> bool:
     linear layer (torchvision's squeezenet ends in a convolution) skips it unless it was asked for."""
     if not cfg.reset_head:
         return False
-    if output_layer(model, num_classes) is not None:
-        return True
-    if "reset_head" in cfg.model_fields_set:
-        raise ArchitectureError(f"reset_head needs a final linear layer with {num_classes} outputs")
-    return False
+    try:
+        output_layer(model, num_classes)
+    except ArchitectureError:
+        if "reset_head" in cfg.model_fields_set:
+            raise
+        return False
+    return True
 
 
 @torch.no_grad()
 def reset_output_rows(model: nn.Module, labels: list[int], num_classes: int, seed: int) -> dict[str, torch.Tensor]:
     """Re-initialise the output rows of `labels` as a fresh (seeded) linear layer's; returns, per
     parameter name, a mask of the elements reset."""
-    found = output_layer(model, num_classes)
-    if found is None:
-        raise ArchitectureError(f"reset_head needs a final linear layer with {num_classes} outputs")
-    name, head = found
+    name, head = output_layer(model, num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fresh = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
@@ -304,7 +305,7 @@ def run_uisps(
         # after the Fisher stage, which must see the model D'_g was inverted from
         for name, rows in reset_output_rows(model, forget_labels, retained.num_classes, cfg.seed).items():
             if name in frozen:
-                frozen[name] = frozen[name] & ~rows.to(frozen[name].device)
+                frozen[name] = frozen[name] & ~rows
     soft = timed("relabel", lambda: random_model_soft_labels(
         arch, in_shape[0], retained.num_classes, synthetic.x, cfg.seed))
     if cfg.relabel_exclude_forgotten:
