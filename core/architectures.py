@@ -127,6 +127,14 @@ UNLEARN_LR = {"resnet18": 0.03, "allcnn": 0.1, "smallcnn": 0.1}
 DEFAULT_UNLEARN_LR = 0.03
 
 
+def feature_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The feature extractor's blocks in order (the body's children that hold parameters), by
+    qualified name; only this project's own architectures have a body to cut into blocks."""
+    if not isinstance(model, Classifier) or not isinstance(model.body, nn.Sequential):
+        raise ArchitectureError("reset_blocks needs one of this project's own architectures")
+    return [(f"body.{name}", m) for name, m in model.body.named_children() if any(True for _ in m.parameters())]
+
+
 def unlearning_lr(arch: str, paper: bool = False) -> float:
     """The pass's learning rate for `arch` when a config leaves `lr` unset."""
     if paper:

@@ -98,6 +98,12 @@ class UnlearnConfig(BaseModel):
     # random row down as Retrain's training did, instead of nudging the trained class template just
     # below the others, from where a few steps of fine-tuning bring it back (docs/algorithm.md sec. 6).
     reset_head: bool = True
+    # reset_blocks (0, off): before the pass, the last N blocks of the feature extractor (the
+    # body's last N children that hold parameters) are re-initialised as a fresh model's and never
+    # frozen, so the pass regrows them from D_r (and D'_g relabelled) alone, as Retrain grew them;
+    # the layers below keep what they knew, SPS guarding them. Off: on smallcnn it moves probe and
+    # relearn towards Retrain's at a cost in A_Dr (docs/algorithm.md sec. 6).
+    reset_blocks: int = Field(0, ge=0, le=32, description="feature blocks to re-initialise (0: off)")
     augment: bool = True
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -10,11 +10,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.architectures import build_model, unlearning_lr
+from core.architectures import build_model, feature_blocks, unlearning_lr
 from core.config import UnlearnConfig
 from core.data import RetainedData, Split
 from core.errors import ArchitectureError, UnlearningDiverged
@@ -24,12 +25,16 @@ from core.inversion import Synthetic, invert
 from core.progress import ProgressFn, no_progress
 
 
+RESET_BLOCKS_STREAM = 1  # tells reset_blocks' random stream apart from training's for the same seed
+
+
 @dataclass
 class UnlearnOutcome:
     model: nn.Module
     frozen_fraction: float
     dampened_fraction: float
     head_reset: bool
+    blocks_reset: int
     timings: dict[str, float]
     steps: int
     epochs_equivalent: float
@@ -156,6 +161,34 @@ def reset_output_rows(model: nn.Module, labels: list[int], num_classes: int, see
     return reset
 
 
+def blocks_to_reset(model: nn.Module, cfg: UnlearnConfig) -> int:
+    """How many feature blocks this pass re-initialises; fails (before any work) where the model
+    has fewer, or none to cut (a torchvision model) while some were asked for."""
+    n = cfg.reset_blocks
+    if n == 0:
+        return 0
+    available = len(feature_blocks(model))
+    if n >= available:
+        raise ArchitectureError(f"reset_blocks={n}, but the model has {available} feature blocks; at least one must stay")
+    return n
+
+
+@torch.no_grad()
+def reset_feature_blocks(model: nn.Module, arch: str, in_channels: int, num_classes: int, n: int, seed: int) -> set[str]:
+    """Give the last `n` feature blocks a fresh (seeded) model's parameters and BatchNorm
+    statistics; returns the names of the parameters reset."""
+    with torch.random.fork_rng(devices=[]):
+        # not `seed` itself: a model trained with that seed (TrainConfig.seed's default is 0, as is
+        # this one's) would get back its own starting weights, not fresh ones
+        torch.manual_seed(int(np.random.SeedSequence([seed, RESET_BLOCKS_STREAM]).generate_state(1)[0]))
+        fresh = dict(feature_blocks(build_model(arch, in_channels, num_classes)))
+    reset: set[str] = set()
+    for name, block in feature_blocks(model)[-n:]:
+        block.load_state_dict(fresh[name].state_dict())
+        reset |= {f"{name}.{p}" for p, _ in block.named_parameters()}
+    return reset
+
+
 def resolve_steps(cfg: UnlearnConfig, n_retained: int) -> int:
     if cfg.steps is not None:
         return cfg.steps
@@ -258,6 +291,7 @@ def run_uisps(
     if cfg.feature_scrub and not (hasattr(model, "features") and hasattr(model, "head")):
         raise ArchitectureError("feature_scrub needs one of this project's own architectures (features + head)")
     reset_head = resets_head(model, retained.num_classes, cfg)  # fails before the inversion, not after
+    reset_blocks = blocks_to_reset(model, cfg)
     # channels_last gives cuDNN's fastest convolutions, and oneDNN's for the pass's training steps;
     # but the inversion on CPU runs ~10 % faster contiguous (docs/results/README.md, CPU)
     inversion_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -306,6 +340,10 @@ def run_uisps(
         for name, rows in reset_output_rows(model, forget_labels, retained.num_classes, cfg.seed).items():
             if name in frozen:
                 frozen[name] = frozen[name] & ~rows
+    if reset_blocks:
+        for name in reset_feature_blocks(model, arch, in_shape[0], retained.num_classes, reset_blocks, cfg.seed):
+            if name in frozen:  # kept, all False, so frozen_fraction still counts every element
+                frozen[name] = torch.zeros_like(frozen[name])
     soft = timed("relabel", lambda: random_model_soft_labels(
         arch, in_shape[0], retained.num_classes, synthetic.x, cfg.seed))
     if cfg.relabel_exclude_forgotten:
@@ -322,6 +360,7 @@ def run_uisps(
         frozen_fraction=frozen_fraction(frozen) if frozen else 0.0,
         dampened_fraction=dampened,
         head_reset=reset_head,
+        blocks_reset=reset_blocks,
         timings=timings,
         steps=steps,  # type: ignore[arg-type]
         epochs_equivalent=steps * cfg.batch_size / max(1, len(retained.train)),  # type: ignore[operator]

@@ -106,6 +106,7 @@ def unlearn_model(
         "frozen_fraction": outcome.frozen_fraction,
         "dampened_fraction": outcome.dampened_fraction,
         "head_reset": outcome.head_reset,
+        "blocks_reset": outcome.blocks_reset,
         "steps": outcome.steps,
         "epochs_equivalent": outcome.epochs_equivalent,
         "retained_train_samples": len(retained.train),

@@ -4,7 +4,8 @@
 # EXPERIMENTS=main NAME=main: the main table (every method) instead, one architecture at a time.
 # Each architecture writes its own folder, docs/results/<NAME>-<arch>/ (NAME: tune), packed into
 # OUTDIR/<NAME>.tgz. VARIANTS=file.json: other preset overrides (e.g. their tune_variants), such as
-# scripts/features-variants.json with NAME=features, or scripts/reset-head-variants.json with NAME=reset.
+# scripts/features-variants.json with NAME=features, scripts/reset-head-variants.json with NAME=reset,
+# or scripts/reset-blocks-variants.json with NAME=blocks.
 # Usage (repository root, on the GPU machine): scripts/gpu_tune.sh OUTDIR [TOTAL seconds]
 # A CPU dry run: PRESET=quick DATA_SPEC=digits ARCHS=smallcnn SEEDS=1 DEVICE=cpu scripts/gpu_tune.sh /tmp 120
 # Needs the CIFAR-10 subset at .gpudata/cifar10_subset.npz (or $UISPS_CIFAR10_SUBSET).

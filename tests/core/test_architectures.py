@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core.architectures import build_model
+from core.architectures import build_model, feature_blocks
 from core.errors import ArchitectureError
 
 
@@ -33,3 +33,14 @@ def test_allcnn_has_96_and_192_filters_with_batchnorm():
 def test_unknown_architectures_are_clear_errors(arch):
     with pytest.raises(ArchitectureError):
         build_model(arch, 3, 10)
+
+
+@pytest.mark.parametrize("arch, blocks, last", [("smallcnn", 3, "body.2"), ("allcnn", 8, "body.7"), ("resnet18", 9, "body.8")])
+def test_feature_blocks_are_the_bodys_parametrised_children_in_order(arch, blocks, last):
+    found = feature_blocks(build_model(arch, 3, 10))
+    assert len(found) == blocks and found[-1][0] == last  # the pooling layer holds no parameters
+
+
+def test_a_torchvision_model_has_no_feature_blocks_to_reset():
+    with pytest.raises(ArchitectureError, match="reset_blocks"):
+        feature_blocks(build_model("torchvision:resnet18", 3, 10))

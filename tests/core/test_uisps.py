@@ -1,5 +1,6 @@
 """The unlearning pass: frozen elements, relabel reproducibility, zero-glance, end to end."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,9 +9,11 @@ from core.data import retained_data
 from core.device import Normalizer
 from core.errors import ArchitectureError
 from core.uisps import (
+    RESET_BLOCKS_STREAM,
     dampen_parameters,
     feature_scrub_loss,
     random_model_soft_labels,
+    reset_feature_blocks,
     reset_output_rows,
     run_uisps,
     scheduled_lr,
@@ -74,6 +77,7 @@ def test_the_paper_preset_is_the_literal_pass_and_fields_given_beside_it_win():
     default = UnlearnConfig()
     assert (default.min_steps, default.lr_schedule, default.relabel_exclude_forgotten) == (350, "cosine", True)
     assert unlearning_lr("resnet18", paper=True) == 0.002 and unlearning_lr("resnet18") == 0.03
+    assert (paper.reset_head, default.reset_head, default.reset_blocks) == (False, True, 0)
 
 
 def test_the_pass_follows_the_cosine_schedule_so_its_last_step_barely_moves_the_weights(trained_digits):
@@ -242,3 +246,52 @@ def test_by_default_a_model_without_a_final_linear_layer_skips_the_head_reset(tr
     outcome = run_uisps(conv_head, "smallcnn", retained_data(trained_digits.dataset, [3]), [3], m.mean, m.std, cfg,
                         torch.device("cpu"))
     assert cfg.reset_head and not outcome.head_reset
+
+
+def test_reset_blocks_gives_the_last_blocks_a_fresh_models_weights_and_statistics_and_leaves_the_rest(digits_copy):
+    from core.architectures import build_model
+
+    before = {k: v.clone() for k, v in digits_copy.state_dict().items()}
+    reset = reset_feature_blocks(digits_copy, "smallcnn", 1, 10, n=1, seed=4)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(np.random.SeedSequence([4, RESET_BLOCKS_STREAM]).generate_state(1)[0]))
+        fresh = build_model("smallcnn", 1, 10).state_dict()
+        torch.manual_seed(4)
+        initial = build_model("smallcnn", 1, 10).state_dict()
+    assert not torch.equal(fresh["body.2.0.weight"], initial["body.2.0.weight"])  # not the seed's own init
+    assert reset == {"body.2.0.weight", "body.2.1.weight", "body.2.1.bias"}
+    for k, v in digits_copy.state_dict().items():
+        if k.startswith("body.2."):  # weights and BatchNorm running statistics alike
+            assert torch.equal(v, fresh[k]), k
+        else:
+            assert torch.equal(v, before[k]), k
+
+
+def test_reset_blocks_are_never_frozen_so_the_pass_regrows_them(trained_digits, digits_copy):
+    from core.architectures import build_model
+
+    m = trained_digits.manifest
+    cfg = FAST.model_copy(update={"alpha": 0.01, "steps": 5, "reset_blocks": 1})  # tiny alpha: SPS freezes most
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, RESET_BLOCKS_STREAM]).generate_state(1)[0]))
+        fresh = build_model("smallcnn", 1, 10).body[2][0].weight
+    first_block = digits_copy.body[0][0].weight.clone()
+    outcome = run_uisps(digits_copy, "smallcnn", retained_data(trained_digits.dataset, [3]), [3],
+                        m.mean, m.std, cfg, torch.device("cpu"))
+    assert outcome.blocks_reset == 1
+    total = sum(p.numel() for p in digits_copy.parameters())
+    outside = total - sum(p.numel() for p in digits_copy.body[2].parameters())
+    assert 0 < outcome.frozen_fraction <= outside / total  # the reset block counts as free, not as absent
+    moved = digits_copy.body[2][0].weight
+    assert (moved != fresh).float().mean() > 0.9  # nearly every element moved: none frozen ...
+    assert torch.nn.functional.cosine_similarity(moved.flatten(), fresh.flatten(), dim=0) > 0.5  # ... from the fresh values
+    assert (digits_copy.body[0][0].weight == first_block).float().mean() > 0.5  # SPS still guards the layers below
+
+
+@pytest.mark.parametrize("blocks", [3, 4])
+def test_resetting_every_feature_block_is_refused_before_any_work(trained_digits, digits_copy, blocks):
+    m = trained_digits.manifest
+    cfg = FAST.model_copy(update={"reset_blocks": blocks})
+    with pytest.raises(ArchitectureError, match="the model has 3 feature blocks"):
+        run_uisps(digits_copy, "smallcnn", retained_data(trained_digits.dataset, [3]), [3], m.mean, m.std, cfg,
+                  torch.device("cpu"), progress=lambda *a: pytest.fail("work started"))
