@@ -16,7 +16,11 @@ class ModelRepository:
         query = select(Model).where(Model.tenant_id == tenant_id, Model.id == model_id)
         if for_update:
             # Serialises version numbering per model on PostgreSQL (SQLite has one writer anyway).
-            query = query.with_for_update()
+            # FOR NO KEY UPDATE, not FOR UPDATE: inserting a deletion request checks its foreign
+            # key with FOR KEY SHARE on this row, which FOR UPDATE would block, and the API takes
+            # the tenant's audit lock before that insert while a finishing job takes it after
+            # this one: a deadlock that made the job run again.
+            query = query.with_for_update(key_share=True)
         return session.scalar(query)
 
     def get_by_name(self, session: Session, tenant_id: str, name: str) -> Model | None:
