@@ -129,7 +129,7 @@ def parse_header(data: bytes, max_parameters: int | None = None) -> dict:
         )
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting fits the size limit
         raise CheckpointError("not a safetensors file: header is not JSON") from None
     if not isinstance(header, dict):
         raise CheckpointError("not a safetensors file: header is not a JSON object")
@@ -143,11 +143,13 @@ def parse_header(data: bytes, max_parameters: int | None = None) -> dict:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"tensor {name!r}: malformed header entry") from None
+        if not isinstance(dtype, str) or not isinstance(shape, list):
+            raise CheckpointError(f"tensor {name!r}: malformed header entry")
         if dtype not in DTYPE_BYTES:
             raise CheckpointError(f"tensor {name!r}: dtype {dtype} is not allowed")
         numel = 1
         for d in shape:
-            if not isinstance(d, int) or d < 0:
+            if type(d) is not int or d < 0:  # not isinstance: JSON's true would pass as 1
                 raise CheckpointError(f"tensor {name!r}: bad shape {shape}")
             numel *= d
         parameters += numel
@@ -156,7 +158,7 @@ def parse_header(data: bytes, max_parameters: int | None = None) -> dict:
                 f"the checkpoint holds more than {max_parameters} parameters (the limit, "
                 "UISPS_MAX_CHECKPOINT_PARAMETERS)"
             )
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= body):
+        if not (type(start) is int and type(end) is int and 0 <= start <= end <= body):
             raise CheckpointError(f"tensor {name!r}: data offsets lie outside the file")
         if end - start != numel * DTYPE_BYTES[dtype]:
             raise CheckpointError(f"tensor {name!r}: data size does not match its shape and dtype")

@@ -9,7 +9,14 @@ import zipfile
 import pytest
 import torch
 
-from core.checkpoint import Manifest, checkpoint_bytes, load_checkpoint, load_checkpoint_bytes, save_checkpoint
+from core.checkpoint import (
+    Manifest,
+    checkpoint_bytes,
+    load_checkpoint,
+    load_checkpoint_bytes,
+    parse_header,
+    save_checkpoint,
+)
 from core.errors import CheckpointError
 
 
@@ -45,6 +52,9 @@ def _mutate_header(data: bytes, fn) -> bytes:
         ("header overflow", lambda good: struct.pack("<Q", 2**63) + good[8:]),
         ("overlapping offsets", lambda good: _mutate_header(good, _overlap)),
         ("wrong dtype", lambda good: _mutate_header(good, _bad_dtype)),
+        ("shape not a list", lambda good: _mutate_header(good, lambda h: _first_tensor(h).update(shape=5))),
+        ("dtype not a string", lambda good: _mutate_header(good, lambda h: _first_tensor(h).update(dtype=["F32"]))),
+        ("header nested too deep", lambda good: _raw_header(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")),
     ],
 )
 def test_malformed_or_malicious_checkpoints_are_refused_without_side_effects(name, make, trained_digits, tmp_path, monkeypatch):
@@ -72,9 +82,26 @@ def _overlap(header: dict) -> None:
         header[names[1]]["data_offsets"] = [0, b["data_offsets"][1] - b["data_offsets"][0]]
 
 
+def _first_tensor(header: dict) -> dict:
+    return header[next(k for k in header if k != "__metadata__")]
+
+
+def _raw_header(raw: bytes) -> bytes:
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def _bad_dtype(header: dict) -> None:
     name = next(k for k in header if k != "__metadata__")
     header[name]["dtype"] = "U8"
+
+
+def test_a_boolean_in_a_shape_is_not_read_as_a_dimension(trained_digits):
+    # [true, n] would count n elements, the right size for the data, if JSON's true passed as 1
+    good = checkpoint_bytes(trained_digits.model, trained_digits.manifest)
+    parse_header(good)
+    bad = _mutate_header(good, lambda h: _first_tensor(h).update(shape=[True, *_first_tensor(h)["shape"]]))
+    with pytest.raises(CheckpointError, match="bad shape"):
+        parse_header(bad)
 
 
 def test_wrong_shapes_are_refused(trained_digits):
