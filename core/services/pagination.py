@@ -11,12 +11,15 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from core.services.errors import InvalidPageToken
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -44,8 +47,9 @@ def encode_token(position: list[Any], filters: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
-def decode_token(token: str | None, filters: dict[str, Any]) -> list[Any] | None:
-    """The position a token points after, or None for the first page."""
+def decode_token(token: str | None, filters: dict[str, Any], parse: Callable[[list[Any]], P]) -> P | None:
+    """The position a token points after, read by `parse`, or None for the first page. The token
+    is not signed, so a client can build one: a position `parse` cannot read is a bad token too."""
     if not token:
         return None
     try:
@@ -56,7 +60,27 @@ def decode_token(token: str | None, filters: dict[str, Any]) -> list[Any] | None
         raise InvalidPageToken("page_token is not a token this service issued") from None
     if fingerprint != _fingerprint(filters) or not isinstance(position, list):
         raise InvalidPageToken("page_token was issued for a different query; keep the same filters")
-    return position
+    try:
+        return parse(position)
+    except (ValueError, TypeError, IndexError):
+        raise InvalidPageToken("page_token is not a token this service issued") from None
+
+
+def time_and_id(position: list[Any]) -> tuple[datetime, str]:
+    """A (created_at, id) position, as `make_page` writes it for lists sorted by creation."""
+    created_at, last_id = position
+    when = datetime.fromisoformat(created_at)
+    if when.tzinfo is None or not isinstance(last_id, str):
+        raise ValueError("not a (timestamp with time zone, id) position")
+    return when, last_id
+
+
+def integer(position: list[Any]) -> int:
+    """An integer position (a version number, an event id)."""
+    (value,) = position
+    if type(value) is not int:
+        raise ValueError("not an integer position")
+    return value
 
 
 def make_page(rows: list[T], request: PageRequest, position_of: Any, filters: dict[str, Any]) -> Page[T]:

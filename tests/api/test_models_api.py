@@ -14,6 +14,7 @@ from safetensors.torch import save as st_save
 from api.app import create_app
 from api_helpers import assert_problem, authorize, unique_name
 from core.checkpoint import MANIFEST_KEY, load_checkpoint_bytes
+from core.services.pagination import encode_token
 from core.settings import Settings
 
 
@@ -240,4 +241,8 @@ def test_a_bad_page_token_is_400(client: TestClient, registered_model) -> None: 
     # A token is bound to the query it came from.
     response = client.get(f"/models/{model['id']}/versions", params={"page_token": token})
     assert_problem(response, 400, "invalid_page_token", "different query")
+    # A token built by hand for the right query, with a position the service never wrote.
+    forged = encode_token(["not a version"], {"resource": "model_versions", "tenant": "default", "model_id": model["id"]})
+    response = client.get(f"/models/{model['id']}/versions", params={"page_token": forged})
+    assert_problem(response, 400, "invalid_page_token", "not a token this service issued")
     assert_problem(client.get("/models", params={"page_size": 0}), 422, "validation_error", "page_size")

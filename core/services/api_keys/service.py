@@ -17,7 +17,7 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from core.db import ApiKey, ApiKeyRole, record_event, utcnow
 from core.errors import UisError
 from core.services.errors import NotFound, Unauthenticated
-from core.services.pagination import Page, PageRequest, decode_token, make_page
+from core.services.pagination import Page, PageRequest, decode_token, make_page, time_and_id
 from core.services.transactions import begin_write
 
 KEY_PREFIX = "uisps_"
@@ -117,9 +117,9 @@ class ApiKeyService:
         query = select(ApiKey)
         if tenant_id is not None:
             query = query.where(ApiKey.tenant_id == tenant_id)
-        position = decode_token(page.token, filters)
+        position = decode_token(page.token, filters, time_and_id)
         if position is not None:
-            created_at, last_id = datetime.fromisoformat(position[0]), position[1]
+            created_at, last_id = position
             query = query.where(
                 or_(ApiKey.created_at > created_at, and_(ApiKey.created_at == created_at, ApiKey.id > last_id))
             )

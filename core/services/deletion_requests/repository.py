@@ -9,7 +9,7 @@ from sqlalchemy import Row, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from core.db import DeletionRequest, JobState, WebhookDelivery
-from core.services.pagination import Page, PageRequest, decode_token, make_page
+from core.services.pagination import Page, PageRequest, decode_token, make_page, time_and_id
 
 _table = DeletionRequest.__table__
 # The polled read (GET /deletion-requests/{id}), built once: each call skips building the statement
@@ -56,9 +56,9 @@ class DeletionRequestRepository:
             query = query.where(DeletionRequest.model_id == model_id)
         if state is not None:
             query = query.where(DeletionRequest.state == state.value)
-        position = decode_token(page.token, filters)
+        position = decode_token(page.token, filters, time_and_id)
         if position is not None:
-            created_at, last_id = datetime.fromisoformat(position[0]), position[1]
+            created_at, last_id = position
             query = query.where(
                 or_(
                     DeletionRequest.created_at < created_at,

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from core.db import Model, ModelVersion, ModelVersionRequest
-from core.services.pagination import Page, PageRequest, decode_token, make_page
+from core.services.pagination import Page, PageRequest, decode_token, integer, make_page, time_and_id
 
 
 class ModelRepository:
@@ -30,9 +28,9 @@ class ModelRepository:
         """Newest first."""
         filters = {"resource": "models", "tenant": tenant_id}
         query = select(Model).where(Model.tenant_id == tenant_id)
-        position = decode_token(page.token, filters)
+        position = decode_token(page.token, filters, time_and_id)
         if position is not None:
-            created_at, last_id = datetime.fromisoformat(position[0]), position[1]
+            created_at, last_id = position
             query = query.where(
                 or_(Model.created_at < created_at, and_(Model.created_at == created_at, Model.id < last_id))
             )
@@ -70,9 +68,9 @@ class ModelRepository:
         """Oldest first: version numbers count up."""
         filters = {"resource": "model_versions", "tenant": tenant_id, "model_id": model_id}
         query = select(ModelVersion).where(ModelVersion.tenant_id == tenant_id, ModelVersion.model_id == model_id)
-        position = decode_token(page.token, filters)
+        position = decode_token(page.token, filters, integer)
         if position is not None:
-            query = query.where(ModelVersion.version > int(position[0]))
+            query = query.where(ModelVersion.version > position)
         query = query.options(selectinload(ModelVersion.request_links))  # one query for the page's links
         rows = list(session.scalars(query.order_by(ModelVersion.version).limit(page.size + 1)))
         return make_page(rows, page, lambda v: [v.version], filters)
