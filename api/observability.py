@@ -9,10 +9,12 @@ import time
 import uuid
 
 from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metrics import HttpMetrics
+from api.problems import internal_error
 from core.logs import request_id_var
 
 access_logger = logging.getLogger("uisps.access")
@@ -48,17 +50,25 @@ class RequestContext:
         token = request_id_var.set(request_id)
         start = time.perf_counter()
         status = 500
+        started = False
         header = (REQUEST_ID_HEADER.lower().encode(), request_id.encode())
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if started:  # the response is under way: only the server can cut it short
+                raise
+            # Answered here, not by Starlette's outermost handler, which sends past this
+            # middleware: so the 500 carries X-Request-ID and its log record the request's id.
+            response = await internal_error(Request(scope), exc)
+            await response(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - start
             route = self._route_of(scope)

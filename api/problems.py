@@ -183,7 +183,7 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
     )
 
 
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(request, 500, "internal_error", "an unexpected error occurred; it has been logged")
 
@@ -243,4 +243,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     # InterfaceError: the driver lost its connection; TimeoutError: the pool had no connection.
     for error in (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
         app.add_exception_handler(error, _database_unavailable)
-    app.add_exception_handler(Exception, _internal_error)
+    # api.observability.RequestContext answers these first; this is the backstop outside it
+    app.add_exception_handler(Exception, internal_error)

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.logs import deletion_request_context, make_handler
+from core.services.models.service import model_service
 
 
 @pytest.fixture
@@ -54,6 +55,21 @@ def test_a_missing_or_odd_request_id_is_replaced(client: TestClient, offered: st
     generated = response.headers["X-Request-ID"]
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
     assert client.get("/healthz", headers=headers).headers["X-Request-ID"] != generated
+
+
+def test_an_unexpected_error_is_a_500_with_its_request_id_in_the_response_and_the_log(
+    client: TestClient, json_logs: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the disk is on fire")
+
+    monkeypatch.setattr(model_service, "list", broken)
+    response = client.get("/models", headers={"X-Request-ID": "trace-500"})
+    assert response.status_code == 500 and response.headers["X-Request-ID"] == "trace-500"
+    assert response.json()["type"].endswith(":internal_error")
+    errors = [r for r in records(json_logs) if r["level"] == "ERROR"]
+    assert errors and {r["request_id"] for r in errors} == {"trace-500"}, errors
+    assert errors[0]["message"] == "unhandled error on GET /models"
 
 
 def test_a_refused_request_has_a_request_id_too(client: TestClient) -> None:
