@@ -55,6 +55,20 @@ def test_the_reconciler_resends_lost_and_orphaned_requests_once_per_period(worke
     assert _request(worker_env, lost).dispatched_at > hour_ago
 
 
+def test_a_dead_workers_request_is_resent_behind_a_backlog_sent_a_moment_ago(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    backlog = [worker_env.new_request(digits_checkpoint, [label]) for label in (1, 2, 3, 4)]
+    orphaned = worker_env.new_request(digits_checkpoint, [5])
+    now = utcnow()
+    for request_id in backlog:  # older than the orphan, and just sent: not due
+        _set(worker_env, request_id, created_at=now - timedelta(days=2), dispatched_at=now)
+    _set(worker_env, orphaned, created_at=now - timedelta(days=1), dispatched_at=now - timedelta(days=1))
+    with worker_env.sessions.begin() as session:
+        deletion_jobs.claim(session, orphaned, lease_s=-1)  # its worker died: the lease ran out
+    with worker_env.sessions.begin() as session:
+        due = deletion_jobs.due_for_dispatch(session, requeue_after_s=60, limit=len(backlog))
+    assert orphaned in due and not set(backlog) & set(due)
+
+
 def test_a_long_queue_is_not_flooded_the_wait_doubles(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     request_id = worker_env.new_request(digits_checkpoint, [1])
     now = utcnow()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, func, or_, select, update
+from sqlalchemy import Row, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from core.db import DeletionRequest, JobState, WebhookDelivery
@@ -163,8 +163,11 @@ class DeletionRequestRepository:
         ) or 0
 
     def dispatch_candidates(self, session: Session, now: datetime, limit: int) -> list[Any]:
-        """Queued requests, and running ones whose lease ran out (all tenants), oldest first."""
+        """Running requests whose lease ran out, then queued ones never sent, then the rest of the
+        queue, each longest unsent first (all tenants). Not oldest first: a backlog of requests
+        sent a moment ago would fill `limit` and hide a dead worker's request behind it."""
         expired = and_(_table.c.state == JobState.RUNNING.value, _table.c.lease_expires_at < now)
+        urgency = case((_table.c.state == JobState.RUNNING.value, 0), (_table.c.dispatched_at.is_(None), 1), else_=2)
         query = (
             select(
                 _table.c.id,
@@ -174,7 +177,7 @@ class DeletionRequestRepository:
                 _table.c.lease_expires_at,
             )
             .where(or_(_table.c.state == JobState.QUEUED.value, expired))
-            .order_by(_table.c.created_at)
+            .order_by(urgency, _table.c.dispatched_at, _table.c.created_at)
             .limit(limit)
         )
         return list(session.execute(query))
