@@ -163,9 +163,10 @@ def _run_job(request_id: str, settings: Settings) -> RunOutcome:
         try:
             with sessions.begin() as session:
                 if job.attempt < settings.max_attempts:
-                    deletion_jobs.retry_later(
+                    if not deletion_jobs.retry_later(
                         session, request_id, code="internal_error", message=message, attempt=job.attempt
-                    )
+                    ):
+                        return RunOutcome("cancelled")
                     return RunOutcome("retrying", retry_in_s=min(MAX_RETRY_DELAY_S, 5.0 * 2 ** (job.attempt - 1)))
                 deletion_jobs.fail(session, request_id, code="internal_error", message=message, attempt=job.attempt)
         except JobLost:

@@ -174,6 +174,19 @@ def test_unexpected_errors_are_retried_then_fail(
     ]
 
 
+def test_a_cancel_asked_before_a_retryable_failure_is_honoured_not_retried(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+    with worker_env.sessions.begin() as session:
+        job = deletion_jobs.claim(session, request_id, lease_s=60).job
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id).values(cancel_requested=True))
+
+    with worker_env.sessions.begin() as session:
+        retried = deletion_jobs.retry_later(session, request_id, code="internal_error", message="x", attempt=job.attempt)
+
+    assert not retried and _request(worker_env, request_id).state == "cancelled"
+    assert _actions(worker_env, request_id)[-1] == "deletion_request.cancelled"
+
+
 def test_a_cancelled_request_is_not_run(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     request_id = worker_env.new_request(digits_checkpoint, [1])
     with worker_env.sessions.begin() as session:

@@ -323,10 +323,16 @@ class DeletionJobs:
 
     def retry_later(
         self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None
-    ) -> None:
-        """running -> queued after a failure that may pass (the broker redelivers the task)."""
+    ) -> bool:
+        """running -> queued after a failure that may pass (the broker redelivers the task);
+        False where a cancel was asked meanwhile: it is honoured instead, nothing is retried."""
         begin_write(session)
         request = self._running(session, request_id, attempt)
+        group = [request, *self._members(session, request_id)]
+        if any(row.cancel_requested for row in group):
+            # queued again with the flag set, it would cancel whichever job it joined next
+            self._stop_group(session, group)
+            return False
         request.state = JobState.QUEUED.value
         request.stage = None
         request.progress = 0.0
@@ -340,8 +346,9 @@ class DeletionJobs:
         )
         # Members wait in the queue too, free to join the retry's job (or another); the
         # reconciler sends them, as nothing else holds a message for them.
-        for member in self._members(session, request_id):
+        for member in group[1:]:
             self._requeue(session, member, "deletion_request.retry_scheduled", attempt=member.attempts, error=error)
+        return True
 
     def due_for_dispatch(self, session: Session, *, requeue_after_s: float, limit: int = 500) -> list[str]:
         """Requests whose message seems lost, marked as re-sent now: the caller sends each id.
