@@ -28,7 +28,7 @@ from core.services.deletion_requests.jobs import ClaimOutcome, JobInput, JobLost
 from core.services.errors import ArtifactCorrupted
 from core.services.models.service import manifest_for
 from core.settings import Settings
-from core.storage import ArtifactStore, StoredArtifact
+from core.storage import ArtifactNotFound, ArtifactStore, StoredArtifact
 from core.version import code_version
 from worker.context import artifact_store, sessions_for
 
@@ -160,15 +160,17 @@ def _run_job(request_id: str, settings: Settings) -> RunOutcome:
     except Exception as exc:
         logger.exception("deletion request %s, attempt %d, failed", request_id, job.attempt)
         message = f"{type(exc).__name__}: {exc}"[:ERROR_MESSAGE_LIMIT]
+        # retried all the same (a storage outage passes), but named for the operator who must act
+        code = "artifact_missing" if isinstance(exc, ArtifactNotFound) else "internal_error"
         try:
             with sessions.begin() as session:
                 if job.attempt < settings.max_attempts:
                     if not deletion_jobs.retry_later(
-                        session, request_id, code="internal_error", message=message, attempt=job.attempt
+                        session, request_id, code=code, message=message, attempt=job.attempt
                     ):
                         return RunOutcome("cancelled")
                     return RunOutcome("retrying", retry_in_s=min(MAX_RETRY_DELAY_S, 5.0 * 2 ** (job.attempt - 1)))
-                deletion_jobs.fail(session, request_id, code="internal_error", message=message, attempt=job.attempt)
+                deletion_jobs.fail(session, request_id, code=code, message=message, attempt=job.attempt)
         except JobLost:
             return RunOutcome("lost")
         return RunOutcome("failed")

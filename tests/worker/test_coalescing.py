@@ -204,7 +204,7 @@ def test_a_retried_group_runs_again_together(
     run_deletion_request.apply(args=[first])  # eager: Celery runs the retry in place
 
     for request in _requests(worker_env, first, second):
-        assert request.state == "failed" and request.attempts == 2 and request.error["code"] == "internal_error"
+        assert request.state == "failed" and request.attempts == 2 and request.error["code"] == "artifact_missing"
     assert _actions(worker_env, second) == [
         "deletion_request.created", "deletion_request.running", "deletion_request.retry_scheduled",
         "deletion_request.running", "deletion_request.failed",

@@ -167,7 +167,7 @@ def test_unexpected_errors_are_retried_then_fail(
 
     request = _request(worker_env, request_id)
     assert request.state == "failed" and request.attempts == 2
-    assert request.error["code"] == "internal_error" and "ArtifactNotFound" in request.error["message"]
+    assert request.error["code"] == "artifact_missing" and "ArtifactNotFound" in request.error["message"]
     assert _actions(worker_env, request_id) == [
         "deletion_request.created", "deletion_request.running", "deletion_request.retry_scheduled",
         "deletion_request.running", "deletion_request.failed",
