@@ -25,7 +25,7 @@ from core.device import pick_device
 from core.errors import UisError
 from core.logs import deletion_request_context
 from core.services.deletion_requests.jobs import ClaimOutcome, JobInput, JobLost, deletion_jobs
-from core.services.errors import ArtifactCorrupted
+from core.services.errors import ArtifactCorrupted, ArtifactMissing
 from core.services.models.service import manifest_for
 from core.settings import Settings
 from core.storage import ArtifactNotFound, ArtifactStore, StoredArtifact
@@ -161,7 +161,7 @@ def _run_job(request_id: str, settings: Settings) -> RunOutcome:
         logger.exception("deletion request %s, attempt %d, failed", request_id, job.attempt)
         message = f"{type(exc).__name__}: {exc}"[:ERROR_MESSAGE_LIMIT]
         # retried all the same (a storage outage passes), but named for the operator who must act
-        code = "artifact_missing" if isinstance(exc, ArtifactNotFound) else "internal_error"
+        code = ArtifactMissing.code if isinstance(exc, ArtifactNotFound) else "internal_error"
         try:
             with sessions.begin() as session:
                 if job.attempt < settings.max_attempts:

@@ -125,9 +125,8 @@ def test_head_mask_hides_the_class_but_its_features_still_know_it(trained_digits
     # every prediction the original made outside the forgotten classes stands; only those that
     # named a forgotten class move (for a retained sample such a move can only fix an error)
     norm = Normalizer(m.mean, m.std, CPU)
-    with torch.no_grad():
-        before = predict_logits(trained_digits.model, ds.test.x, norm).argmax(1)
-        after = predict_logits(masked, ds.test.x, norm).argmax(1)
+    before = predict_logits(trained_digits.model, ds.test.x, norm).argmax(1)
+    after = predict_logits(masked, ds.test.x, norm).argmax(1)
     kept = ~torch.isin(before, torch.tensor(FORGET))
     assert torch.equal(after[kept], before[kept]) and not torch.isin(after, torch.tensor(FORGET)).any()
     probe_masked = feature_probe(masked, ds.test, FORGET, m.mean, m.std, CPU)

@@ -91,8 +91,7 @@ def _raw_header(raw: bytes) -> bytes:
 
 
 def _bad_dtype(header: dict) -> None:
-    name = next(k for k in header if k != "__metadata__")
-    header[name]["dtype"] = "U8"
+    _first_tensor(header)["dtype"] = "U8"
 
 
 def test_a_boolean_in_a_shape_is_not_read_as_a_dimension(trained_digits):
