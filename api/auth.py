@@ -6,8 +6,8 @@ key says the tenant (every query filters by it) and the role:
 | role       | may                                                          |
 |------------|--------------------------------------------------------------|
 | reader     | read its tenant's models, versions, requests, audit log, certificates, download checkpoints |
-| compliance | what a reader may, and create and cancel deletion requests   |
-| admin      | what a reader may, and register models, upload versions, manage the tenant's API keys |
+| compliance | what a reader may, and create and cancel deletion requests, purge checkpoints |
+| admin      | what a reader may, and register models, upload versions, purge checkpoints, manage the tenant's API keys |
 
 A missing, unknown or revoked key is a 401 (with `WWW-Authenticate: Bearer`), a role that may
 not act a 403, and a key over its rate limit a 429 with `Retry-After`.
@@ -84,5 +84,7 @@ def require(action: str, *roles: ApiKeyRole) -> Callable[[Principal], Principal]
 
 
 manage_models = Depends(require("register models or upload versions", ApiKeyRole.ADMIN))
+# Both: the compliance system purges what a finished request forgot; an admin manages models.
+purge_checkpoints = Depends(require("purge checkpoints", ApiKeyRole.COMPLIANCE, ApiKeyRole.ADMIN))
 manage_keys = Depends(require("manage API keys", ApiKeyRole.ADMIN))
 request_deletions = Depends(require("create or cancel deletion requests", ApiKeyRole.COMPLIANCE))

@@ -1,7 +1,8 @@
 """RFC 9457 problem details for every error the API returns, with what exactly is wrong.
 
 Domain errors map to statuses here and nowhere else: no or bad API key 401, role not allowed 403,
-unknown resource 404, invalid input 422, conflicting state 409, oversized upload 413, rate or
+unknown resource 404, purged checkpoint 410, invalid input 422, conflicting state 409, oversized
+upload 413, rate or
 concurrency limit 429, database or broker unreachable 503.
 """
 
@@ -24,6 +25,7 @@ from core.errors import UisError
 from core.services.errors import (
     ArtifactCorrupted,
     ArtifactMissing,
+    CheckpointPurged,
     CheckpointTooLarge,
     Conflict,
     Forbidden,
@@ -130,6 +132,10 @@ async def _artifact_missing(request: Request, exc: ArtifactMissing) -> JSONRespo
     return problem_response(request, 500, exc.code, str(exc))
 
 
+async def _checkpoint_purged(request: Request, exc: CheckpointPurged) -> JSONResponse:
+    return problem_response(request, 410, exc.code, str(exc))
+
+
 async def _unauthenticated(request: Request, exc: Unauthenticated) -> JSONResponse:
     challenge = 'Bearer realm="uisps"' + (', error="invalid_token"' if exc.invalid_token else "")
     return problem_response(request, 401, exc.code, str(exc), headers={"WWW-Authenticate": challenge})
@@ -231,6 +237,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(CheckpointTooLarge, _too_large)  # type: ignore[arg-type]
     app.add_exception_handler(InvalidPageToken, _bad_page_token)  # type: ignore[arg-type]
     app.add_exception_handler(ArtifactMissing, _artifact_missing)  # type: ignore[arg-type]
+    app.add_exception_handler(CheckpointPurged, _checkpoint_purged)  # type: ignore[arg-type]
     app.add_exception_handler(ArtifactCorrupted, _artifact_corrupted)  # type: ignore[arg-type]
     app.add_exception_handler(KeyFileError, _signing_key)  # type: ignore[arg-type]
     app.add_exception_handler(Unauthenticated, _unauthenticated)  # type: ignore[arg-type]

@@ -130,6 +130,13 @@ class UispsClient:
             )
         return VerifiedCheckpoint(response.content, actual)
 
+    def purge_checkpoint(self, model_id: str, version: int) -> dict[str, Any]:
+        """Erase a version's checkpoint for good; returns the version, which records when."""
+        response = self.http.delete(f"/models/{model_id}/versions/{version}/checkpoint")
+        if response.status_code != 204:
+            self._json(response, 204)
+        return self.get_version(model_id, version)
+
     def _json(self, response: httpx.Response, expected_status: int) -> dict[str, Any]:
         if response.status_code != expected_status:
             raise ServiceError(_describe_error(response))

@@ -147,6 +147,11 @@ def _flow(
     certificate = client.get_certificate(request["id"])
     verify_certificate(certificate, load_public_key_pem(client.certificate_key()))
     console.print(f"deletion certificate signed by {certificate['signature']['key_id'][:23]}... (signature verified)")
+    purged = client.purge_checkpoint(model["id"], request["base_version"])
+    console.print(
+        f"version {purged['version']} checkpoint purged at {purged['checkpoint_purged_at']} "
+        f"(it still knew digit {forget}; its record and sha256 stay)"
+    )
     return DemoResult(model["id"], request, before, after, downloaded.sha256)
 
 

@@ -136,11 +136,12 @@ def _run_job(request_id: str, settings: Settings) -> RunOutcome:
         # Every write below names the attempt: if this worker stalls past its lease and another
         # takes the request over, this one stops (JobLost) instead of finishing it a second time.
         with LeaseKeeper(sessions, request_id, job.attempt, lease_s):
-            artifact, forgotten, report = _unlearn(job, settings, artifact_store(settings), tracker)
+            store = artifact_store(settings)
+            artifact, forgotten, report = _unlearn(job, settings, store, tracker)
             with sessions.begin() as session:
                 request = deletion_jobs.complete(
                     session, request_id, artifact=artifact, forgotten_labels=forgotten, metrics=report,
-                    attempt=job.attempt,
+                    attempt=job.attempt, store=store,
                 )
                 status = request.state
         logger.info("deletion request %s %s", request_id, status)

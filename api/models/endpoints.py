@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Path, Response, UploadFile, status
 from fastapi.responses import FileResponse, StreamingResponse
 
-from api.auth import authenticate, manage_models
+from api.auth import authenticate, manage_models, purge_checkpoints
 from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from api.idempotency import IdempotencyDep
 from api.models.schemas import ModelCreate, ModelList, ModelRead, ModelVersionList, ModelVersionRead
@@ -158,13 +158,13 @@ def get_version(model_id: ModelId, version: VersionNumber, session: SessionDep, 
             "content": {"application/octet-stream": {}},
             "description": "the safetensors file; its sha256 is in X-Checkpoint-SHA256 and Repr-Digest",
         },
-        **problem_responses(404, 500),
+        **problem_responses(404, 410, 500),
     },
     summary="Download a version's checkpoint",
     description=(
         "The file is hashed again before it is served (or, from storage without local files, while "
         "it streams): a checkpoint that no longer matches its recorded sha256 is never served "
-        "(500 `artifact_corrupted`)."
+        "(500 `artifact_corrupted`). A purged checkpoint answers 410 `checkpoint_purged`."
     ),
 )
 def download_checkpoint(
@@ -195,3 +195,29 @@ def download_checkpoint(
             "Content-Length": str(found.size_bytes),
         },
     )
+
+
+@router.delete(
+    "/{model_id}/versions/{version}/checkpoint",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=problem_responses(403, 404, 409),
+    dependencies=[purge_checkpoints],
+    summary="Purge a version's checkpoint (role compliance or admin)",
+    description=(
+        "Deletes the checkpoint's bytes from artifact storage for good; the version stays, with its "
+        "sha256, lineage and `checkpoint_purged_at`, and the purge is in the audit log "
+        "(`model_version.checkpoint_purged`). For the versions that still know what a deletion "
+        "request forgot: its base version and their ancestors. Downloads then answer 410 and new "
+        "deletion requests cannot start from it (409 `checkpoint_purged`). Refused with 409 "
+        "`version_in_use` while a queued or running deletion request unlearns from it. Purging "
+        "again answers 204 and changes nothing."
+    ),
+)
+def purge_checkpoint(
+    model_id: ModelId, version: VersionNumber, session: SessionDep, tenant_id: TenantDep, actor: ActorDep, store: StoreDep
+) -> Response:
+    model_service.purge_checkpoint(
+        session, tenant_id=tenant_id, actor=actor, model_id=model_id, version=version, store=store
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -79,6 +79,12 @@ class ModelVersionRead(BaseModel):
     metrics: dict[str, Any] | None = Field(description="the unlearning report (before/after metrics, timings)")
     created_at: datetime
     checkpoint_url: str
+    checkpoint_purged_at: datetime | None = Field(
+        description=(
+            "when the checkpoint was purged (DELETE on checkpoint_url): its bytes are gone and "
+            "downloads answer 410; null while it is kept"
+        )
+    )
 
     @classmethod
     def of(cls, version: ModelVersion) -> ModelVersionRead:
@@ -95,6 +101,7 @@ class ModelVersionRead(BaseModel):
             metrics=version.metrics,
             created_at=version.created_at,
             checkpoint_url=f"/models/{version.model_id}/versions/{version.version}/checkpoint",
+            checkpoint_purged_at=version.checkpoint_purged_at,
         )
 
 

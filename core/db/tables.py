@@ -81,7 +81,8 @@ class Model(Base):
 
 
 class ModelVersion(Base):
-    """An immutable checkpoint of a model (by convention: rows are never updated)."""
+    """An immutable checkpoint of a model. By convention rows are never updated, except once to
+    record that the checkpoint's bytes were purged (the row stays: lineage and audit need it)."""
 
     __tablename__ = "model_versions"
     __table_args__ = (UniqueConstraint("model_id", "version"),)
@@ -90,7 +91,8 @@ class ModelVersion(Base):
     tenant_id: Mapped[str] = tenant_column()
     model_id: Mapped[str] = mapped_column(String(UUID_LENGTH), ForeignKey("models.id"))
     version: Mapped[int] = mapped_column(Integer)
-    artifact_key: Mapped[str] = mapped_column(String(500))
+    # Content-addressed, so versions with the same bytes share a key (indexed for the purge's check).
+    artifact_key: Mapped[str] = mapped_column(String(500), index=True)
     sha256: Mapped[str] = mapped_column(String(HASH_LENGTH))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     parent_version: Mapped[int | None] = mapped_column(Integer)
@@ -103,6 +105,8 @@ class ModelVersion(Base):
     )
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set when the checkpoint was purged (core.services.models.purge); never cleared.
+    checkpoint_purged_at: Mapped[datetime | None] = mapped_column()
 
     model: Mapped[Model] = relationship(back_populates="versions")
     request_links: Mapped[list[ModelVersionRequest]] = relationship(viewonly=True)

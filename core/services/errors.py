@@ -60,6 +60,12 @@ class ArtifactMissing(Exception):
     code = "artifact_missing"
 
 
+class CheckpointPurged(Exception):
+    """A version's checkpoint was purged on request: its record stays, its bytes are gone for good."""
+
+    code = "checkpoint_purged"
+
+
 class Unauthenticated(Exception):
     """No API key, or one that is unknown or revoked (401)."""
 

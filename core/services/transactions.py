@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session, SessionTransaction
 logger = logging.getLogger(__name__)
 
 _AFTER_COMMIT = "uisps.after_commit"
+# First key of PostgreSQL's two-key advisory locks on artifacts (the audit chain uses 0x75697370).
+_ARTIFACT_LOCK_NAMESPACE = 0x75697371
 
 
 def begin_write(session: Session) -> None:
@@ -29,6 +31,24 @@ def begin_write(session: Session) -> None:
     # A write that matches no row still takes SQLite's single write lock (waits on busy_timeout).
     session.execute(text("UPDATE models SET id = id WHERE 0 = 1"))
     session.info["uisps.writer"] = True
+
+
+def lock_artifact(session: Session, key: str, *, exclusive: bool) -> None:
+    """Serialise a purge (exclusive) with the writes that add a version naming the same stored
+    artifact (shared) until the transaction ends.
+
+    Artifacts are content-addressed, so two versions can share one file: a purge deletes it only
+    when no other version names it, and this lock keeps a version being added meanwhile from
+    ending up pointing at a deleted file. On SQLite ``begin_write`` already holds the single write
+    lock, which serialises the same transactions.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+    session.execute(
+        text(f"SELECT {function}(:namespace, hashtext(:key))"),
+        {"namespace": _ARTIFACT_LOCK_NAMESPACE, "key": key},
+    )
 
 
 def after_commit(session: Session, callback: Callable[[], None]) -> None:

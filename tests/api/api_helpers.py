@@ -69,6 +69,8 @@ def role_for(method: str, path: str) -> str:
         return "admin"
     if method == "POST" and path.startswith("/deletion-requests"):
         return "compliance"
+    if method == "DELETE" and path.startswith("/models"):
+        return "compliance"
     if method == "POST" and path.startswith("/models"):
         return "admin"
     return "reader"

@@ -20,6 +20,7 @@ from core.settings import Settings
 PROTECTED = [
     ("GET", "/models"), ("POST", "/models"), ("GET", "/models/m"), ("GET", "/models/m/versions"),
     ("POST", "/models/m/versions"), ("GET", "/models/m/versions/1"), ("GET", "/models/m/versions/1/checkpoint"),
+    ("DELETE", "/models/m/versions/1/checkpoint"),
     ("GET", "/deletion-requests"), ("POST", "/deletion-requests"), ("GET", "/deletion-requests/r"),
     ("POST", "/deletion-requests/r/cancel"), ("GET", "/deletion-requests/r/certificate"),
     ("GET", "/audit-events"), ("GET", "/api-keys"), ("POST", "/api-keys"), ("GET", "/api-keys/k"),
@@ -76,6 +77,7 @@ def test_health_the_public_key_and_the_documents_need_no_key(client: TestClient)
         ("reader", "POST", "/models", {}, "register models"),
         ("compliance", "POST", "/models", {}, "register models"),
         ("reader", "POST", "/models/m/versions", None, "register models or upload versions"),
+        ("reader", "DELETE", "/models/m/versions/1/checkpoint", None, "purge checkpoints"),
         ("reader", "POST", "/deletion-requests", {"model_id": "m", "forget_labels": [1]}, "create or cancel deletion"),
         ("admin", "POST", "/deletion-requests", {"model_id": "m", "forget_labels": [1]}, "create or cancel deletion"),
         ("admin", "POST", "/deletion-requests/r/cancel", None, "create or cancel deletion"),

@@ -255,10 +255,12 @@ def test_the_certificate_check_agrees_with_the_service_on_awkward_json(
     assert verdict.get_attribute("data-verdict") == "valid", verdict.text_content()
 
 
-def test_the_lineage_view_shows_every_version_with_its_parent_labels_hash_and_request(
+def test_the_lineage_view_shows_every_version_with_its_parent_labels_hash_request_and_checkpoint(
     service: Service, history: History, page: Any, screenshots: Path
 ) -> None:
     model_id = history.model["id"]
+    purge = service.compliance.http.delete(f"/models/{model_id}/versions/1/checkpoint")  # both requests ended
+    assert purge.status_code == 204, purge.text
     sign_in(page, service)
     page.wait_for_selector("#requests")
     page.click("#nav a[data-section=models]")
@@ -275,6 +277,7 @@ def test_the_lineage_view_shows_every_version_with_its_parent_labels_hash_and_re
     parents = [row["cells"][1] for row in rows]
     assert parents == ["upload", "v1", "v1"]  # v3 branched from v1
     assert [row["cells"][2] for row in rows] == ["none", "3", "5"]
+    assert [row["cells"][7].split(" ")[0] for row in rows] == ["purged", "kept", "kept"]
     for row in rows:
         version = versions[int(row["version"])]
         assert row["cells"][3] == version["sha256"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,8 @@ def _uisps(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedP
 
 
 def test_db_upgrade_and_downgrade(tmp_path: Path) -> None:
-    assert _uisps(tmp_path, "db", "upgrade").stdout.strip() == "database at revision 0005"
-    assert _uisps(tmp_path, "db", "downgrade").stdout.strip() == "database at revision 0004"
+    assert _uisps(tmp_path, "db", "upgrade").stdout.strip() == "database at revision 0006"
+    assert _uisps(tmp_path, "db", "downgrade").stdout.strip() == "database at revision 0005"
     assert _uisps(tmp_path, "db", "downgrade", "--revision", "base").stdout.strip() == "database at revision None"
 
     refused = _uisps(tmp_path, "db", "downgrade", "--revision", "nonsense")
@@ -36,4 +35,6 @@ def test_the_demo_forgets_a_digit_end_to_end(tmp_path: Path) -> None:
     a_df_after = float(result.stdout.split("A_Df %")[1].split()[3])
     assert a_df_after <= 1.0, result.stdout
     assert "verified against the header and the version resource" in result.stdout
-    assert os.listdir(home / "artifacts")  # --home keeps what it made
+    assert "version 1 checkpoint purged at" in result.stdout  # v1 still knew digit 7
+    kept = [path for path in (home / "artifacts").rglob("*") if path.is_file()]
+    assert len(kept) == 1 and result.stdout.count(kept[0].name) == 1  # --home keeps version 2 only

@@ -212,3 +212,21 @@ def test_a_cancel_that_arrives_before_the_result_is_committed_wins(worker_env, d
 
     request = _request(worker_env, request_id)
     assert request.state == "cancelled" and request.result_version is None
+
+
+def test_a_result_whose_stored_file_was_purged_meanwhile_is_not_committed(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    # Content-addressed: a result with the bytes of a version purged before the commit has no
+    # file any more; committing would make a version whose checkpoint is missing.
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+    with worker_env.sessions.begin() as session:
+        deletion_jobs.claim(session, request_id, lease_s=60)
+    from core.storage import ArtifactNotFound, StoredArtifact
+
+    stored = worker_env.store.put(b"a result whose file a purge deleted")
+    worker_env.store.delete(stored.key)
+    with pytest.raises(ArtifactNotFound), worker_env.sessions.begin() as session:
+        deletion_jobs.complete(session, request_id, artifact=stored, forgotten_labels=[1], metrics={},
+                               store=worker_env.store)
+
+    request = _request(worker_env, request_id)
+    assert request.state == "running" and len(_versions(worker_env, request.model_id)) == 1

@@ -843,6 +843,7 @@
         h("td", { class: "nowrap" }, fmtBytes(v.size_bytes)),
         h("td", { class: "nowrap" }, fmtTime(v.created_at)),
         h("td", {}, producedBy(v)),
+        h("td", { class: "nowrap checkpoint" }, checkpointState(v)),
       );
     });
     return h(
@@ -853,10 +854,16 @@
       h(
         "table",
         { class: "table", id: "versions" },
-        h("thead", {}, h("tr", {}, ["Version", "Parent", "Forgotten labels (cumulative; new in bold)", "sha256", "Size", "Created", "Produced by"].map((c) => h("th", {}, c)))),
+        h("thead", {}, h("tr", {}, ["Version", "Parent", "Forgotten labels (cumulative; new in bold)", "sha256", "Size", "Created", "Produced by", "Checkpoint"].map((c) => h("th", {}, c)))),
         h("tbody", {}, rows),
       ),
     );
+  }
+
+  // A purged checkpoint's bytes are gone for good (DELETE .../checkpoint); its record stays.
+  function checkpointState(version) {
+    if (!version.checkpoint_purged_at) return h("span", { class: "muted" }, "kept");
+    return h("span", { class: "badge purged", title: version.checkpoint_purged_at }, `purged ${fmtTime(version.checkpoint_purged_at)}`);
   }
 
   // Every request a version was made for: several when requests were coalesced into one job.

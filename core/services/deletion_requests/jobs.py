@@ -23,9 +23,9 @@ from core.db import DeletionRequest, JobState, Model, ModelVersion, ModelVersion
 from core.db.audit import canonical_json
 from core.services.deletion_requests.repository import deletion_request_repository
 from core.services.models.repository import model_repository
-from core.services.transactions import begin_write
+from core.services.transactions import begin_write, lock_artifact
 from core.services.webhooks.service import webhook_service
-from core.storage import StoredArtifact
+from core.storage import ArtifactNotFound, ArtifactStore, StoredArtifact
 
 WORKER_ACTOR = "worker"
 
@@ -238,6 +238,7 @@ class DeletionJobs:
         forgotten_labels: list[int],
         metrics: dict[str, Any],
         attempt: int | None = None,
+        store: ArtifactStore | None = None,
     ) -> DeletionRequest:
         """Create version n+1 and mark the request (and its members) succeeded, in one transaction.
 
@@ -245,6 +246,10 @@ class DeletionJobs:
         already made for it is reused, every request is linked to the version it was made for (a
         primary key: never two), and (given `attempt`) an attempt that was taken over after its
         lease ran out stops here (JobLost) rather than finishing for its successor.
+
+        Given `store`, the stored checkpoint is checked to be there once the artifact lock is
+        held: content-addressed, it may have been the file of a version purged meanwhile
+        (ArtifactNotFound then, and the retried job stores it again).
         """
         begin_write(session)
         request = self._running(session, request_id, attempt)
@@ -260,6 +265,9 @@ class DeletionJobs:
             self._stop_group(session, group)
             return request
         model_repository.get(session, request.tenant_id, request.model_id, for_update=True)
+        lock_artifact(session, artifact.key, exclusive=False)
+        if store is not None and not store.exists(artifact.key):
+            raise ArtifactNotFound(artifact.key)
         version = ModelVersion(
             tenant_id=request.tenant_id,
             model_id=request.model_id,

@@ -162,6 +162,17 @@ class DeletionRequestRepository:
             select(func.count()).select_from(_table).where(_table.c.tenant_id == tenant_id, _table.c.state.in_(active))
         ) or 0
 
+    def active_on_version(self, session: Session, model_id: str, version: int) -> list[str]:
+        """Queued or running requests whose job reads this version's checkpoint, oldest first."""
+        active = (JobState.QUEUED.value, JobState.RUNNING.value)
+        return list(
+            session.scalars(
+                select(_table.c.id)
+                .where(_table.c.model_id == model_id, _table.c.base_version == version, _table.c.state.in_(active))
+                .order_by(_table.c.created_at)
+            )
+        )
+
     def dispatch_candidates(self, session: Session, now: datetime, limit: int) -> list[Any]:
         """Running requests whose lease ran out, then queued ones never sent, then the rest of the
         queue, each longest unsent first (all tenants). Not oldest first: a backlog of requests

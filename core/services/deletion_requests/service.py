@@ -65,13 +65,14 @@ class DeletionRequestService:
                 f"{len(forget_labels)} labels given; at most {settings.max_labels_per_request} per request"
             )
         begin_write(session)
+        # One tenant's creates are serialised from here on, so the count below stays true, and
+        # with the tenant's purges, so the base version's checkpoint cannot be purged under us.
+        lock_tenant(session, tenant_id)
         model = model_repository.get(session, tenant_id, model_id)
         if model is None:
             raise NotFound("model", model_id)
         base = self._base_version(session, tenant_id, model_id, base_version)
         labels = _check_labels(list(forget_labels), model.num_classes, base.forgotten_labels)
-        # One tenant's creates are serialised from here on, so the count below stays true.
-        lock_tenant(session, tenant_id)
         active = deletion_request_repository.count_active(session, tenant_id)
         if active >= settings.max_active_requests_per_tenant:
             raise TooManyActiveRequests(
@@ -287,10 +288,16 @@ class DeletionRequestService:
                 raise Conflict(
                     f"model {model_id} has no versions yet; upload a checkpoint first", code="model_has_no_versions"
                 )
-            return base
-        base = model_repository.get_version(session, tenant_id, model_id, number)
-        if base is None:
-            raise NotFound(f"version of model {model_id}", number)
+        else:
+            base = model_repository.get_version(session, tenant_id, model_id, number)
+            if base is None:
+                raise NotFound(f"version of model {model_id}", number)
+        if base.checkpoint_purged_at is not None:
+            raise Conflict(
+                f"the checkpoint of model {model_id} version {base.version} was purged; "
+                "ask for a version whose checkpoint is kept (base_version)",
+                code="checkpoint_purged",
+            )
         return base
 
 

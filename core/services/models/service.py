@@ -11,11 +11,20 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.db import Model, ModelVersion, record_event
-from core.services.errors import ArtifactCorrupted, ArtifactMissing, CheckpointTooLarge, Conflict, NotFound
+from core.db import Model, ModelVersion, record_event, utcnow
+from core.db.audit import lock_tenant
+from core.services.deletion_requests.repository import deletion_request_repository
+from core.services.errors import (
+    ArtifactCorrupted,
+    ArtifactMissing,
+    CheckpointPurged,
+    CheckpointTooLarge,
+    Conflict,
+    NotFound,
+)
 from core.services.models.repository import model_repository
 from core.services.pagination import Page, PageRequest
-from core.services.transactions import begin_write
+from core.services.transactions import begin_write, lock_artifact
 from core.storage import ArtifactStore
 
 if TYPE_CHECKING:
@@ -189,6 +198,9 @@ class ModelService:
         stored = store.put(checkpoint)
         begin_write(session)
         model = self._lock(session, tenant_id, model_id)
+        lock_artifact(session, stored.key, exclusive=False)
+        if not store.exists(stored.key):  # a purge of a version with the same bytes deleted them
+            stored = store.put(checkpoint)
         version = ModelVersion(
             tenant_id=tenant_id,
             model_id=model.id,
@@ -230,6 +242,7 @@ class ModelService:
         (`verified_chunks`).
         """
         found = self.get_version(session, tenant_id, model_id, version)
+        _check_not_purged(found)
         if not store.exists(found.artifact_key):
             raise ArtifactMissing(
                 f"the checkpoint of model {model_id} version {version} is missing from artifact storage"
@@ -252,11 +265,64 @@ class ModelService:
         )
         return found
 
+    def purge_checkpoint(
+        self, session: Session, *, tenant_id: str, actor: str, model_id: str, version: int, store: ArtifactStore
+    ) -> ModelVersion:
+        """Delete a version's checkpoint for good and record that it was purged; the row stays.
+
+        For the versions that still know labels forgotten since: after a deletion request, the
+        base version and its ancestors hold exactly what the request asked to forget. Purging again
+        changes nothing. Refused (409 `version_in_use`) while a queued or running request unlearns
+        from this version. The stored file is deleted unless another unpurged version (same
+        bytes, content-addressed) still names it; it is deleted before the purge is recorded, so
+        a failure in between leaves a version whose checkpoint is missing, never one recorded as
+        purged whose bytes remain.
+        """
+        begin_write(session)
+        found = self.get_version(session, tenant_id, model_id, version)
+        if found.checkpoint_purged_at is not None:
+            return found
+        # Artifact lock before the tenant's: the order of the writes that add versions.
+        lock_artifact(session, found.artifact_key, exclusive=True)
+        lock_tenant(session, tenant_id)  # serialised with request creation, which checks the base
+        session.refresh(found)
+        if found.checkpoint_purged_at is not None:  # a concurrent purge won
+            return found
+        active = deletion_request_repository.active_on_version(session, model_id, version)
+        if active:
+            raise Conflict(
+                f"deletion requests queued or running against version {version} read its checkpoint: "
+                f"{', '.join(active)}; purge it once they have finished or been cancelled",
+                code="version_in_use",
+            )
+        if not model_repository.other_versions_with_artifact(session, found.artifact_key, found.id):
+            store.delete(found.artifact_key)
+        found.checkpoint_purged_at = utcnow()
+        record_event(
+            session,
+            tenant_id=tenant_id,
+            actor=actor,
+            action="model_version.checkpoint_purged",
+            subject_type="model_version",
+            subject_id=found.id,
+            model_id=model_id,
+            details={"version": found.version, "sha256": found.sha256, "forgotten_labels": found.forgotten_labels},
+        )
+        return found
+
     def _lock(self, session: Session, tenant_id: str, model_id: str) -> Model:
         model = model_repository.get(session, tenant_id, model_id, for_update=True)
         if model is None:
             raise NotFound("model", model_id)
         return model
+
+
+def _check_not_purged(version: ModelVersion) -> None:
+    if version.checkpoint_purged_at is not None:
+        raise CheckpointPurged(
+            f"the checkpoint of model {version.model_id} version {version.version} was purged "
+            f"at {version.checkpoint_purged_at.isoformat()}; its record and sha256 are kept"
+        )
 
 
 def _check_architecture(architecture: str) -> None:

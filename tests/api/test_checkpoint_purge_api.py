@@ -1,0 +1,142 @@
+"""DELETE /models/{id}/versions/{n}/checkpoint: the bytes of a version that still knows what a
+deletion request forgot are erased for good, while its record, sha256 and audit trail stay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from api_helpers import assert_problem
+
+
+def _purge(client: TestClient, model_id: str, version: int = 1, **kwargs: Any) -> Any:
+    return client.delete(f"/models/{model_id}/versions/{version}/checkpoint", **kwargs)
+
+
+def _events(client: TestClient, model_id: str) -> list[dict[str, Any]]:
+    return client.get("/audit-events", params={"model_id": model_id}).json()["audit_events"]
+
+
+def _checkpoint_of_this_test(digits_checkpoint: bytes) -> bytes:
+    """The digits checkpoint with one weight changed at random: bytes no other test stored (the
+    PostgreSQL database and so the references to each stored file are shared by the whole run)."""
+    import torch
+
+    from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
+
+    model, manifest = load_checkpoint_bytes(digits_checkpoint)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += float(torch.rand(()).item()) + 1.0
+    return checkpoint_bytes(model, manifest)
+
+
+def test_a_purged_checkpoint_is_gone_and_its_record_stays(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model = registered_model(upload=False)
+    files = {"file": ("m.safetensors", _checkpoint_of_this_test(digits_checkpoint), "application/octet-stream")}
+    assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201
+    before = client.get(f"/models/{model['id']}/versions/1").json()
+    key = f"sha256/{before['sha256'][:2]}/{before['sha256']}"
+    assert before["checkpoint_purged_at"] is None and client.app.state.store.exists(key)
+
+    response = _purge(client, model["id"])
+
+    assert response.status_code == 204 and response.content == b""
+    assert not client.app.state.store.exists(key)
+    after = client.get(f"/models/{model['id']}/versions/1").json()
+    assert after["checkpoint_purged_at"] is not None
+    assert {k: v for k, v in after.items() if k != "checkpoint_purged_at"} == {
+        k: v for k, v in before.items() if k != "checkpoint_purged_at"
+    }
+    assert_problem(
+        client.get(f"/models/{model['id']}/versions/1/checkpoint"), 410, "checkpoint_purged", "was purged"
+    )
+    event = _events(client, model["id"])[-1]
+    assert event["action"] == "model_version.checkpoint_purged"
+    assert event["details"] == {"version": 1, "sha256": before["sha256"], "forgotten_labels": []}
+
+
+def test_purging_again_answers_204_and_records_nothing_more(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model()
+    assert _purge(client, model["id"]).status_code == 204
+    purged_at = client.get(f"/models/{model['id']}/versions/1").json()["checkpoint_purged_at"]
+    count = len(_events(client, model["id"]))
+
+    assert _purge(client, model["id"]).status_code == 204
+
+    assert len(_events(client, model["id"])) == count
+    assert client.get(f"/models/{model['id']}/versions/1").json()["checkpoint_purged_at"] == purged_at
+
+
+def test_a_version_that_a_queued_request_reads_cannot_be_purged(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model()
+    request = client.post("/deletion-requests", json={"model_id": model["id"], "forget_labels": [3]}).json()
+
+    problem = assert_problem(_purge(client, model["id"]), 409, "version_in_use", request["id"])
+
+    assert "cancelled" in problem["detail"]
+    assert client.get(f"/models/{model['id']}/versions/1/checkpoint").status_code == 200
+    client.post(f"/deletion-requests/{request['id']}/cancel")
+    assert _purge(client, model["id"]).status_code == 204
+
+
+def test_no_request_can_start_from_a_purged_version(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model = registered_model()
+    _purge(client, model["id"])
+
+    latest = client.post("/deletion-requests", json={"model_id": model["id"], "forget_labels": [3]})
+    explicit = client.post("/deletion-requests", json={"model_id": model["id"], "forget_labels": [3], "base_version": 1})
+
+    assert_problem(latest, 409, "checkpoint_purged", "version 1 was purged")
+    assert_problem(explicit, 409, "checkpoint_purged", "version 1 was purged")
+    files = {"file": ("m.safetensors", digits_checkpoint, "application/octet-stream")}
+    assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201
+    accepted = client.post("/deletion-requests", json={"model_id": model["id"], "forget_labels": [3]})
+    assert accepted.status_code == 202 and accepted.json()["base_version"] == 2
+
+
+def test_bytes_another_version_keeps_stay_until_it_is_purged_too(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    checkpoint = _checkpoint_of_this_test(digits_checkpoint)
+    first, second = registered_model(upload=False), registered_model(upload=False)
+    for model in (first, second):  # the same bytes: one stored file, named by both versions
+        files = {"file": ("m.safetensors", checkpoint, "application/octet-stream")}
+        assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201
+    sha = client.get(f"/models/{first['id']}/versions/1").json()["sha256"]
+    key = f"sha256/{sha[:2]}/{sha}"
+
+    _purge(client, first["id"])
+
+    assert client.app.state.store.exists(key)
+    assert client.get(f"/models/{second['id']}/versions/1/checkpoint").content == checkpoint
+    _purge(client, second["id"])
+    assert not client.app.state.store.exists(key)
+
+
+def test_uploading_purged_bytes_again_stores_them_again(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    checkpoint = _checkpoint_of_this_test(digits_checkpoint)
+    model = registered_model(upload=False)
+    files = {"file": ("m.safetensors", checkpoint, "application/octet-stream")}
+    assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201
+    sha = client.get(f"/models/{model['id']}/versions/1").json()["sha256"]
+    _purge(client, model["id"])
+    assert not client.app.state.store.exists(f"sha256/{sha[:2]}/{sha}")
+
+    assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201
+
+    assert client.get(f"/models/{model['id']}/versions/2/checkpoint").content == checkpoint
+    assert_problem(client.get(f"/models/{model['id']}/versions/1/checkpoint"), 410, "checkpoint_purged")
+
+
+def test_a_missing_version_or_model_is_404(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model()
+
+    assert_problem(_purge(client, model["id"], 2), 404, "not_found")
+    assert_problem(_purge(client, "no-such-model"), 404, "not_found", "no-such-model")

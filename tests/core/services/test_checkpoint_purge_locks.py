@@ -1,0 +1,135 @@
+"""A purge against what runs beside it on PostgreSQL: a version added with the same stored bytes
+must never end up naming a deleted file, and a deletion request must never start from a version
+whose checkpoint is being purged."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import make_engine, make_sessionmaker
+from core.db.migrate import upgrade
+from core.services.deletion_requests.service import deletion_request_service
+from core.services.errors import Conflict
+from core.services.models.service import ModelSpec, model_service
+from core.settings import Settings
+from core.storage import LocalArtifactStore
+from uisps.demo import model_spec_of
+
+
+@pytest.fixture
+def sessions(pg_url: str) -> Iterator[sessionmaker[Session]]:
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def unique_checkpoint(digits_checkpoint: bytes) -> bytes:
+    """Bytes no other test stored: references to a stored file count across the shared database."""
+    import torch
+
+    from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
+
+    model, manifest = load_checkpoint_bytes(digits_checkpoint)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += float(torch.rand(()).item()) + 1.0
+    return checkpoint_bytes(model, manifest)
+
+
+def _model_with_version(sessions: sessionmaker[Session], store: LocalArtifactStore, checkpoint: bytes) -> str:
+    with sessions.begin() as session:
+        spec = ModelSpec.model_validate(model_spec_of(checkpoint, f"purge-{uuid.uuid4().hex[:12]}"))
+        model_id = model_service.create(session, tenant_id="default", actor="test", spec=spec).id
+    with sessions() as session:  # upload_version ends its read transaction itself
+        model_service.upload_version(session, tenant_id="default", actor="test", model_id=model_id,
+                                     checkpoint=checkpoint, store=store, max_bytes=1 << 30)
+        session.commit()
+    return model_id
+
+
+def _in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except Exception as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def _wait_until_blocked_on_a_lock(sessions: sessionmaker[Session]) -> None:
+    """Until another connection waits for a lock (the other thread reached its lock)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with sessions() as probe:
+            if probe.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")):
+                return
+        time.sleep(0.05)
+    raise AssertionError("the other transaction never waited for a lock")
+
+
+def _purge(sessions: sessionmaker[Session], store: LocalArtifactStore, model_id: str) -> None:
+    with sessions.begin() as session:
+        model_service.purge_checkpoint(session, tenant_id="default", actor="test", model_id=model_id,
+                                       version=1, store=store)
+
+
+def test_a_purge_waits_for_a_version_being_added_with_its_bytes_and_keeps_them(
+    sessions: sessionmaker[Session], tmp_path: Path, unique_checkpoint: bytes
+) -> None:
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    first = _model_with_version(sessions, store, unique_checkpoint)
+    with sessions.begin() as session:  # another tenant's: its writes share no tenant lock with the purge
+        spec = ModelSpec.model_validate(model_spec_of(unique_checkpoint, f"purge-{uuid.uuid4().hex[:12]}"))
+        second = model_service.create(session, tenant_id="other", actor="test", spec=spec).id
+
+    with sessions() as upload:  # an upload of the same bytes, between its insert and its commit
+        added = model_service.upload_version(upload, tenant_id="other", actor="test", model_id=second,
+                                             checkpoint=unique_checkpoint, store=store, max_bytes=1 << 30)
+        thread, outcome = _in_thread(lambda: _purge(sessions, store, first))
+        _wait_until_blocked_on_a_lock(sessions)
+        upload.commit()
+    thread.join(timeout=30)
+
+    assert "error" not in outcome, outcome
+    assert store.exists(added.artifact_key)  # the purge saw the new version and left the file
+    with sessions() as session:
+        assert model_service.get_version(session, "default", first, 1).checkpoint_purged_at is not None
+
+
+def test_a_request_waits_for_a_purge_of_its_base_and_is_then_refused(
+    sessions: sessionmaker[Session], tmp_path: Path, unique_checkpoint: bytes
+) -> None:
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    model_id = _model_with_version(sessions, store, unique_checkpoint)
+
+    def create() -> Any:
+        with sessions.begin() as session:
+            return deletion_request_service.create(
+                session, tenant_id="default", actor="test", settings=Settings(home=tmp_path), model_id=model_id,
+                forget_labels=[1], dispatch=lambda _: None)
+
+    with sessions() as purge:  # a purge that checked for requests and has not committed yet
+        model_service.purge_checkpoint(purge, tenant_id="default", actor="test", model_id=model_id,
+                                       version=1, store=store)
+        thread, outcome = _in_thread(create)
+        _wait_until_blocked_on_a_lock(sessions)
+        purge.commit()
+    thread.join(timeout=30)
+
+    assert isinstance(outcome.get("error"), Conflict), outcome
+    assert outcome["error"].code == "checkpoint_purged"
