@@ -17,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -64,6 +65,17 @@ class ArtifactStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def list_artifacts(self) -> Iterator[ListedArtifact]:
+        """Every stored artifact (temporary files and foreign names left out), in no set order."""
+        ...
+
+
+@dataclass(frozen=True)
+class ListedArtifact:
+    key: str
+    size: int
+    modified_at: datetime  # when its bytes were last written (UTC)
+
 
 def key_for(sha256: str) -> str:
     return f"sha256/{sha256[:2]}/{sha256}"
@@ -75,6 +87,14 @@ def validate_key(key: str) -> str:
     if match is None or match.group(2)[:2] != match.group(1):
         raise InvalidArtifactKey(f"not an artifact key: {key!r}")
     return match.group(2)
+
+
+def _is_artifact_key(key: str) -> bool:
+    try:
+        validate_key(key)
+    except InvalidArtifactKey:
+        return False
+    return True
 
 
 class LocalArtifactStore:
@@ -130,6 +150,17 @@ class LocalArtifactStore:
     def delete(self, key: str) -> None:
         """Remove an artifact; deleting a missing one is not an error (retries stay simple)."""
         self._path(key).unlink(missing_ok=True)
+
+    def list_artifacts(self) -> Iterator[ListedArtifact]:
+        for path in (self.root / "sha256").glob("*/*"):
+            key = path.relative_to(self.root).as_posix()
+            if not _is_artifact_key(key):
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # deleted since the listing
+                continue
+            yield ListedArtifact(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
 
     def _path(self, key: str) -> Path:
         validate_key(key)
@@ -224,6 +255,15 @@ class S3ArtifactStore:
         """Remove an artifact; deleting a missing one is not an error (S3 says so too)."""
         object_key = self.object_key(key)
         self.client.delete_object(Bucket=self.bucket, Key=object_key)
+
+    def list_artifacts(self) -> Iterator[ListedArtifact]:
+        start = f"{self.prefix}/" if self.prefix else ""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{start}sha256/")
+        for page in pages:
+            for item in page.get("Contents", []):
+                key = item["Key"][len(start):]
+                if _is_artifact_key(key):
+                    yield ListedArtifact(key, int(item["Size"]), item["LastModified"].astimezone(UTC))
 
     # -- helpers -------------------------------------------------------------------------------
 

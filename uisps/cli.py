@@ -443,6 +443,35 @@ def _cli_actor() -> str:
         return "cli"
 
 
+artifacts_app = typer.Typer(no_args_is_help=True, help="Stored checkpoints.")
+app.add_typer(artifacts_app, name="artifacts")
+
+
+@artifacts_app.command("gc")
+def artifacts_gc(
+    min_age_hours: Annotated[
+        float, typer.Option("--min-age-hours", min=0.0, help="spare files written less than this long ago")
+    ] = 24.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be deleted; delete nothing")] = False,
+) -> None:
+    """Delete stored checkpoints that no version names (left by crashed, cancelled or lost jobs)."""
+    from datetime import timedelta
+
+    from core.services.models.orphans import collect_orphaned_artifacts
+    from core.settings import get_settings
+    from core.storage import make_artifact_store
+
+    store = make_artifact_store(get_settings())
+    with _service_database() as session:
+        found = collect_orphaned_artifacts(
+            session, store, min_age=timedelta(hours=min_age_hours), dry_run=dry_run
+        )
+    for listed in found:
+        typer.echo(f"{listed.key}\t{listed.size}\t{listed.modified_at.isoformat()}")
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(f"{verb} {len(found)} orphaned artifacts, {sum(a.size for a in found)} bytes", err=True)
+
+
 @keys_app.command("create")
 @user_errors
 def keys_create(

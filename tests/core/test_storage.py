@@ -107,3 +107,20 @@ def test_factory_uses_the_artifact_dir(tmp_path: Path) -> None:
     store = make_artifact_store(Settings(home=tmp_path, artifact_dir=None))
 
     assert isinstance(store, LocalArtifactStore) and store.root == tmp_path / "artifacts"
+
+
+def test_the_listing_names_every_artifact_with_its_size_and_age(store: LocalArtifactStore) -> None:
+    first, second = store.put(CONTENT), store.put(b"another checkpoint")
+    (store.root / ".tmp-unfinished").write_bytes(b"half a file")  # a put in progress
+    (store.root / "sha256" / "zz").mkdir()
+    (store.root / "sha256" / "zz" / "notes.txt").write_bytes(b"not ours")
+
+    listed = {artifact.key: artifact for artifact in store.list_artifacts()}
+
+    assert listed.keys() == {first.key, second.key}
+    assert listed[first.key].size == len(CONTENT)
+    assert listed[first.key].modified_at.tzinfo is not None
+
+
+def test_an_empty_store_lists_nothing(tmp_path: Path) -> None:
+    assert list(LocalArtifactStore(tmp_path / "never-written").list_artifacts()) == []

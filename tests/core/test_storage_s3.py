@@ -254,6 +254,19 @@ def test_delete_removes_the_artifact(store: S3ArtifactStore) -> None:
     store.delete(key)  # deleting a missing artifact is not an error
 
 
+def test_the_listing_names_every_artifact_under_the_prefix_and_only_those(store: S3ArtifactStore) -> None:
+    first, second = store.put(CONTENT), store.put(b"another checkpoint")
+    raw = _raw_client(store.endpoint_url)  # type: ignore[arg-type]
+    raw.put_object(Bucket=store.bucket, Key=f"sha256/{DIGEST[:2]}/{DIGEST}", Body=b"outside the prefix")
+    raw.put_object(Bucket=store.bucket, Key=f"{store.prefix}/sha256/zz/notes.txt", Body=b"not ours")
+
+    listed = {artifact.key: artifact for artifact in store.list_artifacts()}
+
+    assert listed.keys() == {first.key, second.key}
+    assert listed[first.key].size == len(CONTENT)
+    assert listed[first.key].modified_at.tzinfo is not None
+
+
 def test_missing_artifact_is_reported(store: S3ArtifactStore) -> None:
     with pytest.raises(ArtifactNotFound):
         store.open(KEY)

@@ -79,20 +79,14 @@ class ModelRepository:
         current = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model_id))
         return (current or 0) + 1
 
-    def other_versions_with_artifact(self, session: Session, artifact_key: str, version_id: str) -> bool:
-        """Whether a version other than `version_id`, of any tenant, still keeps this stored file."""
-        return (
-            session.scalar(
-                select(ModelVersion.id)
-                .where(
-                    ModelVersion.artifact_key == artifact_key,
-                    ModelVersion.id != version_id,
-                    ModelVersion.checkpoint_purged_at.is_(None),
-                )
-                .limit(1)
-            )
-            is not None
+    def artifact_kept(self, session: Session, artifact_key: str, *, besides: str | None = None) -> bool:
+        """Whether an unpurged version (other than `besides`), of any tenant, names this stored file."""
+        query = select(ModelVersion.id).where(
+            ModelVersion.artifact_key == artifact_key, ModelVersion.checkpoint_purged_at.is_(None)
         )
+        if besides is not None:
+            query = query.where(ModelVersion.id != besides)
+        return session.scalar(query.limit(1)) is not None
 
     def version_for_request(self, session: Session, deletion_request_id: str) -> ModelVersion | None:
         """The version made for a deletion request (alone or coalesced with others)."""

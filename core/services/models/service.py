@@ -295,7 +295,7 @@ class ModelService:
                 f"{', '.join(active)}; purge it once they have finished or been cancelled",
                 code="version_in_use",
             )
-        if not model_repository.other_versions_with_artifact(session, found.artifact_key, found.id):
+        if not model_repository.artifact_kept(session, found.artifact_key, besides=found.id):
             store.delete(found.artifact_key)
         found.checkpoint_purged_at = utcnow()
         record_event(

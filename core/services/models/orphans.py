@@ -1,0 +1,44 @@
+"""Stored checkpoints that no version names: what a crash, a lost lease or a cancel left behind."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from core.db import utcnow
+from core.services.models.repository import model_repository
+from core.services.transactions import begin_write, lock_artifact
+from core.storage import ArtifactStore, ListedArtifact
+
+logger = logging.getLogger(__name__)
+
+
+def collect_orphaned_artifacts(
+    session: Session, store: ArtifactStore, *, min_age: timedelta, dry_run: bool, now: datetime | None = None
+) -> list[ListedArtifact]:
+    """Delete the stored files that no unpurged version names and that were written at least
+    `min_age` ago; return them (with `dry_run`, what would be deleted, and nothing is).
+
+    Who leaves them: a job whose result was stored and then not committed (a cancel honoured at
+    the end, a lease lost to a stall, a crash before the commit), an upload whose row was never
+    written (the database went away in between), and a purged file brought back by restoring a
+    backup. `min_age` spares a job's result between its store and its commit; that is
+    only to save work, since a job whose file went meanwhile fails its attempt and is retried.
+    Each file is checked and deleted under its artifact lock, taken exclusive as a purge takes it,
+    so a version being added with the same bytes either is seen or finds the file gone.
+    """
+    cutoff = (now or utcnow()) - min_age
+    old = [listed for listed in store.list_artifacts() if listed.modified_at <= cutoff]
+    collected = []
+    for listed in old:
+        begin_write(session)
+        lock_artifact(session, listed.key, exclusive=True)
+        if not model_repository.artifact_kept(session, listed.key):
+            if not dry_run:
+                store.delete(listed.key)
+                logger.info("deleted orphaned artifact %s (%d bytes)", listed.key, listed.size)
+            collected.append(listed)
+        session.commit()
+    return collected

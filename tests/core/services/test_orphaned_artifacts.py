@@ -1,0 +1,101 @@
+"""Collecting stored checkpoints that no version names, on SQLite and PostgreSQL: old orphans go,
+files a version keeps and files written a moment ago stay."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import Model, ModelVersion, make_engine, make_sessionmaker, utcnow
+from core.db.migrate import upgrade
+from core.services.models.orphans import collect_orphaned_artifacts
+from core.storage import LocalArtifactStore, StoredArtifact
+
+DAY = timedelta(days=1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Session]]:
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalArtifactStore:
+    return LocalArtifactStore(tmp_path / "artifacts")
+
+
+def _stored(store: LocalArtifactStore, age: timedelta) -> StoredArtifact:
+    """A file of bytes no other test stored, written `age` ago."""
+    stored = store.put(f"checkpoint {uuid.uuid4()}".encode())
+    written = (utcnow() - age).timestamp()
+    os.utime(store.root / stored.key, (written, written))
+    return stored
+
+
+def _version_naming(sessions: sessionmaker[Session], stored: StoredArtifact, *, purged: bool = False) -> None:
+    with sessions.begin() as session:
+        model = Model(tenant_id="default", name=f"m-{uuid.uuid4().hex[:8]}", architecture="smallcnn", arch_kwargs={},
+                      num_classes=10, class_names=[str(i) for i in range(10)], input_shape=[1, 8, 8], mean=[0.3],
+                      std=[0.4], data_source="digits")
+        session.add(model)
+        session.flush()
+        session.add(ModelVersion(tenant_id="default", model_id=model.id, version=1, artifact_key=stored.key,
+                                 sha256=stored.sha256, size_bytes=stored.size, forgotten_labels=[],
+                                 checkpoint_purged_at=utcnow() if purged else None))
+
+
+def _collect(sessions: sessionmaker[Session], store: LocalArtifactStore, *, dry_run: bool = False) -> set[str]:
+    with sessions() as session:
+        return {a.key for a in collect_orphaned_artifacts(session, store, min_age=DAY, dry_run=dry_run)}
+
+
+def test_an_old_file_no_version_names_is_deleted(sessions: sessionmaker[Session], store: LocalArtifactStore) -> None:
+    orphan = _stored(store, 2 * DAY)
+
+    assert _collect(sessions, store) == {orphan.key}
+
+    assert not store.exists(orphan.key)
+
+
+def test_a_file_a_version_names_stays_however_old(sessions: sessionmaker[Session], store: LocalArtifactStore) -> None:
+    kept = _stored(store, 30 * DAY)
+    _version_naming(sessions, kept)
+
+    assert _collect(sessions, store) == set()
+
+    assert store.exists(kept.key)
+
+
+def test_a_file_only_purged_versions_name_is_deleted(sessions: sessionmaker[Session], store: LocalArtifactStore) -> None:
+    restored = _stored(store, 2 * DAY)  # e.g. brought back by restoring a backup after its purge
+    _version_naming(sessions, restored, purged=True)
+
+    assert _collect(sessions, store) == {restored.key}
+
+    assert not store.exists(restored.key)
+
+
+def test_a_file_written_within_the_minimum_age_stays(sessions: sessionmaker[Session], store: LocalArtifactStore) -> None:
+    fresh = _stored(store, timedelta(hours=1))  # e.g. a job's result, stored and not yet committed
+
+    assert _collect(sessions, store) == set()
+
+    assert store.exists(fresh.key)
+
+
+def test_a_dry_run_names_the_orphans_and_deletes_nothing(sessions: sessionmaker[Session], store: LocalArtifactStore) -> None:
+    orphan = _stored(store, 2 * DAY)
+
+    assert _collect(sessions, store, dry_run=True) == {orphan.key}
+
+    assert store.exists(orphan.key)
