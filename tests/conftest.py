@@ -141,3 +141,18 @@ def digits_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
         finally:
             torch.set_num_threads(before)
     return cached.read_bytes()
+
+
+@pytest.fixture
+def unique_digits_checkpoint(digits_checkpoint: bytes) -> bytes:
+    """The digits checkpoint with one weight moved at random: bytes no other test stored. Stored
+    files are content-addressed and the PostgreSQL database is shared by the whole run, so a test
+    that needs the only version naming its file (a purge, a collection) must use its own bytes."""
+    import torch
+
+    from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
+
+    model, manifest = load_checkpoint_bytes(digits_checkpoint)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += float(torch.rand(()).item()) + 1.0
+    return checkpoint_bytes(model, manifest)

@@ -10,32 +10,19 @@ from fastapi.testclient import TestClient
 from api_helpers import assert_problem
 
 
-def _purge(client: TestClient, model_id: str, version: int = 1, **kwargs: Any) -> Any:
-    return client.delete(f"/models/{model_id}/versions/{version}/checkpoint", **kwargs)
+def _purge(client: TestClient, model_id: str, version: int = 1) -> Any:
+    return client.delete(f"/models/{model_id}/versions/{version}/checkpoint")
 
 
 def _events(client: TestClient, model_id: str) -> list[dict[str, Any]]:
     return client.get("/audit-events", params={"model_id": model_id}).json()["audit_events"]
 
 
-def _checkpoint_of_this_test(digits_checkpoint: bytes) -> bytes:
-    """The digits checkpoint with one weight changed at random: bytes no other test stored (the
-    PostgreSQL database and so the references to each stored file are shared by the whole run)."""
-    import torch
-
-    from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
-
-    model, manifest = load_checkpoint_bytes(digits_checkpoint)
-    with torch.no_grad():
-        next(model.parameters()).view(-1)[0] += float(torch.rand(()).item()) + 1.0
-    return checkpoint_bytes(model, manifest)
-
-
 def test_a_purged_checkpoint_is_gone_and_its_record_stays(
-    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+    client: TestClient, registered_model, unique_digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:
     model = registered_model(upload=False)
-    files = {"file": ("m.safetensors", _checkpoint_of_this_test(digits_checkpoint), "application/octet-stream")}
+    files = {"file": ("m.safetensors", unique_digits_checkpoint, "application/octet-stream")}
     assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201
     before = client.get(f"/models/{model['id']}/versions/1").json()
     key = f"sha256/{before['sha256'][:2]}/{before['sha256']}"
@@ -100,9 +87,9 @@ def test_no_request_can_start_from_a_purged_version(
 
 
 def test_bytes_another_version_keeps_stay_until_it_is_purged_too(
-    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+    client: TestClient, registered_model, unique_digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:
-    checkpoint = _checkpoint_of_this_test(digits_checkpoint)
+    checkpoint = unique_digits_checkpoint
     first, second = registered_model(upload=False), registered_model(upload=False)
     for model in (first, second):  # the same bytes: one stored file, named by both versions
         files = {"file": ("m.safetensors", checkpoint, "application/octet-stream")}
@@ -119,9 +106,9 @@ def test_bytes_another_version_keeps_stay_until_it_is_purged_too(
 
 
 def test_uploading_purged_bytes_again_stores_them_again(
-    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+    client: TestClient, registered_model, unique_digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:
-    checkpoint = _checkpoint_of_this_test(digits_checkpoint)
+    checkpoint = unique_digits_checkpoint
     model = registered_model(upload=False)
     files = {"file": ("m.safetensors", checkpoint, "application/octet-stream")}
     assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201

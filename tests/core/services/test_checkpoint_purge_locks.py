@@ -33,19 +33,6 @@ def sessions(pg_url: str) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
-@pytest.fixture
-def unique_checkpoint(digits_checkpoint: bytes) -> bytes:
-    """Bytes no other test stored: references to a stored file count across the shared database."""
-    import torch
-
-    from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
-
-    model, manifest = load_checkpoint_bytes(digits_checkpoint)
-    with torch.no_grad():
-        next(model.parameters()).view(-1)[0] += float(torch.rand(()).item()) + 1.0
-    return checkpoint_bytes(model, manifest)
-
-
 def _model_with_version(sessions: sessionmaker[Session], store: LocalArtifactStore, checkpoint: bytes) -> str:
     with sessions.begin() as session:
         spec = ModelSpec.model_validate(model_spec_of(checkpoint, f"purge-{uuid.uuid4().hex[:12]}"))
@@ -89,17 +76,17 @@ def _purge(sessions: sessionmaker[Session], store: LocalArtifactStore, model_id:
 
 
 def test_a_purge_waits_for_a_version_being_added_with_its_bytes_and_keeps_them(
-    sessions: sessionmaker[Session], tmp_path: Path, unique_checkpoint: bytes
+    sessions: sessionmaker[Session], tmp_path: Path, unique_digits_checkpoint: bytes
 ) -> None:
     store = LocalArtifactStore(tmp_path / "artifacts")
-    first = _model_with_version(sessions, store, unique_checkpoint)
+    first = _model_with_version(sessions, store, unique_digits_checkpoint)
     with sessions.begin() as session:  # another tenant's: its writes share no tenant lock with the purge
-        spec = ModelSpec.model_validate(model_spec_of(unique_checkpoint, f"purge-{uuid.uuid4().hex[:12]}"))
+        spec = ModelSpec.model_validate(model_spec_of(unique_digits_checkpoint, f"purge-{uuid.uuid4().hex[:12]}"))
         second = model_service.create(session, tenant_id="other", actor="test", spec=spec).id
 
     with sessions() as upload:  # an upload of the same bytes, between its insert and its commit
         added = model_service.upload_version(upload, tenant_id="other", actor="test", model_id=second,
-                                             checkpoint=unique_checkpoint, store=store, max_bytes=1 << 30)
+                                             checkpoint=unique_digits_checkpoint, store=store, max_bytes=1 << 30)
         thread, outcome = _in_thread(lambda: _purge(sessions, store, first))
         _wait_until_blocked_on_a_lock(sessions)
         upload.commit()
@@ -112,10 +99,10 @@ def test_a_purge_waits_for_a_version_being_added_with_its_bytes_and_keeps_them(
 
 
 def test_a_request_waits_for_a_purge_of_its_base_and_is_then_refused(
-    sessions: sessionmaker[Session], tmp_path: Path, unique_checkpoint: bytes
+    sessions: sessionmaker[Session], tmp_path: Path, unique_digits_checkpoint: bytes
 ) -> None:
     store = LocalArtifactStore(tmp_path / "artifacts")
-    model_id = _model_with_version(sessions, store, unique_checkpoint)
+    model_id = _model_with_version(sessions, store, unique_digits_checkpoint)
 
     def create() -> Any:
         with sessions.begin() as session:
