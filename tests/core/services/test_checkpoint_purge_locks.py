@@ -25,14 +25,6 @@ from core.storage import LocalArtifactStore
 from uisps.demo import model_spec_of
 
 
-@pytest.fixture
-def sessions(pg_url: str) -> Iterator[sessionmaker[Session]]:
-    upgrade(pg_url)
-    engine = make_engine(pg_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
-
-
 def _model_with_version(sessions: sessionmaker[Session], store: LocalArtifactStore, checkpoint: bytes) -> str:
     with sessions.begin() as session:
         spec = ModelSpec.model_validate(model_spec_of(checkpoint, f"purge-{uuid.uuid4().hex[:12]}"))
@@ -76,45 +68,45 @@ def _purge(sessions: sessionmaker[Session], store: LocalArtifactStore, model_id:
 
 
 def test_a_purge_waits_for_a_version_being_added_with_its_bytes_and_keeps_them(
-    sessions: sessionmaker[Session], tmp_path: Path, unique_digits_checkpoint: bytes
+    pg_sessions: sessionmaker[Session], tmp_path: Path, unique_digits_checkpoint: bytes
 ) -> None:
     store = LocalArtifactStore(tmp_path / "artifacts")
-    first = _model_with_version(sessions, store, unique_digits_checkpoint)
-    with sessions.begin() as session:  # another tenant's: its writes share no tenant lock with the purge
+    first = _model_with_version(pg_sessions, store, unique_digits_checkpoint)
+    with pg_sessions.begin() as session:  # another tenant's: its writes share no tenant lock with the purge
         spec = ModelSpec.model_validate(model_spec_of(unique_digits_checkpoint, f"purge-{uuid.uuid4().hex[:12]}"))
         second = model_service.create(session, tenant_id="other", actor="test", spec=spec).id
 
-    with sessions() as upload:  # an upload of the same bytes, between its insert and its commit
+    with pg_sessions() as upload:  # an upload of the same bytes, between its insert and its commit
         added = model_service.upload_version(upload, tenant_id="other", actor="test", model_id=second,
                                              checkpoint=unique_digits_checkpoint, store=store, max_bytes=1 << 30)
-        thread, outcome = _in_thread(lambda: _purge(sessions, store, first))
-        _wait_until_blocked_on_a_lock(sessions)
+        thread, outcome = _in_thread(lambda: _purge(pg_sessions, store, first))
+        _wait_until_blocked_on_a_lock(pg_sessions)
         upload.commit()
     thread.join(timeout=30)
 
     assert "error" not in outcome, outcome
     assert store.exists(added.artifact_key)  # the purge saw the new version and left the file
-    with sessions() as session:
+    with pg_sessions() as session:
         assert model_service.get_version(session, "default", first, 1).checkpoint_purged_at is not None
 
 
 def test_a_request_waits_for_a_purge_of_its_base_and_is_then_refused(
-    sessions: sessionmaker[Session], tmp_path: Path, unique_digits_checkpoint: bytes
+    pg_sessions: sessionmaker[Session], tmp_path: Path, unique_digits_checkpoint: bytes
 ) -> None:
     store = LocalArtifactStore(tmp_path / "artifacts")
-    model_id = _model_with_version(sessions, store, unique_digits_checkpoint)
+    model_id = _model_with_version(pg_sessions, store, unique_digits_checkpoint)
 
     def create() -> Any:
-        with sessions.begin() as session:
+        with pg_sessions.begin() as session:
             return deletion_request_service.create(
                 session, tenant_id="default", actor="test", settings=Settings(home=tmp_path), model_id=model_id,
                 forget_labels=[1], dispatch=lambda _: None)
 
-    with sessions() as purge:  # a purge that checked for requests and has not committed yet
+    with pg_sessions() as purge:  # a purge that checked for requests and has not committed yet
         model_service.purge_checkpoint(purge, tenant_id="default", actor="test", model_id=model_id,
                                        version=1, store=store)
         thread, outcome = _in_thread(create)
-        _wait_until_blocked_on_a_lock(sessions)
+        _wait_until_blocked_on_a_lock(pg_sessions)
         purge.commit()
     thread.join(timeout=30)
 

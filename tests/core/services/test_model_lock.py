@@ -18,14 +18,6 @@ from core.services.models.service import ModelSpec, model_service
 from core.settings import Settings
 
 
-@pytest.fixture
-def sessions(pg_url: str) -> Iterator[sessionmaker[Session]]:
-    upgrade(pg_url)
-    engine = make_engine(pg_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
-
-
 def registered_model(sessions: sessionmaker[Session]) -> str:
     with sessions() as session:
         model = model_service.create(session, tenant_id="default", actor="test", spec=ModelSpec(
@@ -39,11 +31,11 @@ def registered_model(sessions: sessionmaker[Session]) -> str:
         return model.id
 
 
-def test_a_request_can_be_created_while_a_job_holds_its_model_lock(sessions, tmp_path) -> None:
-    model_id = registered_model(sessions)
-    with sessions() as job:  # a finishing job, between numbering its version and committing
+def test_a_request_can_be_created_while_a_job_holds_its_model_lock(pg_sessions, tmp_path) -> None:
+    model_id = registered_model(pg_sessions)
+    with pg_sessions() as job:  # a finishing job, between numbering its version and committing
         assert model_repository.get(job, "default", model_id, for_update=True) is not None
-        with sessions() as api:
+        with pg_sessions() as api:
             api.execute(text("SET LOCAL lock_timeout = '3s'"))  # fails here, instead of waiting, if blocked
             request = deletion_request_service.create(
                 api, tenant_id="default", actor="test", settings=Settings(home=tmp_path), model_id=model_id,
