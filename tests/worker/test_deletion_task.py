@@ -220,7 +220,7 @@ def test_a_result_whose_stored_file_was_purged_meanwhile_is_not_committed(worker
     request_id = worker_env.new_request(digits_checkpoint, [1])
     with worker_env.sessions.begin() as session:
         deletion_jobs.claim(session, request_id, lease_s=60)
-    from core.storage import ArtifactNotFound, StoredArtifact
+    from core.storage import ArtifactNotFound
 
     stored = worker_env.store.put(b"a result whose file a purge deleted")
     worker_env.store.delete(stored.key)

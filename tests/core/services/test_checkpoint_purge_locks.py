@@ -7,16 +7,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import make_engine, make_sessionmaker
-from core.db.migrate import upgrade
 from core.services.deletion_requests.service import deletion_request_service
 from core.services.errors import Conflict
 from core.services.models.service import ModelSpec, model_service

@@ -4,14 +4,11 @@ inserts a request (whose foreign-key check reads the model row); blocking there 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
-import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import ModelVersion, make_engine, make_sessionmaker
-from core.db.migrate import upgrade
+from core.db import ModelVersion
 from core.services.deletion_requests.service import deletion_request_service
 from core.services.models.repository import model_repository
 from core.services.models.service import ModelSpec, model_service
