@@ -434,6 +434,39 @@ def _service_database() -> Iterator[Any]:
             engine.dispose()
 
 
+@contextmanager
+def _existing_service_database() -> Iterator[Any]:
+    """A session on the service's database as it is, never created or migrated here: a command
+    that deletes what the database does not name must stop when pointed at the wrong database
+    (an unset UISPS_DATABASE_URL opens the embedded SQLite), not act on an empty one."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.engine import make_url
+
+    from core.db import make_engine, make_sessionmaker
+    from core.db.migrate import alembic_config, current_revision
+    from core.errors import UisError
+    from core.settings import get_settings
+
+    url = make_url(get_settings().effective_database_url)
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise UisError(f"there is no database at {shown}: set UISPS_DATABASE_URL to the service's database")
+    with _migration_errors():
+        revision = current_revision(url)
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    if revision != head:
+        raise UisError(
+            f"the database {shown} is at revision {revision}, not {head}: is it the service's database "
+            "(UISPS_DATABASE_URL)? `uisps db upgrade` migrates it"
+        )
+    engine = make_engine(url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
 def _cli_actor() -> str:
     import getpass
 
@@ -448,6 +481,7 @@ app.add_typer(artifacts_app, name="artifacts")
 
 
 @artifacts_app.command("gc")
+@user_errors
 def artifacts_gc(
     min_age_hours: Annotated[
         float, typer.Option("--min-age-hours", min=0.0, help="spare files written less than this long ago")
@@ -462,7 +496,7 @@ def artifacts_gc(
     from core.storage import make_artifact_store
 
     store = make_artifact_store(get_settings())
-    with _service_database() as session:
+    with _existing_service_database() as session:
         found = collect_orphaned_artifacts(
             session, store, min_age=timedelta(hours=min_age_hours), dry_run=dry_run
         )

@@ -42,7 +42,7 @@ def test_a_purged_checkpoint_is_gone_and_its_record_stays(
     )
     event = _events(client, model["id"])[-1]
     assert event["action"] == "model_version.checkpoint_purged"
-    assert event["details"] == {"version": 1, "sha256": before["sha256"], "forgotten_labels": []}
+    assert event["details"] == {"version": 1, "sha256": before["sha256"], "forgotten_labels": [], "bytes_deleted": True}
 
 
 def test_purging_again_answers_204_and_records_nothing_more(client: TestClient, registered_model) -> None:  # noqa: ANN001
@@ -100,6 +100,7 @@ def test_bytes_another_version_keeps_stay_until_it_is_purged_too(
     _purge(client, first["id"])
 
     assert client.app.state.store.exists(key)
+    assert _events(client, first["id"])[-1]["details"]["bytes_deleted"] is False
     assert client.get(f"/models/{second['id']}/versions/1/checkpoint").content == checkpoint
     _purge(client, second["id"])
     assert not client.app.state.store.exists(key)
@@ -127,3 +128,27 @@ def test_a_missing_version_or_model_is_404(client: TestClient, registered_model)
 
     assert_problem(_purge(client, model["id"], 2), 404, "not_found")
     assert_problem(_purge(client, "no-such-model"), 404, "not_found", "no-such-model")
+
+
+def test_a_purge_while_a_download_hashes_the_file_answers_410(
+    client: TestClient, registered_model, unique_digits_checkpoint: bytes, monkeypatch  # noqa: ANN001
+) -> None:
+    from core.services.models import service
+
+    model = registered_model(upload=False)
+    files = {"file": ("m.safetensors", unique_digits_checkpoint, "application/octet-stream")}
+    assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201
+    hash_file = service.verify_artifact
+
+    def hash_then_purge(*args: Any) -> None:  # the purge commits while the download hashes
+        hash_file(*args)
+        with client.app.state.sessions.begin() as session:
+            service.model_service.purge_checkpoint(session, tenant_id="default", actor="test", model_id=model["id"],
+                                                   version=1, store=client.app.state.store)
+
+    monkeypatch.setattr(service, "verify_artifact", hash_then_purge)
+
+    response = client.get(f"/models/{model['id']}/versions/1/checkpoint")
+
+    assert_problem(response, 410, "checkpoint_purged", "was purged")
+    assert _events(client, model["id"])[-1]["action"] == "model_version.checkpoint_purged"  # no download

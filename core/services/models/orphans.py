@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.db import utcnow
+from core.db import ModelVersion, utcnow
+from core.errors import UisError
 from core.services.models.repository import model_repository
 from core.services.transactions import begin_write, lock_artifact
 from core.storage import ArtifactStore, ListedArtifact
@@ -27,10 +29,18 @@ def collect_orphaned_artifacts(
     backup. `min_age` spares a job's result between its store and its commit; that is
     only to save work, since a job whose file went meanwhile fails its attempt and is retried.
     Each file is checked and deleted under its artifact lock, taken exclusive as a purge takes it,
-    so a version being added with the same bytes either is seen or finds the file gone.
+    so a version being added with the same bytes either is seen or finds the file gone. Refuses
+    (UisError) when the database holds no version at all: the wrong database, not all orphans.
     """
     cutoff = (now or utcnow()) - min_age
     old = [listed for listed in store.list_artifacts() if listed.modified_at <= cutoff]
+    if old and session.scalar(select(ModelVersion.id).limit(1)) is None:
+        # Every file would go: far more likely a database that is not the service's than a store
+        # of nothing but orphans.
+        raise UisError(
+            f"the database records no model version at all, so all {len(old)} stored files would be deleted; "
+            "refusing: check that UISPS_DATABASE_URL names the service's database"
+        )
     collected = []
     for listed in old:
         begin_write(session)

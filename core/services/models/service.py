@@ -25,7 +25,7 @@ from core.services.errors import (
 from core.services.models.repository import model_repository
 from core.services.pagination import Page, PageRequest
 from core.services.transactions import begin_write, lock_artifact
-from core.storage import ArtifactStore
+from core.storage import ArtifactNotFound, ArtifactStore
 
 if TYPE_CHECKING:
     from core.checkpoint import Manifest
@@ -242,17 +242,17 @@ class ModelService:
         (`verified_chunks`).
         """
         found = self.get_version(session, tenant_id, model_id, version)
-        _check_not_purged(found)
-        if not store.exists(found.artifact_key):
-            raise ArtifactMissing(
-                f"the checkpoint of model {model_id} version {version} is missing from artifact storage"
-            )
+        _check_servable(store, found)
         # End the read before hashing, so a stale SQLite snapshot cannot block the write below.
         session.commit()
-        if store.local_path(found.artifact_key) is not None:
-            verify_artifact(store, found.artifact_key, found.sha256)
+        try:
+            if store.local_path(found.artifact_key) is not None:
+                verify_artifact(store, found.artifact_key, found.sha256)
+        except ArtifactNotFound:
+            pass  # gone while it was hashed: the check below says whether it was purged
         begin_write(session)
-        found = self.get_version(session, tenant_id, model_id, version)
+        session.refresh(found)  # a purge may have committed meanwhile
+        _check_servable(store, found)
         record_event(
             session,
             tenant_id=tenant_id,
@@ -295,7 +295,8 @@ class ModelService:
                 f"{', '.join(active)}; purge it once they have finished or been cancelled",
                 code="version_in_use",
             )
-        if not model_repository.artifact_kept(session, found.artifact_key, besides=found.id):
+        bytes_deleted = not model_repository.artifact_kept(session, found.artifact_key, besides=found.id)
+        if bytes_deleted:
             store.delete(found.artifact_key)
         found.checkpoint_purged_at = utcnow()
         record_event(
@@ -306,7 +307,13 @@ class ModelService:
             subject_type="model_version",
             subject_id=found.id,
             model_id=model_id,
-            details={"version": found.version, "sha256": found.sha256, "forgotten_labels": found.forgotten_labels},
+            details={
+                "version": found.version,
+                "sha256": found.sha256,
+                "forgotten_labels": found.forgotten_labels,
+                # False when another version (of any model) has the very same bytes and keeps them.
+                "bytes_deleted": bytes_deleted,
+            },
         )
         return found
 
@@ -317,11 +324,15 @@ class ModelService:
         return model
 
 
-def _check_not_purged(version: ModelVersion) -> None:
+def _check_servable(store: ArtifactStore, version: ModelVersion) -> None:
     if version.checkpoint_purged_at is not None:
         raise CheckpointPurged(
             f"the checkpoint of model {version.model_id} version {version.version} was purged "
             f"at {version.checkpoint_purged_at.isoformat()}; its record and sha256 are kept"
+        )
+    if not store.exists(version.artifact_key):
+        raise ArtifactMissing(
+            f"the checkpoint of model {version.model_id} version {version.version} is missing from artifact storage"
         )
 
 

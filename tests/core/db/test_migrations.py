@@ -6,7 +6,7 @@ import pytest
 from alembic import command
 from sqlalchemy import Engine, exc, inspect, text
 
-from core.db import make_engine, make_sessionmaker, record_event
+from core.db import make_engine, make_sessionmaker, record_event, utcnow
 from core.db.migrate import alembic_config, current_revision, downgrade, upgrade
 
 TABLES = {
@@ -147,6 +147,38 @@ def test_rows_made_at_0002_survive_upgrade_and_downgrade(empty_db: str) -> None:
             assert connection.scalar(text("SELECT state FROM deletion_requests WHERE id = 'r1'")) == "succeeded"
             assert connection.scalar(text("SELECT deletion_request_id FROM model_versions WHERE id = 'v2'")) == "r1"
             assert connection.execute(text("SELECT name, rate_tokens FROM api_keys WHERE id = 'k1'")).one() == ("ops", None)
+    finally:
+        engine.dispose()
+        downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
+
+
+def test_a_purge_survives_a_downgrade_past_0006_and_an_upgrade_again(empty_db: str) -> None:
+    upgrade(empty_db)
+    engine = make_engine(empty_db)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            session.execute(text(
+                "INSERT INTO models (id, tenant_id, name, architecture, arch_kwargs, num_classes, class_names,"
+                " input_shape, mean, std, data_source, created_at) VALUES ('m1', 'default', 'm', 'smallcnn',"
+                " '{}', 10, '[]', '[1, 8, 8]', '[0]', '[1]', 'digits', :now)"), {"now": utcnow()})
+            for version in ("v1", "v2"):
+                session.execute(text(
+                    "INSERT INTO model_versions (id, tenant_id, model_id, version, artifact_key, sha256, size_bytes,"
+                    " forgotten_labels, created_at) VALUES (:id, 'default', 'm1', :n, 'k', :sha, 1, '[]', :now)"),
+                    {"id": version, "n": int(version[1]), "sha": "0" * 64, "now": utcnow()})
+            session.execute(text("UPDATE model_versions SET checkpoint_purged_at = :now WHERE id = 'v1'"), {"now": utcnow()})
+            record_event(session, tenant_id="default", actor="test", action="model_version.checkpoint_purged",
+                         subject_type="model_version", subject_id="v1", model_id="m1", details={"version": 1})
+        with engine.connect() as connection:
+            purged_at = connection.scalar(text("SELECT occurred_at FROM audit_events WHERE subject_id = 'v1'"))
+
+        downgrade(empty_db, "0005")
+        upgrade(empty_db)
+
+        with engine.connect() as connection:
+            rows = dict(connection.execute(text("SELECT id, checkpoint_purged_at FROM model_versions")).all())
+        assert rows["v2"] is None and rows["v1"] is not None
+        assert str(rows["v1"])[:19] == str(purged_at)[:19]  # the time of the purge, from its audit event
     finally:
         engine.dispose()
         downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows

@@ -48,11 +48,17 @@ def _in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any
 
 
 def _wait_until_blocked_on_a_lock(sessions: sessionmaker[Session]) -> None:
-    """Until another connection waits for a lock (the other thread reached its lock)."""
+    """Until a connection waits for one of this database's advisory locks (the other thread is
+    blocked on the artifact or tenant lock the test is about)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with sessions() as probe:
-            if probe.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")):
+            # Advisory locks of this database only: other runs on the server wait for their own.
+            waiting = text(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'advisory'"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+            if probe.scalar(waiting):
                 return
         time.sleep(0.05)
     raise AssertionError("the other transaction never waited for a lock")

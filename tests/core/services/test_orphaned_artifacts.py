@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Model, ModelVersion, make_engine, make_sessionmaker, utcnow
 from core.db.migrate import upgrade
+from core.errors import UisError
 from core.services.models.orphans import collect_orphaned_artifacts
 from core.storage import LocalArtifactStore, StoredArtifact
 
@@ -30,8 +31,11 @@ def sessions(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Session]]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> LocalArtifactStore:
-    return LocalArtifactStore(tmp_path / "artifacts")
+def store(tmp_path: Path, sessions: sessionmaker[Session]) -> LocalArtifactStore:
+    """A store with one file a version keeps: a database with no version at all is refused."""
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    _version_naming(sessions, _stored(store, 30 * DAY))
+    return store
 
 
 def _stored(store: LocalArtifactStore, age: timedelta) -> StoredArtifact:
@@ -99,3 +103,16 @@ def test_a_dry_run_names_the_orphans_and_deletes_nothing(sessions: sessionmaker[
     assert _collect(sessions, store, dry_run=True) == {orphan.key}
 
     assert store.exists(orphan.key)
+
+
+def test_a_database_without_any_version_is_refused(sqlite_url: str, tmp_path: Path) -> None:
+    upgrade(sqlite_url)  # e.g. an unset UISPS_DATABASE_URL: the embedded database, not the service's
+    engine = make_engine(sqlite_url)
+    store = LocalArtifactStore(tmp_path / "other-artifacts")
+    live = _stored(store, 2 * DAY)
+
+    with make_sessionmaker(engine)() as session, pytest.raises(UisError, match="no model version at all"):
+        collect_orphaned_artifacts(session, store, min_age=DAY, dry_run=False)
+
+    engine.dispose()
+    assert store.exists(live.key)
