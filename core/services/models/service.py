@@ -239,7 +239,8 @@ class ModelService:
 
         A checkpoint kept as a local file is hashed again first (ArtifactCorrupted if it no longer
         matches its recorded sha256); other backends are checked while streaming
-        (`verified_chunks`).
+        (`verified_chunks`). A purged checkpoint raises CheckpointPurged, also when the purge
+        committed while the file was being hashed; a lost one ArtifactMissing.
         """
         found = self.get_version(session, tenant_id, model_id, version)
         _check_servable(store, found)
