@@ -488,7 +488,7 @@ def artifacts_gc(
     ] = 24.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be deleted; delete nothing")] = False,
 ) -> None:
-    """Delete stored checkpoints that no version names (left by crashed, cancelled or lost jobs)."""
+    """Delete stored checkpoints that no unpurged version names (crashed, cancelled or lost jobs' results)."""
     from datetime import timedelta
 
     from core.services.models.orphans import collect_orphaned_artifacts

@@ -41,7 +41,8 @@ RequestId = Annotated[str, Path(max_length=64, description="the deletion request
     description=(
         "Validates the labels against the base version (range, duplicates, already forgotten, not "
         "every class, at most `UISPS_MAX_LABELS_PER_REQUEST`) and the overrides against the method's "
-        "parameters, records the request and queues it. Poll the `Location` until `state` is "
+        "parameters, records the request and queues it. A base version whose checkpoint was purged "
+        "is refused (409 `checkpoint_purged`). Poll the `Location` until `state` is "
         "succeeded, failed or cancelled. A tenant may have `UISPS_MAX_ACTIVE_REQUESTS_PER_TENANT` "
         "requests queued or running at once (429 beyond). With a `callback_url`, a signed event is "
         "POSTed there when the request ends (succeeded, failed or cancelled; see the API guide)."

@@ -105,7 +105,7 @@ class ModelVersion(Base):
     )
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # Set when the checkpoint was purged (core.services.models.purge); never cleared.
+    # Set when the checkpoint was purged (ModelService.purge_checkpoint); never cleared.
     checkpoint_purged_at: Mapped[datetime | None] = mapped_column()
 
     model: Mapped[Model] = relationship(back_populates="versions")

@@ -22,7 +22,8 @@ def begin_write(session: Session) -> None:
     transaction that read a snapshot and then tries to write after another connection committed,
     which the worker does every half second while it reports progress. Taking the write lock
     first makes such a transaction wait its turn instead. PostgreSQL needs nothing here; row locks
-    (``lock_model``) serialise what must be serialised there.
+    (``model_repository.get(..., for_update=True)``) and advisory locks serialise what must be
+    serialised there.
     """
     if session.get_bind().dialect.name != "sqlite":
         return
@@ -34,12 +35,12 @@ def begin_write(session: Session) -> None:
 
 
 def lock_artifact(session: Session, key: str, *, exclusive: bool) -> None:
-    """Serialise a purge (exclusive) with the writes that add a version naming the same stored
-    artifact (shared) until the transaction ends.
+    """Serialise a purge or `uisps artifacts gc` (exclusive) with the writes that add a version
+    naming the same stored artifact (shared) until the transaction ends.
 
     Artifacts are content-addressed, so two versions can share one file: a purge deletes it only
-    when no other version names it, and this lock keeps a version being added meanwhile from
-    ending up pointing at a deleted file. On SQLite ``begin_write`` already holds the single write
+    when no other unpurged version names it, and this lock keeps a version being added meanwhile
+    from ending up pointing at a deleted file. On SQLite ``begin_write`` already holds the single write
     lock, which serialises the same transactions.
     """
     if session.get_bind().dialect.name != "postgresql":

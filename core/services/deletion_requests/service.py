@@ -207,8 +207,9 @@ class DeletionRequestService:
     def certificate_content(self, session: Session, tenant_id: str, request_id: str) -> dict[str, Any]:
         """What a succeeded request's certificate states, built from its immutable records.
 
-        Every value comes from rows that never change once the request succeeded (the request,
-        its versions, the audit event of its success), so signing it again gives the same file.
+        Every value comes from fields that never change once the request succeeded (of the request,
+        its versions, the audit event of its success; a purge sets only a version's
+        `checkpoint_purged_at`), so signing it again gives the same file.
         """
         request = self.get(session, tenant_id, request_id)
         if request.state != JobState.SUCCEEDED.value or request.result_version is None:

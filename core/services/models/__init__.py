@@ -1,1 +1,1 @@
-"""Registered models and their immutable versions (checkpoints)."""
+"""Registered models and their versions (checkpoints that never change, until purged)."""

@@ -1,4 +1,5 @@
-"""Stored checkpoints that no version names: what a crash, a lost lease or a cancel left behind."""
+"""Stored checkpoints that no unpurged version names: what a crash, a lost lease or a cancel left
+behind."""
 
 from __future__ import annotations
 
