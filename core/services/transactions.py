@@ -40,8 +40,8 @@ def lock_artifact(session: Session, key: str, *, exclusive: bool) -> None:
 
     Artifacts are content-addressed, so two versions can share one file: a purge deletes it only
     when no other unpurged version names it, and this lock keeps a version being added meanwhile
-    from ending up pointing at a deleted file. On SQLite ``begin_write`` already holds the single write
-    lock, which serialises the same transactions.
+    from ending up pointing at a deleted file. On SQLite ``begin_write`` already holds the single
+    write lock, which serialises the same transactions.
     """
     if session.get_bind().dialect.name != "postgresql":
         return
