@@ -417,21 +417,28 @@ app.add_typer(certificate_app, name="certificate")
 
 
 @contextmanager
+def _session_on(url: Any) -> Iterator[Any]:
+    from core.db import make_engine, make_sessionmaker
+
+    engine = make_engine(url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+@contextmanager
 def _service_database() -> Iterator[Any]:
     """A session on the service's database (UISPS_DATABASE_URL or the embedded SQLite), migrated."""
-    from core.db import make_engine, make_sessionmaker
     from core.db.migrate import upgrade
     from core.settings import get_settings
 
     url = get_settings().effective_database_url
     with _migration_errors():
         upgrade(url)
-        engine = make_engine(url)
-        try:
-            with make_sessionmaker(engine)() as session:
-                yield session
-        finally:
-            engine.dispose()
+        with _session_on(url) as session:
+            yield session
 
 
 @contextmanager
@@ -442,7 +449,6 @@ def _existing_service_database() -> Iterator[Any]:
     from alembic.script import ScriptDirectory
     from sqlalchemy.engine import make_url
 
-    from core.db import make_engine, make_sessionmaker
     from core.db.migrate import alembic_config, current_revision
     from core.errors import UisError
     from core.settings import get_settings
@@ -459,12 +465,8 @@ def _existing_service_database() -> Iterator[Any]:
             f"the database {shown} is at revision {revision}, not {head}: is it the service's database "
             "(UISPS_DATABASE_URL)? `uisps db upgrade` migrates it"
         )
-    engine = make_engine(url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            yield session
-    finally:
-        engine.dispose()
+    with _session_on(url) as session:
+        yield session
 
 
 def _cli_actor() -> str:
