@@ -2,8 +2,7 @@
 
 Domain errors map to statuses here and nowhere else: no or bad API key 401, role not allowed 403,
 unknown resource 404, purged checkpoint 410, invalid input 422, conflicting state 409, oversized
-upload 413, rate or
-concurrency limit 429, database or broker unreachable 503.
+upload 413, rate or concurrency limit 429, database or broker unreachable 503.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ def pick_device(name: str = "auto") -> torch.device:
 def use_bf16(precision: str, device: torch.device) -> bool:
     """bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX: 2.7x faster ResNet18
     training steps on a 2-core AMX machine of this project); fp32 elsewhere (the AVX2-only AMD
-    machines this project also runs on, CI's included)."""
+    machines this project has also run on)."""
     if precision != "auto":
         return precision == "bf16"
     return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -243,17 +243,22 @@ class ModelService:
         committed while the file was being hashed; a lost one ArtifactMissing.
         """
         found = self.get_version(session, tenant_id, model_id, version)
-        _check_servable(store, found)
+        _check_not_purged(found)
+        if not store.exists(found.artifact_key):
+            raise _missing(found)
         # End the read before hashing, so a stale SQLite snapshot cannot block the write below.
         session.commit()
+        lost = False
         try:
             if store.local_path(found.artifact_key) is not None:
                 verify_artifact(store, found.artifact_key, found.sha256)
         except ArtifactNotFound:
-            pass  # gone while it was hashed: the check below says whether it was purged
+            lost = True  # gone while it was hashed: purged (410 below) or lost
         begin_write(session)
         session.refresh(found)  # a purge may have committed meanwhile
-        _check_servable(store, found)
+        _check_not_purged(found)
+        if lost:
+            raise _missing(found)
         record_event(
             session,
             tenant_id=tenant_id,
@@ -325,16 +330,18 @@ class ModelService:
         return model
 
 
-def _check_servable(store: ArtifactStore, version: ModelVersion) -> None:
+def _check_not_purged(version: ModelVersion) -> None:
     if version.checkpoint_purged_at is not None:
         raise CheckpointPurged(
             f"the checkpoint of model {version.model_id} version {version.version} was purged "
             f"at {version.checkpoint_purged_at.isoformat()}; its record and sha256 are kept"
         )
-    if not store.exists(version.artifact_key):
-        raise ArtifactMissing(
-            f"the checkpoint of model {version.model_id} version {version.version} is missing from artifact storage"
-        )
+
+
+def _missing(version: ModelVersion) -> ArtifactMissing:
+    return ArtifactMissing(
+        f"the checkpoint of model {version.model_id} version {version.version} is missing from artifact storage"
+    )
 
 
 def _check_architecture(architecture: str) -> None:
