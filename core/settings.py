@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     job_visibility_timeout_s: int = 6 * 60 * 60
     max_attempts: int = 3
     max_labels_per_request: int = 100
+    # Folders a model's data source may lie under, comma-separated (`/data`, or `/data/{tenant}`
+    # for a folder per tenant: `{tenant}` stands for the tenant's id). Checked when a model is
+    # registered and again by the worker before it reads. Empty, the default: no data files at
+    # all, only the built-in `digits`, until an operator names the roots.
+    data_roots: str = ""
 
     # --- Trust (issue #5): API keys, limits, crash-safe jobs, certificates ----------------------
     # A running job renews its lease while it works (progress writes and a heartbeat every third
@@ -179,6 +184,10 @@ class Settings(BaseSettings):
         if self.broker_url:
             return self.broker_url
         return f"sqla+sqlite:///{self.home / 'broker.db'}"
+
+    @property
+    def data_root_list(self) -> list[str]:
+        return [root.strip() for root in self.data_roots.split(",") if root.strip()]
 
     @property
     def effective_artifact_dir(self) -> Path:

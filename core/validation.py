@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from core.errors import ArchitectureError, DataError, InvalidLabels
 
 OWN_ARCHITECTURES = ("resnet18", "allcnn", "smallcnn")
 DATA_KINDS_WITH_PATH = ("npz", "cifar10", "cifar100", "svhn", "mnist", "imagefolder")
+TENANT_PLACEHOLDER = "{tenant}"
 
 
 def check_labels(labels: Iterable[int], num_classes: int, already_forgotten: Iterable[int] = ()) -> list[int]:
@@ -46,3 +49,31 @@ def validate_data_spec(spec: str) -> None:
     raise DataError(
         f"unknown data spec {spec!r} (use digits, or {', '.join(k + ':<path>' for k in DATA_KINDS_WITH_PATH)})"
     )
+
+
+def check_data_location(spec: str, roots: Sequence[str], tenant_id: str) -> None:
+    """A data source's path must lie under one of the operator's data roots.
+
+    A tenant names the path and the worker reads it, so without this check any tenant could make
+    a worker train on any file it can read (another tenant's data included) and learn from the
+    job's error whether a path exists. `{tenant}` in a root stands for the tenant's id, which gives
+    each tenant a folder of its own. Paths are resolved (`..`, symbolic links) before the check;
+    relative and `~` paths are refused, since the API and each worker would read them differently.
+    """
+    kind, _, arg = spec.partition(":")
+    if kind not in DATA_KINDS_WITH_PATH:
+        return  # `digits` ships inside scikit-learn; validate_data_spec refuses unknown kinds
+    if not roots:
+        raise DataError(
+            f"data source {spec!r} names a file, and this service reads none: the operator has set no "
+            "data roots (UISPS_DATA_ROOTS); use digits, or ask for a data root"
+        )
+    if not Path(arg).is_absolute():
+        raise DataError(f"data source {spec!r}: the path must be absolute")
+    target = Path(os.path.realpath(arg))
+    allowed = [Path(os.path.realpath(root.replace(TENANT_PLACEHOLDER, tenant_id))) for root in roots]
+    if not any(target.is_relative_to(root) for root in allowed):
+        raise DataError(
+            f"data source {spec!r} lies outside the folders this service reads data from: "
+            + ", ".join(str(root) for root in allowed)
+        )

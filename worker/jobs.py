@@ -29,6 +29,7 @@ from core.services.errors import ArtifactCorrupted, ArtifactMissing
 from core.services.models.service import manifest_for
 from core.settings import Settings
 from core.storage import ArtifactNotFound, ArtifactStore, StoredArtifact
+from core.validation import check_data_location
 from core.version import code_version
 from worker.context import artifact_store, sessions_for
 
@@ -237,6 +238,9 @@ def _unlearn(
         expected=manifest_for(job.model, job.base.forgotten_labels),
         max_parameters=settings.max_checkpoint_parameters,
     )
+    # Again here: a model registered before the roots were narrowed, or under other settings,
+    # must not make this worker read outside them.
+    check_data_location(job.model.data_source, settings.data_root_list, job.model.tenant_id)
     dataset = load_dataset(job.model.data_source)
     config = UnlearnConfig.model_validate(job.params)
     device = pick_device(settings.device)

@@ -44,12 +44,15 @@ def create_model(
     session: SessionDep,
     tenant_id: TenantDep,
     actor: ActorDep,
+    settings: SettingsDep,
     idempotency: IdempotencyDep,
 ) -> ModelRead:
     replay = idempotency.start(body.model_dump(mode="json"))
     if replay is not None:
         return replay  # type: ignore[return-value]
-    model = model_service.create(session, tenant_id=tenant_id, actor=actor, spec=body)
+    model = model_service.create(
+        session, tenant_id=tenant_id, actor=actor, spec=body, data_roots=settings.data_root_list
+    )
     location = f"/models/{model.id}"
     response.headers["Location"] = location
     result = ModelRead.of(model, None)

@@ -246,3 +246,33 @@ def test_a_bad_page_token_is_400(client: TestClient, registered_model) -> None: 
     response = client.get(f"/models/{model['id']}/versions", params={"page_token": forged})
     assert_problem(response, 400, "invalid_page_token", "not a token this service issued")
     assert_problem(client.get("/models", params={"page_size": 0}), 422, "validation_error", "page_size")
+
+
+@pytest.mark.parametrize("source", ["npz:/etc/passwd", "imagefolder:/", "npz:{root}/../other-tenant.npz"])
+def test_a_data_source_outside_the_data_roots_is_422(tmp_path, model_spec: dict[str, Any], source: str) -> None:  # noqa: ANN001
+    root = tmp_path / "data"
+    with TestClient(create_app(Settings(home=tmp_path, data_roots=str(root)))) as client:
+        authorize(client)
+        response = client.post("/models", json={**model_spec, "data_source": source.format(root=root)})
+
+        assert_problem(response, 422, "invalid_data", "outside the folders this service reads data from")
+        assert client.get("/models").json()["models"] == []
+
+
+def test_without_data_roots_only_builtin_data_is_accepted(client: TestClient, model_spec: dict[str, Any]) -> None:
+    refused = client.post("/models", json={**model_spec, "data_source": "npz:/data/train.npz"})
+
+    assert_problem(refused, 422, "invalid_data", "UISPS_DATA_ROOTS")
+    assert client.post("/models", json=model_spec).status_code == 201  # model_spec's source is digits
+
+
+def test_a_data_source_under_the_tenants_root_is_registered(tmp_path, model_spec: dict[str, Any]) -> None:  # noqa: ANN001
+    roots = f"{tmp_path}/shared,{tmp_path}/tenants/{{tenant}}"
+    with TestClient(create_app(Settings(home=tmp_path, data_roots=roots))) as client:
+        authorize(client)
+        own = client.post("/models", json={**model_spec, "data_source": f"npz:{tmp_path}/tenants/default/x.npz"})
+        other = client.post("/models", json={**model_spec, "name": unique_name(),
+                                             "data_source": f"npz:{tmp_path}/tenants/globex/x.npz"})
+
+        assert own.status_code == 201, own.text
+        assert_problem(other, 422, "invalid_data", "outside the folders")

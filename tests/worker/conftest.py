@@ -56,7 +56,9 @@ class WorkerEnv:
         """A registered model with `checkpoint` as version 1."""
         spec = {**model_spec_of(checkpoint, f"digits-{uuid.uuid4().hex[:12]}"), **spec_changes}
         with self.sessions() as session:
-            model = model_service.create(session, tenant_id=tenant, actor="test", spec=ModelSpec(**spec))
+            model = model_service.create(
+                session, tenant_id=tenant, actor="test", spec=ModelSpec(**spec), data_roots=self.settings.data_root_list
+            )
             session.commit()
             model_service.upload_version(
                 session, tenant_id=tenant, actor="test", model_id=model.id, checkpoint=checkpoint,
@@ -101,6 +103,7 @@ class WorkerEnv:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def worker_env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WorkerEnv:
     monkeypatch.setenv("UISPS_HOME", str(tmp_path))
+    monkeypatch.setenv("UISPS_DATA_ROOTS", str(tmp_path))
     monkeypatch.delenv("UISPS_BROKER_URL", raising=False)
     monkeypatch.delenv("UISPS_ARTIFACT_DIR", raising=False)
     if request.param == "postgresql":

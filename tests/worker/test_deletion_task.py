@@ -143,6 +143,19 @@ def test_bad_input_fails_at_once_with_its_code(worker_env, digits_checkpoint: by
     assert _actions(worker_env, request_id)[-1] == "deletion_request.failed"
 
 
+def test_a_data_source_outside_the_workers_roots_is_not_read(
+    worker_env, digits_checkpoint: bytes, tmp_path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    # Registered while the roots allowed it; the worker's roots have since been narrowed.
+    request_id = worker_env.new_request(digits_checkpoint, [1], data_source=f"npz:{tmp_path / 'old' / 'x.npz'}")
+    monkeypatch.setenv("UISPS_DATA_ROOTS", str(tmp_path / "new"))
+
+    assert _run(request_id) == "failed"
+
+    error = _request(worker_env, request_id).error
+    assert error["code"] == "invalid_data" and "outside the folders this service reads data from" in error["message"]
+
+
 def test_a_corrupted_artifact_is_never_loaded(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     request_id = worker_env.new_request(digits_checkpoint, [1])
     v1 = _versions(worker_env, _request(worker_env, request_id).model_id)[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -106,9 +106,12 @@ def manifest_for(model: Model, forgotten_labels: list[int]) -> Manifest:
 
 
 class ModelService:
-    def create(self, session: Session, *, tenant_id: str, actor: str, spec: ModelSpec) -> Model:
+    def create(
+        self, session: Session, *, tenant_id: str, actor: str, spec: ModelSpec, data_roots: Sequence[str] = ()
+    ) -> Model:
+        """Register a model; `data_roots` (Settings.data_root_list) bound where its data may lie."""
         _check_architecture(spec.architecture)
-        _check_data_source(spec.data_source)
+        _check_data_source(spec.data_source, data_roots, tenant_id)
         begin_write(session)
         if model_repository.get_by_name(session, tenant_id, spec.name) is not None:
             raise Conflict(f"a model named {spec.name!r} already exists", code="model_name_taken")
@@ -351,11 +354,13 @@ def _check_architecture(architecture: str) -> None:
     validate_arch_name(architecture)
 
 
-def _check_data_source(spec: str) -> None:
-    # Raises core.errors.DataError for a spec of an unknown kind (422 now, not a failed job later).
-    from core.validation import validate_data_spec
+def _check_data_source(spec: str, data_roots: Sequence[str], tenant_id: str) -> None:
+    # Raises core.errors.DataError for a spec of an unknown kind or a path outside the data roots
+    # (422 now, not a failed job later).
+    from core.validation import check_data_location, validate_data_spec
 
     validate_data_spec(spec)
+    check_data_location(spec, data_roots, tenant_id)
 
 
 def _validate_checkpoint(checkpoint: bytes, expected: Manifest, max_parameters: int | None) -> None:

@@ -1,0 +1,52 @@
+"""Where a model's data may lie: core.validation.check_data_location."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.errors import DataError
+from core.validation import check_data_location
+
+
+def test_a_path_under_a_root_is_accepted(tmp_path: Path) -> None:
+    check_data_location(f"npz:{tmp_path / 'sub' / 'train.npz'}", [str(tmp_path)], "acme")
+    check_data_location(f"cifar10:{tmp_path}", [str(tmp_path)], "acme")
+
+
+def test_digits_needs_no_root() -> None:
+    check_data_location("digits", [], "acme")
+
+
+def test_without_roots_no_file_may_be_read(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="UISPS_DATA_ROOTS"):
+        check_data_location(f"npz:{tmp_path / 'x.npz'}", [], "acme")
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "{root}/../outside.npz", "{root}-sibling/x.npz"])
+def test_a_path_outside_every_root_is_refused(tmp_path: Path, path: str) -> None:
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match="outside the folders"):
+        check_data_location("npz:" + path.format(root=root), [str(root)], "acme")
+
+
+def test_a_symbolic_link_out_of_a_root_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "escape").symlink_to("/etc")
+    with pytest.raises(DataError, match="outside the folders"):
+        check_data_location(f"imagefolder:{root / 'escape'}", [str(root)], "acme")
+
+
+@pytest.mark.parametrize("path", ["train.npz", "~/train.npz", "data/../train.npz"])
+def test_relative_paths_are_refused(tmp_path: Path, path: str) -> None:
+    with pytest.raises(DataError, match="absolute"):
+        check_data_location(f"npz:{path}", [str(tmp_path)], "acme")
+
+
+def test_a_tenant_root_admits_only_that_tenants_folder(tmp_path: Path) -> None:
+    roots = [str(tmp_path / "{tenant}")]
+    check_data_location(f"npz:{tmp_path / 'acme' / 'x.npz'}", roots, "acme")
+    with pytest.raises(DataError, match="outside the folders"):
+        check_data_location(f"npz:{tmp_path / 'globex' / 'x.npz'}", roots, "acme")
