@@ -151,6 +151,24 @@ def build_model(arch: str, in_channels: int, num_classes: int) -> nn.Module:
     return ARCHITECTURES[arch](in_channels, num_classes)
 
 
+def model_skeleton(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+    """`arch` built on the meta device: its tensors' names, shapes and dtypes, no memory. What a
+    client names is checked against this before anything of that size is allocated."""
+    with torch.device("meta"):
+        return build_model(arch, in_channels, num_classes)
+
+
+def check_architecture(arch: str, in_channels: int, num_classes: int, max_parameters: int | None) -> None:
+    """A registered architecture must exist and, with these channels and classes, fit the size
+    limit: every checkpoint of it would otherwise be refused, after the API built the model."""
+    size = sum(t.numel() for t in model_skeleton(arch, in_channels, num_classes).state_dict().values())
+    if max_parameters is not None and size > max_parameters:
+        raise ArchitectureError(
+            f"{arch} with {in_channels} input channels and {num_classes} classes holds {size:,} parameters; "
+            f"this service accepts at most {max_parameters:,} (UISPS_MAX_CHECKPOINT_PARAMETERS)"
+        )
+
+
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 

@@ -20,12 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from core.architectures import build_model
+from core.architectures import build_model, model_skeleton
 from core.errors import CheckpointError, UisError
 
 MANIFEST_KEY = "uisps.manifest"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8}
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
 
 
 class Manifest(BaseModel):
@@ -186,19 +187,30 @@ def read_manifest(header: dict) -> Manifest:
         raise CheckpointError(f"checkpoint manifest is invalid: {exc.errors()[0]['msg']}") from None
 
 
-def validate_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
-    expected = model.state_dict()
-    missing, extra = expected.keys() - state.keys(), state.keys() - expected.keys()
+def _check_layout(found: dict[str, tuple[list[int], torch.dtype]], expected: dict[str, torch.Tensor]) -> None:
+    missing, extra = expected.keys() - found.keys(), found.keys() - expected.keys()
     if missing or extra:
         raise CheckpointError(
             f"tensors do not match the architecture: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
         )
     for name, ref in expected.items():
-        t = state[name]
-        if t.shape != ref.shape:
-            raise CheckpointError(f"tensor {name!r}: shape {list(t.shape)} != expected {list(ref.shape)}")
-        if t.dtype != ref.dtype:
-            raise CheckpointError(f"tensor {name!r}: dtype {t.dtype} != expected {ref.dtype}")
+        shape, dtype = found[name]
+        if list(shape) != list(ref.shape):
+            raise CheckpointError(f"tensor {name!r}: shape {list(shape)} != expected {list(ref.shape)}")
+        if dtype != ref.dtype:
+            raise CheckpointError(f"tensor {name!r}: dtype {dtype} != expected {ref.dtype}")
+
+
+def validate_header(header: dict, model: torch.nn.Module) -> None:
+    """Names, shapes and dtypes from a parsed header (parse_header) against `model` (a skeleton
+    will do): a file that cannot fit is refused before any tensor is built."""
+    found = {name: (info["shape"], DTYPES[info["dtype"]]) for name, info in header.items() if name != "__metadata__"}
+    _check_layout(found, model.state_dict())
+
+
+def validate_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    _check_layout({name: (list(t.shape), t.dtype) for name, t in state.items()}, model.state_dict())
+    for name, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"tensor {name!r} holds NaN or Inf")
 
@@ -210,6 +222,7 @@ def load_checkpoint_bytes(
     header = parse_header(data, max_parameters)
     manifest = expected or read_manifest(header)
     try:
+        validate_header(header, model_skeleton(manifest.architecture, manifest.in_channels, manifest.num_classes))
         model = build_model(manifest.architecture, manifest.in_channels, manifest.num_classes)
     except UisError as exc:
         raise CheckpointError(str(exc)) from None

@@ -51,7 +51,8 @@ def create_model(
     if replay is not None:
         return replay  # type: ignore[return-value]
     model = model_service.create(
-        session, tenant_id=tenant_id, actor=actor, spec=body, data_roots=settings.data_root_list
+        session, tenant_id=tenant_id, actor=actor, spec=body, data_roots=settings.data_root_list,
+        max_parameters=settings.max_checkpoint_parameters,
     )
     location = f"/models/{model.id}"
     response.headers["Location"] = location

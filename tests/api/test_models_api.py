@@ -70,6 +70,21 @@ def test_an_unknown_architecture_is_422(client: TestClient, model_spec: dict[str
     assert_problem(response, 422, "invalid_architecture", "unknown architecture 'vgg-nonsense'")
 
 
+def test_an_unknown_torchvision_classifier_is_422(client: TestClient, model_spec: dict[str, Any]) -> None:
+    response = client.post("/models", json={**model_spec, "architecture": "torchvision:nonexistent"})
+
+    assert_problem(response, 422, "invalid_architecture", "unknown torchvision classifier 'nonexistent'")
+
+
+def test_an_architecture_over_the_parameter_limit_is_422(tmp_path, model_spec: dict[str, Any]) -> None:  # noqa: ANN001
+    with TestClient(create_app(Settings(home=tmp_path, max_checkpoint_parameters=1_000_000))) as client:
+        authorize(client)
+        response = client.post("/models", json={**model_spec, "architecture": "resnet18"})
+
+        assert_problem(response, 422, "invalid_architecture", "at most 1,000,000 (UISPS_MAX_CHECKPOINT_PARAMETERS)")
+        assert client.post("/models", json={**model_spec, "name": unique_name()}).status_code == 201  # smallcnn fits
+
+
 def test_a_body_that_is_not_json_is_422(client: TestClient) -> None:
     response = client.post("/models", content=b"{not json", headers={"content-type": "application/json"})
 

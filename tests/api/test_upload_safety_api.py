@@ -110,12 +110,15 @@ def test_a_bad_checkpoint_is_refused_unexecuted_and_unstored(
 
 def test_oversized_checkpoints_are_refused(tmp_path: Path, digits_checkpoint: bytes) -> None:
     parameters = sum(p.numel() for p in load_checkpoint_bytes(digits_checkpoint)[0].state_dict().values())
+    spec = {"name": "m", "architecture": "smallcnn", "num_classes": 10, "input_shape": [1, 8, 8],
+            "mean": [0.3], "std": [0.4], "data_source": "digits"}
+    with TestClient(create_app(Settings(home=tmp_path))) as client:
+        authorize(client)
+        model_id = client.post("/models", json=spec).json()["id"]
+    # The limit lowered after the model was registered (which checks it too): uploads still obey it.
     settings = Settings(home=tmp_path, max_checkpoint_parameters=parameters - 1, max_upload_bytes=len(digits_checkpoint) + 10)
     with TestClient(create_app(settings)) as client:
         authorize(client)
-        spec = {"name": "m", "architecture": "smallcnn", "num_classes": 10, "input_shape": [1, 8, 8],
-                "mean": [0.3], "std": [0.4], "data_source": "digits"}
-        model_id = client.post("/models", json=spec).json()["id"]
 
         def upload(data: bytes):  # noqa: ANN202
             return client.post(f"/models/{model_id}/versions", files={"file": ("m.safetensors", data)})

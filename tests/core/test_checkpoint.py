@@ -161,6 +161,22 @@ def test_the_parameter_count_is_capped_before_anything_is_built(trained_digits):
         load_checkpoint_bytes(data, max_parameters=total - 1)
 
 
+def test_a_file_that_cannot_fit_is_refused_before_the_model_is_built(trained_digits, monkeypatch):
+    # A few bytes naming a registered architecture must not cost the API that model's memory.
+    from safetensors.torch import save as st_save
+
+    import core.checkpoint
+
+    def build_model(*_args):  # noqa: ANN202
+        raise AssertionError("the model was built for a file that cannot fit it")
+
+    monkeypatch.setattr(core.checkpoint, "build_model", build_model)
+    big = Manifest(**{**trained_digits.manifest.model_dump(), "architecture": "resnet18", "in_channels": 1})
+    for data in (st_save({}), checkpoint_bytes(trained_digits.model, trained_digits.manifest)):
+        with pytest.raises(CheckpointError, match="do not match the architecture"):
+            load_checkpoint_bytes(data, expected=big)
+
+
 def test_nothing_in_the_service_unpickles():
     import re
     from pathlib import Path

@@ -107,10 +107,18 @@ def manifest_for(model: Model, forgotten_labels: list[int]) -> Manifest:
 
 class ModelService:
     def create(
-        self, session: Session, *, tenant_id: str, actor: str, spec: ModelSpec, data_roots: Sequence[str] = ()
+        self,
+        session: Session,
+        *,
+        tenant_id: str,
+        actor: str,
+        spec: ModelSpec,
+        data_roots: Sequence[str] = (),
+        max_parameters: int | None = None,
     ) -> Model:
-        """Register a model; `data_roots` (Settings.data_root_list) bound where its data may lie."""
-        _check_architecture(spec.architecture)
+        """Register a model. `data_roots` (Settings.data_root_list) bound where its data may lie,
+        `max_parameters` the size of its architecture (as of every checkpoint uploaded later)."""
+        _check_architecture(spec.architecture, spec.input_shape[0], len(spec.resolved_class_names), max_parameters)
         _check_data_source(spec.data_source, data_roots, tenant_id)
         begin_write(session)
         if model_repository.get_by_name(session, tenant_id, spec.name) is not None:
@@ -347,11 +355,14 @@ def _missing(version: ModelVersion) -> ArtifactMissing:
     )
 
 
-def _check_architecture(architecture: str) -> None:
-    # Raises core.errors.ArchitectureError naming the known architectures.
+def _check_architecture(architecture: str, in_channels: int, num_classes: int, max_parameters: int | None) -> None:
+    # Raises core.errors.ArchitectureError for an unknown name (naming the known ones) or one too
+    # large to accept. Builds a meta-device skeleton, so the API process imports torch here.
+    from core.architectures import check_architecture
     from core.validation import validate_arch_name
 
     validate_arch_name(architecture)
+    check_architecture(architecture, in_channels, num_classes, max_parameters)
 
 
 def _check_data_source(spec: str, data_roots: Sequence[str], tenant_id: str) -> None:
