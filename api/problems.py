@@ -2,7 +2,8 @@
 
 Domain errors map to statuses here and nowhere else: no or bad API key 401, role not allowed 403,
 unknown resource 404, purged checkpoint 410, invalid input 422, conflicting state 409, oversized
-upload 413, rate or concurrency limit 429, database or broker unreachable 503.
+upload 413, rate or concurrency limit 429, database or broker unreachable 503, and a value the
+database refuses (one no validation caught) 400.
 """
 
 from __future__ import annotations
@@ -188,6 +189,16 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
     )
 
 
+async def _database_refused_value(request: Request, exc: sa_exc.DataError) -> JSONResponse:
+    # The database refused a value the request carried (a NUL in text, a number out of a column's
+    # range). Input is validated before it reaches a query, so this is a check that is missing:
+    # logged, but the client's input is still the cause, so it is a 4xx, never a 500.
+    logger.warning("database refused a value on %s %s: %s", request.method, request.url.path, exc.orig)
+    return problem_response(
+        request, 400, "invalid_value", "a value in the request is one the database cannot store or compare"
+    )
+
+
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(request, 500, "internal_error", "an unexpected error occurred; it has been logged")
@@ -249,5 +260,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     # InterfaceError: the driver lost its connection; TimeoutError: the pool had no connection.
     for error in (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
         app.add_exception_handler(error, _database_unavailable)
+    # DataError: the value itself is wrong (PostgreSQL: NUL in text, out of range, bad encoding).
+    app.add_exception_handler(sa_exc.DataError, _database_refused_value)  # type: ignore[arg-type]
     # api.observability.RequestContext answers these first; this is the backstop outside it
     app.add_exception_handler(Exception, internal_error)

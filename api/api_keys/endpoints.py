@@ -11,6 +11,7 @@ from api.auth import manage_keys
 from api.deps import ActorDep, PageDep, SessionDep, TenantDep
 from api.problems import problem_responses
 from core.services.api_keys.service import api_key_service
+from core.services.text import NulFree
 from core.services.transactions import after_commit
 
 router = APIRouter(
@@ -20,7 +21,7 @@ router = APIRouter(
     responses=problem_responses(401, 403, 429, 503),
 )
 
-KeyId = Annotated[str, Path(max_length=64, description="the API key's id")]
+KeyId = Annotated[str, Path(max_length=64, description="the API key's id"), NulFree]
 
 
 @router.post(

@@ -8,13 +8,14 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from core.db import ApiKey, ApiKeyRole
+from core.services.text import NulFree
 
 
 class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"role": "compliance", "name": "dpo-team"}]})
 
     role: ApiKeyRole
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), NulFree]
 
 
 class ApiKeyRead(BaseModel):

@@ -11,6 +11,7 @@ from api.auth import authenticate
 from api.deps import PageDep, SessionDep, TenantDep
 from api.problems import problem_responses
 from core.services.audit_events.service import audit_event_service
+from core.services.text import NulFreeStr
 
 router = APIRouter(
     prefix="/audit-events",
@@ -25,7 +26,7 @@ def list_audit_events(
     session: SessionDep,
     tenant_id: TenantDep,
     page: PageDep,
-    model_id: Annotated[str | None, Query(max_length=64)] = None,
+    model_id: Annotated[NulFreeStr | None, Query(max_length=64)] = None,
 ) -> AuditEventList:
     result = audit_event_service.list(session, tenant_id, page, model_id=model_id)
     return AuditEventList(

@@ -20,6 +20,7 @@ from api.idempotency import IdempotencyDep
 from api.problems import problem_responses
 from core.db import JobState
 from core.services.deletion_requests.service import deletion_request_service
+from core.services.text import NulFree, NulFreeStr
 
 router = APIRouter(
     prefix="/deletion-requests",
@@ -28,7 +29,7 @@ router = APIRouter(
     responses=problem_responses(401, 429, 503),
 )
 
-RequestId = Annotated[str, Path(max_length=64, description="the deletion request's id")]
+RequestId = Annotated[str, Path(max_length=64, description="the deletion request's id"), NulFree]
 
 
 @router.post(
@@ -87,7 +88,7 @@ def list_deletion_requests(
     session: SessionDep,
     tenant_id: TenantDep,
     page: PageDep,
-    model_id: Annotated[str | None, Query(max_length=64)] = None,
+    model_id: Annotated[NulFreeStr | None, Query(max_length=64)] = None,
     state: Annotated[JobState | None, Query()] = None,
 ) -> DeletionRequestList:
     result = deletion_request_service.list(session, tenant_id, page, model_id=model_id, state=state)

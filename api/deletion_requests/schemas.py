@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
 from core.config import UnlearnConfig
 from core.db import DeletionRequest, JobState, WebhookDelivery, WebhookDeliveryState
+from core.services.text import NulFree
 
 
 class DeletionRequestCreate(BaseModel):
@@ -28,7 +29,7 @@ class DeletionRequestCreate(BaseModel):
         },
     )
 
-    model_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    model_id: Annotated[str, StringConstraints(min_length=1, max_length=64), NulFree]
     forget_labels: list[StrictInt] = Field(min_length=1, description="class indices to forget")
     base_version: int | None = Field(
         None, ge=1, le=2**31 - 1, description="the version to unlearn from; default: the latest"
@@ -37,10 +38,10 @@ class DeletionRequestCreate(BaseModel):
     params: UnlearnConfig | None = Field(
         None, description="hyperparameter overrides; anything left out takes the service's default"
     )
-    external_ref: Annotated[str, StringConstraints(max_length=200)] | None = Field(
+    external_ref: Annotated[str, StringConstraints(max_length=200), NulFree] | None = Field(
         None, description="the caller's reference, e.g. a ticket id"
     )
-    callback_url: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = Field(
+    callback_url: Annotated[str, StringConstraints(min_length=1, max_length=2048), NulFree] | None = Field(
         None,
         description=(
             "where to POST a signed event (Standard Webhooks) when the request ends: https, a host the "

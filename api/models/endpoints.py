@@ -17,6 +17,7 @@ from api.models.schemas import ModelCreate, ModelList, ModelRead, ModelVersionLi
 from api.problems import problem_responses
 from core.services.errors import CheckpointTooLarge
 from core.services.models.service import model_service, verified_chunks
+from core.services.text import NulFree
 
 router = APIRouter(
     prefix="/models",
@@ -25,7 +26,7 @@ router = APIRouter(
     responses=problem_responses(401, 429, 503),
 )
 
-ModelId = Annotated[str, Path(max_length=64, description="the model's id")]
+ModelId = Annotated[str, Path(max_length=64, description="the model's id"), NulFree]
 _SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
 VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="version number, from 1")]
 

@@ -13,16 +13,21 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from core.services.errors import InvalidPageToken
+from core.services.text import NUL
 
 T = TypeVar("T")
 P = TypeVar("P")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+
+# What the key columns hold: a position outside them would fail in the query, not match nothing.
+INTEGER_RANGE = range(-(2**31), 2**31)  # INTEGER (version numbers)
+BIGINT_RANGE = range(-(2**63), 2**63)  # BIGINT on PostgreSQL, INTEGER on SQLite (event ids)
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ def decode_token(token: str | None, filters: dict[str, Any], parse: Callable[[li
         raise InvalidPageToken("page_token was issued for a different query; keep the same filters")
     try:
         return parse(position)
-    except (ValueError, TypeError, IndexError):
+    except (ValueError, TypeError, IndexError, OverflowError):
         raise InvalidPageToken("page_token is not a token this service issued") from None
 
 
@@ -72,14 +77,30 @@ def time_and_id(position: list[Any]) -> tuple[datetime, str]:
     when = datetime.fromisoformat(created_at)
     if when.tzinfo is None or not isinstance(last_id, str):
         raise ValueError("not a (timestamp with time zone, id) position")
+    # Stored in UTC: a time that is out of Python's range there (9999-12-31T23:59-23:59) raises
+    # OverflowError here rather than in the query. PostgreSQL's range is wider than Python's.
+    when = when.astimezone(UTC)
+    # PostgreSQL's text cannot hold NUL, and a lone surrogate (a JSON escape) cannot be encoded.
+    if NUL in last_id:
+        raise ValueError("an id with a NUL character")
+    last_id.encode()
     return when, last_id
 
 
 def integer(position: list[Any]) -> int:
-    """An integer position (a version number, an event id)."""
+    """An INTEGER column's position (a version number)."""
+    return _integer_in(position, INTEGER_RANGE)
+
+
+def big_integer(position: list[Any]) -> int:
+    """A BIGINT column's position (an event id)."""
+    return _integer_in(position, BIGINT_RANGE)
+
+
+def _integer_in(position: list[Any], held: range) -> int:
     (value,) = position
-    if type(value) is not int:
-        raise ValueError("not an integer position")
+    if type(value) is not int or value not in held:
+        raise ValueError("not an integer position the column can hold")
     return value
 
 

@@ -6,7 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.db import AuditEvent, verify_chain
-from core.services.pagination import Page, PageRequest, decode_token, integer, make_page
+from core.services.pagination import Page, PageRequest, big_integer, decode_token, make_page
 
 
 class AuditEventService:
@@ -17,7 +17,7 @@ class AuditEventService:
         query = select(AuditEvent).where(AuditEvent.tenant_id == tenant_id)
         if model_id is not None:
             query = query.where(AuditEvent.model_id == model_id)
-        position = decode_token(page.token, filters, integer)
+        position = decode_token(page.token, filters, big_integer)
         if position is not None:
             query = query.where(AuditEvent.id > position)
         rows = list(session.scalars(query.order_by(AuditEvent.id).limit(page.size + 1)))

@@ -24,6 +24,7 @@ from core.services.errors import (
 )
 from core.services.models.repository import model_repository
 from core.services.pagination import Page, PageRequest
+from core.services.text import NulFree
 from core.services.transactions import begin_write, lock_artifact
 from core.storage import ArtifactNotFound, ArtifactStore
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 MAX_CHANNELS = 64  # core.checkpoint.Manifest's bound on in_channels
 
-ClassName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+ClassName = Annotated[str, StringConstraints(min_length=1, max_length=200), NulFree]
 
 
 class ModelSpec(BaseModel):
@@ -40,8 +41,8 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-    architecture: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)] = Field(
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), NulFree]
+    architecture: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), NulFree] = Field(
         description="architecture registry key: smallcnn, resnet18, allcnn, torchvision:<name>"
     )
     num_classes: int | None = Field(None, ge=2, le=100_000, description="defaults to len(class_names)")
@@ -53,10 +54,10 @@ class ModelSpec(BaseModel):
     )
     mean: list[float] = Field(description="per-channel normalisation mean on the 0..1 scale")
     std: list[float] = Field(description="per-channel normalisation std on the 0..1 scale")
-    data_source: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000)] = Field(
+    data_source: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000), NulFree] = Field(
         description="data spec of the training data: digits, npz:<path>, cifar10:<root>, ..."
     )
-    owner: Annotated[str, StringConstraints(max_length=200)] | None = None
+    owner: Annotated[str, StringConstraints(max_length=200), NulFree] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
