@@ -16,6 +16,7 @@ from core.db import AuditEvent, DeletionRequest, ModelVersion, verify_chain
 from core.services.deletion_requests.jobs import ClaimOutcome, deletion_jobs
 from core.services.deletion_requests.service import deletion_request_service
 from core.broker import make_celery, send_deletion_request
+from core.storage import StoredArtifact
 from worker.tasks import run_deletion_request
 
 TINY = {"inversion": {"iterations": 20, "n_per_class": 8}, "fisher_retain_size": 64, "steps": 5, "precision": "fp32"}
@@ -209,6 +210,99 @@ def test_a_retried_group_runs_again_together(
         "deletion_request.created", "deletion_request.running", "deletion_request.retry_scheduled",
         "deletion_request.running", "deletion_request.failed",
     ]
+
+
+def _cancel(env, request_id: str) -> None:  # noqa: ANN001
+    with env.sessions() as session:
+        deletion_request_service.cancel(session, tenant_id="default", actor="test", request_id=request_id)
+        session.commit()
+
+
+def _stopped_by_others_cancels(env, model_id: str, request_id: str, rounds: int = 3) -> None:  # noqa: ANN001
+    """`rounds` jobs that ran `request_id` with another request, each stopped by that other
+    request's cancel, in turn: `request_id` claiming and the other joining, the other claiming and
+    `request_id` joining, and a cancel that arrives just before the result is committed."""
+    for round_ in range(rounds):
+        other = env.queue(model_id, [4 + round_])
+        claiming = other if round_ % 3 == 1 else request_id
+        job = _claim(env, claiming).job
+        assert set(job.request_ids) == {request_id, other}
+        _cancel(env, other)
+        if round_ % 3 == 2:  # the job computed its result; the cancel wins at the commit
+            artifact = StoredArtifact(job.base.artifact_key, job.base.sha256, job.base.size_bytes)
+            with env.sessions.begin() as session:
+                deletion_jobs.complete(session, claiming, artifact=artifact, forgotten_labels=job.forget_labels,
+                                       metrics={}, attempt=job.attempt)
+        else:  # the job's next progress report sees the cancel and stops it (worker.jobs does this)
+            with env.sessions.begin() as session:
+                assert deletion_jobs.report_progress(
+                    session, claiming, "inversion", 0.3, 60, job.attempt, members=True
+                )
+            with env.sessions.begin() as session:
+                deletion_jobs.cancelled(session, claiming, attempt=job.attempt)
+        assert [r.state for r in _requests(env, request_id, other)] == ["queued", "cancelled"]
+
+
+def test_other_requests_cancels_do_not_use_up_a_requests_attempts(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    model_id = worker_env.new_model(digits_checkpoint)
+    request_id = worker_env.queue(model_id, [1])
+
+    _stopped_by_others_cancels(worker_env, model_id, request_id, rounds=3)
+    # Its own job then loses its worker once (UISPS_MAX_ATTEMPTS=3): the next claim takes it over.
+    lost = _claim(worker_env, request_id, lease_s=-1, max_attempts=3)
+    claim = _claim(worker_env, request_id, max_attempts=3)
+
+    request = _requests(worker_env, request_id)[0]
+    assert claim.outcome is ClaimOutcome.CLAIMED, request.error
+    assert request.state == "running" and request.error is None
+    assert (lost.job.attempt, claim.job.attempt, request.attempts) == (1, 2, 2)  # the cancels' were given back
+    with worker_env.sessions() as session:
+        query = select(AuditEvent.details).where(
+            AuditEvent.subject_id == request_id, AuditEvent.action == "deletion_request.requeued"
+        )
+        requeued = list(session.scalars(query))
+    assert [(d["attempt_given_back"], d["attempts"]) for d in requeued] == [(True, 0)] * 3
+
+
+def test_a_failure_that_may_pass_is_still_retried_after_other_requests_cancels(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    monkeypatch.setenv("UISPS_MAX_ATTEMPTS", "2")
+    model_id = worker_env.new_model(digits_checkpoint)
+    request_id = worker_env.queue(model_id, [1])
+    _stopped_by_others_cancels(worker_env, model_id, request_id, rounds=3)
+    worker_env.store.delete(_versions(worker_env, model_id)[0].artifact_key)  # an error that may pass: retried
+
+    run_deletion_request.apply(args=[request_id])  # eager: Celery runs the retry in place
+
+    request = _requests(worker_env, request_id)[0]
+    assert request.state == "failed" and request.attempts == 2 and request.error["code"] == "artifact_missing"
+    assert _actions(worker_env, request_id)[-5:] == [
+        "deletion_request.requeued", "deletion_request.running", "deletion_request.retry_scheduled",
+        "deletion_request.running", "deletion_request.failed",
+    ]
+
+
+def test_a_stalled_worker_cannot_fail_a_request_queued_again_with_its_attempt_back(
+    worker_env, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model_id = worker_env.new_model(digits_checkpoint)
+    request_id = worker_env.queue(model_id, [1])
+    stalled = _claim(worker_env, request_id, lease_s=-1).job  # attempt 1, stalled past its lease
+    other = worker_env.queue(model_id, [4])
+    job = _claim(worker_env, request_id).job  # taken over (attempt 2), the other request joins
+    assert (stalled.attempt, job.attempt, job.members) == (1, 2, (other,))
+    _cancel(worker_env, other)
+    with worker_env.sessions.begin() as session:
+        deletion_jobs.cancelled(session, request_id, attempt=job.attempt)
+    assert _requests(worker_env, request_id)[0].attempts == 1  # queued again, attempt 2 given back
+
+    with worker_env.sessions.begin() as session:  # the stalled worker wakes up and fails
+        deletion_jobs.fail(session, request_id, code="internal_error", message="late", attempt=stalled.attempt)
+
+    request = _requests(worker_env, request_id)[0]
+    assert request.state == "queued" and request.error is None
+    assert _claim(worker_env, request_id).job.attempt == 2  # and its next job moves past its number
 
 
 # --- real worker processes (PostgreSQL + Redis) -----------------------------------------------

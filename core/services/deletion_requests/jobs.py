@@ -8,6 +8,15 @@ claiming request's job as its *members* (`coalesced_into` = the claiming request
 lease of their own). The claiming request's row carries the lease and the attempt (the fencing
 token) for the whole group; every transition below (progress, success, failure, retry, cancel,
 takeover) is applied to the members in the same transaction, each with its own audit event.
+
+`attempts` counts the attempts charged to a request's retry budget (UISPS_MAX_ATTEMPTS): every
+claim and every join adds one, and an attempt stopped only because another request of its group
+was cancelled is given back when its request is queued again (`_stop_group`). So every attempt
+that counts ended in a lost worker or a failure that was retried, and a request never fails
+because of other requests' cancels. It stays a sound fencing token: a value is only given back by
+the worker that holds it (its job is over) or by a member (whose value fences nothing), and every
+fenced write also requires the request to be running, so a stalled worker holding an older value
+never acts on the queued request, and the next claim moves past its value again.
 """
 
 from __future__ import annotations
@@ -104,13 +113,18 @@ class DeletionJobs:
         if orphaned:
             group = [request, *self._members(session, request_id)]
             if any(row.cancel_requested for row in group):
-                # Its worker died after a cancel: cancel who asked, queue the others again.
-                self._stop_group(session, group)
+                # Its worker died after a cancel: cancel who asked, queue the others again. The
+                # attempt is not given back: its worker was lost (and may still be alive, stalled,
+                # holding this very value of `attempts`, which the claim below moves past).
+                self._stop_group(session, group, give_back=False)
                 if request.state == JobState.CANCELLED.value:
                     return Claim(ClaimOutcome.NOT_CLAIMABLE, state=JobState.CANCELLED.value)
                 previous_state = request.state  # queued again: claimed afresh below
             elif max_attempts is not None and request.attempts >= max_attempts:
-                message = f"the worker running this request was lost {request.attempts} times; giving up"
+                # Every attempt counted ended in a lost worker (this one) or a retried failure.
+                message = (
+                    f"the worker running this request was lost; giving up after {request.attempts} failed attempts"
+                )
                 for row in group:
                     row.error = {"code": "worker_lost", "message": message}
                     self._finish(session, row, JobState.FAILED, error=row.error)
@@ -262,7 +276,7 @@ class DeletionJobs:
         if any(row.cancel_requested for row in group):
             # A cancel arrived before the result was committed: honour it, store nothing (the
             # version would forget the labels of a request that was cancelled).
-            self._stop_group(session, group)
+            self._stop_group(session, group, give_back=True)
             return request
         model_repository.get(session, request.tenant_id, request.model_id, for_update=True)
         lock_artifact(session, artifact.key, exclusive=False)
@@ -314,8 +328,8 @@ class DeletionJobs:
     def fail(self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None) -> None:
         begin_write(session)
         request = deletion_request_repository.get(session, None, request_id, for_update=True)
-        if request is None or JobState(request.state).is_terminal:
-            return
+        if request is None or request.state != JobState.RUNNING.value:
+            return  # finished, or queued again (after a cancel in its group, say): not ours any more
         if attempt is not None and request.attempts != attempt:
             return  # taken over by a later attempt, which decides the outcome
         for row in [request, *self._members(session, request_id)]:
@@ -327,7 +341,7 @@ class DeletionJobs:
         coalesced group is queued again (and runs without them)."""
         begin_write(session)
         request = self._running(session, request_id, attempt)
-        self._stop_group(session, [request, *self._members(session, request_id)])
+        self._stop_group(session, [request, *self._members(session, request_id)], give_back=True)
 
     def retry_later(
         self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None
@@ -338,8 +352,9 @@ class DeletionJobs:
         request = self._running(session, request_id, attempt)
         group = [request, *self._members(session, request_id)]
         if any(row.cancel_requested for row in group):
-            # queued again with the flag set, it would cancel whichever job it joined next
-            self._stop_group(session, group)
+            # queued again with the flag set, it would cancel whichever job it joined next. The
+            # failed attempt still counts for the requests queued again: it failed, cancel or not.
+            self._stop_group(session, group, give_back=False)
             return False
         request.state = JobState.QUEUED.value
         request.stage = None
@@ -395,17 +410,25 @@ class DeletionJobs:
     def _members(self, session: Session, request_id: str) -> list[DeletionRequest]:
         return deletion_request_repository.members(session, request_id)
 
-    def _stop_group(self, session: Session, group: list[DeletionRequest]) -> None:
+    def _stop_group(self, session: Session, group: list[DeletionRequest], *, give_back: bool) -> None:
         """After a cancel: the requests that asked are cancelled; the others go back to the queue,
-        so no version ever forgets the labels of a cancelled request."""
+        so no version ever forgets the labels of a cancelled request.
+
+        With `give_back` (the job stopped because of the cancel, and only the caller, which holds
+        the attempt, stops it), the requests queued again get their attempt back: another
+        request's cancel must not use up their retry budget. Without it (the worker was lost, or
+        the job failed), the attempt counts as it would have without the cancel."""
         asked = [row for row in group if row.cancel_requested] or group[:1]
         for row in group:
             if row in asked:
                 self._finish(session, row, JobState.CANCELLED)
             else:
+                if give_back:
+                    row.attempts -= 1
                 self._requeue(
                     session, row, "deletion_request.requeued",
                     reason="a request of its coalesced job was cancelled", cancelled=[r.id for r in asked],
+                    attempt_given_back=give_back, attempts=row.attempts,
                 )
 
     def _requeue(self, session: Session, request: DeletionRequest, action: str, **details: Any) -> None:
