@@ -26,11 +26,18 @@ class VerifiedCheckpoint:
 
 
 class UispsClient:
-    """Sends `api_key` as a bearer token, and an Idempotency-Key with every POST that creates."""
+    """Sends `api_key` as a bearer token, and an Idempotency-Key with every POST that creates.
 
-    def __init__(self, base_url: str, timeout_s: float = 60.0, api_key: str | None = None) -> None:
+    A create whose answer was lost (connection dropped, timeout) or that met a 503 or a
+    still-running twin (409 idempotency_key_in_use) is sent again with the same key, up to
+    `retries` times: the service then answers with what the first one did, never a duplicate.
+    Pass `idempotency_key` to keep that guarantee across processes (a ticket id, say).
+    """
+
+    def __init__(self, base_url: str, timeout_s: float = 60.0, api_key: str | None = None, retries: int = 3) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=base_url, timeout=timeout_s, headers=headers)
+        self.retries = retries
 
     def close(self) -> None:
         self.http.close()
@@ -55,12 +62,14 @@ class UispsClient:
             time.sleep(0.2)
         raise ServiceError(f"the service at {self.http.base_url} was not ready within {timeout_s:.0f} s")
 
-    def create_model(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return self._json(self.http.post("/models", json=spec, headers=_idempotency_key()), 201)
+    def create_model(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        return self._create("/models", 201, idempotency_key, json=spec)
 
-    def upload_version(self, model_id: str, checkpoint: bytes, filename: str = "model.safetensors") -> dict[str, Any]:
+    def upload_version(
+        self, model_id: str, checkpoint: bytes, filename: str = "model.safetensors", *, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
         files = {"file": (filename, checkpoint, "application/octet-stream")}
-        return self._json(self.http.post(f"/models/{model_id}/versions", files=files, headers=_idempotency_key()), 201)
+        return self._create(f"/models/{model_id}/versions", 201, idempotency_key, files=files)
 
     def get_version(self, model_id: str, version: int) -> dict[str, Any]:
         return self._json(self.http.get(f"/models/{model_id}/versions/{version}"), 200)
@@ -74,13 +83,14 @@ class UispsClient:
         base_version: int | None = None,
         external_ref: str | None = None,
         callback_url: str | None = None,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"model_id": model_id, "forget_labels": forget_labels}
         if params:
             body["params"] = params
         optional = {"base_version": base_version, "external_ref": external_ref, "callback_url": callback_url}
         body |= {key: value for key, value in optional.items() if value is not None}
-        return self._json(self.http.post("/deletion-requests", json=body, headers=_idempotency_key()), 202)
+        return self._create("/deletion-requests", 202, idempotency_key, json=body)
 
     def get_certificate(self, request_id: str) -> dict[str, Any]:
         return self._json(self.http.get(f"/deletion-requests/{request_id}/certificate"), 200)
@@ -137,14 +147,46 @@ class UispsClient:
             self._json(response, 204)
         return self.get_version(model_id, version)
 
+    def _create(self, path: str, expected_status: int, idempotency_key: str | None, **request: Any) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = self.http.post(path, headers=headers, **request)
+            except httpx.TransportError:
+                if last:
+                    raise
+                time.sleep(_backoff_s(attempt))
+                continue
+            if not last and _worth_retrying(response):
+                time.sleep(_retry_after_s(response, attempt))
+                continue
+            return self._json(response, expected_status)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     def _json(self, response: httpx.Response, expected_status: int) -> dict[str, Any]:
         if response.status_code != expected_status:
             raise ServiceError(_describe_error(response))
         return response.json()
 
 
-def _idempotency_key() -> dict[str, str]:
-    return {"Idempotency-Key": str(uuid.uuid4())}
+def _backoff_s(attempt: int) -> float:
+    return min(0.5 * 2**attempt, 8.0)
+
+
+def _worth_retrying(response: httpx.Response) -> bool:
+    if response.status_code == 503:
+        return True
+    if response.status_code == 409 and "json" in response.headers.get("content-type", ""):
+        return response.json().get("code") == "idempotency_key_in_use"
+    return False
+
+
+def _retry_after_s(response: httpx.Response, attempt: int) -> float:
+    try:
+        return min(float(response.headers.get("Retry-After", "")), 30.0)
+    except ValueError:
+        return _backoff_s(attempt)
 
 
 def _describe_error(response: httpx.Response) -> str:

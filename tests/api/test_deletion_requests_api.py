@@ -131,6 +131,7 @@ def test_a_missing_base_version_is_404_and_a_model_without_versions_409(
         ({"params": {"alpha": "big"}}, ["body", "params", "alpha"], "valid number"),
         ({"params": {"no_such_knob": 1}}, ["body", "params", "no_such_knob"], "Extra inputs are not permitted"),
         ({"base_version": 0}, ["body", "base_version"], "greater than or equal to 1"),
+        ({"base_version": True}, ["body", "base_version"], "valid integer"),
         ({"surprise": True}, ["body", "surprise"], "Extra inputs are not permitted"),
     ],
 )
@@ -143,6 +144,16 @@ def test_a_malformed_request_is_422_with_each_error_listed(
 
     problem = assert_problem(response, 422, "validation_error", message)
     assert any(error["loc"] == loc and message in error["msg"] for error in problem["errors"]), problem["errors"]
+
+
+def test_parameters_the_architecture_cannot_honour_are_422(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model()  # smallcnn: three feature blocks
+
+    response = _request(client, model["id"], [1], params={"reset_blocks": 3})
+
+    problem = assert_problem(response, 422, "invalid_parameters", "reset_blocks=3, but the model has 3 feature blocks")
+    assert problem["errors"][0]["loc"] == ["body", "params", "reset_blocks"]
+    assert _request(client, model["id"], [1], params={"reset_blocks": 2}).status_code == 202
 
 
 def test_requests_are_listed_by_model_and_state_page_by_page(client: TestClient, registered_model) -> None:  # noqa: ANN001

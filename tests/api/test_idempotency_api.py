@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import httpx
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
@@ -134,3 +135,32 @@ def test_a_malformed_key_is_422(client: TestClient, model_spec: dict[str, Any]) 
         response = client.post("/models", json=model_spec, headers=_key(bad))
         assert_problem(response, 422, "validation_error")
         assert response.json()["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+
+
+class _LosesFirstAnswer:
+    """The app in process, but the first POST's answer never reaches the caller (a dropped
+    connection after the server did the work)."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.client, self.lost = client, False
+
+    def post(self, *args: Any, **kwargs: Any) -> Any:
+        response = self.client.post(*args, **kwargs)
+        if not self.lost:
+            self.lost = True
+            raise httpx.ReadTimeout("the answer was lost")
+        return response
+
+
+def test_the_python_client_retries_a_lost_create_without_a_duplicate(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    from uisps.client import UispsClient
+
+    model = registered_model()
+    uisps_client = UispsClient(str(client.base_url))
+    uisps_client.http.close()
+    uisps_client.http = _LosesFirstAnswer(client)  # type: ignore[assignment]
+
+    created = uisps_client.create_deletion_request(model["id"], [3], idempotency_key=unique_name("ticket"))
+
+    listed = client.get("/deletion-requests", params={"model_id": model["id"]}).json()["deletion_requests"]
+    assert [r["id"] for r in listed] == [created["id"]]

@@ -73,6 +73,7 @@ class DeletionRequestService:
             raise NotFound("model", model_id)
         base = self._base_version(session, tenant_id, model_id, base_version)
         labels = _check_labels(list(forget_labels), model.num_classes, base.forgotten_labels)
+        _check_params_fit_model(normalised_params, model.architecture, model.input_shape[0], model.num_classes)
         active = deletion_request_repository.count_active(session, tenant_id)
         if active >= settings.max_active_requests_per_tenant:
             raise TooManyActiveRequests(
@@ -317,6 +318,26 @@ def _validate_params(params: dict[str, Any]) -> dict[str, Any]:
     # Only what the caller set is stored: the defaults may improve before the job runs, and the
     # job's report records the full configuration it used.
     return config.model_dump(mode="json", exclude_unset=True)
+
+
+def _check_params_fit_model(params: dict[str, Any], architecture: str, in_channels: int, num_classes: int) -> None:
+    """Overrides that depend on the architecture (how many feature blocks to regrow, a head to
+    reset) are checked against it now: the job would fail on them after loading checkpoint and data."""
+    if not params.get("reset_blocks") and not params.get("reset_head"):
+        return
+    from core.architectures import model_skeleton  # torch: only for these overrides
+    from core.errors import ArchitectureError
+    from core.uisps import blocks_to_reset, resets_head
+
+    config = UnlearnConfig.model_validate(params)
+    skeleton = model_skeleton(architecture, in_channels, num_classes)
+    for field, check in (("reset_blocks", lambda: blocks_to_reset(skeleton, config)),
+                         ("reset_head", lambda: resets_head(skeleton, num_classes, config))):
+        try:
+            check()
+        except ArchitectureError as exc:
+            error = {"loc": ["params", field], "msg": str(exc), "type": "value_error"}
+            raise InvalidParameters(f"params.{field}: {exc}", [error]) from None
 
 
 def _check_labels(labels: list[int], num_classes: int, already_forgotten: list[int]) -> list[int]:
