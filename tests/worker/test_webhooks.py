@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -20,6 +21,7 @@ from core.services.deletion_requests.service import deletion_request_service
 from core.settings import get_settings
 from webhook_receiver import WebhookReceiver
 from core.broker import make_celery, send_deletion_request
+from worker import webhooks
 from worker.tasks import run_deletion_request
 from worker.webhooks import WebhookSender
 
@@ -78,6 +80,56 @@ def _last_action(env, request_id: str) -> str:  # noqa: ANN001
     with env.sessions() as session:
         query = select(AuditEvent.action).where(AuditEvent.subject_id == request_id).order_by(AuditEvent.id.desc())
         return session.scalars(query).first()
+
+
+class DrippingReceiver:
+    """Takes each POST, then answers 200 a byte every 0.1 s (7 s in all), until the sender gives up."""
+
+    ANSWER = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-padding: " + b"." * 30 + b"\r\n\r\n"
+
+    def __init__(self) -> None:
+        self.connected = threading.Event()
+        self._done = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}/slow"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                self.connected.set()
+                for byte in self.ANSWER:
+                    if self._done.wait(0.1):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                pass  # the sender closed the connection
+
+    def close(self) -> None:
+        self._done.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        except OSError:
+            pass
+        self._listener.close()
+
+
+@pytest.fixture
+def slow_receiver() -> Iterator[DrippingReceiver]:
+    receiver = DrippingReceiver()
+    yield receiver
+    receiver.close()
 
 
 def _closed_port() -> int:
@@ -196,6 +248,64 @@ def test_an_attempt_whose_sender_died_is_closed_and_tried_again(webhook_env, rec
     assert delivery.state == "succeeded"
     assert [(a.attempt, a.status_code) for a in attempts] == [(1, None), (2, 200)]
     assert attempts[0].error.startswith("sender_lost") and attempts[0].finished_at is not None
+
+
+def _running_sender(env, monkeypatch: pytest.MonkeyPatch, timeout_s: float) -> WebhookSender:  # noqa: ANN001
+    """The sender's thread, polling every 50 ms, with attempts of `timeout_s` at most."""
+    monkeypatch.setenv("UISPS_WEBHOOK_TIMEOUT_S", str(timeout_s))
+    monkeypatch.setenv("UISPS_WEBHOOK_POLL_INTERVAL_S", "0.05")
+    env.settings = get_settings()
+    return WebhookSender(env.settings).start()
+
+
+def test_a_slow_receiver_does_not_hold_up_the_events_that_come_due_meanwhile(
+    webhook_env, receiver, slow_receiver, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    slow_id = webhook_env.new_request(digits_checkpoint, [1], callback_url=slow_receiver.url())
+    fast_id = webhook_env.new_request(digits_checkpoint, [2], callback_url=receiver.url())
+    sender = _running_sender(webhook_env, monkeypatch, timeout_s=2)
+    try:
+        _cancel(webhook_env, slow_id)
+        assert slow_receiver.connected.wait(5)
+        _cancel(webhook_env, fast_id)  # due while the slow attempt is under way
+
+        receiver.wait_for(1, timeout_s=1.5)  # before the slow attempt's deadline
+        _, slow_attempts = _delivery(webhook_env, slow_id)
+        assert [(a.attempt, a.finished_at) for a in slow_attempts] == [(1, None)]
+    finally:
+        sender.stop()  # the slow attempt ends by its deadline, and is recorded
+
+    fast, _ = _delivery(webhook_env, fast_id)
+    slow, slow_attempts = _delivery(webhook_env, slow_id)
+    assert fast.state == "succeeded"
+    assert slow.state == "pending" and slow.next_attempt_at > slow.last_attempt_at  # tried again later
+    assert [(a.attempt, a.status_code, a.error) for a in slow_attempts] == [(1, None, "no answer within 2 s")]
+
+
+def test_a_delivery_is_claimed_only_when_a_sender_thread_is_free_to_send_it(
+    webhook_env, receiver, slow_receiver, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    # Claimed, a delivery's lease runs: one claimed behind a slow attempt would spend it waiting.
+    monkeypatch.setattr(webhooks, "SENDER_THREADS", 1)
+    slow_id = webhook_env.new_request(digits_checkpoint, [1], callback_url=slow_receiver.url())
+    fast_id = webhook_env.new_request(digits_checkpoint, [2], callback_url=receiver.url())
+    _cancel(webhook_env, slow_id)
+    _cancel(webhook_env, fast_id)  # both due, the slow one first
+    sender = _running_sender(webhook_env, monkeypatch, timeout_s=1)
+    try:
+        assert slow_receiver.connected.wait(5)
+        time.sleep(0.3)  # a few polls
+        fast, _ = _delivery(webhook_env, fast_id)
+        assert fast.attempts == 0 and fast.lease_expires_at is None  # not claimed while the thread is busy
+
+        receiver.wait_for(1, timeout_s=5)  # once the slow attempt has failed at its deadline
+    finally:
+        sender.stop()
+
+    fast, _ = _delivery(webhook_env, fast_id)
+    _, slow_attempts = _delivery(webhook_env, slow_id)
+    assert fast.state == "succeeded" and fast.attempts == 1
+    assert [(a.attempt, a.error) for a in slow_attempts][:1] == [(1, "no answer within 1 s")]
 
 
 def test_a_worker_process_sends_the_event_of_the_job_it_ran(worker_processes, receiver, digits_checkpoint: bytes) -> None:  # noqa: ANN001

@@ -1,10 +1,18 @@
 """One POST of a webhook event, made safely: the URL is checked again against the settings, the host
 is resolved and every address it resolves to must be public (unless allowed), the connection goes to
-the address that was checked (never resolved a second time), and redirects are not followed."""
+the address that was checked (never resolved a second time), and redirects are not followed.
+
+An attempt has one deadline, `webhook_timeout_s`, for all of it: connecting (to each address tried),
+the TLS handshake, sending, the status line and headers, and the (capped) read of the body. Every
+socket operation may wait only for what is left of it, so a receiver that answers a byte at a time
+fails the attempt at the deadline (the socket is closed; the event is tried again later) instead of
+holding a sender thread for as long as it keeps dripping."""
 
 from __future__ import annotations
 
+import functools
 import http.client
+import io
 import socket
 import ssl
 import time
@@ -24,6 +32,8 @@ from core.settings import Settings
 USER_AGENT = "uisps-webhooks/1"
 MAX_ADDRESSES_TRIED = 3
 ERROR_LIMIT = 500
+# Only the status matters; a little of the body is read so as not to reset a receiver still writing it.
+RESPONSE_BODY_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -68,50 +78,124 @@ def post_event(url: str, message_id: str, body: bytes, settings: Settings) -> At
 def _post(
     target: CallbackTarget, addresses: list[IPAddress], headers: dict[str, str], body: bytes, timeout: float
 ) -> tuple[int, str | None]:
+    deadline = _Deadline(timeout)
+    tried = addresses[:MAX_ADDRESSES_TRIED]
     last_error: OSError | None = None
-    for address in addresses[:MAX_ADDRESSES_TRIED]:
-        connection = _connection(target, address, timeout)
+    for index, address in enumerate(tried):
+        # The addresses left share what is left of the deadline: one that drops the connection
+        # attempt does not use it all up before the next is tried. TimeoutError once it has passed.
+        connect_timeout = deadline.remaining() / (len(tried) - index)
+        connection = _connection(target, address, deadline)
         try:
             try:
-                connection.connect()
+                connection.connect(connect_timeout)
             except OSError as exc:  # try the host's next address
                 last_error = exc
                 continue
             connection.request("POST", target.target, body=body, headers=headers)
-            response = connection.getresponse()
-            response.read(64 * 1024)  # what the receiver said is not used; don't hold its connection
-            return response.status, response.getheader("location")
+            with connection.getresponse() as response:
+                response.read(RESPONSE_BODY_LIMIT)  # what the receiver said is not used; don't hold its connection
+                return response.status, response.getheader("location")
         finally:
             connection.close()
     assert last_error is not None
     raise last_error
 
 
-def _connection(target: CallbackTarget, address: IPAddress, timeout: float) -> http.client.HTTPConnection:
+class _Deadline:
+    """The end of one attempt, on the monotonic clock."""
+
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left (> 0), the timeout for the next socket operation; TimeoutError when none are."""
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the attempt's deadline has passed")
+        return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The response's socket, read with a timeout of what is left of the deadline at each read
+    (http.client reads the status line and headers a line at a time, each line in as many reads as
+    the receiver sends pieces: a timeout per read alone never ends a receiver that drips)."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        super().__init__()
+        self._sock = sock
+        # As http.client's own reader: it keeps the socket open until the response is closed.
+        self._raw = sock.makefile("rb", buffering=0)
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int | None:  # type: ignore[override]
+        self._sock.settimeout(self._deadline.remaining())
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock: socket.socket, *args: object, deadline: _Deadline, **kwargs: object) -> None:
+        super().__init__(sock, *args, **kwargs)  # type: ignore[arg-type]
+        self.fp.close()  # http.client's reader, replaced before anything is read
+        self.fp = io.BufferedReader(_DeadlineReader(sock, deadline))
+
+
+def _connection(target: CallbackTarget, address: IPAddress, deadline: _Deadline) -> http.client.HTTPConnection:
     if target.scheme == "https":
-        return _PinnedHTTPSConnection(target.host, target.port, str(address), timeout)
-    return _PinnedHTTPConnection(target.host, target.port, str(address), timeout)
+        return _PinnedHTTPSConnection(target.host, target.port, str(address), deadline)
+    return _PinnedHTTPConnection(target.host, target.port, str(address), deadline)
 
 
-class _PinnedHTTPConnection(http.client.HTTPConnection):
+class _DeadlineConnection(http.client.HTTPConnection):
+    """Sends, and reads the response, within what is left of the attempt's deadline."""
+
+    def __init__(self, host: str, port: int, address: str, deadline: _Deadline, **kwargs: object) -> None:
+        super().__init__(host, port, timeout=deadline.remaining(), **kwargs)  # type: ignore[arg-type]
+        self._address = address
+        self._deadline = deadline
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)  # type: ignore[assignment]
+
+    def send(self, data: object) -> None:  # type: ignore[override]
+        if self.sock is None or not isinstance(data, bytes):
+            super().send(data)  # type: ignore[arg-type]  # (not the case here: headers and body are bytes)
+            return
+        view = memoryview(data)
+        while view:  # each piece within what is left (an SSL socket's sendall waits per piece)
+            self.sock.settimeout(self._deadline.remaining())
+            view = view[self.sock.send(view):]
+
+    def _open_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection(
+            (self._address, self.port), self._deadline.remaining() if timeout is None else timeout
+        )
+
+
+class _PinnedHTTPConnection(_DeadlineConnection):
     """Connects to the address that was checked; the Host header still names the host."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self._address = address
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+    def connect(self, timeout: float | None = None) -> None:
+        self.sock = self._open_socket(timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+class _PinnedHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
     """As above, with TLS: the certificate must be valid for the host name (SNI and verification)."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._address = address
+    def __init__(self, host: str, port: int, address: str, deadline: _Deadline) -> None:
+        super().__init__(host, port, address, deadline, context=ssl.create_default_context())
 
-    def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+    def connect(self, timeout: float | None = None) -> None:
+        sock = self._open_socket(timeout)
+        try:
+            sock.settimeout(self._deadline.remaining())  # the whole handshake, not each of its reads
+            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+        except BaseException:
+            sock.close()
+            raise
