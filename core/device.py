@@ -8,11 +8,27 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from core.errors import DeviceUnavailable
+
 
 def pick_device(name: str = "auto") -> torch.device:
+    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`; anything this machine cannot run on
+    is a DeviceUnavailable naming what it has, not a driver traceback at the first tensor."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceUnavailable(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceUnavailable(f"device {name!r}: this machine has no usable CUDA GPU (use auto or cpu)")
+        if device.index is not None and device.index >= count:
+            raise DeviceUnavailable(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise DeviceUnavailable(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    return device
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

@@ -23,5 +23,9 @@ class ArchitectureError(UisError):
     code = "invalid_architecture"
 
 
+class DeviceUnavailable(UisError):
+    code = "device_unavailable"
+
+
 class UnlearningDiverged(UisError):
     code = "unlearning_diverged"

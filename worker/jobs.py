@@ -22,7 +22,7 @@ from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
 from core.config import UnlearnConfig
 from core.data import load_dataset
 from core.device import pick_device
-from core.errors import UisError
+from core.errors import DeviceUnavailable, UisError
 from core.logs import deletion_request_context
 from core.services.deletion_requests.jobs import ClaimOutcome, JobInput, JobLost, deletion_jobs
 from core.services.errors import ArtifactCorrupted, ArtifactMissing
@@ -119,6 +119,13 @@ def run_job(request_id: str, settings: Settings) -> RunOutcome:
 
 
 def _run_job(request_id: str, settings: Settings) -> RunOutcome:
+    try:
+        pick_device(settings.device)
+    except DeviceUnavailable as exc:
+        # This worker cannot run any job (UISPS_DEVICE names a GPU it lacks): the request is not
+        # at fault, so it stays queued for a worker that can (the reconciler sends it again).
+        logger.error("deletion request %s left queued: %s (UISPS_DEVICE=%s)", request_id, exc, settings.device)
+        return RunOutcome("skipped")
     sessions = sessions_for(settings.effective_database_url)
     lease_s = float(settings.job_lease_s)
     with sessions.begin() as session:

@@ -58,6 +58,8 @@ def _write_npz(path: Path, shape: tuple) -> None:
         (["--checkpoint", "junk.bin"], "safetensors"),
         (["--dataset", "npz:rgb.npz"], "expects"),
         (["--params", '{"alpha": -1}'], "params"),
+        (["--device", "gpu"], "unknown device 'gpu'"),
+        (["--device", "cuda:99"], "device 'cuda:99': this machine has"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_nothing_is_written(trained, args, message):

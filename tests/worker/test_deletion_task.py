@@ -156,6 +156,18 @@ def test_a_data_source_outside_the_workers_roots_is_not_read(
     assert error["code"] == "invalid_data" and "outside the folders this service reads data from" in error["message"]
 
 
+def test_a_worker_without_its_configured_gpu_leaves_the_request_queued(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+    monkeypatch.setenv("UISPS_DEVICE", "cuda:99")
+
+    assert _run(request_id) == "skipped"
+
+    request = _request(worker_env, request_id)
+    assert (request.state, request.attempts, request.error) == ("queued", 0, None)
+
+
 def test_a_corrupted_artifact_is_never_loaded(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     request_id = worker_env.new_request(digits_checkpoint, [1])
     v1 = _versions(worker_env, _request(worker_env, request_id).model_id)[0]
