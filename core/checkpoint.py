@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -206,6 +207,35 @@ def validate_header(header: dict, model: torch.nn.Module) -> None:
     will do): a file that cannot fit is refused before any tensor is built."""
     found = {name: (info["shape"], DTYPES[info["dtype"]]) for name, info in header.items() if name != "__metadata__"}
     _check_layout(found, model.state_dict())
+
+
+# What a checkpoint's own manifest must share with the model it is uploaded to: the network and
+# the input it expects. Not its history (forgotten labels, parent) nor where its data lives.
+AGREEING_FIELDS = ("architecture", "in_channels", "num_classes", "input_shape", "class_names", "mean", "std")
+
+
+def check_manifest_agrees(header: dict, registered: Manifest) -> None:
+    """A checkpoint that carries a manifest must agree with the registration on AGREEING_FIELDS:
+    otherwise the service would run it with another normalisation or other class names than it
+    was trained with (forgetting label 3 would then forget some other class)."""
+    if MANIFEST_KEY not in (header.get("__metadata__") or {}):
+        return  # a plain safetensors file: the registration is all there is to go by
+    found = read_manifest(header)
+    differ = [
+        f"{field} {getattr(found, field)} (registered: {getattr(registered, field)})"
+        for field in AGREEING_FIELDS
+        if not _same(getattr(found, field), getattr(registered, field))
+    ]
+    if differ:
+        raise CheckpointError("the checkpoint's manifest disagrees with the model's registration: " + "; ".join(differ))
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, int | float) and isinstance(b, int | float) and math.isclose(a, b, rel_tol=1e-6)
+    return a == b
 
 
 def validate_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:

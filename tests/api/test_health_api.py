@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -34,7 +35,7 @@ def test_openapi_documents_the_resources_with_examples(client: TestClient) -> No
 
 
 def test_an_unreachable_broker_makes_readyz_503_but_requests_are_still_recorded(
-    tmp_path: Path, digits_checkpoint: bytes
+    tmp_path: Path, model_spec: dict[str, Any], digits_checkpoint: bytes
 ) -> None:
     # Nothing listens on port 9: publishing fails, the committed request stays queued for the
     # worker's start-up sweep to send.
@@ -43,11 +44,7 @@ def test_an_unreachable_broker_makes_readyz_503_but_requests_are_still_recorded(
         authorize(client)
         problem = assert_problem(client.get("/readyz"), 503, "not_ready", "unreachable: broker")
         assert problem["checks"]["database"] == "ok"
-        model = client.post(
-            "/models",
-            json={"name": unique_name(), "architecture": "smallcnn", "num_classes": 10, "input_shape": [1, 8, 8],
-                  "mean": [0.3], "std": [0.4], "data_source": "digits"},
-        ).json()
+        model = client.post("/models", json=model_spec).json()
         client.post(f"/models/{model['id']}/versions", files={"file": ("m.safetensors", digits_checkpoint)})
 
         response = client.post("/deletion-requests", json={"model_id": model["id"], "forget_labels": [1]})

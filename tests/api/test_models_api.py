@@ -148,6 +148,30 @@ def test_a_checkpoint_that_does_not_fit_the_architecture_is_422(
     assert client.get(f"/models/{model['id']}/versions").json()["versions"] == []
 
 
+def test_a_checkpoint_trained_for_another_input_or_classes_is_422(
+    client: TestClient, model_spec: dict[str, Any], digits_checkpoint: bytes
+) -> None:
+    # Registered by hand with another normalisation and class order than the file was trained with.
+    names = [str(9 - i) for i in range(10)]
+    model = client.post("/models", json={**model_spec, "mean": [0.5], "std": [0.5], "class_names": names}).json()
+
+    response = _upload(client, model["id"], digits_checkpoint)
+
+    problem = assert_problem(response, 422, "invalid_checkpoint", "manifest disagrees with the model's registration")
+    assert "mean [" in problem["detail"] and "(registered: [0.5])" in problem["detail"]
+    assert "class_names" in problem["detail"]
+    assert client.get(f"/models/{model['id']}/versions").json()["versions"] == []
+
+
+def test_a_checkpoint_without_a_manifest_is_taken_as_registered(client: TestClient, registered_model, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    model = registered_model(upload=False)
+    plain, _ = load_checkpoint_bytes(digits_checkpoint)
+
+    response = _upload(client, model["id"], st_save({k: v.contiguous() for k, v in plain.state_dict().items()}))
+
+    assert response.status_code == 201, response.text
+
+
 def test_a_file_that_is_not_safetensors_is_422(client: TestClient, registered_model) -> None:  # noqa: ANN001
     model = registered_model(upload=False)
     pickle_like = b"\x80\x04\x95" + b"\x00" * 64  # a pickle stream is never unpickled

@@ -377,10 +377,12 @@ def _check_data_source(spec: str, data_roots: Sequence[str], tenant_id: str) -> 
 
 def _validate_checkpoint(checkpoint: bytes, expected: Manifest, max_parameters: int | None) -> None:
     # Parses safetensors (never pickle) and checks names, shapes, dtypes and finite values against
-    # the registered architecture; raises core.errors.CheckpointError with what is wrong.
-    from core.checkpoint import load_checkpoint_bytes
+    # the registered architecture, and the file's own manifest (if any) against the registration;
+    # raises core.errors.CheckpointError with what is wrong.
+    from core.checkpoint import check_manifest_agrees, load_checkpoint_bytes, parse_header
 
     load_checkpoint_bytes(checkpoint, expected=expected, max_parameters=max_parameters)
+    check_manifest_agrees(parse_header(checkpoint, max_parameters), expected)
 
 
 def verify_artifact(store: ArtifactStore, key: str, sha256: str) -> None:
