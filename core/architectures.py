@@ -7,12 +7,13 @@ probe what a model still knows about a class after its output has been suppresse
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from core.errors import ArchitectureError
+from core.errors import ArchitectureError, UisError
 from core.validation import validate_arch_name
 
 
@@ -151,11 +152,27 @@ def build_model(arch: str, in_channels: int, num_classes: int) -> nn.Module:
     return ARCHITECTURES[arch](in_channels, num_classes)
 
 
+@functools.lru_cache(maxsize=32)
 def model_skeleton(arch: str, in_channels: int, num_classes: int) -> nn.Module:
-    """`arch` built on the meta device: its tensors' names, shapes and dtypes, no memory. What a
-    client names is checked against this before anything of that size is allocated."""
-    with torch.device("meta"):
-        return build_model(arch, in_channels, num_classes)
+    """`arch` with its tensors on the meta device: their names, shapes and dtypes, no memory. What
+    a client names is checked against this before anything of that size is allocated. Shared
+    between callers (cached): read it, never change it.
+
+    A constructor that reads tensor values (torchvision's RegNets call `.tolist()`) cannot run on
+    the meta device; such a model is built for real once, on the CPU, and moved to meta."""
+    try:
+        with torch.device("meta"):
+            return build_model(arch, in_channels, num_classes)
+    except UisError:
+        raise
+    except Exception:  # noqa: BLE001 - any constructor failure on meta tensors: build it for real
+        pass
+    try:
+        return build_model(arch, in_channels, num_classes).to("meta")
+    except UisError:
+        raise
+    except Exception as exc:  # a torchvision constructor that refuses these channels or classes
+        raise ArchitectureError(f"{arch} cannot be built with {num_classes} classes: {type(exc).__name__}: {exc}") from None
 
 
 def check_architecture(arch: str, in_channels: int, num_classes: int, max_parameters: int | None) -> None:

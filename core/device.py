@@ -12,7 +12,7 @@ from core.errors import DeviceUnavailable
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`; anything this machine cannot run on
+    """`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N` or `mps`; anything this machine cannot run on
     is a DeviceUnavailable naming what it has, not a driver traceback at the first tensor."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -26,8 +26,11 @@ def pick_device(name: str = "auto") -> torch.device:
             raise DeviceUnavailable(f"device {name!r}: this machine has no usable CUDA GPU (use auto or cpu)")
         if device.index is not None and device.index >= count:
             raise DeviceUnavailable(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceUnavailable(f"device {name!r}: this machine has no usable Apple GPU (use auto or cpu)")
     elif device.type != "cpu":
-        raise DeviceUnavailable(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
+        raise DeviceUnavailable(f"device {name!r} is not supported (use auto, cpu, cuda, cuda:N or mps)")
     return device
 
 

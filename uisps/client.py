@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -28,15 +29,17 @@ class VerifiedCheckpoint:
 class UispsClient:
     """Sends `api_key` as a bearer token, and an Idempotency-Key with every POST that creates.
 
-    A create whose answer was lost (connection dropped, timeout) or that met a 503 or a
-    still-running twin (409 idempotency_key_in_use) is sent again with the same key, up to
-    `retries` times: the service then answers with what the first one did, never a duplicate.
-    Pass `idempotency_key` to keep that guarantee across processes (a ticket id, say).
+    A create whose answer was lost (connection dropped, timeout) or that met a 503 is sent again
+    with the same key, up to `retries` times; one that meets its twin still in flight (409
+    idempotency_key_in_use) is sent again until `timeout_s` has passed. The service then answers
+    with what the first one did, never a duplicate. When the client gives up, the error names the
+    key: pass it as `idempotency_key` to try again safely, from this process or another.
     """
 
     def __init__(self, base_url: str, timeout_s: float = 60.0, api_key: str | None = None, retries: int = 3) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=base_url, timeout=timeout_s, headers=headers)
+        self.timeout_s = timeout_s
         self.retries = retries
 
     def close(self) -> None:
@@ -148,21 +151,35 @@ class UispsClient:
         return self.get_version(model_id, version)
 
     def _create(self, path: str, expected_status: int, idempotency_key: str | None, **request: Any) -> dict[str, Any]:
-        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
+        key = idempotency_key or str(uuid.uuid4())
+        headers = {"Idempotency-Key": key}
+        # A twin still in flight (a large upload being checked) is waited for as long as a request
+        # may take; lost answers and 503s are tried `retries` more times.
+        in_flight_until = time.monotonic() + self.timeout_s
+        failures = 0
+        while True:
             try:
                 response = self.http.post(path, headers=headers, **request)
-            except httpx.TransportError:
-                if last:
-                    raise
-                time.sleep(_backoff_s(attempt))
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > self.retries:
+                    raise ServiceError(
+                        f"POST {path}: no answer after {failures} tries ({type(exc).__name__}: {exc}); send it again "
+                        f"with idempotency_key={key!r} to get the first one's answer, never a duplicate"
+                    ) from exc
+                time.sleep(_backoff_s(failures))
                 continue
-            if not last and _worth_retrying(response):
-                time.sleep(_retry_after_s(response, attempt))
+            in_flight = _in_flight(response)
+            if response.status_code == 503 and failures < self.retries:
+                failures += 1
+                time.sleep(_retry_after_s(response, failures))
                 continue
+            if in_flight and time.monotonic() < in_flight_until:
+                time.sleep(_retry_after_s(response, 1))
+                continue
+            if in_flight or response.status_code == 503:
+                raise ServiceError(f"{_describe_error(response)} (Idempotency-Key {key}: send it again with this key)")
             return self._json(response, expected_status)
-        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _json(self, response: httpx.Response, expected_status: int) -> dict[str, Any]:
         if response.status_code != expected_status:
@@ -171,22 +188,23 @@ class UispsClient:
 
 
 def _backoff_s(attempt: int) -> float:
-    return min(0.5 * 2**attempt, 8.0)
+    """0.5 s after the first failure, doubling, at most 8 s."""
+    return min(0.5 * 2 ** (attempt - 1), 8.0)
 
 
-def _worth_retrying(response: httpx.Response) -> bool:
-    if response.status_code == 503:
-        return True
-    if response.status_code == 409 and "json" in response.headers.get("content-type", ""):
-        return response.json().get("code") == "idempotency_key_in_use"
-    return False
+def _in_flight(response: httpx.Response) -> bool:
+    """The service is still working on the first request sent with this key."""
+    if response.status_code != 409 or "json" not in response.headers.get("content-type", ""):
+        return False
+    return response.json().get("code") == "idempotency_key_in_use"
 
 
 def _retry_after_s(response: httpx.Response, attempt: int) -> float:
     try:
-        return min(float(response.headers.get("Retry-After", "")), 30.0)
+        wait = float(response.headers.get("Retry-After", ""))
     except ValueError:
         return _backoff_s(attempt)
+    return min(max(wait, 0.0), 30.0) if math.isfinite(wait) else _backoff_s(attempt)
 
 
 def _describe_error(response: httpx.Response) -> str:

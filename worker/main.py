@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Sequence
 
 from core.settings import get_settings
@@ -26,11 +28,36 @@ def worker_argv(*, pool: str = "prefork", concurrency: int = 1, loglevel: str = 
     ]
 
 
+# Run in a child: asking CUDA how many GPUs there are initialises its driver, and a prefork parent
+# that did so hands its children a CUDA they cannot use.
+_DEVICE_PROBE = """
+import sys
+from core.device import pick_device
+from core.errors import UisError
+try:
+    pick_device(sys.argv[1])
+except UisError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def check_device(device: str) -> None:
+    """Refuse to start a worker that could run no job: one whose UISPS_DEVICE names a GPU this
+    machine lacks would otherwise take messages off the queue only to leave them (worker.jobs)."""
+    if device in ("auto", "cpu"):
+        return
+    probe = subprocess.run([sys.executable, "-c", _DEVICE_PROBE, device], capture_output=True, text=True)
+    if probe.returncode != 0:
+        reason = (probe.stderr.strip().splitlines() or ["the device check failed"])[-1]
+        raise SystemExit(f"worker not started: {reason} (UISPS_DEVICE={device})")
+
+
 def start_worker(
     *, pool: str = "prefork", concurrency: int = 1, loglevel: str = "INFO", extra_args: Sequence[str] = ()
 ) -> None:
     """Run a Celery worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown)."""
     settings = get_settings()
+    check_device(settings.device)
     settings.home.mkdir(parents=True, exist_ok=True)  # the embedded broker and database live here
     from worker.celery_app import app
 

@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
@@ -164,3 +165,19 @@ def test_the_python_client_retries_a_lost_create_without_a_duplicate(client: Tes
 
     listed = client.get("/deletion-requests", params={"model_id": model["id"]}).json()["deletion_requests"]
     assert [r["id"] for r in listed] == [created["id"]]
+
+
+class _NeverAnswers:
+    def post(self, *_args: Any, **_kwargs: Any) -> Any:
+        raise httpx.ConnectError("the service is away")
+
+
+def test_the_python_client_names_the_key_to_retry_with_when_it_gives_up() -> None:
+    from uisps.client import ServiceError, UispsClient
+
+    uisps_client = UispsClient("http://127.0.0.1:9", retries=1)
+    uisps_client.http.close()
+    uisps_client.http = _NeverAnswers()  # type: ignore[assignment]
+
+    with pytest.raises(ServiceError, match="idempotency_key='GDPR-9'"):
+        uisps_client.create_deletion_request("m", [1], idempotency_key="GDPR-9")

@@ -163,6 +163,16 @@ def test_a_checkpoint_trained_for_another_input_or_classes_is_422(
     assert client.get(f"/models/{model['id']}/versions").json()["versions"] == []
 
 
+def test_a_checkpoint_agrees_with_a_registration_by_class_count_and_rounded_statistics(
+    client: TestClient, model_spec: dict[str, Any], digits_checkpoint: bytes
+) -> None:
+    spec = {k: v for k, v in model_spec.items() if k != "class_names"}
+    spec |= {"num_classes": 10, "mean": [round(m, 4) for m in spec["mean"]], "std": [round(s, 4) for s in spec["std"]]}
+    model = client.post("/models", json=spec).json()
+
+    assert _upload(client, model["id"], digits_checkpoint).status_code == 201
+
+
 def test_a_checkpoint_without_a_manifest_is_taken_as_registered(client: TestClient, registered_model, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     model = registered_model(upload=False)
     plain, _ = load_checkpoint_bytes(digits_checkpoint)

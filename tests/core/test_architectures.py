@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core.architectures import build_model, feature_blocks
+from core.architectures import build_model, feature_blocks, model_skeleton
 from core.errors import ArchitectureError
 
 
@@ -44,3 +44,14 @@ def test_feature_blocks_are_the_bodys_parametrised_children_in_order(arch, block
 def test_a_torchvision_model_has_no_feature_blocks_to_reset():
     with pytest.raises(ArchitectureError, match="reset_blocks"):
         feature_blocks(build_model("torchvision:resnet18", 3, 10))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "torchvision:resnet18", "torchvision:regnet_y_400mf"])
+def test_a_skeleton_has_the_real_models_tensors_and_no_storage(arch):
+    # RegNet's constructor reads tensor values, which meta tensors cannot give: built for real, then moved.
+    skeleton = model_skeleton(arch, 3, 10)
+    real = build_model(arch, 3, 10)
+
+    layout = {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()}
+    assert layout == {name: (tuple(t.shape), t.dtype) for name, t in real.state_dict().items()}
+    assert {t.device.type for t in skeleton.state_dict().values()} == {"meta"}

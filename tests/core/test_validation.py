@@ -50,3 +50,15 @@ def test_a_tenant_root_admits_only_that_tenants_folder(tmp_path: Path) -> None:
     check_data_location(f"npz:{tmp_path / 'acme' / 'x.npz'}", roots, "acme")
     with pytest.raises(DataError, match="outside the folders"):
         check_data_location(f"npz:{tmp_path / 'globex' / 'x.npz'}", roots, "acme")
+
+
+def test_a_link_inside_a_folder_source_must_stay_inside_the_roots(tmp_path: Path) -> None:
+    root = tmp_path / "data" / "acme"
+    (root / "faces" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "globex").mkdir()
+    (root / "faces" / "inside").symlink_to(root / "faces" / "train")
+    check_data_location(f"imagefolder:{root / 'faces'}", [str(tmp_path / "data" / "{tenant}")], "acme")
+
+    (root / "faces" / "train" / "cat").symlink_to(tmp_path / "data" / "globex")
+    with pytest.raises(DataError, match="outside the folders"):
+        check_data_location(f"imagefolder:{root / 'faces'}", [str(tmp_path / "data" / "{tenant}")], "acme")

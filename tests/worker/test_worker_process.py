@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 
-
 def test_torch_stays_out_of_the_api_and_the_worker_parent() -> None:
     # CUDA must only ever be initialised in the pool child, and the API never needs torch to start.
     code = (
@@ -16,3 +15,14 @@ def test_torch_stays_out_of_the_api_and_the_worker_parent() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_worker_without_the_gpu_it_is_told_to_use_does_not_start(tmp_path) -> None:  # noqa: ANN001
+    import os
+
+    env = {**os.environ, "UISPS_HOME": str(tmp_path), "UISPS_DEVICE": "cuda:99"}
+    worker = subprocess.run([sys.executable, "-m", "worker"], env=env, capture_output=True, text=True, timeout=120)
+
+    assert worker.returncode != 0
+    assert "worker not started: device 'cuda:99': this machine has" in worker.stderr
+    assert not any(tmp_path.iterdir())  # it took nothing off any queue: no broker was even created
