@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The core engine on the real CIFAR-10 subset with ResNet18 (issue 2): Original, Retrain (without
 # class 0, and without 0,1,2), and UISPS forgetting 0 and 0,1,2 with the paper's settings, both as
-# one literal epoch (~40 steps here) and at the paper's step count (~350 steps, see design.md), and
-# (mode "plain") one epoch without the fast paths: fp32, one inversion batch per label, no CUDA graph.
+# one literal epoch (~40 steps here) and at the paper's step count (~350 steps: its one epoch of
+# 45,000 retained images; ../shared/design.md, outside this repository), and (mode "plain") one
+# epoch without the fast paths: fp32, one inversion batch per label, no CUDA graph.
 # Usage: scripts/core_cifar_run.sh [cifar10_subset.npz] [epochs] [results folder] [device]
-# MODES="epoch steps350 plain" chooses the UISPS runs.
+# MODES="epoch steps350 plain" chooses the UISPS runs; ARCH the network (resnet18); PYTHON the
+# interpreter (default: the repository's .venv/bin/python when there is one, else python3).
 set -euo pipefail
 data="npz:${1:-${UISPS_CIFAR10_SUBSET:-../shared/data/cifar10_subset.npz}}"
 epochs="${2:-20}"
@@ -13,7 +15,11 @@ device="${4:-auto}"
 ck="runs/$(basename "$out")"
 arch="${ARCH:-resnet18}"
 mkdir -p "$out" "$ck"
-uisps() { "${PYTHON:-python3}" -m uisps "$@"; }
+venv_python="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$venv_python" ]]; then PYTHON="$venv_python"; else PYTHON=python3; fi
+fi
+uisps() { "$PYTHON" -m uisps "$@"; }
 uisps train --dataset "$data" --arch "$arch" --epochs "$epochs" --lr 0.1 --device "$device" \
   --out "$ck/original.safetensors" > "$out/train-original.json"
 for forget in 0 0,1,2; do
