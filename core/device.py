@@ -19,7 +19,7 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise DeviceUnavailable(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+        raise DeviceUnavailable(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

@@ -239,15 +239,15 @@ def _unlearn(
     from core.workflow import unlearn_model  # the heaviest import; after the claim succeeded
 
     tracker.enter("loading")
+    # Again here: a model registered before the roots were narrowed, or under other settings,
+    # must not make this worker read outside them.
+    check_data_location(job.model.data_source, settings.data_root_list, job.model.tenant_id)
     checkpoint = _read_verified(store, job.base.artifact_key, job.base.sha256)
     model, manifest = load_checkpoint_bytes(
         checkpoint,
         expected=manifest_for(job.model, job.base.forgotten_labels),
         max_parameters=settings.max_checkpoint_parameters,
     )
-    # Again here: a model registered before the roots were narrowed, or under other settings,
-    # must not make this worker read outside them.
-    check_data_location(job.model.data_source, settings.data_root_list, job.model.tenant_id)
     dataset = load_dataset(job.model.data_source)
     config = UnlearnConfig.model_validate(job.params)
     device = pick_device(settings.device)
