@@ -7,8 +7,10 @@ probe what a model still knows about a class after its output has been suppresse
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -156,23 +158,40 @@ def build_model(arch: str, in_channels: int, num_classes: int) -> nn.Module:
 def model_skeleton(arch: str, in_channels: int, num_classes: int) -> nn.Module:
     """`arch` with its tensors on the meta device: their names, shapes and dtypes, no memory. What
     a client names is checked against this before anything of that size is allocated. Shared
-    between callers (cached): read it, never change it.
-
-    A constructor that reads tensor values (torchvision's RegNets call `.tolist()`) cannot run on
-    the meta device; such a model is built for real once, on the CPU, and moved to meta."""
+    between callers (cached): read it, never change it."""
     try:
-        with torch.device("meta"):
+        with _SKELETON_LOCK, _regnet_widths_on_cpu(arch), torch.device("meta"):
             return build_model(arch, in_channels, num_classes)
     except UisError:
         raise
-    except Exception:  # noqa: BLE001 - any constructor failure on meta tensors: build it for real
-        pass
-    try:
-        return build_model(arch, in_channels, num_classes).to("meta")
-    except UisError:
-        raise
-    except Exception as exc:  # a torchvision constructor that refuses these channels or classes
+    except Exception as exc:  # a constructor that refuses these channels or classes, or meta tensors
         raise ArchitectureError(f"{arch} cannot be built with {num_classes} classes: {type(exc).__name__}: {exc}") from None
+
+
+_SKELETON_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _regnet_widths_on_cpu(arch: str) -> Iterator[None]:
+    """torchvision's RegNets work out their stage widths with tensors and read them back
+    (`.tolist()`), which meta tensors cannot do. For the build, that arithmetic (plain numbers
+    either way) runs on the CPU, so a RegNet skeleton costs no more memory than any other."""
+    if not arch.startswith("torchvision:regnet"):
+        yield
+        return
+    from torchvision.models import regnet
+
+    original = regnet.BlockParams.__dict__["from_init_params"]
+
+    def on_cpu(cls: type, *args: object, **kwargs: object) -> object:
+        with torch.device("cpu"):
+            return original.__func__(cls, *args, **kwargs)
+
+    regnet.BlockParams.from_init_params = classmethod(on_cpu)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        regnet.BlockParams.from_init_params = original  # type: ignore[assignment]
 
 
 def check_architecture(arch: str, in_channels: int, num_classes: int, max_parameters: int | None) -> None:

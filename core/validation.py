@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from core.errors import ArchitectureError, DataError, InvalidLabels
@@ -72,7 +72,7 @@ def check_data_location(spec: str, roots: Sequence[str], tenant_id: str) -> None
         raise DataError(f"data source {spec!r}: the path must be absolute")
     target = Path(os.path.realpath(arg))
     allowed = [Path(os.path.realpath(root.replace(TENANT_PLACEHOLDER, tenant_id))) for root in roots]
-    if not _within(target, allowed) or not all(_within(link, allowed) for link in _links_below(target)):
+    if not _within(target, allowed) or _link_out_of(target, allowed):
         raise DataError(
             f"data source {spec!r} lies outside the folders this service reads data from: "
             + ", ".join(str(root) for root in allowed)
@@ -83,14 +83,28 @@ def _within(path: Path, roots: Sequence[Path]) -> bool:
     return any(path.is_relative_to(root) for root in roots)
 
 
-def _links_below(folder: Path) -> Iterator[Path]:
-    """Where the symbolic links inside a folder data source (cifar10:, imagefolder:, ...) lead: the
-    loaders follow them, so each must stay inside the roots too. Nothing where the folder is not
-    visible (the API may not mount the data; the worker checks again before it reads)."""
+def _link_out_of(folder: Path, roots: Sequence[Path]) -> bool:
+    """Whether a symbolic link reachable inside a folder data source (cifar10:, imagefolder:, ...)
+    leads out of the roots. The loaders follow links, into linked folders too, so the walk does
+    the same (each real folder once: link cycles end). Nothing where the folder is not visible
+    (the API may not mount the data; the worker checks again before it reads)."""
     if not folder.is_dir():
-        return
-    for parent, dirs, files in os.walk(folder):  # does not descend into linked folders: each is yielded
-        for name in (*dirs, *files):
-            path = Path(parent, name)
-            if path.is_symlink():
-                yield Path(os.path.realpath(path))
+        return False
+    seen: set[tuple[int, int]] = set()
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            info = current.stat()
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.is_symlink() and not _within(Path(os.path.realpath(entry.path)), roots):
+                        return True
+                    if entry.is_dir(follow_symlinks=True):
+                        pending.append(Path(entry.path))
+        except OSError:  # unreadable here: the loader cannot read it either
+            continue
+    return False

@@ -154,8 +154,8 @@ class UispsClient:
         key = idempotency_key or str(uuid.uuid4())
         headers = {"Idempotency-Key": key}
         # A twin still in flight (a large upload being checked) is waited for as long as a request
-        # may take; lost answers and 503s are tried `retries` more times.
-        in_flight_until = time.monotonic() + self.timeout_s
+        # may take, from the first time it is met; lost answers and 503s are tried `retries` more times.
+        in_flight_until: float | None = None
         failures = 0
         while True:
             try:
@@ -170,11 +170,13 @@ class UispsClient:
                 time.sleep(_backoff_s(failures))
                 continue
             in_flight = _in_flight(response)
+            if in_flight and in_flight_until is None:
+                in_flight_until = time.monotonic() + self.timeout_s
             if response.status_code == 503 and failures < self.retries:
                 failures += 1
                 time.sleep(_retry_after_s(response, failures))
                 continue
-            if in_flight and time.monotonic() < in_flight_until:
+            if in_flight and in_flight_until is not None and time.monotonic() < in_flight_until:
                 time.sleep(_retry_after_s(response, 1))
                 continue
             if in_flight or response.status_code == 503:

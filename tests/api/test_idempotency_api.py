@@ -181,3 +181,32 @@ def test_the_python_client_names_the_key_to_retry_with_when_it_gives_up() -> Non
 
     with pytest.raises(ServiceError, match="idempotency_key='GDPR-9'"):
         uisps_client.create_deletion_request("m", [1], idempotency_key="GDPR-9")
+
+
+class _SlowFirstThenTwinInFlight:
+    """The first POST times out after the client's whole timeout; the retry finds its twin still
+    being worked on twice (409 idempotency_key_in_use), then gets the first one's answer."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s, self.calls = timeout_s, 0
+
+    def post(self, *_args: Any, **_kwargs: Any) -> httpx.Response:
+        import time
+
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(self.timeout_s)
+            raise httpx.ReadTimeout("no answer in time")
+        if self.calls <= 3:
+            return httpx.Response(409, json={"code": "idempotency_key_in_use"}, headers={"Retry-After": "0"})
+        return httpx.Response(202, json={"id": "the-first-one"})
+
+
+def test_the_python_client_waits_for_its_twin_after_a_timeout() -> None:
+    from uisps.client import UispsClient
+
+    uisps_client = UispsClient("http://127.0.0.1:9", timeout_s=0.3)
+    uisps_client.http.close()
+    uisps_client.http = _SlowFirstThenTwinInFlight(0.3)  # type: ignore[assignment]
+
+    assert uisps_client.create_deletion_request("m", [1])["id"] == "the-first-one"

@@ -13,7 +13,7 @@ from safetensors.torch import save as st_save
 
 from api.app import create_app
 from api_helpers import assert_problem, authorize, unique_name
-from core.checkpoint import MANIFEST_KEY, load_checkpoint_bytes
+from core.checkpoint import MANIFEST_KEY, checkpoint_bytes, load_checkpoint_bytes
 from core.services.pagination import encode_token
 from core.settings import Settings
 
@@ -166,11 +166,14 @@ def test_a_checkpoint_trained_for_another_input_or_classes_is_422(
 def test_a_checkpoint_agrees_with_a_registration_by_class_count_and_rounded_statistics(
     client: TestClient, model_spec: dict[str, Any], digits_checkpoint: bytes
 ) -> None:
+    model_state, manifest = load_checkpoint_bytes(digits_checkpoint)
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    named = checkpoint_bytes(model_state, manifest.model_copy(update={"class_names": words}))
     spec = {k: v for k, v in model_spec.items() if k != "class_names"}
     spec |= {"num_classes": 10, "mean": [round(m, 4) for m in spec["mean"]], "std": [round(s, 4) for s in spec["std"]]}
-    model = client.post("/models", json=spec).json()
+    model = client.post("/models", json=spec).json()  # names "0".."9": none claimed
 
-    assert _upload(client, model["id"], digits_checkpoint).status_code == 201
+    assert _upload(client, model["id"], named).status_code == 201
 
 
 def test_a_checkpoint_without_a_manifest_is_taken_as_registered(client: TestClient, registered_model, digits_checkpoint: bytes) -> None:  # noqa: ANN001

@@ -62,3 +62,17 @@ def test_a_link_inside_a_folder_source_must_stay_inside_the_roots(tmp_path: Path
     (root / "faces" / "train" / "cat").symlink_to(tmp_path / "data" / "globex")
     with pytest.raises(DataError, match="outside the folders"):
         check_data_location(f"imagefolder:{root / 'faces'}", [str(tmp_path / "data" / "{tenant}")], "acme")
+
+
+def test_a_link_reached_through_another_link_is_checked_too(tmp_path: Path) -> None:
+    root = tmp_path / "data" / "acme"
+    (root / "faces" / "train").mkdir(parents=True)
+    (root / "other").mkdir()
+    (tmp_path / "data" / "globex" / "secret").mkdir(parents=True)
+    (root / "faces" / "train" / "cat").symlink_to(root / "other")  # inside the roots
+    (root / "other" / "loop").symlink_to(root / "faces")  # a cycle must not hang the walk
+    check_data_location(f"imagefolder:{root / 'faces'}", [str(tmp_path / "data" / "{tenant}")], "acme")
+
+    (root / "other" / "leak").symlink_to(tmp_path / "data" / "globex" / "secret")  # reached only through cat
+    with pytest.raises(DataError, match="outside the folders"):
+        check_data_location(f"imagefolder:{root / 'faces'}", [str(tmp_path / "data" / "{tenant}")], "acme")
