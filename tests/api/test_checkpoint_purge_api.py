@@ -121,6 +121,9 @@ def test_uploading_purged_bytes_again_stores_them_again(
 
     assert client.get(f"/models/{model['id']}/versions/2/checkpoint").content == checkpoint
     assert_problem(client.get(f"/models/{model['id']}/versions/1/checkpoint"), 410, "checkpoint_purged")
+    events = client.get("/audit-events", params={"model_id": model["id"]}).json()["audit_events"]
+    created = [e["details"] for e in events if e["action"] == "model_version.created"]
+    assert [d["same_bytes_as_purged"] for d in created] == [[], [{"model_id": model["id"], "version": 1}]]
 
 
 def test_a_missing_version_or_model_is_404(client: TestClient, registered_model) -> None:  # noqa: ANN001

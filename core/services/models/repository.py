@@ -88,6 +88,15 @@ class ModelRepository:
             query = query.where(ModelVersion.id != besides)
         return session.scalar(query.limit(1)) is not None
 
+    def purged_with_sha256(self, session: Session, tenant_id: str, sha256: str) -> list[ModelVersion]:
+        """The tenant's versions whose checkpoint, with these very bytes, was purged."""
+        query = select(ModelVersion).where(
+            ModelVersion.tenant_id == tenant_id,
+            ModelVersion.sha256 == sha256,
+            ModelVersion.checkpoint_purged_at.is_not(None),
+        )
+        return list(session.scalars(query.order_by(ModelVersion.model_id, ModelVersion.version)))
+
     def version_for_request(self, session: Session, deletion_request_id: str) -> ModelVersion | None:
         """The version made for a deletion request (alone or coalesced with others)."""
         return session.scalar(

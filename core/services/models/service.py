@@ -240,6 +240,12 @@ class ModelService:
                 "sha256": version.sha256,
                 "size_bytes": version.size_bytes,
                 "source": "upload",
+                # Bytes a purge erased, stored again: allowed (an admin may restore a checkpoint),
+                # but never silently, so an auditor can see what came back.
+                "same_bytes_as_purged": [
+                    {"model_id": v.model_id, "version": v.version}
+                    for v in model_repository.purged_with_sha256(session, tenant_id, version.sha256)
+                ],
             },
         )
         return version
