@@ -32,7 +32,7 @@ class DeletionRequestCreate(BaseModel):
     model_id: Annotated[str, StringConstraints(min_length=1, max_length=64), NulFree]
     forget_labels: list[StrictInt] = Field(min_length=1, description="class indices to forget")
     base_version: StrictInt | None = Field(
-        None, ge=1, le=2**31 - 1, description="the version to unlearn from; default: the latest"
+        None, ge=1, le=2**31 - 1, description="the version to unlearn from; default: the latest when its job starts"
     )
     method: Literal["uisps"] = Field("uisps", description="unlearning method")
     params: UnlearnConfig | None = Field(
@@ -103,7 +103,12 @@ class DeletionRequestRead(BaseModel):
     id: str
     model_id: str
     forget_labels: list[int]
-    base_version: int
+    base_version: int = Field(
+        description="the version the job unlearns from; with follows_latest, the latest when its job starts"
+    )
+    follows_latest: bool = Field(
+        description="made without base_version: base_version moves to a newer version made before its job starts"
+    )
     method: str
     params: dict[str, Any]
     external_ref: str | None
@@ -139,6 +144,7 @@ class DeletionRequestRead(BaseModel):
             model_id=request.model_id,
             forget_labels=request.forget_labels,
             base_version=request.base_version,
+            follows_latest=request.follows_latest,
             method=request.method,
             params=request.params or {},
             external_ref=request.external_ref,

@@ -151,8 +151,11 @@ class DeletionRequest(Base):
     tenant_id: Mapped[str] = tenant_column()
     model_id: Mapped[str] = mapped_column(String(UUID_LENGTH), ForeignKey("models.id"))
     forget_labels: Mapped[list[int]] = mapped_column(JSON)
-    # Resolved when the request is created, so "latest" cannot drift while the job waits.
+    # The version the job unlearns from. Named by the caller, it stays; left out
+    # (follows_latest), it is the latest when the request is made and moves to the latest again
+    # when its job starts, so requests that run one after the other build on each other.
     base_version: Mapped[int] = mapped_column(Integer)
+    follows_latest: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     method: Mapped[str] = mapped_column(String(64), default="uisps", server_default="uisps")
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     external_ref: Mapped[str | None] = mapped_column(String(200))

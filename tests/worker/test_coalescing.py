@@ -79,21 +79,47 @@ def test_two_queued_requests_on_one_model_run_as_one_job(worker_env, digits_chec
         assert verify_chain(session, "default") is None
 
 
-def test_with_coalescing_off_each_request_makes_its_own_version(
+def test_with_coalescing_off_each_request_makes_its_own_version_on_the_last(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    monkeypatch.setenv("UISPS_COALESCE_REQUESTS", "false")
+    model_id = worker_env.new_model(digits_checkpoint)
+    first = worker_env.queue(model_id, [3])
+    second = worker_env.queue(model_id, [5])  # made while version 1 was the latest
+
+    assert _run(first) == "succeeded"
+    assert _requests(worker_env, second)[0].state == "queued"
+    assert _run(second) == "succeeded"
+
+    # The second started from the first's version: the newest forgets both requests' labels.
+    _, v2, v3 = _versions(worker_env, model_id)
+    assert (v2.forgotten_labels, v2.deletion_request_ids) == ([3], [first])
+    assert (v3.parent_version, v3.forgotten_labels, v3.deletion_request_ids) == (2, [3, 5], [second])
+    assert _requests(worker_env, second)[0].base_version == 2
+    assert "deletion_request.rebased" in _actions(worker_env, second)
+
+
+def test_a_job_that_a_newer_version_overtook_is_run_again_from_it(
     worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
 ) -> None:
     monkeypatch.setenv("UISPS_COALESCE_REQUESTS", "false")
     model_id = worker_env.new_model(digits_checkpoint)
     first = worker_env.queue(model_id, [3])
     second = worker_env.queue(model_id, [5])
-
+    with worker_env.sessions.begin() as session:  # two workers: both jobs start from version 1
+        second_job = deletion_jobs.claim(session, second, lease_s=60).job
     assert _run(first) == "succeeded"
-    assert _requests(worker_env, second)[0].state == "queued"
-    assert _run(second) == "succeeded"
 
-    _, v2, v3 = _versions(worker_env, model_id)
-    assert (v2.forgotten_labels, v2.deletion_request_ids) == ([3], [first])
-    assert (v3.forgotten_labels, v3.deletion_request_ids) == ([5], [second])
+    with worker_env.sessions.begin() as session:  # the second finishes after the first
+        stale = StoredArtifact(key=_versions(worker_env, model_id)[0].artifact_key, sha256="0" * 64, size=1)
+        deletion_jobs.complete(session, second, artifact=stale, forgotten_labels=[5], metrics={},
+                               attempt=second_job.attempt)
+
+    request = _requests(worker_env, second)[0]
+    assert (request.state, request.attempts, request.result_version) == ("queued", 0, None)
+    assert len(_versions(worker_env, model_id)) == 2  # nothing stored from the old base
+    assert _run(second) == "succeeded"
+    assert _versions(worker_env, model_id)[-1].forgotten_labels == [3, 5]
 
 
 def test_only_requests_with_the_same_base_version_and_overrides_join(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001

@@ -133,11 +133,13 @@ class DeletionJobs:
             return Claim(ClaimOutcome.NOT_CLAIMABLE, state=previous_state)
         request = deletion_request_repository.get(session, None, request_id)
         assert request is not None
+        # Members of the previous attempt (a takeover) stay; queued requests may join.
+        kept = self._members(session, request_id)
+        if not kept:
+            self._follow_latest(session, request)
         base = model_repository.get_version(session, request.tenant_id, request.model_id, request.base_version)
         if base is None:  # versions are never deleted; a missing base means a broken database
             raise RuntimeError(f"base version {request.base_version} of model {request.model_id} is missing")
-        # Members of the previous attempt (a takeover) stay; queued requests may join.
-        kept = self._members(session, request_id)
         labels = set(request.forget_labels).union(*(m.forget_labels for m in kept))
         joined: list[DeletionRequest] = []
         if coalesce:
@@ -173,6 +175,28 @@ class DeletionJobs:
         )
         return Claim(ClaimOutcome.CLAIMED, job, JobState.RUNNING.value)
 
+    def _newer_base(self, session: Session, request: DeletionRequest) -> ModelVersion | None:
+        """The version a request made without `base_version` should start from instead of its
+        own: the model's latest, made since it was queued (by another request). None where it has
+        none, or where that version already forgot some of its labels (nothing of them would be
+        left to forget: it keeps the base it was made with) or its checkpoint was purged."""
+        if not request.follows_latest:
+            return None
+        latest = model_repository.latest_version(session, request.tenant_id, request.model_id)
+        if latest is None or latest.version == request.base_version or latest.checkpoint_purged_at is not None:
+            return None
+        if set(request.forget_labels) & set(latest.forgotten_labels):
+            return None
+        return latest
+
+    def _follow_latest(self, session: Session, request: DeletionRequest) -> None:
+        latest = self._newer_base(session, request)
+        if latest is None:
+            return
+        self._audit(session, request, "deletion_request.rebased", base_version=latest.version,
+                    previous_base_version=request.base_version)
+        request.base_version = latest.version
+
     def _absorb(
         self,
         session: Session,
@@ -192,6 +216,10 @@ class DeletionJobs:
         candidates = deletion_request_repository.coalescable(session, request)
         if not candidates:
             return [], labels
+        latest = model_repository.latest_version(session, request.tenant_id, request.model_id)
+        if latest is not None and latest.version != base.version:
+            # a request that follows the latest version waits for a job of its own, which moves it there
+            candidates = [c for c in candidates if not c.follows_latest]
         params = canonical_json(request.params or {})
         done = model_repository.requests_with_versions(session, [c.id for c in candidates])
         num_classes = request.model.num_classes
@@ -279,6 +307,17 @@ class DeletionJobs:
             self._stop_group(session, group, give_back=True)
             return request
         model_repository.get(session, request.tenant_id, request.model_id, for_update=True)
+        if any(self._newer_base(session, row) is not None for row in group):
+            # Another request's version was made while this job ran: storing this one would
+            # branch from the older base, and the newest version would miss that request's labels.
+            # The group goes back to the queue, its attempt given back (the reconciler sends it
+            # again), and its next job starts from that version.
+            for row in group:
+                row.attempts -= 1
+                self._requeue(session, row, "deletion_request.requeued",
+                              reason="a newer version of the model was made while its job ran",
+                              attempt_given_back=True, attempts=row.attempts)
+            return request
         lock_artifact(session, artifact.key, exclusive=False)
         if store is not None and not store.exists(artifact.key):
             raise ArtifactNotFound(artifact.key)

@@ -86,6 +86,7 @@ class DeletionRequestService:
             model_id=model_id,
             forget_labels=labels,
             base_version=base.version,
+            follows_latest=base_version is None,
             method=method,
             params=normalised_params,
             external_ref=external_ref,
