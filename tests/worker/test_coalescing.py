@@ -99,6 +99,20 @@ def test_with_coalescing_off_each_request_makes_its_own_version_on_the_last(
     assert "deletion_request.rebased" in _actions(worker_env, second)
 
 
+def test_a_request_that_would_forget_every_class_from_the_latest_keeps_its_base(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    monkeypatch.setenv("UISPS_COALESCE_REQUESTS", "false")
+    model_id = worker_env.new_model(digits_checkpoint)
+    first = worker_env.queue(model_id, [0, 1, 2, 3, 4])
+    second = worker_env.queue(model_id, [5, 6, 7, 8, 9])  # valid on version 1, not on top of the first
+
+    assert _run(first) == "succeeded"
+    assert _run(second) == "succeeded"
+
+    assert (_versions(worker_env, model_id)[-1].parent_version, _requests(worker_env, second)[0].base_version) == (1, 1)
+
+
 def test_a_job_that_a_newer_version_overtook_is_run_again_from_it(
     worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
 ) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from core.db import DeletionRequest, JobState, Model, ModelVersion, ModelVersionRequest, record_event, utcnow
-from core.db.audit import canonical_json
+from core.db.audit import canonical_json, lock_tenant
 from core.services.deletion_requests.repository import deletion_request_repository
 from core.services.models.repository import model_repository
 from core.services.transactions import begin_write, lock_artifact
@@ -187,9 +187,16 @@ class DeletionJobs:
             return None
         if set(request.forget_labels) & set(latest.forgotten_labels):
             return None
+        if len(set(request.forget_labels) | set(latest.forgotten_labels)) >= request.model.num_classes:
+            return None  # from there it would forget every class: it keeps its own base
         return latest
 
     def _follow_latest(self, session: Session, request: DeletionRequest) -> None:
+        if not request.follows_latest:
+            return
+        # The tenant's lock first, as a purge takes it: a version whose purge is committing is
+        # seen as purged, and one purged later sees this request in it (version_in_use).
+        lock_tenant(session, request.tenant_id)
         latest = self._newer_base(session, request)
         if latest is None:
             return
