@@ -188,7 +188,12 @@ def read_manifest(header: dict) -> Manifest:
         raise CheckpointError(f"checkpoint manifest is invalid: {exc.errors()[0]['msg']}") from None
 
 
-def _check_layout(found: dict[str, tuple[list[int], torch.dtype]], expected: dict[str, torch.Tensor]) -> None:
+def validate_header(header: dict, model: torch.nn.Module) -> None:
+    """Names, shapes and dtypes from a parsed header (parse_header) against `model` (a skeleton
+    will do): a file that cannot fit is refused before any tensor is built. safetensors then
+    builds every tensor as its header says, so this is the only layout check needed."""
+    found = {name: (info["shape"], DTYPES[info["dtype"]]) for name, info in header.items() if name != "__metadata__"}
+    expected = model.state_dict()
     missing, extra = expected.keys() - found.keys(), found.keys() - expected.keys()
     if missing or extra:
         raise CheckpointError(
@@ -200,13 +205,6 @@ def _check_layout(found: dict[str, tuple[list[int], torch.dtype]], expected: dic
             raise CheckpointError(f"tensor {name!r}: shape {list(shape)} != expected {list(ref.shape)}")
         if dtype != ref.dtype:
             raise CheckpointError(f"tensor {name!r}: dtype {dtype} != expected {ref.dtype}")
-
-
-def validate_header(header: dict, model: torch.nn.Module) -> None:
-    """Names, shapes and dtypes from a parsed header (parse_header) against `model` (a skeleton
-    will do): a file that cannot fit is refused before any tensor is built."""
-    found = {name: (info["shape"], DTYPES[info["dtype"]]) for name, info in header.items() if name != "__metadata__"}
-    _check_layout(found, model.state_dict())
 
 
 # What a checkpoint's own manifest must share with the model it is uploaded to: the network and
@@ -241,17 +239,17 @@ def _same(a: object, b: object) -> bool:
     return a == b
 
 
-def validate_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
-    _check_layout({name: (list(t.shape), t.dtype) for name, t in state.items()}, model.state_dict())
+def check_finite(state: dict[str, torch.Tensor]) -> None:
     for name, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"tensor {name!r} holds NaN or Inf")
 
 
 def load_checkpoint_bytes(
-    data: bytes, expected: Manifest | None = None, max_parameters: int | None = None
+    data: bytes, expected: Manifest | None = None, max_parameters: int | None = None, *, agree: bool = False
 ) -> tuple[torch.nn.Module, Manifest]:
-    """Parse, check and build the model. `expected` (a registered model) must agree with the manifest."""
+    """Parse, check and build the model. Given `expected` (a registered model), it is built as
+    that says; with `agree` (an upload), a manifest the file carries must agree with it too."""
     header = parse_header(data, max_parameters)
     manifest = expected or read_manifest(header)
     try:
@@ -263,7 +261,9 @@ def load_checkpoint_bytes(
         state = st_load(data)
     except Exception as exc:  # safetensors raises its own error types on malformed content
         raise CheckpointError(f"cannot parse safetensors: {exc}") from None
-    validate_state(state, model)
+    check_finite(state)
+    if agree and expected is not None:
+        check_manifest_agrees(header, expected)
     model.load_state_dict(state)
     return model.eval(), manifest
 

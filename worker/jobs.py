@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
@@ -120,7 +121,7 @@ def run_job(request_id: str, settings: Settings) -> RunOutcome:
 
 def _run_job(request_id: str, settings: Settings) -> RunOutcome:
     try:
-        pick_device(settings.device)
+        device = pick_device(settings.device)
     except DeviceUnavailable as exc:
         # This worker cannot run any job (UISPS_DEVICE names a GPU it lacks): the request is not
         # at fault, so it stays queued for a worker that can (the reconciler sends it again).
@@ -145,7 +146,7 @@ def _run_job(request_id: str, settings: Settings) -> RunOutcome:
         # takes the request over, this one stops (JobLost) instead of finishing it a second time.
         with LeaseKeeper(sessions, request_id, job.attempt, lease_s):
             store = artifact_store(settings)
-            artifact, forgotten, report = _unlearn(job, settings, store, tracker)
+            artifact, forgotten, report = _unlearn(job, settings, device, store, tracker)
             with sessions.begin() as session:
                 request = deletion_jobs.complete(
                     session, request_id, artifact=artifact, forgotten_labels=forgotten, metrics=report,
@@ -234,7 +235,7 @@ class LeaseKeeper:
 
 
 def _unlearn(
-    job: JobInput, settings: Settings, store: ArtifactStore, tracker: ProgressTracker
+    job: JobInput, settings: Settings, device: torch.device, store: ArtifactStore, tracker: ProgressTracker
 ) -> tuple[StoredArtifact, list[int], dict[str, Any]]:
     from core.workflow import unlearn_model  # the heaviest import; after the claim succeeded
 
@@ -250,7 +251,6 @@ def _unlearn(
     )
     dataset = load_dataset(job.model.data_source)
     config = UnlearnConfig.model_validate(job.params)
-    device = pick_device(settings.device)
     result = unlearn_model(model, manifest, dataset, job.forget_labels, config, device, tracker)
     tracker.enter("storing")
     new_manifest = result.manifest.model_copy(update={"parent_sha256": job.base.sha256})

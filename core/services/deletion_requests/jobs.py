@@ -175,14 +175,14 @@ class DeletionJobs:
         )
         return Claim(ClaimOutcome.CLAIMED, job, JobState.RUNNING.value)
 
-    def _newer_base(self, session: Session, request: DeletionRequest) -> ModelVersion | None:
+    @staticmethod
+    def _newer_base(request: DeletionRequest, latest: ModelVersion | None) -> ModelVersion | None:
         """The version a request made without `base_version` should start from instead of its
-        own: the model's latest, made since it was queued (by another request). None where it has
+        own: the model's `latest`, made since it was queued (by another request). None where it has
         none, or where that version already forgot some of its labels (nothing of them would be
         left to forget: it keeps the base it was made with) or its checkpoint was purged."""
         if not request.follows_latest:
             return None
-        latest = model_repository.latest_version(session, request.tenant_id, request.model_id)
         if latest is None or latest.version == request.base_version or latest.checkpoint_purged_at is not None:
             return None
         if set(request.forget_labels) & set(latest.forgotten_labels):
@@ -197,7 +197,7 @@ class DeletionJobs:
         # The tenant's lock first, as a purge takes it: a version whose purge is committing is
         # seen as purged, and one purged later sees this request in it (version_in_use).
         lock_tenant(session, request.tenant_id)
-        latest = self._newer_base(session, request)
+        latest = self._newer_base(request, model_repository.latest_version(session, request.tenant_id, request.model_id))
         if latest is None:
             return
         self._audit(session, request, "deletion_request.rebased", base_version=latest.version,
@@ -314,7 +314,8 @@ class DeletionJobs:
             self._stop_group(session, group, give_back=True)
             return request
         model_repository.get(session, request.tenant_id, request.model_id, for_update=True)
-        if any(self._newer_base(session, row) is not None for row in group):
+        latest = model_repository.latest_version(session, request.tenant_id, request.model_id)
+        if any(self._newer_base(row, latest) is not None for row in group):
             # Another request's version was made while this job ran: storing this one would
             # branch from the older base, and the newest version would miss that request's labels.
             # The group goes back to the queue, its attempt given back (the reconciler sends it

@@ -385,10 +385,9 @@ def _validate_checkpoint(checkpoint: bytes, expected: Manifest, max_parameters: 
     # Parses safetensors (never pickle) and checks names, shapes, dtypes and finite values against
     # the registered architecture, and the file's own manifest (if any) against the registration;
     # raises core.errors.CheckpointError with what is wrong.
-    from core.checkpoint import check_manifest_agrees, load_checkpoint_bytes, parse_header
+    from core.checkpoint import load_checkpoint_bytes
 
-    load_checkpoint_bytes(checkpoint, expected=expected, max_parameters=max_parameters)
-    check_manifest_agrees(parse_header(checkpoint, max_parameters), expected)
+    load_checkpoint_bytes(checkpoint, expected=expected, max_parameters=max_parameters, agree=True)
 
 
 def verify_artifact(store: ArtifactStore, key: str, sha256: str) -> None:
