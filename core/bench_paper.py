@@ -213,6 +213,24 @@ def _unit_name(u: Unit) -> str:
     return f"{u.experiment}/{u.arch}/forget={list(u.forget)}/{u.method}/{u.setting}/seed={u.seed}"
 
 
+# what a resumed run must share with the run whose rows it keeps (seeds and budget may differ)
+_RESUME_MUST_MATCH = ("preset", "data", "experiments", "unlearn_config")
+
+
+def _unit_key(u: Unit) -> tuple:
+    return (u.experiment, u.arch, tuple(u.forget), u.method, u.setting, u.seed, u.retain_fraction)
+
+
+def _row_key(row: dict) -> tuple:
+    return (row["experiment"], row["arch"], tuple(row["forget"]), row["method"], row["setting"], row["seed"],
+            row["retain_fraction"])
+
+
+def _jsonable_roundtrip(value: object) -> object:
+    """As the value reads back from paper-run.json (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -254,6 +272,7 @@ class PaperBench:
         time_budget: float | None = None,
         order: str = "seed",
         log: Callable[[str], None] = print,
+        resume: bool = False,
     ) -> None:
         unknown = set(experiments) - set(EXPERIMENTS)
         if unknown:
@@ -265,7 +284,7 @@ class PaperBench:
         self.preset, self.dataset, self.device, self.out = preset, dataset, device, Path(out)
         self.experiments = [e for e in EXPERIMENTS if e in set(experiments)]
         self.seeds = list(range(seeds if seeds is not None else preset.seeds))
-        self.time_budget, self.order, self.log = time_budget, order, log
+        self.time_budget, self.order, self.log, self.resume = time_budget, order, log, resume
         self.base_unlearn = UnlearnConfig.model_validate(_merge(preset.unlearn, {"precision": preset.precision}))
         self._train_cfg(0)  # a bad `train` override fails here, before anything runs
         self.mean, self.std = dataset.channel_stats()
@@ -277,6 +296,8 @@ class PaperBench:
         self.raw: list[dict] = []
         self.failures: list[dict] = []
         self.meta: dict = {}
+        if resume:
+            self._check_resumable()  # a mismatch fails here, before anything runs
 
     # --- the plan ---------------------------------------------------------------------------
 
@@ -497,10 +518,13 @@ class PaperBench:
             torch.set_float32_matmul_precision("high")
         self.out.mkdir(parents=True, exist_ok=True)
         raw_path = self.out / "paper-raw.jsonl"
-        raw_path.write_text("")
         units = self.plan()
         start = time.monotonic()
         self.meta = self._meta(len(units))
+        if self.resume:
+            units = self._resumed(units)
+        else:
+            raw_path.write_text("")
         skipped: list[Unit] = []
         current = None
         for i, unit in enumerate(units):
@@ -533,6 +557,35 @@ class PaperBench:
             )
         self._finish(start, units, skipped, plots=True)
         return aggregate(self.raw)
+
+    def _check_resumable(self) -> None:
+        earlier_meta = self.out / "paper-run.json"
+        if not earlier_meta.exists() or not (self.out / "paper-raw.jsonl").exists():
+            raise ValueError(f"nothing to resume in {self.out} (no paper-run.json and paper-raw.jsonl)")
+        earlier, now = json.loads(earlier_meta.read_text()), self._meta(0)
+        differs = [k for k in _RESUME_MUST_MATCH if _jsonable_roundtrip(earlier.get(k)) != _jsonable_roundtrip(now[k])]
+        if differs:
+            raise ValueError(f"cannot resume {self.out}: its earlier run used other {', '.join(differs)}")
+
+    def _resumed(self, units: list[Unit]) -> list[Unit]:
+        """Keep the rows an earlier run of the same settings left in `out`; return the units still to run.
+
+        Each (row, seed) is an independent measurement (its Original and Retrain are trained from
+        the seed), so a run cut off by its budget or by the machine can be continued, or given
+        more seeds, without redoing what is on disk. Rows of settings this run does not plan are
+        dropped; an earlier run with other settings is refused rather than mixed in.
+        """
+        earlier = json.loads((self.out / "paper-run.json").read_text())
+        raw_path = self.out / "paper-raw.jsonl"
+        planned = {_unit_key(u): u for u in units}
+        kept = [row for row in map(json.loads, raw_path.read_text().splitlines()) if _row_key(row) in planned]
+        done = {_row_key(row) for row in kept}
+        self.raw = kept
+        raw_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        self.meta["resumed"] = {"rows_kept": len(kept), "earlier_device": earlier.get("device"),
+                                "earlier_torch": earlier.get("torch")}
+        self.log(f"resuming {self.out}: {len(kept)} finished rows kept, {len(units) - len(done)} to run")
+        return [u for u in units if _unit_key(u) not in done]
 
     def _meta(self, planned: int) -> dict:
         per_arch = {}

@@ -310,6 +310,8 @@ def bench_paper(
     order: Annotated[str, typer.Option(
         "--order", help="seed: every experiment (in priority order) per seed; experiment: all seeds of one first")] = "seed",
     preset_json: Annotated[str, typer.Option("--preset-json", help="JSON overrides of the preset's fields")] = "{}",
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="keep the finished rows of an earlier run with the same settings in --out; run the rest")] = False,
 ) -> None:
     """Re-run the paper's tables (UISPS against the baselines); rows are written as they finish."""
     import os
@@ -328,7 +330,7 @@ def bench_paper(
         if not spec:
             raise UisError("the full preset needs --data npz:<cifar10_subset.npz> (or $UISPS_CIFAR10_SUBSET)")
         bench = PaperBench(chosen, load_dataset(spec), _device(device), out, wanted, seeds, time_budget, order,
-                           log=lambda line: typer.echo(line, err=True))
+                           log=lambda line: typer.echo(line, err=True), resume=resume)
     except (ValueError, TypeError) as exc:
         raise UisError(f"bench paper: {exc}") from None
     rows = bench.run()

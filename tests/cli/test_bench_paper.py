@@ -63,6 +63,48 @@ def test_time_budget_stops_starting_rows_and_says_so(tmp_path):
     assert json.loads((tmp_path / "r" / "paper.json").read_text()) == []
 
 
+def test_resume_keeps_finished_rows_and_runs_only_the_rest(tmp_path):
+    first = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--experiments", "tune",
+                  "--seeds", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    raw_path = tmp_path / "r" / "paper-raw.jsonl"
+    earlier = raw_path.read_text().splitlines()
+    more = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--experiments", "tune",
+                 "--seeds", "2", "--resume", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert f"{len(earlier)} finished rows kept, {len(earlier)} to run" in more.stderr
+    assert "seed 0:" not in more.stderr  # nothing of the first run was measured again
+    raw = raw_path.read_text().splitlines()
+    assert raw[: len(earlier)] == earlier
+    assert sorted(json.loads(line)["seed"] for line in raw) == [0] * len(earlier) + [1] * len(earlier)
+    rows = json.loads((tmp_path / "r" / "paper.json").read_text())
+    assert rows and all(r["seeds"] == 2 for r in rows)
+    meta = json.loads((tmp_path / "r" / "paper-run.json").read_text())
+    assert meta["resumed"]["rows_kept"] == len(earlier) and meta["finished_rows"] == len(raw)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--experiments", "tune,alpha"], "other experiments"),
+        (["--experiments", "tune", "--preset-json", '{"unlearn": {"alpha": 2.0}}'], "other preset"),
+    ],
+)
+def test_resume_refuses_an_earlier_run_with_other_settings(tmp_path, args, message):
+    first = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--experiments", "tune",
+                  cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    earlier = (tmp_path / "r" / "paper-raw.jsonl").read_text()
+    run = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--resume", *args, cwd=tmp_path)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+    assert (tmp_path / "r" / "paper-raw.jsonl").read_text() == earlier
+
+
+def test_resume_without_an_earlier_run_is_one_clear_line(tmp_path):
+    run = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--resume", cwd=tmp_path)
+    assert run.returncode == 2 and "nothing to resume" in run.stderr and "Traceback" not in run.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
