@@ -195,6 +195,27 @@ def test_a_group_whose_worker_died_is_taken_over_whole(worker_env, digits_checkp
     assert v2.forgotten_labels == [2, 7] and v2.deletion_request_ids == [first, second]
 
 
+def test_a_group_taken_over_after_a_newer_version_was_made_starts_from_it(
+    worker_env, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model_id = worker_env.new_model(digits_checkpoint)
+    first = worker_env.queue(model_id, [2])
+    second = worker_env.queue(model_id, [7])
+    assert _claim(worker_env, first, lease_s=-1).job.members == (second,)  # its worker dies at once
+    other = worker_env.queue(model_id, [4])
+    assert _run(other) == "succeeded"  # version 2, made while the group's job was lost
+
+    assert _run(first) == "succeeded"  # the takeover moves the whole group: no job from version 1
+
+    a, b = _requests(worker_env, first, second)
+    assert (a.state, b.state) == ("succeeded", "succeeded") and (a.attempts, b.attempts) == (2, 2)
+    assert (a.base_version, b.base_version) == (2, 2)
+    v3 = _versions(worker_env, model_id)[-1]
+    assert (v3.version, v3.parent_version, v3.forgotten_labels) == (3, 2, [2, 4, 7])
+    assert "deletion_request.requeued" not in _actions(worker_env, first)
+    assert _actions(worker_env, second).count("deletion_request.rebased") == 1
+
+
 def test_cancelling_one_request_of_a_running_group_runs_the_others_without_it(
     worker_env, digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:

@@ -135,8 +135,7 @@ class DeletionJobs:
         assert request is not None
         # Members of the previous attempt (a takeover) stay; queued requests may join.
         kept = self._members(session, request_id)
-        if not kept:
-            self._follow_latest(session, request)
+        self._follow_latest(session, [request, *kept])
         base = model_repository.get_version(session, request.tenant_id, request.model_id, request.base_version)
         if base is None:  # versions are never deleted; a missing base means a broken database
             raise RuntimeError(f"base version {request.base_version} of model {request.model_id} is missing")
@@ -191,18 +190,27 @@ class DeletionJobs:
             return None  # from there it would forget every class: it keeps its own base
         return latest
 
-    def _follow_latest(self, session: Session, request: DeletionRequest) -> None:
-        if not request.follows_latest:
+    def _follow_latest(self, session: Session, group: list[DeletionRequest]) -> None:
+        """Move a claimed group (one request, or a taken-over job with its members, all on one
+        base) to the model's latest version, where every request may move and their labels
+        together leave a class there. Otherwise the group keeps its base; where one of its
+        requests alone could have moved, `complete` queues the group again, apart."""
+        request = group[0]
+        if not all(row.follows_latest for row in group):
             return
         # The tenant's lock first, as a purge takes it: a version whose purge is committing is
         # seen as purged, and one purged later sees this request in it (version_in_use).
         lock_tenant(session, request.tenant_id)
-        latest = self._newer_base(request, model_repository.latest_version(session, request.tenant_id, request.model_id))
-        if latest is None:
+        latest = model_repository.latest_version(session, request.tenant_id, request.model_id)
+        if latest is None or any(self._newer_base(row, latest) is None for row in group):
             return
-        self._audit(session, request, "deletion_request.rebased", base_version=latest.version,
-                    previous_base_version=request.base_version)
-        request.base_version = latest.version
+        labels = set(latest.forgotten_labels).union(*(row.forget_labels for row in group))
+        if len(labels) >= request.model.num_classes:
+            return
+        for row in group:
+            self._audit(session, row, "deletion_request.rebased", base_version=latest.version,
+                        previous_base_version=row.base_version)
+            row.base_version = latest.version
 
     def _absorb(
         self,
