@@ -1,4 +1,5 @@
-"""Liveness (/healthz: the process answers) and readiness (/readyz: database and broker reachable)."""
+"""Liveness (/healthz: the process answers) and readiness (/readyz: database and broker reachable,
+artifact store writable)."""
 
 from __future__ import annotations
 
@@ -26,16 +27,20 @@ def healthz() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="Readiness: database and broker reachable",
+    summary="Readiness: database and broker reachable, artifact store writable",
     responses={200: {"content": {"application/json": {}}}, **problem_responses(503)},
 )
 def readyz(request: Request) -> Any:
-    checks = {"database": _check_database(request), "broker": _check_broker(request)}
+    checks = {
+        "database": _check_database(request),
+        "broker": _check_broker(request),
+        "artifact_store": _check_artifact_store(request),
+    }
     if all(result == "ok" for result in checks.values()):
         return JSONResponse({"status": "ready", "checks": checks})
     failing = ", ".join(name for name, result in checks.items() if result != "ok")
     return problem_response(
-        request, 503, "not_ready", f"unreachable: {failing}", headers={"Retry-After": "5"}, checks=checks
+        request, 503, "not_ready", f"failing: {failing}", headers={"Retry-After": "5"}, checks=checks
     )
 
 
@@ -58,5 +63,16 @@ def _check_broker(request: Request) -> str:
             connection.default_channel.queue_declare(queue=QUEUE, durable=True, auto_delete=False)
     except Exception as exc:
         logger.warning("readiness: broker check failed: %s", exc)
+        return f"error: {type(exc).__name__}"
+    return "ok"
+
+
+def _check_artifact_store(request: Request) -> str:
+    # Uploads and finished jobs write here: a store down (S3, MinIO) or a full or read-only disk
+    # would fail each of them with a 500, so the API is not ready to take them.
+    try:
+        request.app.state.store.check_writable()
+    except Exception as exc:
+        logger.warning("readiness: artifact store check failed: %s", exc)
         return f"error: {type(exc).__name__}"
     return "ok"

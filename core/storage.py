@@ -69,6 +69,16 @@ class ArtifactStore(Protocol):
         """Every stored artifact (temporary files and foreign names left out), in no set order."""
         ...
 
+    def abandoned_writes(self, older_than: datetime) -> list[ListedArtifact]:
+        """Writes begun before `older_than` and never finished (a process killed mid-put)."""
+        ...
+
+    def discard_abandoned(self, listed: ListedArtifact) -> None: ...
+
+    def check_writable(self) -> None:
+        """Raise if the store cannot take a write now (readiness)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ListedArtifact:
@@ -162,6 +172,36 @@ class LocalArtifactStore:
                 continue
             yield ListedArtifact(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
 
+    def abandoned_writes(self, older_than: datetime) -> list[ListedArtifact]:
+        # put's temp files: a put that ends, even by an exception, removes its own; one left is
+        # from a process that was killed, and no list_artifacts would ever show it.
+        found = []
+        for path in self.root.glob(f"{_TEMP_PREFIX}*"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            modified = datetime.fromtimestamp(stat.st_mtime, UTC)
+            if path.is_file() and modified <= older_than:
+                found.append(ListedArtifact(path.name, stat.st_size, modified))
+        return found
+
+    def discard_abandoned(self, listed: ListedArtifact) -> None:
+        if not listed.key.startswith(_TEMP_PREFIX) or "/" in listed.key:
+            raise InvalidArtifactKey(f"not a temporary file of this store: {listed.key!r}")
+        (self.root / listed.key).unlink(missing_ok=True)
+
+    def check_writable(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        # A real write, fsynced: a full disk or a read-only mount fails here, not at an upload.
+        fd, name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=self.root)
+        try:
+            os.write(fd, b"readiness probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            Path(name).unlink(missing_ok=True)
+
     def _path(self, key: str) -> Path:
         validate_key(key)
         return self.root / key
@@ -214,6 +254,7 @@ class S3ArtifactStore:
         self.part_size = part_size
         self._client = client
         self._client_pid = os.getpid() if client is not None else None
+        self._probe: tuple[int, BaseClient] | None = None
         self._lock = threading.Lock()
 
     # -- the protocol --------------------------------------------------------------------------
@@ -265,7 +306,39 @@ class S3ArtifactStore:
                 if _is_artifact_key(key):
                     yield ListedArtifact(key, int(item["Size"]), item["LastModified"].astimezone(UTC))
 
+    def abandoned_writes(self, older_than: datetime) -> list[ListedArtifact]:
+        # Multipart uploads begun and never completed or aborted (the uploader was killed): their
+        # parts are stored, and billed, until someone aborts them.
+        start = f"{self.prefix}/" if self.prefix else ""
+        found = []
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=f"{start}sha256/")
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                initiated = upload["Initiated"].astimezone(UTC)
+                if initiated <= older_than:
+                    key = f"multipart:{upload['Key'][len(start):]}:{upload['UploadId']}"
+                    found.append(ListedArtifact(key, 0, initiated))
+        return found
+
+    def discard_abandoned(self, listed: ListedArtifact) -> None:
+        kind, key, upload_id = listed.key.split(":", 2)
+        if kind != "multipart":
+            raise InvalidArtifactKey(f"not an abandoned upload of this store: {listed.key!r}")
+        self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.object_key(key), UploadId=upload_id)
+
+    def check_writable(self) -> None:
+        # HeadBucket with a client that gives up in seconds: the store's own client retries for
+        # minutes, longer than any health check waits.
+        self._probe_client().head_bucket(Bucket=self.bucket)
+
     # -- helpers -------------------------------------------------------------------------------
+
+    def _probe_client(self) -> BaseClient:
+        pid = os.getpid()
+        with self._lock:
+            if self._probe is None or self._probe[0] != pid:
+                self._probe = (pid, self._make_client(connect_timeout=2, read_timeout=3, max_attempts=1))
+            return self._probe[1]
 
     def object_key(self, key: str) -> str:
         """The bucket key of an artifact key (validated: nothing outside the scheme gets through)."""
@@ -282,15 +355,15 @@ class S3ArtifactStore:
                     self._client_pid = pid
         return self._client
 
-    def _make_client(self) -> BaseClient:
+    def _make_client(self, *, connect_timeout: float = 10, read_timeout: float = 120, max_attempts: int = 5) -> BaseClient:
         import boto3
         from botocore.config import Config
 
         config = Config(
             s3={"addressing_style": self.addressing_style},
-            retries={"mode": "standard", "max_attempts": 5},
-            connect_timeout=10,
-            read_timeout=120,
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
         )
         # A session per client: boto3's default session is not safe to share between threads.
         session = boto3.session.Session()

@@ -21,7 +21,7 @@ def test_healthz_and_readyz_when_all_is_well(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
+    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok", "artifact_store": "ok"}}
 
 
 def test_openapi_documents_the_resources_with_examples(client: TestClient) -> None:
@@ -42,7 +42,7 @@ def test_an_unreachable_broker_makes_readyz_503_but_requests_are_still_recorded(
     settings = Settings(home=tmp_path, broker_url="redis://127.0.0.1:9/0")
     with TestClient(create_app(settings)) as client:
         authorize(client)
-        problem = assert_problem(client.get("/readyz"), 503, "not_ready", "unreachable: broker")
+        problem = assert_problem(client.get("/readyz"), 503, "not_ready", "failing: broker")
         assert problem["checks"]["database"] == "ok"
         model = client.post("/models", json=model_spec).json()
         client.post(f"/models/{model['id']}/versions", files={"file": ("m.safetensors", digits_checkpoint)})
@@ -51,6 +51,19 @@ def test_an_unreachable_broker_makes_readyz_503_but_requests_are_still_recorded(
 
         assert response.status_code == 202
         assert client.get(response.headers["location"]).json()["state"] == "queued"
+
+
+@pytest.mark.parametrize("store", ["a file where the folder should be", "an S3 endpoint nobody serves"])
+def test_a_store_that_cannot_take_a_write_makes_readyz_503(tmp_path: Path, store: str) -> None:
+    if store.startswith("a file"):
+        (tmp_path / "artifacts").write_text("not a folder")
+        settings = Settings(home=tmp_path, artifact_dir=tmp_path / "artifacts")
+    else:
+        settings = Settings(home=tmp_path, artifact_backend="s3", s3_bucket="b", s3_endpoint_url="http://127.0.0.1:9")
+    with TestClient(create_app(settings)) as client:
+        problem = assert_problem(client.get("/readyz"), 503, "not_ready", "failing: artifact_store")
+        assert problem["checks"]["database"] == problem["checks"]["broker"] == "ok"
+        assert problem["checks"]["artifact_store"].startswith("error: ")
 
 
 @pytest.fixture

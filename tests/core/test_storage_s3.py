@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -281,6 +282,27 @@ def test_an_unreachable_bucket_is_an_error_not_a_missing_artifact(s3_endpoint: s
         store.put(CONTENT)
 
     assert not isinstance(raised.value, ArtifactNotFound)
+
+
+def test_an_upload_abandoned_half_way_is_found_and_aborted(store: S3ArtifactStore) -> None:
+    # What an uploader killed between its parts leaves: parts stored (and billed), no object.
+    started = store.client.create_multipart_upload(Bucket=store.bucket, Key=store.object_key(KEY))
+    later = datetime.now(UTC) + timedelta(minutes=1)  # moto dates every upload in 2010: only "older" is testable
+
+    abandoned = store.abandoned_writes(later)
+    assert [a.key for a in abandoned] == [f"multipart:{KEY}:{started['UploadId']}"]
+
+    store.discard_abandoned(abandoned[0])
+
+    assert _in_progress_uploads(store) == [] and store.abandoned_writes(later) == []
+
+
+def test_a_reachable_bucket_is_writable_and_a_missing_one_is_not(store: S3ArtifactStore, s3_endpoint: str) -> None:
+    store.check_writable()
+    missing = S3ArtifactStore("no-such-bucket-" + secrets.token_hex(4), endpoint_url=s3_endpoint, addressing_style="path")
+
+    with pytest.raises(Exception):
+        missing.check_writable()
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,8 @@ def collect_orphaned_artifacts(
     session: Session, store: ArtifactStore, *, min_age: timedelta, dry_run: bool, now: datetime | None = None
 ) -> list[ListedArtifact]:
     """Delete the stored files that no unpurged version names and that were written at least
-    `min_age` ago; return them (with `dry_run`, what would be deleted, and nothing is).
+    `min_age` ago, and the writes abandoned that long ago (`ArtifactStore.abandoned_writes`);
+    return them (with `dry_run`, what would be deleted, and nothing is).
 
     Who leaves them: a job whose result was stored and then not committed (a cancel honoured at
     the end, a lease lost to a stall, a crash before the commit), an upload whose row was never
@@ -52,4 +53,11 @@ def collect_orphaned_artifacts(
                 logger.info("deleted orphaned artifact %s (%d bytes)", listed.key, listed.size)
             collected.append(listed)
         session.commit()
+    # Writes killed half-way (temporary files, unfinished multipart uploads) hold no content a
+    # version could name; the same age spares the ones in progress.
+    for abandoned in store.abandoned_writes(cutoff):
+        if not dry_run:
+            store.discard_abandoned(abandoned)
+            logger.info("discarded an abandoned write %s (%d bytes)", abandoned.key, abandoned.size)
+        collected.append(abandoned)
     return collected

@@ -105,6 +105,19 @@ def test_a_dry_run_names_the_orphans_and_deletes_nothing(sessions: sessionmaker[
     assert store.exists(orphan.key)
 
 
+def test_a_write_killed_half_way_is_removed_once_old(sessions: sessionmaker[Session], store: LocalArtifactStore) -> None:
+    killed = store.root / ".tmp-killed"  # what a put leaves when its process is killed mid-write
+    killed.write_bytes(b"half a checkpoint")
+    written = (utcnow() - 2 * DAY).timestamp()
+    os.utime(killed, (written, written))
+    in_progress = store.root / ".tmp-writing"
+    in_progress.write_bytes(b"a put going on now")
+
+    assert _collect(sessions, store) == {".tmp-killed"}
+
+    assert not killed.exists() and in_progress.exists()
+
+
 def test_a_database_without_any_version_is_refused(sqlite_url: str, tmp_path: Path) -> None:
     upgrade(sqlite_url)  # e.g. an unset UISPS_DATABASE_URL: the embedded database, not the service's
     engine = make_engine(sqlite_url)
