@@ -80,7 +80,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = make_artifact_store(settings)
         app.state.celery = celery
         app.state.dispatch = lambda request_id: send_deletion_request(celery, request_id)
-        app.state.signer = Signer(settings.effective_certificate_key_path)
+        app.state.signer = Signer(
+            settings.effective_certificate_key_path, settings.effective_certificate_retired_keys_dir
+        )
         app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s)
         app.state.rate_limiter = make_rate_limiter(
             settings.rate_limit_backend, settings.rate_limit_per_s, settings.rate_limit_burst,

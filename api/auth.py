@@ -1,6 +1,6 @@
 """Authentication (API keys sent as `Authorization: Bearer <key>`) and what each role may do.
 
-Every route but /healthz, /readyz, /certificate-key, /metrics, the dashboard's static files and
+Every route but /healthz, /readyz, /certificate-key(s), /metrics, the dashboard's static files and
 the OpenAPI documents needs a key. The key says the tenant (every query filters by it) and the
 role:
 

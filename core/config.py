@@ -7,6 +7,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# A request's overrides and the configuration its job used are stated in its deletion certificate,
+# signed as RFC 8785 JSON, whose numbers are IEEE doubles: an integer with no other bound is kept
+# within what a double holds exactly (core.certificates.MAX_JCS_INTEGER).
+JSON_SAFE_INTEGER = 2**53 - 1
+
 # The paper's pass read literally (Sec. IV-C and V-A): one epoch of the retained data at the
 # architecture's rate (PAPER_UNLEARN_LR) held constant, D'_g shuffled into that epoch once, eq. 13's
 # soft labels over every class. The other fields' defaults are the paper's already.
@@ -28,7 +33,7 @@ class InversionConfig(BaseModel):
     # +1 raises the subset's entropy (the paper's text and Fig. 2); -1 lowers it (eq. 5 as printed).
     entropy_sign: Literal[1, -1] = 1
     # DeepInversion image priors: not in the paper, off by default.
-    jitter: int = Field(0, ge=0, description="random shift of the batch by up to this many pixels per step")
+    jitter: int = Field(0, ge=0, le=JSON_SAFE_INTEGER, description="random shift of the batch by up to this many pixels per step")
     flip: bool = False
     tv_weight: float = Field(0.0, ge=0)
     l2_weight: float = Field(0.0, ge=0)
@@ -105,7 +110,7 @@ class UnlearnConfig(BaseModel):
     # relearn towards Retrain's at a cost in A_Dr (docs/algorithm.md sec. 6).
     reset_blocks: int = Field(0, ge=0, le=32, description="feature blocks to re-initialise (0: off)")
     augment: bool = True
-    seed: int = 0
+    seed: int = Field(0, ge=-JSON_SAFE_INTEGER, le=JSON_SAFE_INTEGER)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     @model_validator(mode="before")

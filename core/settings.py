@@ -81,11 +81,21 @@ class Settings(BaseSettings):
     max_checkpoint_parameters: int = 250_000_000
     # Ed25519 key that signs deletion certificates; created on first use when missing.
     certificate_key_path: Path | None = None
+    # The public halves of signing keys that `uisps certificate rotate-key` retired, one
+    # `<hex of key_id>.pem` each: certificates they signed still verify. Default: the folder
+    # `<key file's stem>-retired` beside the key file, so two keys in one folder never share it.
+    certificate_retired_keys_dir: Path | None = None
 
     @property
     def effective_certificate_key_path(self) -> Path:
         path = self.certificate_key_path if self.certificate_key_path is not None else self.home / "certificate-key.pem"
         return path.expanduser()
+
+    @property
+    def effective_certificate_retired_keys_dir(self) -> Path:
+        if self.certificate_retired_keys_dir is not None:
+            return self.certificate_retired_keys_dir.expanduser()
+        return retired_keys_dir_beside(self.effective_certificate_key_path)
     # --- end of the trust settings ----------------------------------------------------------------
 
     # --- Observability (issue #7): logs and metrics -----------------------------------------------
@@ -192,6 +202,11 @@ class Settings(BaseSettings):
     @property
     def effective_artifact_dir(self) -> Path:
         return self.artifact_dir if self.artifact_dir is not None else self.home / "artifacts"
+
+
+def retired_keys_dir_beside(key_path: Path) -> Path:
+    """The default retired-keys folder of the signing key at `key_path`."""
+    return key_path.parent / f"{key_path.stem}-retired"
 
 
 def get_settings() -> Settings:

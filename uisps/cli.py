@@ -408,7 +408,7 @@ def bench_api(
     typer.echo(f"wrote {json_path} and {md_path}", err=True)
 
 
-# --- `uisps keys ...`, `uisps audit verify`, `uisps certificate verify`: trust (issue #5) -------
+# --- `uisps keys ...`, `uisps audit verify`, `uisps certificate verify|rotate-key`: trust (issue #5)
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
 app.add_typer(keys_app, name="keys")
@@ -625,37 +625,77 @@ def certificate_verify(
     file: Annotated[Path, typer.Argument(help="a certificate downloaded from GET /deletion-requests/{id}/certificate")],
     public_key: Annotated[
         Path | None,
-        typer.Option("--public-key", help="PEM public key (GET /certificate-key); default: this machine's signing key"),
+        typer.Option(
+            "--public-key",
+            help="PEM public key (GET /certificate-keys); default: this machine's signing key and its retired keys",
+        ),
     ] = None,
 ) -> None:
     """Check a deletion certificate's signature (exit 0 valid, 1 invalid, 2 when it cannot be read)."""
-    from core.certificates import InvalidCertificate, KeyFileError, load_private_key, load_public_key_pem
+    from core.certificates import (
+        InvalidCertificate,
+        KeyFileError,
+        load_public_key_pem,
+        verify_certificate,
+        verify_with_service_keys,
+    )
     from core.settings import get_settings
 
+    settings = get_settings()
     try:
-        if public_key is not None:
-            key = load_public_key_pem(public_key.read_bytes())
-        else:
-            key = load_private_key(get_settings().effective_certificate_key_path).public_key()
+        key = load_public_key_pem(public_key.read_bytes()) if public_key is not None else None
         text = file.read_text()
     except (OSError, KeyFileError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    from core.certificates import verify_certificate
-
     try:
-        certificate = verify_certificate(json.loads(text), key)
+        document = json.loads(text)
+        if key is not None:
+            certificate, status = verify_certificate(document, key), None
+        else:
+            certificate, status = verify_with_service_keys(
+                document, settings.effective_certificate_key_path, settings.effective_certificate_retired_keys_dir
+            )
     except json.JSONDecodeError as exc:
         typer.echo(f"INVALID: {file} is not JSON ({exc})")
         raise typer.Exit(1) from None
     except InvalidCertificate as exc:
         typer.echo(f"INVALID: {exc}")
         raise typer.Exit(1) from None
+    except (OSError, KeyFileError) as exc:  # this machine's keys, read by key_id
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     labels = certificate.get("labels", {}).get("forgotten")
     new = certificate.get("new_checkpoint", {})
+    by = f" (signed by the retired key {document['signature']['key_id']})" if status == "retired" else ""
     typer.echo(
         f"OK: deletion request {certificate.get('request_id')} of tenant {certificate.get('tenant_id')!r}: "
-        f"labels {labels} forgotten, version {new.get('version')} sha256 {new.get('sha256')}"
+        f"labels {labels} forgotten, version {new.get('version')} sha256 {new.get('sha256')}{by}"
+    )
+
+
+@certificate_app.command("rotate-key")
+@user_errors
+def certificate_rotate_key() -> None:
+    """Retire the certificate signing key (its public half is kept, so what it signed still verifies)
+    and sign with a new one from now on; running API processes switch at their next certificate."""
+    from core.certificates import rotate_signing_key
+    from core.settings import get_settings
+
+    settings = get_settings()
+    try:
+        rotation = rotate_signing_key(
+            settings.effective_certificate_key_path, settings.effective_certificate_retired_keys_dir
+        )
+    except OSError as exc:  # a read-only folder, say
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"retired key {rotation.retired_key_id}: its public half is {rotation.retired_file}")
+    typer.echo(f"new signing key {rotation.new_key_id} at {settings.effective_certificate_key_path}")
+    typer.echo(
+        "a leaked key: delete its public half above so nothing it signed verifies, and have clients "
+        "download their certificates again (docs/deploy.md, Rotating the certificate signing key)",
+        err=True,
     )
 
 

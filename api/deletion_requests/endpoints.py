@@ -145,9 +145,10 @@ def cancel_deletion_request(
     description=(
         "A JSON document stating what was forgotten, how, from which checkpoint (sha256) into which, "
         "with the metrics, code version and timestamps, signed with the service's Ed25519 key "
-        "(`GET /certificate-key`). The signature covers the `certificate` object in canonical JSON "
-        "(sorted keys, no whitespace, ASCII). Check it with `uisps certificate verify FILE`. "
-        "A request that has not succeeded answers 409."
+        "(`GET /certificate-keys`, by `key_id`). The signature covers the `certificate` object as "
+        "RFC 8785 canonical JSON (`format` 2; certificates of `format` 1, issued before, used Python's "
+        "json.dumps form). Check it with `uisps certificate verify FILE` or any RFC 8785 library. "
+        "It is built and signed on each download. A request that has not succeeded answers 409."
     ),
 )
 def get_certificate(

@@ -178,14 +178,17 @@ class DeletionRequestList(BaseModel):
 
 class CertificateSignature(BaseModel):
     algorithm: Literal["Ed25519"]
-    key_id: str = Field(description="sha256 of the raw public key, as 'sha256:<hex>'; see GET /certificate-key")
-    value: str = Field(description="base64 signature over the certificate object in canonical JSON")
+    key_id: str = Field(description="sha256 of the raw public key, as 'sha256:<hex>'; see GET /certificate-keys")
+    value: str = Field(
+        description="base64 signature over the certificate object in canonical JSON: RFC 8785 for format 2"
+    )
 
 
 class DeletionCertificate(BaseModel):
     certificate: dict[str, Any] = Field(
         description=(
-            "type, request_id, tenant_id, model, labels, method, parameters, base_checkpoint and "
+            "type, format (2: signed as RFC 8785 JSON; 1: Python's json.dumps form), "
+            "request_id, tenant_id, model, labels, method, parameters, base_checkpoint and "
             "new_checkpoint (version, sha256), metrics, code_version, timestamps, audit_event"
         )
     )

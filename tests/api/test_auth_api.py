@@ -44,7 +44,7 @@ def test_the_openapi_document_covers_every_protected_route(client: TestClient) -
         "type": "http", "scheme": "bearer", "description": spec["components"]["securitySchemes"]["ApiKey"]["description"]
     }
     assert templated  # the list above is what a client must authenticate for
-    for path in ("/healthz", "/readyz", "/certificate-key"):
+    for path in ("/healthz", "/readyz", "/certificate-key", "/certificate-keys"):
         assert "security" not in spec["paths"][path]["get"]
 
 
@@ -67,7 +67,7 @@ def test_without_a_valid_key_every_route_is_401(client: TestClient) -> None:
 
 def test_health_the_public_key_and_the_documents_need_no_key(client: TestClient) -> None:
     bare = _bare(client)
-    for path in ("/healthz", "/readyz", "/certificate-key", "/openapi.json", "/docs"):
+    for path in ("/healthz", "/readyz", "/certificate-key", "/certificate-keys", "/openapi.json", "/docs"):
         assert bare.get(path).status_code == 200, path
 
 

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import stat
 from typing import Any
 
 import pytest
+import rfc8785
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from api.app import create_app
 from api_helpers import assert_problem, authorize
-from core.certificates import InvalidCertificate, load_public_key_pem, verify_certificate
+from core.certificates import (
+    InvalidCertificate,
+    load_public_key_pem,
+    rotate_signing_key,
+    verify_certificate,
+    verify_with_service_keys,
+)
+from core.db import DeletionRequest
 from core.services.deletion_requests.jobs import deletion_jobs
 from core.storage import StoredArtifact
 
@@ -50,8 +60,14 @@ def test_a_succeeded_request_has_a_signed_certificate(client: TestClient, regist
     key = client.get("/certificate-key")
     assert key.headers["content-type"] == "application/x-pem-file"
     document = response.json()
-    certificate = verify_certificate(document, load_public_key_pem(key.content))
+    public_key = load_public_key_pem(key.content)
+    certificate = verify_certificate(document, public_key)
     assert document["signature"]["key_id"] == key.headers["x-key-id"]
+    # Format 2: signed over the RFC 8785 form, where the report's 0.0 is written 0 (as JavaScript does).
+    assert certificate["format"] == 2
+    signed = rfc8785.dumps(document["certificate"])
+    public_key.verify(base64.b64decode(document["signature"]["value"]), signed)
+    assert b'"acc_forget":0,' in signed
     v1, v2 = (client.get(f"/models/{model['id']}/versions/{n}").json() for n in (1, 2))
     assert certificate["request_id"] == request_id and certificate["tenant_id"] == "default"
     assert certificate["external_ref"] == "GDPR-7" and certificate["method"] == "uisps"
@@ -110,3 +126,71 @@ def test_the_signing_key_is_made_once_private_and_kept(client: TestClient) -> No
     with TestClient(create_app(settings)) as restarted:  # a new process reads the same file
         authorize(restarted)
         assert restarted.get("/certificate-key").headers["x-key-id"] == first
+
+
+def _keys(client: TestClient) -> dict[str, dict[str, str]]:
+    listed = client.get("/certificate-keys")
+    assert listed.status_code == 200, listed.text
+    return {key["key_id"]: key for key in listed.json()["certificate_keys"]}
+
+
+def test_after_a_key_rotation_old_certificates_still_verify_and_new_downloads_use_the_new_key(
+    client: TestClient, registered_model  # noqa: ANN001
+) -> None:
+    settings = client.app.state.settings
+    model_id = registered_model()["id"]
+    request_id = _succeeded_request(client, model_id)
+    before = client.get(f"/deletion-requests/{request_id}/certificate").json()
+    old_id = before["signature"]["key_id"]
+    assert {k: v["status"] for k, v in _keys(client).items()} == {old_id: "active"}
+
+    rotation = rotate_signing_key(
+        settings.effective_certificate_key_path, settings.effective_certificate_retired_keys_dir
+    )
+
+    # The running API signs with the new key at once (no restart), and says so everywhere.
+    after = client.get(f"/deletion-requests/{request_id}/certificate").json()
+    assert after["signature"]["key_id"] == rotation.new_key_id != old_id
+    assert after["certificate"] == before["certificate"]  # other bytes, the same facts
+    keys = _keys(client)
+    assert [(k, v["status"]) for k, v in keys.items()] == [(rotation.new_key_id, "active"), (old_id, "retired")]
+    assert client.get("/certificate-key").headers["x-key-id"] == rotation.new_key_id
+    verify_certificate(after, load_public_key_pem(keys[rotation.new_key_id]["public_key_pem"].encode()))
+    verify_certificate(before, load_public_key_pem(keys[old_id]["public_key_pem"].encode()))
+    events = client.get("/audit-events", params={"model_id": model_id}).json()["audit_events"]
+    assert events[-1]["action"] == "deletion_request.certificate_downloaded"
+    assert events[-1]["details"]["key_id"] == rotation.new_key_id
+
+
+def test_a_deleted_retired_key_is_no_longer_listed_nor_verifies(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    settings = client.app.state.settings
+    request_id = _succeeded_request(client, registered_model()["id"])
+    leaked = client.get(f"/deletion-requests/{request_id}/certificate").json()
+    rotation = rotate_signing_key(
+        settings.effective_certificate_key_path, settings.effective_certificate_retired_keys_dir
+    )
+
+    rotation.retired_file.unlink()
+
+    assert list(_keys(client)) == [rotation.new_key_id]
+    with pytest.raises(InvalidCertificate, match=f"signed by key {rotation.retired_key_id}, which is neither"):
+        verify_with_service_keys(
+            leaked, settings.effective_certificate_key_path, settings.effective_certificate_retired_keys_dir
+        )
+
+
+def test_an_integer_a_double_cannot_hold_is_refused_or_kept_exactly(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    model = registered_model()
+    # New requests: refused up front, since their parameters are stated in the RFC 8785 certificate.
+    too_big = {"model_id": model["id"], "forget_labels": [1], "params": {"seed": 2**53}}
+    problem = assert_problem(client.post("/deletion-requests", json=too_big), 422, "validation_error")
+    assert [error["loc"] for error in problem["errors"]] == [["body", "params", "seed"]]
+    # A request stored before that bound: its certificate keeps the number exactly, in format 1.
+    request_id = _succeeded_request(client, model["id"])
+    with client.app.state.sessions.begin() as session:
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id).values(params={"seed": 2**60}))
+
+    document = client.get(f"/deletion-requests/{request_id}/certificate").json()
+
+    certificate = verify_certificate(document, load_public_key_pem(client.get("/certificate-key").content))
+    assert certificate["format"] == 1 and certificate["parameters"]["overrides"] == {"seed": 2**60}

@@ -144,3 +144,62 @@ def test_certificate_verify_accepts_the_real_one_and_refuses_a_changed_one(home:
     (tmp_path / "junk.json").write_text("{not json")
     assert uisps("certificate", "verify", str(tmp_path / "junk.json"))[0] == 1
     assert uisps("certificate", "verify", str(tmp_path / "missing.json"))[0] == 2
+
+
+@pytest.fixture
+def key_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """UISPS_HOME with no database: rotation and verification read only the key files."""
+    for name in ("UISPS_CERTIFICATE_KEY_PATH", "UISPS_CERTIFICATE_RETIRED_KEYS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("UISPS_HOME", str(tmp_path / "home"))
+    return Settings()
+
+
+def _write_signed(signer: Signer, path: Path, request_id: str) -> Path:
+    certificate = {"type": "uisps.deletion-certificate", "format": 2, "request_id": request_id, "tenant_id": "acme",
+                   "labels": {"forgotten": [7]}, "new_checkpoint": {"version": 2, "sha256": "b" * 64}}
+    path.write_text(json.dumps(signer.sign(certificate)))
+    return path
+
+
+def test_certificate_rotate_key_keeps_old_certificates_verifiable_until_their_key_is_deleted(
+    key_home: Settings, tmp_path: Path
+) -> None:
+    signer = Signer(key_home.effective_certificate_key_path)
+    old_id = signer.key_id
+    before = _write_signed(signer, tmp_path / "before.json", "r-before")
+
+    code, out = uisps("certificate", "rotate-key")
+
+    assert code == 0, out
+    retired_file = key_home.home / "certificate-key-retired" / f"{old_id.removeprefix('sha256:')}.pem"
+    assert f"retired key {old_id}: its public half is {retired_file}" in out
+    new_id = signer.key_id  # the running signer follows the file
+    assert new_id != old_id and f"new signing key {new_id}" in out
+    after = _write_signed(signer, tmp_path / "after.json", "r-after")
+    code, out = uisps("certificate", "verify", str(before))
+    assert code == 0 and "OK: deletion request r-before of tenant 'acme'" in out
+    assert f"(signed by the retired key {old_id})" in out
+    code, out = uisps("certificate", "verify", str(after))
+    assert code == 0 and "OK: deletion request r-after" in out and "retired" not in out
+
+    retired_file.unlink()  # the key leaked: what it signed must no longer check
+
+    code, out = uisps("certificate", "verify", str(before))
+    assert code == 1 and out.startswith(f"INVALID: signed by key {old_id}, which is neither this service's signing key")
+    assert uisps("certificate", "verify", str(after))[0] == 0
+
+
+def test_certificate_rotate_key_needs_a_key_and_honours_the_retired_keys_setting(
+    key_home: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out = uisps("certificate", "rotate-key")
+    assert code == 2 and "there is no signing key at" in out
+    assert not key_home.effective_certificate_key_path.exists()  # rotating creates nothing
+    monkeypatch.setenv("UISPS_CERTIFICATE_RETIRED_KEYS_DIR", str(tmp_path / "elsewhere"))
+    signer = Signer(key_home.effective_certificate_key_path)
+    old_id = signer.key_id
+
+    assert uisps("certificate", "rotate-key")[0] == 0
+
+    assert [p.name for p in (tmp_path / "elsewhere").iterdir()] == [f"{old_id.removeprefix('sha256:')}.pem"]

@@ -79,9 +79,14 @@ def test_trust_defaults(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert settings.job_lease_s == 120 and settings.job_lease_s < settings.job_visibility_timeout_s
     assert settings.idempotency_ttl_s >= 24 * 3600
     assert settings.effective_certificate_key_path == tmp_path / "certificate-key.pem"
+    assert settings.effective_certificate_retired_keys_dir == tmp_path / "certificate-key-retired"
     assert settings.rate_limit_per_s > 0 and settings.max_active_requests_per_tenant > 0
     clean_env.setenv("UISPS_CERTIFICATE_KEY_PATH", "~/keys/sign.pem")
     assert Settings().effective_certificate_key_path == Path("~/keys/sign.pem").expanduser()
+    # Retired keys follow the key file unless set apart.
+    assert Settings().effective_certificate_retired_keys_dir == Path("~/keys/sign-retired").expanduser()
+    clean_env.setenv("UISPS_CERTIFICATE_RETIRED_KEYS_DIR", "~/keys/old")
+    assert Settings().effective_certificate_retired_keys_dir == Path("~/keys/old").expanduser()
 
 
 def test_webhooks_are_off_until_an_operator_sets_a_secret_and_hosts(clean_env: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ the test's temporary folder.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import rfc8785
 
-from core.certificates import Signer
+from core.certificates import key_id, load_private_key
 from uisps.client import ServiceError, UispsClient
 from uisps.demo import FAST_PARAMS, model_spec_of
 from uisps.local import LocalService
@@ -217,10 +219,21 @@ def test_a_finished_requests_page_shows_metrics_histogram_and_a_verified_certifi
     screenshot(page, screenshots / "dashboard.png")
 
 
-def test_a_certificate_changed_on_its_way_is_shown_as_invalid(service: Service, history: History, page: Any) -> None:
+@pytest.mark.parametrize(
+    "tamper_with",
+    [
+        lambda certificate: certificate["labels"].update(forgotten=[4]),  # claim another class was forgotten
+        lambda certificate: certificate.update(format=1),  # have it checked in the other canonical form
+        lambda certificate: certificate.update(format=3),  # a form the page does not know
+    ],
+    ids=["labels", "format", "unknown-format"],
+)
+def test_a_certificate_changed_on_its_way_is_shown_as_invalid(
+    service: Service, history: History, page: Any, tamper_with: Any
+) -> None:
     def tamper(route: Any) -> None:
         document = route.fetch().json()
-        document["certificate"]["labels"]["forgotten"] = [4]  # claim another class was forgotten
+        tamper_with(document["certificate"])
         route.fulfill(body=json.dumps(document), content_type="application/json")
 
     page.route("**/certificate", tamper)
@@ -232,16 +245,31 @@ def test_a_certificate_changed_on_its_way_is_shown_as_invalid(service: Service, 
     assert verdict.get_attribute("data-verdict") == "invalid", verdict.text_content()
 
 
+@pytest.mark.parametrize("format_", [2, 1])
 def test_the_certificate_check_agrees_with_the_service_on_awkward_json(
-    service: Service, history: History, page: Any
+    service: Service, history: History, page: Any, format_: int
 ) -> None:
-    """Numbers Python and JavaScript write differently, non-ASCII and control characters, key order."""
+    """Numbers Python and JavaScript write differently, non-ASCII and control characters, key order
+    (UTF-16 order for RFC 8785: U+1F600 before U+FF01), in either format; format 1 (Python's form,
+    issued before) also holds an integer beyond what a double holds."""
+    biggest = 2**53 - 1 if format_ == 2 else 2**53 + 1
 
     def resign(route: Any) -> None:
         certificate = route.fetch().json()["certificate"]
+        certificate["format"] = format_
         certificate["external_ref"] = 'Löschung „Art. 17" 😀 \u2028 \t\x01\x7f \\ /'
-        certificate["awkward"] = {"B": 1e-05, "a": 1e16, "_": -0.0, "é": 100.0, "Z": 5e-324, "aa": [0.1, 2**53 + 1]}
-        document = Signer(service.home / "certificate-key.pem").sign(certificate)
+        certificate["awkward"] = {
+            "B": 1e-05, "a": 1e16, "_": -0.0, "é": 100.0, "Z": 5e-324, "aa": [0.1, biggest, 1e21, 4.35],
+            "😀": 1, "\uff01": 2,
+        }
+        key = load_private_key(service.home / "certificate-key.pem")
+        # Signed here, not by core.certificates: the page must agree with RFC 8785 itself.
+        signed = rfc8785.dumps(certificate) if format_ == 2 else json.dumps(
+            certificate, sort_keys=True, separators=(",", ":"), ensure_ascii=True
+        ).encode()
+        signature = {"algorithm": "Ed25519", "key_id": key_id(key.public_key()),
+                     "value": base64.b64encode(key.sign(signed)).decode()}
+        document = {"certificate": certificate, "signature": signature}
         # as the API sends JSON (Starlette's JSONResponse): UTF-8, not ASCII-escaped
         body = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
         route.fulfill(body=body, content_type="application/json")

@@ -591,7 +591,7 @@
     const verdict = check.verdict;
     const verdictText = {
       valid: "Signature valid: Ed25519 over the canonical certificate, with the key this service publishes",
-      invalid: "Signature INVALID: this document was not signed by the key this service publishes",
+      invalid: `Signature INVALID: this document was not signed by the key this service publishes${verdict.reason ? ` (${verdict.reason})` : ""}`,
       unavailable: `Not checked in this browser: ${verdict.reason}. Run \`uisps certificate verify FILE\`.`,
     }[verdict.status];
     const download = h("a", { class: "button", download: `deletion-certificate-${request.id}.json` }, "Download JSON");
@@ -616,8 +616,8 @@
   }
 
   // Checks the Ed25519 signature the way `uisps certificate verify` does: over the certificate
-  // object as canonical JSON (sorted keys, no whitespace, ASCII escapes). Numbers are kept as
-  // the exact text the service sent (JSON.parse would turn 100.0 into 100 and change the bytes).
+  // object in the canonical JSON its own `format` names (signedText). The format is inside the
+  // signed bytes, so a document cannot be moved to the other form without breaking its signature.
   async function verifyCertificate(text, pem) {
     if (!window.isSecureContext || !window.crypto || !window.crypto.subtle) {
       return { status: "unavailable", reason: "signature checks need a secure context (HTTPS or localhost)" };
@@ -630,16 +630,35 @@
       return { status: "unavailable", reason: `this browser cannot use the Ed25519 key (${err.message})` };
     }
     try {
-      const documentValue = parseKeepingNumbers(text);
-      const signature = documentValue.get("signature");
+      const signature = JSON.parse(text).signature;
       const raw = new Uint8Array(await window.crypto.subtle.exportKey("raw", key));
       const keyId = `sha256:${hex(await window.crypto.subtle.digest("SHA-256", raw))}`;
-      const signed = new TextEncoder().encode(canonicalJson(documentValue.get("certificate")));
-      const valid = await window.crypto.subtle.verify({ name: "Ed25519" }, key, base64Bytes(signature.get("value")), signed);
-      return { status: valid && keyId === signature.get("key_id") ? "valid" : "invalid", keyId };
+      const signed = new TextEncoder().encode(signedText(text));
+      const valid = await window.crypto.subtle.verify({ name: "Ed25519" }, key, base64Bytes(signature.value), signed);
+      return { status: valid && keyId === signature.key_id ? "valid" : "invalid", keyId };
     } catch (err) {
       return { status: "invalid", reason: err.message };
     }
+  }
+
+  // The bytes a certificate's signature covers: format 2, RFC 8785 (JCS); format 1, issued
+  // before, Python's json.dumps form, rebuilt from the numbers' exact text (JSON.parse would turn
+  // 100.0 into 100 and change those bytes).
+  function signedText(text) {
+    const { certificate } = JSON.parse(text);
+    const format = certificate.format;
+    if (format === 2) return jcs(certificate);
+    if (format === 1) return canonicalJson(parseKeepingNumbers(text).get("certificate"));
+    throw new Error(`unknown certificate format ${JSON.stringify(format)}: this page checks formats 1 and 2`);
+  }
+
+  // RFC 8785: JSON.stringify writes strings and numbers exactly as the standard does (it is
+  // ECMAScript's own serialisation); keys are sorted by UTF-16 code units, which sort() compares.
+  function jcs(value) {
+    if (typeof value === "number" && !Number.isFinite(value)) throw new Error("a number JSON cannot hold");
+    if (value === null || typeof value !== "object") return JSON.stringify(value);
+    if (Array.isArray(value)) return `[${value.map(jcs).join(",")}]`;
+    return `{${Object.keys(value).sort().map((k) => `${JSON.stringify(k)}:${jcs(value[k])}`).join(",")}}`;
   }
 
   function base64Bytes(text) {
@@ -656,7 +675,8 @@
     }
   }
 
-  // A JSON parser that keeps numbers as their source text and objects as Maps (no prototype keys).
+  // Format 1: a JSON parser that keeps numbers as their source text and objects as Maps (no
+  // prototype keys).
   function parseKeepingNumbers(text) {
     let i = 0;
     const fail = (what) => {
@@ -725,7 +745,7 @@
     return result;
   }
 
-  // Python's json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=True).
+  // Format 1: Python's json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=True).
   function canonicalJson(value) {
     if (value === null) return "null";
     if (value === true) return "true";
@@ -733,8 +753,17 @@
     if (value instanceof RawNumber) return value.text;
     if (typeof value === "string") return asciiString(value);
     if (Array.isArray(value)) return `[${value.map(canonicalJson).join(",")}]`;
-    const keys = Array.from(value.keys()).sort();
+    const keys = Array.from(value.keys()).sort(byCodePoint);
     return `{${keys.map((k) => `${asciiString(k)}:${canonicalJson(value.get(k))}`).join(",")}}`;
+  }
+
+  // Python sorts keys by code point; sort() alone compares UTF-16 code units, which puts a key
+  // with a character above U+FFFF before one with a character in U+E000..U+FFFF.
+  function byCodePoint(a, b) {
+    const x = Array.from(a, (c) => c.codePointAt(0));
+    const y = Array.from(b, (c) => c.codePointAt(0));
+    for (let i = 0; i < Math.min(x.length, y.length); i += 1) if (x[i] !== y[i]) return x[i] - y[i];
+    return x.length - y.length;
   }
 
   function asciiString(text) {

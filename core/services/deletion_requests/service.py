@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
-from core.certificates import CERTIFICATE_FORMAT, CERTIFICATE_TYPE
+from core.certificates import CERTIFICATE_FORMAT, CERTIFICATE_TYPE, LEGACY_FORMAT, fits_jcs
 from core.config import UnlearnConfig
 from core.db import AuditEvent, DeletionRequest, JobState, ModelVersion, record_event, utcnow
 from core.db.audit import lock_tenant
@@ -211,7 +211,10 @@ class DeletionRequestService:
 
         Every value comes from fields that never change once the request succeeded (of the request,
         its versions, the audit event of its success; a purge sets only a version's
-        `checkpoint_purged_at`), so signing it again gives the same file.
+        `checkpoint_purged_at`), so signing it again gives the same file. Nothing is stored: each
+        download builds and signs it anew, so after an upgrade to another format or a key rotation
+        the same request downloads as other bytes stating the same facts (and an earlier file
+        still verifies).
         """
         request = self.get(session, tenant_id, request_id)
         if request.state != JobState.SUCCEEDED.value or request.result_version is None:
@@ -282,6 +285,10 @@ class DeletionRequestService:
         if others:
             # One job served several requests: the new checkpoint also forgot their labels.
             content["coalesced_with"] = others
+        if not fits_jcs(content):
+            # An integer RFC 8785 cannot hold (a seed beyond 2**53 - 1, accepted before UnlearnConfig
+            # bounded it): Python's form states it exactly, and format 1 still verifies everywhere.
+            content["format"] = LEGACY_FORMAT
         return content
 
     def _base_version(self, session: Session, tenant_id: str, model_id: str, number: int | None) -> ModelVersion:
