@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -21,7 +24,9 @@ MIB = 1024 * 1024
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="UISPS_", extra="ignore")
+    # hide_input_in_errors: a malformed secret (UISPS_WEBHOOK_SECRET, say) must not reach the logs
+    # in the error that refuses it.
+    model_config = SettingsConfigDict(env_prefix="UISPS_", extra="ignore", hide_input_in_errors=True)
 
     home: Path = Path("~/.uisps")
     database_url: str | None = None
@@ -207,6 +212,33 @@ class Settings(BaseSettings):
 def retired_keys_dir_beside(key_path: Path) -> Path:
     """The default retired-keys folder of the signing key at `key_path`."""
     return key_path.parent / f"{key_path.stem}-retired"
+
+
+# UISPS_* names read outside Settings: CLI options, the version stamp, compose's interpolation
+# (.env), the benchmarks; and UISPS_TEST_* by the test suite.
+OTHER_ENVIRONMENT_NAMES = frozenset({
+    "UISPS_API_WORKERS", "UISPS_CODE_VERSION", "UISPS_CIFAR10_SUBSET",
+    "UISPS_API_BIND", "UISPS_API_PORT", "UISPS_IMAGE", "UISPS_DATA_DIR", "UISPS_WORKER_DEVICE",
+    "UISPS_SCHEMATHESIS_EXAMPLES", "UISPS_SCREENSHOT_DIR",
+})
+
+
+def unknown_environment_names(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`UISPS_*` variables that no setting reads, each with the setting it most likely meant.
+
+    Settings ignore unknown names, so a misspelt UISPS_DATABASE_URL would leave the embedded
+    SQLite database in use: an API serving an empty database, a worker taking messages it cannot
+    run. The long-running commands refuse to start on these instead.
+    """
+    environ = os.environ if environ is None else environ
+    known = {f"UISPS_{name.upper()}" for name in Settings.model_fields} | OTHER_ENVIRONMENT_NAMES
+    found = []
+    for name in sorted(environ):
+        if not name.startswith("UISPS_") or name in known or name.startswith("UISPS_TEST_"):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        found.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return found
 
 
 def get_settings() -> Settings:

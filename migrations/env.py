@@ -27,6 +27,8 @@ if config.config_file_name is not None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
+# pg_advisory_xact_lock key of schema migrations (any constant no other lock of the service uses)
+MIGRATION_LOCK_ID = 0x75697370_6D696772 & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def database_url() -> str:
@@ -68,6 +70,11 @@ def run_on_connection(connection: Connection) -> None:
         render_item=render_item,
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Two upgrades at once (a migrate job and an API starting, two deploys) would both
+            # read the old revision and both apply it: the second fails half-way. The lock,
+            # held to the end of the transaction, makes the second wait and then find the head.
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
         context.run_migrations()
         if is_sqlite:
             _check_sqlite_foreign_keys(connection)

@@ -181,6 +181,7 @@ WORKER_STOP_GRACE_S = 30.0
 
 
 @app.command()
+@user_errors
 def serve(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8000,
@@ -193,10 +194,14 @@ def serve(
     """Run the HTTP API (uvloop + httptools) and, unless --no-worker, a local worker process (stopped
     with the API)."""
     from core.db.migrate import upgrade
-    from core.settings import get_settings
+    from core.errors import UisError
+    from core.settings import get_settings, unknown_environment_names
     from uisps.local import stop_process
     from uisps.serving import run_api
 
+    unknown = unknown_environment_names()
+    if unknown:  # a misspelt UISPS_DATABASE_URL would serve (and migrate) the embedded database
+        raise UisError(f"not started: unknown setting {', '.join(unknown)}")
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     # Migrate before the worker starts: its reconciler reads the deletion_requests table.

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from core.settings import get_settings
 from core.broker import QUEUE
+from core.db.migrate import schema_problem
+from core.settings import Settings, get_settings, unknown_environment_names
 
 
 def worker_argv(*, pool: str = "prefork", concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
@@ -52,12 +53,27 @@ def check_device(device: str) -> None:
         raise SystemExit(f"worker not started: {reason} (UISPS_DEVICE={device})")
 
 
+def check_configuration(settings: Settings) -> None:
+    """Refuse to start a worker that would take messages it cannot run: one whose environment
+    misspells a setting (so it silently uses the embedded defaults), or whose database is not
+    migrated to this code's schema (the claim fails and Celery drops the message)."""
+    unknown = unknown_environment_names()
+    if unknown:
+        raise SystemExit(f"worker not started: unknown setting {', '.join(unknown)}")
+    problem = schema_problem(settings.effective_database_url)
+    if problem:
+        raise SystemExit(
+            f"worker not started: {problem}; `uisps db upgrade` migrates it (is UISPS_DATABASE_URL the service's database?)"
+        )
+
+
 def start_worker(
     *, pool: str = "prefork", concurrency: int = 1, loglevel: str = "INFO", extra_args: Sequence[str] = ()
 ) -> None:
     """Run a Celery worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown)."""
     settings = get_settings()
     check_device(settings.device)
+    check_configuration(settings)
     settings.home.mkdir(parents=True, exist_ok=True)  # the embedded broker and database live here
     from worker.celery_app import app
 

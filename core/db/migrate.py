@@ -42,3 +42,22 @@ def current_revision(url: str | URL) -> str | None:
             return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
+
+
+def schema_problem(url: str | URL) -> str | None:
+    """Why the database at `url` is not one the service can run on now (None when it is at head).
+
+    Read-only: an embedded SQLite file that does not exist is reported, not created.
+    """
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url) if isinstance(url, str) else url
+    shown = parsed.render_as_string(hide_password=True)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+        return f"there is no database at {shown}"
+    revision = current_revision(parsed)
+    head = ScriptDirectory.from_config(alembic_config(parsed)).get_current_head()
+    if revision != head:
+        return f"the database {shown} is at revision {revision}, not {head}"
+    return None

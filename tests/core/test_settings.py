@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import MIB, Settings, get_settings
+from core.settings import MIB, Settings, get_settings, unknown_environment_names
 
 
 @pytest.fixture
@@ -111,5 +111,22 @@ def test_webhook_settings_from_the_environment(clean_env: pytest.MonkeyPatch) ->
 def test_a_webhook_secret_of_another_form_is_refused(clean_env: pytest.MonkeyPatch, secret: str) -> None:
     clean_env.setenv("UISPS_WEBHOOK_SECRET", secret)
 
-    with pytest.raises(ValueError, match="whsec_"):
+    with pytest.raises(ValueError, match="whsec_") as refused:
         Settings()
+
+    assert secret not in str(refused.value)  # the refusal is logged: the value must not be in it
+
+
+def test_unknown_uisps_variables_are_named_with_the_setting_they_likely_meant() -> None:
+    environ = {
+        "UISPS_DATABSE_URL": "postgresql+psycopg://db/uisps",  # misspelt
+        "UISPS_FLUX_CAPACITOR": "1",  # nothing close
+        "UISPS_DATABASE_URL": "postgresql+psycopg://db/uisps",  # settings, and names read elsewhere, pass
+        "UISPS_API_WORKERS": "2",
+        "UISPS_TEST_PG_ADMIN_DSN": "postgresql://",
+        "HOME": "/root",
+    }
+
+    assert unknown_environment_names(environ) == [
+        "UISPS_DATABSE_URL (did you mean UISPS_DATABASE_URL?)", "UISPS_FLUX_CAPACITOR",
+    ]

@@ -26,6 +26,16 @@ def test_db_upgrade_and_downgrade(tmp_path: Path) -> None:
     assert refused.stderr.strip() == "error: Can't locate revision identified by 'nonsense'"
 
 
+def test_serve_refuses_a_misspelt_setting_before_touching_any_database(tmp_path: Path) -> None:
+    env = service_env(tmp_path, SINGLE_THREAD_ENV) | {"UISPS_BROKR_URL": "redis://broker:6379/0"}
+    served = subprocess.run([sys.executable, "-m", "uisps", "serve", "--port", "9"], env=env, capture_output=True,
+                            text=True, timeout=60)
+
+    assert served.returncode == 2
+    assert served.stderr.strip() == "error: not started: unknown setting UISPS_BROKR_URL (did you mean UISPS_BROKER_URL?)"
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_demo_forgets_a_digit_end_to_end(tmp_path: Path) -> None:
     home = tmp_path / "demo"
     result = _uisps(home, "demo", "--fast", "--home", str(home), "--forget", "7", timeout=300)

@@ -26,3 +26,27 @@ def test_a_worker_without_the_gpu_it_is_told_to_use_does_not_start(tmp_path) -> 
     assert worker.returncode != 0
     assert "worker not started: device 'cuda:99': this machine has" in worker.stderr
     assert not any(tmp_path.iterdir())  # it took nothing off any queue: no broker was even created
+
+
+def test_a_worker_with_a_misspelt_setting_does_not_start(tmp_path) -> None:  # noqa: ANN001
+    import os
+
+    # Unnoticed, the worker would use the embedded SQLite database and drop every message it took.
+    env = {**os.environ, "UISPS_HOME": str(tmp_path), "UISPS_DATABSE_URL": "postgresql+psycopg://db/uisps"}
+    worker = subprocess.run([sys.executable, "-m", "worker"], env=env, capture_output=True, text=True, timeout=120)
+
+    assert worker.returncode != 0
+    assert "worker not started: unknown setting UISPS_DATABSE_URL (did you mean UISPS_DATABASE_URL?)" in worker.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_worker_on_a_database_not_migrated_to_its_schema_does_not_start(own_pg_database: str, tmp_path) -> None:  # noqa: ANN001
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UISPS_")}
+    env |= {"UISPS_HOME": str(tmp_path), "UISPS_DATABASE_URL": own_pg_database}
+    worker = subprocess.run([sys.executable, "-m", "worker"], env=env, capture_output=True, text=True, timeout=120)
+
+    assert worker.returncode != 0
+    assert "worker not started: the database" in worker.stderr and "is at revision None, not " in worker.stderr
+    assert "`uisps db upgrade` migrates it" in worker.stderr

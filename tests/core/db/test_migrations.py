@@ -182,3 +182,26 @@ def test_a_purge_survives_a_downgrade_past_0006_and_an_upgrade_again(empty_db: s
     finally:
         engine.dispose()
         downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
+
+
+def test_two_upgrades_at_once_both_end_at_head(own_pg_database: str) -> None:
+    # A migrate job and an API starting together (or two deploys): the second waits for the first.
+    # Processes, as in a deployment (Alembic's context is one per process).
+    import subprocess
+    import sys
+
+    code = "import sys; from core.db.migrate import upgrade; upgrade(sys.argv[1])"
+    runs = [subprocess.Popen([sys.executable, "-c", code, own_pg_database], stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    for run in runs:
+        _, errors = run.communicate(timeout=120)
+        assert run.returncode == 0, errors[-2000:]
+
+    assert current_revision(own_pg_database) == _head()
+    assert TABLES <= _tables(own_pg_database)
+
+
+def _head() -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
