@@ -453,25 +453,17 @@ def _existing_service_database() -> Iterator[Any]:
     """A session on the service's database as it is, never created or migrated here: a command
     that deletes what the database does not name must stop when pointed at the wrong database
     (an unset UISPS_DATABASE_URL opens the embedded SQLite), not act on an empty one."""
-    from alembic.script import ScriptDirectory
     from sqlalchemy.engine import make_url
 
-    from core.db.migrate import alembic_config, current_revision
+    from core.db.migrate import schema_problem
     from core.errors import UisError
     from core.settings import get_settings
 
     url = make_url(get_settings().effective_database_url)
-    shown = url.render_as_string(hide_password=True)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
-        raise UisError(f"there is no database at {shown}: set UISPS_DATABASE_URL to the service's database")
     with _migration_errors():
-        revision = current_revision(url)
-    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
-    if revision != head:
-        raise UisError(
-            f"the database {shown} is at revision {revision}, not {head}: is it the service's database "
-            "(UISPS_DATABASE_URL)? `uisps db upgrade` migrates it"
-        )
+        problem = schema_problem(url)
+    if problem:
+        raise UisError(f"{problem}: is it the service's database (UISPS_DATABASE_URL)? `uisps db upgrade` migrates it")
     with _session_on(url) as session:
         yield session
 
