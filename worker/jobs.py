@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5
 MAX_RETRY_DELAY_S = 300
+STORE_UNAVAILABLE = "artifact_store_unavailable"
 ERROR_MESSAGE_LIMIT = 1000
 
 # Share of the overall progress each phase takes (roughly its share of the wall time on a GPU).
@@ -114,12 +115,29 @@ class ProgressTracker:
         return self._phase  # a stage core added later: shown, counted within the current phase
 
 
-def run_job(request_id: str, settings: Settings) -> RunOutcome:
+def run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcome:
+    """`retries`: how often this request's message was retried already (it paces outage retries)."""
     with deletion_request_context(request_id):  # every log line of the job names the request
-        return _run_job(request_id, settings)
+        return _run_job(request_id, settings, retries)
 
 
-def _run_job(request_id: str, settings: Settings) -> RunOutcome:
+def is_outage(exc: BaseException) -> bool:
+    """Whether a service the job needs did not answer (the object store down or out of reach,
+    after boto's own retries): no fault of the request, which runs once the service is back."""
+    try:
+        from botocore.exceptions import ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as StoreUnreachable
+    except ImportError:  # no S3 support installed: no S3 outage either
+        return False
+    if isinstance(exc, (StoreUnreachable, HTTPClientError)):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return isinstance(status, int) and status >= 500
+    return False
+
+
+def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcome:
     try:
         device = pick_device(settings.device)
     except DeviceUnavailable as exc:
@@ -170,16 +188,22 @@ def _run_job(request_id: str, settings: Settings) -> RunOutcome:
     except Exception as exc:
         logger.exception("deletion request %s, attempt %d, failed", request_id, job.attempt)
         message = f"{type(exc).__name__}: {exc}"[:ERROR_MESSAGE_LIMIT]
-        # retried all the same (a storage outage passes), but named for the operator who must act
+        outage = is_outage(exc)
+        # retried all the same (a missing file may come back with a restore), but named for the
+        # operator who must act
         code = ArtifactMissing.code if isinstance(exc, ArtifactNotFound) else "internal_error"
+        code = STORE_UNAVAILABLE if outage else code
         try:
             with sessions.begin() as session:
-                if job.attempt < settings.max_attempts:
+                # An outage never uses up the request's attempts (a MinIO restart would otherwise
+                # fail every request running through it): it is retried, paced, until it is over.
+                if outage or job.attempt < settings.max_attempts:
                     if not deletion_jobs.retry_later(
-                        session, request_id, code=code, message=message, attempt=job.attempt
+                        session, request_id, code=code, message=message, attempt=job.attempt, give_back=outage
                     ):
                         return RunOutcome("cancelled")
-                    return RunOutcome("retrying", retry_in_s=min(MAX_RETRY_DELAY_S, 5.0 * 2 ** (job.attempt - 1)))
+                    step = retries if outage else job.attempt - 1
+                    return RunOutcome("retrying", retry_in_s=min(MAX_RETRY_DELAY_S, 5.0 * 2 ** min(step, 10)))
                 deletion_jobs.fail(session, request_id, code=code, message=message, attempt=job.attempt)
         except JobLost:
             return RunOutcome("lost")

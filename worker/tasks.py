@@ -30,7 +30,7 @@ def run_deletion_request(self: Task, request_id: str) -> str:
     """
     from worker.jobs import run_job  # torch lives there
 
-    outcome = run_job(request_id, get_settings())
+    outcome = run_job(request_id, get_settings(), retries=self.request.retries or 0)
     if outcome.retry_in_s is not None:
         raise self.retry(countdown=outcome.retry_in_s)
     return outcome.status

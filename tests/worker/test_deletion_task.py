@@ -199,6 +199,35 @@ def test_unexpected_errors_are_retried_then_fail(
     ]
 
 
+def test_an_artifact_store_outage_is_retried_without_using_up_attempts(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    from worker.jobs import run_job
+
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+    for name, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)  # fake credentials: the request is signed, then finds nobody
+    # The store is down (nothing listens on port 9), and a request may fail only once.
+    down = worker_env.settings.model_copy(update={
+        "artifact_backend": "s3", "s3_bucket": "models", "s3_endpoint_url": "http://127.0.0.1:9", "max_attempts": 1,
+    })
+
+    outcomes = [run_job(request_id, down, retries=n) for n in range(2)]
+
+    assert [o.status for o in outcomes] == ["retrying", "retrying"]
+    assert outcomes[0].retry_in_s < outcomes[1].retry_in_s  # paced while it lasts
+    request = _request(worker_env, request_id)
+    assert (request.state, request.attempts) == ("queued", 0)
+    with worker_env.sessions() as session:
+        retried = session.scalars(select(AuditEvent).where(
+            AuditEvent.subject_id == request_id, AuditEvent.action == "deletion_request.retry_scheduled")).all()
+    assert [e.details["error"]["code"] for e in retried] == ["artifact_store_unavailable"] * 2
+    assert all(e.details["attempt_given_back"] for e in retried)
+
+    assert _run(request_id) == "succeeded"  # the store is back (this worker's own): it runs
+
+
 def test_a_cancel_asked_before_a_retryable_failure_is_honoured_not_retried(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     request_id = worker_env.new_request(digits_checkpoint, [1])
     with worker_env.sessions.begin() as session:

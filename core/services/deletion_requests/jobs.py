@@ -399,10 +399,16 @@ class DeletionJobs:
         self._stop_group(session, [request, *self._members(session, request_id)], give_back=True)
 
     def retry_later(
-        self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None
+        self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None,
+        give_back: bool = False,
     ) -> bool:
         """running -> queued after a failure that may pass (the broker redelivers the task);
-        False where a cancel was asked meanwhile: it is honoured instead, nothing is retried."""
+        False where a cancel was asked meanwhile: it is honoured instead, nothing is retried.
+
+        `give_back`: the attempt does not count (a service the job needs was down, which no run
+        of the request can help), so an outage never uses up a request's retries. The worker
+        holding the attempt gives it back as its job ends, as `_stop_group` does.
+        """
         begin_write(session)
         request = self._running(session, request_id, attempt)
         group = [request, *self._members(session, request_id)]
@@ -411,6 +417,9 @@ class DeletionJobs:
             # failed attempt still counts for the requests queued again: it failed, cancel or not.
             self._stop_group(session, group, give_back=False)
             return False
+        if give_back:
+            for row in group:
+                row.attempts -= 1
         request.state = JobState.QUEUED.value
         request.stage = None
         request.progress = 0.0
@@ -418,14 +427,16 @@ class DeletionJobs:
         request.dispatched_at = utcnow()  # Celery's retry is a new message
         session.flush()
         error = {"code": code, "message": message}
+        given_back = {"attempt_given_back": True} if give_back else {}
         self._audit(
             session, request, "deletion_request.retry_scheduled",
-            previous_state=JobState.RUNNING.value, attempt=request.attempts, error=error,
+            previous_state=JobState.RUNNING.value, attempt=request.attempts, error=error, **given_back,
         )
         # Members wait in the queue too, free to join the retry's job (or another); the
         # reconciler sends them, as nothing else holds a message for them.
         for member in group[1:]:
-            self._requeue(session, member, "deletion_request.retry_scheduled", attempt=member.attempts, error=error)
+            self._requeue(session, member, "deletion_request.retry_scheduled", attempt=member.attempts, error=error,
+                          **given_back)
         return True
 
     def due_for_dispatch(self, session: Session, *, requeue_after_s: float, limit: int = 500) -> list[str]:
