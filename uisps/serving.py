@@ -19,6 +19,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -49,4 +54,26 @@ def run_api(host: str, port: int, *, workers: int = 1, log_level: str = "info") 
         )
     options: dict[str, Any] = {"factory": True, "host": host, "port": port, "workers": workers,
                                "log_level": log_level, "access_log": False, **chosen}
-    uvicorn.run(APP, **options)
+    with shared_metrics(workers):
+        uvicorn.run(APP, **options)
+
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # api.metrics reads it; the CLI must not import the app
+
+
+@contextmanager
+def shared_metrics(workers: int) -> Iterator[None]:
+    """With several API processes, one folder where all of them keep their HTTP metrics, so that
+    a scrape (which reaches any one of them) reports the sum. Without it each scrape showed one
+    process's counters, and Prometheus read every change of process as a counter reset. A folder
+    of this run's own, emptied as prometheus_client requires, unless the operator named one."""
+    if workers <= 1 or os.environ.get(MULTIPROC_ENV):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="uisps-metrics-")
+    os.environ[MULTIPROC_ENV] = folder  # inherited by the worker processes uvicorn spawns
+    try:
+        yield
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -137,3 +137,49 @@ def test_multiprocess_mode_sums_every_process(tmp_path: Path) -> None:
     assert 'uisps_http_requests_total{method="GET",route="/healthz",status="200"} 2.0' in run.stdout
     assert 'uisps_deletion_requests{state="queued"} 0.0' in run.stdout
     assert any(folder.iterdir())
+
+
+def test_a_scrape_of_any_api_process_counts_the_requests_of_all(tmp_path: Path) -> None:
+    """`uisps serve --workers 2`: each scrape reaches one of the two processes, and must still
+    report every request (compose runs the API so by default)."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UISPS_", "PROMETHEUS_"))}
+    env |= {"UISPS_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "uisps", "serve", "--no-worker", "--workers", "2",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "the API did not start"
+            time.sleep(0.3)
+        before = _healthz_count(base)
+        for _ in range(30):
+            assert httpx.get(f"{base}/healthz", headers={"Connection": "close"}).status_code == 200
+
+        counts = {_healthz_count(base) for _ in range(8)}  # new connections: either process answers
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    assert counts == {before + 30}
+
+
+def _healthz_count(base: str) -> float:
+    import httpx
+
+    with httpx.Client(base_url=base, headers={"Connection": "close"}) as http:  # type: ignore[arg-type]
+        samples = scrape(http)  # type: ignore[arg-type]
+    return samples.get(("uisps_http_requests_total", (("method", "GET"), ("route", "/healthz"), ("status", "200"))), 0.0)
