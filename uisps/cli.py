@@ -204,8 +204,12 @@ def serve(
         raise UisError(f"not started: unknown setting {', '.join(unknown)}")
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
-    # Migrate before the worker starts: its reconciler reads the deletion_requests table.
-    upgrade(settings.effective_database_url)
+    # Migrate before the worker starts: its reconciler reads the deletion_requests table. A schema
+    # newer than this code (a rollback to an older image) is one line, not Alembic's traceback.
+    rollback = (": a newer release may have migrated this database; downgrade it with that release "
+                "(`uisps db downgrade --revision <this release's revision>`) before starting this one")
+    with _migration_errors(hint=rollback):
+        upgrade(settings.effective_database_url)
     worker = None if no_worker else _spawn_worker()
     try:
         run_api(host, port, workers=workers, log_level=log_level)
@@ -232,7 +236,7 @@ def worker(
 
 
 @contextmanager
-def _migration_errors() -> Iterator[None]:
+def _migration_errors(hint: str = "") -> Iterator[None]:
     """An unknown revision or an unreachable database: one line, not Alembic's traceback."""
     from alembic.util import CommandError
     from sqlalchemy.exc import OperationalError
@@ -240,7 +244,7 @@ def _migration_errors() -> Iterator[None]:
     try:
         yield
     except CommandError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {exc}{hint}", err=True)
         raise typer.Exit(2) from None
     except OperationalError as exc:
         typer.echo(f"error: cannot reach the database: {str(exc.orig).strip().splitlines()[0]}", err=True)

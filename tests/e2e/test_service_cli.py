@@ -36,6 +36,20 @@ def test_serve_refuses_a_misspelt_setting_before_touching_any_database(tmp_path:
     assert not any(tmp_path.iterdir())
 
 
+def test_serve_on_a_database_a_newer_release_migrated_says_how_to_roll_back(tmp_path: Path) -> None:
+    import sqlite3
+
+    assert _uisps(tmp_path, "db", "upgrade").returncode == 0
+    with sqlite3.connect(tmp_path / "uisps.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '0099'")  # what a later release leaves
+
+    served = _uisps(tmp_path, "serve", "--port", "9")
+
+    assert served.returncode == 2 and "Traceback" not in served.stderr
+    assert served.stderr.startswith("error: Can't locate revision identified by '0099': a newer release")
+    assert "uisps db downgrade --revision" in served.stderr
+
+
 def test_the_demo_forgets_a_digit_end_to_end(tmp_path: Path) -> None:
     home = tmp_path / "demo"
     result = _uisps(home, "demo", "--fast", "--home", str(home), "--forget", "7", timeout=300)
