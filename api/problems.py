@@ -34,6 +34,7 @@ from core.services.errors import (
     InvalidParameters,
     NotFound,
     RateLimited,
+    ServerBusy,
     Unauthenticated,
 )
 
@@ -146,7 +147,8 @@ async def _forbidden(request: Request, exc: Forbidden) -> JSONResponse:
 
 
 async def _rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
-    return problem_response(request, 429, exc.code, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+    status = 503 if isinstance(exc, ServerBusy) else 429
+    return problem_response(request, status, exc.code, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
 
 
 async def _idempotency_in_use(request: Request, exc: IdempotencyKeyInUse) -> JSONResponse:

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     artifact_backend: str = "local"
     device: str = "auto"
     max_upload_bytes: int = 512 * MIB
+    # Checkpoint uploads one API process checks at once: each holds the file and its tensors in
+    # memory (about twice its size), so this bounds that memory. Others wait up to
+    # upload_wait_s, then get 503 with Retry-After.
+    max_concurrent_uploads: int = 2
+    upload_wait_s: float = 10.0
     # A job whose lease ran out is presumed dead (worker crashed) and may be re-queued.
     job_visibility_timeout_s: int = 6 * 60 * 60
     max_attempts: int = 3

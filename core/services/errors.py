@@ -96,6 +96,12 @@ class TooManyActiveRequests(RateLimited):
     code = "too_many_active_requests"
 
 
+class ServerBusy(RateLimited):
+    """This process has no room for the work now, whoever asks (503 with Retry-After)."""
+
+    code = "server_busy"
+
+
 class IdempotencyKeyInUse(Conflict):
     """A request with this Idempotency-Key is still being processed (409): retry shortly."""
 

@@ -127,3 +127,28 @@ def test_oversized_checkpoints_are_refused(tmp_path: Path, digits_checkpoint: by
         assert_problem(upload(digits_checkpoint + b"\0" * 64), 413, "checkpoint_too_large", "the limit is")
         assert client.get(f"/models/{model_id}/versions").json()["versions"] == []
         assert not settings.effective_artifact_dir.exists() or not any(settings.effective_artifact_dir.rglob("*.*"))
+
+
+def test_uploads_beyond_what_a_process_checks_at_once_wait_then_get_503(
+    tmp_path: Path, digits_checkpoint: bytes, model_spec: dict
+) -> None:
+    spec = model_spec
+    settings = Settings(home=tmp_path, max_concurrent_uploads=1, upload_wait_s=0.2)
+    with TestClient(create_app(settings)) as client:
+        authorize(client)
+        model_id = client.post("/models", json=spec).json()["id"]
+
+        def upload():  # noqa: ANN202
+            return client.post(f"/models/{model_id}/versions", files={"file": ("m.safetensors", digits_checkpoint)})
+
+        slots = client.app.state.upload_slots
+        assert slots.acquire(timeout=1)  # another upload (each holds its file in memory) is being checked
+        try:
+            busy = upload()
+        finally:
+            slots.release()
+
+        assert_problem(busy, 503, "server_busy", "checking 1 other checkpoint uploads")
+        assert busy.headers["retry-after"] == "5"
+        assert client.get(f"/models/{model_id}/versions").json()["versions"] == []
+        assert upload().status_code == 201  # the slot is free again
