@@ -209,6 +209,8 @@ def make_rate_limiter(backend: str, rate_per_s: float, burst: int, broker_url: s
         return Unlimited()
     if backend == "redis" or (backend == "auto" and is_redis_url(broker_url)):
         if not is_redis_url(broker_url):
-            raise ValueError(f"UISPS_RATE_LIMIT_BACKEND=redis needs a redis:// broker URL, not {broker_url!r}")
+            # The scheme only: the URL may carry the broker's password, and this error is logged.
+            scheme = broker_url.split("://", 1)[0] if broker_url and "://" in broker_url else "(none)"
+            raise ValueError(f"UISPS_RATE_LIMIT_BACKEND=redis needs a redis:// broker URL, not {scheme}://...")
         return RedisRateLimiter(broker_url, rate_per_s, burst)  # type: ignore[arg-type]
     return MemoryRateLimiter(rate_per_s, burst)

@@ -123,3 +123,10 @@ def test_auto_picks_redis_for_a_redis_broker_and_memory_otherwise(redis_url: str
     assert isinstance(make_rate_limiter("memory", 20, 200, redis_url), MemoryRateLimiter)
     with pytest.raises(ValueError, match="needs a redis:// broker URL"):
         make_rate_limiter("redis", 20, 200, "sqla+sqlite:///x.db")
+
+
+def test_a_redis_backend_without_a_redis_broker_is_refused_without_the_url() -> None:
+    with pytest.raises(ValueError, match="needs a redis:// broker URL, not amqp://...$") as refused:
+        make_rate_limiter("redis", 1.0, 5, "amqp://uisps:s3cret@rabbit:5672//")
+
+    assert "s3cret" not in str(refused.value)  # the error is logged; the URL carries the password
