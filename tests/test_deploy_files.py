@@ -109,6 +109,13 @@ def test_api_serves_the_factory_on_8000_and_checks_readiness(services: dict[str,
     assert callable(api.app.create_app)
 
 
+def test_a_stop_lets_the_api_finish_its_requests_before_docker_kills_it(services: dict[str, dict[str, Any]]) -> None:
+    from uisps.serving import GRACEFUL_SHUTDOWN_S
+
+    grace = services["api"]["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) > GRACEFUL_SHUTDOWN_S
+
+
 def test_api_is_published_on_loopback_by_default(services: dict[str, dict[str, Any]]) -> None:
     (port,) = services["api"]["ports"]
 

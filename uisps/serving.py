@@ -29,6 +29,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 APP = "api.app:create_app"
+# After SIGTERM, requests in flight (a 512 MiB upload, a streamed download) get this long to
+# finish; compose's stop_grace_period for the API (60 s) leaves room for it.
+GRACEFUL_SHUTDOWN_S = 50
 
 
 def implementations() -> dict[str, str]:
@@ -53,7 +56,8 @@ def run_api(host: str, port: int, *, workers: int = 1, log_level: str = "info") 
             "Nagle's algorithm (install uvicorn[standard])", workers,
         )
     options: dict[str, Any] = {"factory": True, "host": host, "port": port, "workers": workers,
-                               "log_level": log_level, "access_log": False, **chosen}
+                               "log_level": log_level, "access_log": False,
+                               "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S, **chosen}
     with shared_metrics(workers):
         uvicorn.run(APP, **options)
 
