@@ -25,6 +25,7 @@ import binascii
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -42,6 +43,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from core.errors import UisError
 from core.settings import retired_keys_dir_beside
+
+logger = logging.getLogger(__name__)
 
 ALGORITHM = "Ed25519"
 CERTIFICATE_TYPE = "uisps.deletion-certificate"
@@ -233,8 +236,19 @@ def load_retired_keys(retired_dir: Path) -> dict[str, Ed25519PublicKey]:
     folder = Path(retired_dir)
     if not folder.is_dir():
         return {}
-    keys = (_load_retired_file(path) for path in sorted(folder.glob("*.pem")) if not path.name.startswith("."))
-    return {key_id(key): key for key in keys}
+    keys = {}
+    for path in sorted(folder.glob("*.pem")):
+        if path.name.startswith("."):
+            continue
+        try:
+            key = _load_retired_file(path)
+        except (KeyFileError, OSError) as exc:
+            # One misnamed or unreadable file must not hide every other key; checking a
+            # certificate by its key id (load_retired_key) still refuses it, with the reason.
+            logger.error("retired certificate key skipped: %s", exc)
+            continue
+        keys[key_id(key)] = key
+    return keys
 
 
 # --- rotation -----------------------------------------------------------------------------------
@@ -338,8 +352,16 @@ class Signer:
             # Looked at before the read: if the file changes during it, the next call sees another
             # identity and reads again, so a stale key is never kept.
             identity = _file_identity(self.path)
-            if self._key is None or identity is None or identity != self._identity:
+            if self._key is None:
+                # Only the first use may create the key: a key that went missing later (an `rm`
+                # before a restore, a half-done copy) must not be replaced by a new one nobody
+                # retires, whose certificates would then check against nothing.
                 self._key = SigningKey.of(load_or_create_private_key(self.path))
+                self._identity = _file_identity(self.path)
+            elif identity is None:
+                raise KeyFileError(f"the signing key {self.path} is missing; restore it (it is not created again)")
+            elif identity != self._identity:
+                self._key = SigningKey.of(load_private_key(self.path))
                 self._identity = identity
             return self._key
 

@@ -216,3 +216,29 @@ def test_racing_rotations_retire_every_key_that_was_ever_active(tmp_path: Path) 
     retired = load_retired_keys(signer.retired_dir)
     assert len(retired) == 20 and signer.key_id not in retired
     assert seen <= set(retired) | {signer.key_id}
+
+
+def test_a_signing_key_that_went_missing_is_not_replaced_by_a_new_one(tmp_path: Path) -> None:
+    signer = Signer(tmp_path / "certificate-key.pem")
+    first = signer.sign(_certificate(2))["signature"]["key_id"]
+    saved = signer.path.read_bytes()
+    signer.path.unlink()  # e.g. `rm` before a restore
+
+    with pytest.raises(KeyFileError, match="missing; restore it"):
+        signer.sign(_certificate(2))
+    assert not signer.path.exists()
+
+    signer.path.write_bytes(saved)
+    assert signer.sign(_certificate(2))["signature"]["key_id"] == first
+
+
+def test_one_bad_retired_key_file_does_not_hide_the_others(tmp_path: Path) -> None:
+    signer = Signer(tmp_path / "certificate-key.pem")
+    signer.sign(_certificate(2))
+    rotation = rotate_signing_key(signer.path, signer.retired_dir)
+    misnamed = signer.retired_dir / f"{rotation.retired_key_id}.pem"  # 'sha256:' left in the name by hand
+    misnamed.write_bytes(rotation.retired_file.read_bytes())
+
+    statuses = {key.key_id: key.status for key in signer.published_keys()}
+
+    assert statuses == {rotation.new_key_id: "active", rotation.retired_key_id: "retired"}
