@@ -1,5 +1,5 @@
-"""Liveness (/healthz: the process answers) and readiness (/readyz: database and broker reachable,
-artifact store writable)."""
+"""Liveness (/healthz: the process answers) and readiness (/readyz: database and broker reachable;
+"degraded" when the artifact store takes no write)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 BROKER_TIMEOUT_S = 3.0
+# Checks that leave the API ready, "degraded": with the artifact store down, uploads, checkpoint
+# downloads and jobs fail, but reads, cancels, certificates and the dashboard work, and an
+# orchestrator that took every replica out of service for it would stop those too.
+DEGRADING = frozenset({"artifact_store"})
 
 
 @router.get("/healthz", summary="Liveness")
@@ -27,7 +31,7 @@ def healthz() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="Readiness: database and broker reachable, artifact store writable",
+    summary="Readiness: database and broker reachable (the artifact store's state is reported: degraded)",
     responses={200: {"content": {"application/json": {}}}, **problem_responses(503)},
 )
 def readyz(request: Request) -> Any:
@@ -36,9 +40,11 @@ def readyz(request: Request) -> Any:
         "broker": _check_broker(request),
         "artifact_store": _check_artifact_store(request),
     }
-    if all(result == "ok" for result in checks.values()):
-        return JSONResponse({"status": "ready", "checks": checks})
-    failing = ", ".join(name for name, result in checks.items() if result != "ok")
+    failing = [name for name, result in checks.items() if result != "ok" and name not in DEGRADING]
+    if not failing:
+        degraded = any(checks[name] != "ok" for name in DEGRADING)
+        return JSONResponse({"status": "degraded" if degraded else "ready", "checks": checks})
+    failing = ", ".join(failing)
     return problem_response(
         request, 503, "not_ready", f"failing: {failing}", headers={"Retry-After": "5"}, checks=checks
     )

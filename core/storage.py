@@ -193,11 +193,11 @@ class LocalArtifactStore:
 
     def check_writable(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        # A real write, fsynced: a full disk or a read-only mount fails here, not at an upload.
+        # A real write (a full disk or a read-only mount fails it), not fsynced: a sync could wait
+        # behind a large upload's writes and make the check flap.
         fd, name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=self.root)
         try:
             os.write(fd, b"readiness probe")
-            os.fsync(fd)
         finally:
             os.close(fd)
             Path(name).unlink(missing_ok=True)
@@ -315,9 +315,9 @@ class S3ArtifactStore:
         for page in pages:
             for upload in page.get("Uploads", []):
                 initiated = upload["Initiated"].astimezone(UTC)
-                if initiated <= older_than:
-                    key = f"multipart:{upload['Key'][len(start):]}:{upload['UploadId']}"
-                    found.append(ListedArtifact(key, 0, initiated))
+                key = upload["Key"][len(start):]
+                if initiated <= older_than and _is_artifact_key(key):  # ours only, as list_artifacts
+                    found.append(ListedArtifact(f"multipart:{key}:{upload['UploadId']}", 0, initiated))
         return found
 
     def discard_abandoned(self, listed: ListedArtifact) -> None:

@@ -297,6 +297,12 @@ def test_an_upload_abandoned_half_way_is_found_and_aborted(store: S3ArtifactStor
     assert _in_progress_uploads(store) == [] and store.abandoned_writes(later) == []
 
 
+def test_uploads_under_no_artifact_key_are_not_taken_for_abandoned_writes(store: S3ArtifactStore) -> None:
+    store.client.create_multipart_upload(Bucket=store.bucket, Key=f"{store.prefix}/sha256/not-an-artifact")
+
+    assert store.abandoned_writes(datetime.now(UTC) + timedelta(minutes=1)) == []
+
+
 def test_a_reachable_bucket_is_writable_and_a_missing_one_is_not(store: S3ArtifactStore, s3_endpoint: str) -> None:
     store.check_writable()
     missing = S3ArtifactStore("no-such-bucket-" + secrets.token_hex(4), endpoint_url=s3_endpoint, addressing_style="path")

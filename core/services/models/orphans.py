@@ -53,11 +53,29 @@ def collect_orphaned_artifacts(
                 logger.info("deleted orphaned artifact %s (%d bytes)", listed.key, listed.size)
             collected.append(listed)
         session.commit()
-    # Writes killed half-way (temporary files, unfinished multipart uploads) hold no content a
-    # version could name; the same age spares the ones in progress.
-    for abandoned in store.abandoned_writes(cutoff):
-        if not dry_run:
-            store.discard_abandoned(abandoned)
-            logger.info("discarded an abandoned write %s (%d bytes)", abandoned.key, abandoned.size)
-        collected.append(abandoned)
+    collected.extend(_discard_abandoned_writes(store, cutoff, dry_run))
     return collected
+
+
+def _discard_abandoned_writes(store: ArtifactStore, cutoff: datetime, dry_run: bool) -> list[ListedArtifact]:
+    """Writes killed half-way (temporary files, unfinished multipart uploads) hold no content a
+    version could name; the same age spares the ones in progress. Best effort: a store that does
+    not let this account list or abort multipart uploads (s3:ListBucketMultipartUploads,
+    s3:AbortMultipartUpload) is logged, and the orphans already deleted stay reported."""
+    try:
+        abandoned = store.abandoned_writes(cutoff)
+    except Exception as exc:
+        logger.warning("abandoned writes not listed (%s: %s); a bucket lifecycle rule can abort them instead",
+                       type(exc).__name__, exc)
+        return []
+    discarded = []
+    for write in abandoned:
+        if not dry_run:
+            try:
+                store.discard_abandoned(write)
+            except Exception as exc:
+                logger.warning("abandoned write %s not discarded: %s: %s", write.key, type(exc).__name__, exc)
+                continue
+            logger.info("discarded an abandoned write %s (%d bytes)", write.key, write.size)
+        discarded.append(write)
+    return discarded
