@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # A job whose lease ran out is presumed dead (worker crashed) and may be re-queued.
     job_visibility_timeout_s: int = 6 * 60 * 60
     max_attempts: int = 3
+    # An artifact-store outage is retried without using up attempts for this long (from the first
+    # of its retries in a row); then the request fails as any other error does.
+    store_outage_max_s: float = 24 * 60 * 60
     max_labels_per_request: int = 100
     # Folders a model's data source may lie under, comma-separated (`/data`, or `/data/{tenant}`
     # for a folder per tenant: `{tenant}` stands for the tenant's id). Checked when a model is

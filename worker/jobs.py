@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
 from core.config import UnlearnConfig
 from core.data import load_dataset
+from core.db import utcnow
 from core.device import pick_device
 from core.errors import DeviceUnavailable, UisError
 from core.logs import deletion_request_context
@@ -125,15 +126,17 @@ def is_outage(exc: BaseException) -> bool:
     """Whether a service the job needs did not answer (the object store down or out of reach,
     after boto's own retries): no fault of the request, which runs once the service is back."""
     try:
-        from botocore.exceptions import ClientError, HTTPClientError
+        from botocore.exceptions import ClientError, HTTPClientError, SSLError
         from botocore.exceptions import ConnectionError as StoreUnreachable
     except ImportError:  # no S3 support installed: no S3 outage either
+        return False
+    if isinstance(exc, SSLError):  # a bad CA bundle or certificate: no waiting mends it
         return False
     if isinstance(exc, (StoreUnreachable, HTTPClientError)):
         return True
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return isinstance(status, int) and status >= 500
+        return status in (500, 502, 503, 504)
     return False
 
 
@@ -195,6 +198,10 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
         code = STORE_UNAVAILABLE if outage else code
         try:
             with sessions.begin() as session:
+                if outage:
+                    since = deletion_jobs.outage_since(session, request_id, STORE_UNAVAILABLE)
+                    if since is not None and (utcnow() - since).total_seconds() > settings.store_outage_max_s:
+                        outage = False  # long enough: now it counts, and the request fails in the end
                 # An outage never uses up the request's attempts (a MinIO restart would otherwise
                 # fail every request running through it): it is retried, paced, until it is over.
                 if outage or job.attempt < settings.max_attempts:

@@ -228,6 +228,27 @@ def test_an_artifact_store_outage_is_retried_without_using_up_attempts(
     assert _run(request_id) == "succeeded"  # the store is back (this worker's own): it runs
 
 
+def test_an_outage_longer_than_the_limit_uses_up_attempts_like_any_failure(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    from worker.jobs import run_job
+
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+    for name, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    down = worker_env.settings.model_copy(update={
+        "artifact_backend": "s3", "s3_bucket": "models", "s3_endpoint_url": "http://127.0.0.1:9", "max_attempts": 1,
+        "store_outage_max_s": 0.0,  # any outage that outlasts its first retry is too long
+    })
+
+    assert run_job(request_id, down).status == "retrying"  # the first: not counted
+    assert run_job(request_id, down).status == "failed"  # it lasted: counted, and one attempt is all there is
+
+    request = _request(worker_env, request_id)
+    assert (request.state, request.attempts, request.error["code"]) == ("failed", 1, "artifact_store_unavailable")
+
+
 def test_a_cancel_asked_before_a_retryable_failure_is_honoured_not_retried(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     request_id = worker_env.new_request(digits_checkpoint, [1])
     with worker_env.sessions.begin() as session:

@@ -22,13 +22,14 @@ never acts on the queued request, and the next claim moves past its value again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.db import DeletionRequest, JobState, Model, ModelVersion, ModelVersionRequest, record_event, utcnow
+from core.db import AuditEvent, DeletionRequest, JobState, Model, ModelVersion, ModelVersionRequest, record_event, utcnow
 from core.db.audit import canonical_json, lock_tenant
 from core.services.deletion_requests.repository import deletion_request_repository
 from core.services.models.repository import model_repository
@@ -438,6 +439,24 @@ class DeletionJobs:
             self._requeue(session, member, "deletion_request.retry_scheduled", attempt=member.attempts, error=error,
                           **given_back)
         return True
+
+    def outage_since(self, session: Session, request_id: str, code: str) -> datetime | None:
+        """When the request's current run of retries for `code` began: the first of the
+        `retry_scheduled` events with that code that follow each other (its runs in between
+        aside) up to now; None when its last retry had another cause, or there is none."""
+        query = (
+            select(AuditEvent.action, AuditEvent.details, AuditEvent.occurred_at)
+            .where(AuditEvent.subject_type == "deletion_request", AuditEvent.subject_id == request_id)
+            .order_by(AuditEvent.id.desc())
+        )
+        since = None
+        for action, details, occurred_at in session.execute(query):
+            if action == "deletion_request.running":
+                continue
+            if action != "deletion_request.retry_scheduled" or (details.get("error") or {}).get("code") != code:
+                break
+            since = occurred_at
+        return since
 
     def due_for_dispatch(self, session: Session, *, requeue_after_s: float, limit: int = 500) -> list[str]:
         """Requests whose message seems lost, marked as re-sent now: the caller sends each id.
