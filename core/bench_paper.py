@@ -214,7 +214,7 @@ def _unit_name(u: Unit) -> str:
 
 
 # what a resumed run must share with the run whose rows it keeps (seeds and budget may differ)
-_RESUME_MUST_MATCH = ("preset", "data", "experiments", "unlearn_config")
+_RESUME_MUST_MATCH = ("preset", "data", "experiments", "unlearn_config", "bf16")
 
 
 def _unit_key(u: Unit) -> tuple:
@@ -566,22 +566,41 @@ class PaperBench:
         differs = [k for k in _RESUME_MUST_MATCH if _jsonable_roundtrip(earlier.get(k)) != _jsonable_roundtrip(now[k])]
         if differs:
             raise ValueError(f"cannot resume {self.out}: its earlier run used other {', '.join(differs)}")
+        planned = {_unit_key(u) for u in self.plan()}
+        unplanned = [row for row in self._earlier_rows() if _row_key(row) not in planned]
+        if unplanned:
+            # Finished rows are hours of compute: a resume never throws them away.
+            raise ValueError(f"cannot resume {self.out}: {len(unplanned)} of its finished rows are not in this "
+                             f"run's plan (fewer --seeds?), and resuming would drop them")
+
+    def _earlier_rows(self) -> list[dict]:
+        """The finished rows on disk; a last line cut short (the machine stopped mid-write) is skipped."""
+        lines = (self.out / "paper-raw.jsonl").read_text().splitlines()
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"cannot resume {self.out}: line {i + 1} of paper-raw.jsonl is not JSON") from None
+                self.log(f"resuming {self.out}: its last line was cut short; that row runs again")
+        return rows
 
     def _resumed(self, units: list[Unit]) -> list[Unit]:
         """Keep the rows an earlier run of the same settings left in `out`; return the units still to run.
 
         Each (row, seed) is an independent measurement (its Original and Retrain are trained from
         the seed), so a run cut off by its budget or by the machine can be continued, or given
-        more seeds, without redoing what is on disk. Rows of settings this run does not plan are
-        dropped; an earlier run with other settings is refused rather than mixed in.
+        more seeds, without redoing what is on disk. An earlier run with other settings, or with
+        rows this run does not plan, is refused (`_check_resumable`) rather than mixed in or cut.
         """
         earlier = json.loads((self.out / "paper-run.json").read_text())
         raw_path = self.out / "paper-raw.jsonl"
         planned = {_unit_key(u): u for u in units}
-        kept = [row for row in map(json.loads, raw_path.read_text().splitlines()) if _row_key(row) in planned]
+        kept = [row for row in self._earlier_rows() if _row_key(row) in planned]
         done = {_row_key(row) for row in kept}
         self.raw = kept
-        raw_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        _write_atomic(raw_path, "".join(json.dumps(row) + "\n" for row in kept))
         self.meta["resumed"] = {"rows_kept": len(kept), "earlier_device": earlier.get("device"),
                                 "earlier_torch": earlier.get("torch")}
         self.log(f"resuming {self.out}: {len(kept)} finished rows kept, {len(units) - len(done)} to run")

@@ -100,6 +100,36 @@ def test_resume_refuses_an_earlier_run_with_other_settings(tmp_path, args, messa
     assert (tmp_path / "r" / "paper-raw.jsonl").read_text() == earlier
 
 
+def test_resume_never_drops_finished_rows(tmp_path):
+    first = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--experiments", "tune",
+                  "--seeds", "2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    raw_path = tmp_path / "r" / "paper-raw.jsonl"
+    earlier = raw_path.read_text()
+
+    fewer = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--experiments", "tune",
+                  "--seeds", "1", "--resume", cwd=tmp_path)
+
+    assert fewer.returncode == 2 and "resuming would drop them" in fewer.stderr
+    assert raw_path.read_text() == earlier
+
+
+def test_resume_after_a_last_line_cut_short_runs_that_row_again(tmp_path):
+    first = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--experiments", "tune",
+                  cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    raw_path = tmp_path / "r" / "paper-raw.jsonl"
+    lines = raw_path.read_text().splitlines()
+    raw_path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # the machine stopped mid-write
+
+    again = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--experiments", "tune",
+                  "--resume", cwd=tmp_path)
+
+    assert again.returncode == 0, again.stderr
+    assert f"{len(lines) - 1} finished rows kept, 1 to run" in again.stderr
+    assert len(raw_path.read_text().splitlines()) == len(lines)
+
+
 def test_resume_without_an_earlier_run_is_one_clear_line(tmp_path):
     run = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--resume", cwd=tmp_path)
     assert run.returncode == 2 and "nothing to resume" in run.stderr and "Traceback" not in run.stderr
