@@ -22,7 +22,7 @@ PAPER_PASS: dict[str, object] = {
 
 
 class InversionConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     n_per_class: int = Field(32, ge=1, le=1024, description="synthetic samples per forget label")
     iterations: int = Field(1000, ge=1, le=100_000)
@@ -51,7 +51,7 @@ class UnlearnConfig(BaseModel):
     paper's pass read literally (PAPER_PASS, the paper's rates by architecture). Fields given
     beside a preset override it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     preset: Literal["default", "paper"] = "default"
     inversion: InversionConfig = Field(default_factory=InversionConfig)
@@ -122,7 +122,7 @@ class UnlearnConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     epochs: int = Field(30, ge=1, le=1000)
     batch_size: int = Field(128, ge=2, le=4096)

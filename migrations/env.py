@@ -14,6 +14,7 @@ from alembic.autogenerate.api import AutogenContext
 from sqlalchemy import Connection, pool
 
 from core.db.base import Base, UTCDateTime
+from core.db.migrate import MIGRATION_LOCK_ID
 from core.db.session import make_engine
 from core.settings import get_settings
 
@@ -27,8 +28,6 @@ if config.config_file_name is not None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
-# pg_advisory_xact_lock key of schema migrations (any constant no other lock of the service uses)
-MIGRATION_LOCK_ID = 0x75697370_6D696772 & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def database_url() -> str:

@@ -237,14 +237,15 @@ def worker(
 
 @contextmanager
 def _migration_errors(hint: str = "") -> Iterator[None]:
-    """An unknown revision or an unreachable database: one line, not Alembic's traceback."""
+    """An unknown revision or an unreachable database: one line, not Alembic's traceback. `hint`
+    follows a revision the code does not know (a database a newer release migrated)."""
     from alembic.util import CommandError
     from sqlalchemy.exc import OperationalError
 
     try:
         yield
     except CommandError as exc:
-        typer.echo(f"error: {exc}{hint}", err=True)
+        typer.echo(f"error: {exc}{hint if 'locate revision' in str(exc) else ''}", err=True)
         raise typer.Exit(2) from None
     except OperationalError as exc:
         typer.echo(f"error: cannot reach the database: {str(exc.orig).strip().splitlines()[0]}", err=True)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from sqlalchemy.exc import OperationalError
+
 from core.broker import QUEUE
 from core.db.migrate import schema_problem
 from core.settings import Settings, get_settings, unknown_environment_names
@@ -60,7 +62,10 @@ def check_configuration(settings: Settings) -> None:
     unknown = unknown_environment_names()
     if unknown:
         raise SystemExit(f"worker not started: unknown setting {', '.join(unknown)}")
-    problem = schema_problem(settings.effective_database_url)
+    try:
+        problem = schema_problem(settings.effective_database_url)
+    except OperationalError as exc:
+        raise SystemExit(f"worker not started: cannot reach the database: {str(exc.orig).strip().splitlines()[0]}") from None
     if problem:
         raise SystemExit(
             f"worker not started: {problem}; `uisps db upgrade` migrates it (is UISPS_DATABASE_URL the service's database?)"

@@ -13,6 +13,9 @@ import migrations
 from core.db.session import make_engine
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
+# pg_advisory_xact_lock key that schema upgrades take (migrations/env.py): one-key advisory locks
+# are a space apart from the two-key ones of the audit chain and the artifacts.
+MIGRATION_LOCK_ID = 0x75697370_6D696772 & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def alembic_config(url: str | URL) -> Config:

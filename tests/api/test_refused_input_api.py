@@ -3,6 +3,8 @@ column) is a 4xx that is the same on SQLite and PostgreSQL, never a 500 from the
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,3 +133,15 @@ def test_a_value_the_database_refuses_is_400_not_500(pg_client: TestClient) -> N
 
     problem = assert_problem(response, 400, "invalid_value", "cannot store or compare")
     assert "a\x00b" not in problem["detail"] and "SELECT" not in problem["detail"]
+
+
+@pytest.mark.parametrize("params", [{"alpha": 1e999}, {"lr": float("nan")}, {"inversion": {"lr": -1e999}}])
+def test_a_non_finite_parameter_is_a_validation_error(
+    client: TestClient, registered_model: Any, params: dict[str, Any]
+) -> None:
+    # Python's JSON reads 1e999 as inf: pydantic took it, and the audit log (SQLite) then 500-ed.
+    body = json.dumps({"model_id": registered_model()["id"], "forget_labels": [1], "params": params})
+    response = client.post("/deletion-requests", content=body, headers={"Content-Type": "application/json"})
+
+    assert response.status_code == 422, response.text
+    assert "finite" in response.text

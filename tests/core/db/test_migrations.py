@@ -184,19 +184,29 @@ def test_a_purge_survives_a_downgrade_past_0006_and_an_upgrade_again(empty_db: s
         downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
 
 
-def test_two_upgrades_at_once_both_end_at_head(own_pg_database: str) -> None:
-    # A migrate job and an API starting together (or two deploys): the second waits for the first.
-    # Processes, as in a deployment (Alembic's context is one per process).
+def test_an_upgrade_waits_for_one_in_progress(own_pg_database: str) -> None:
+    # A migrate job and an API starting together (or two deploys): the second must wait, then
+    # find the schema at head. The test holds the lock an upgrade takes, as a first upgrade would.
     import subprocess
     import sys
+    import time
 
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from core.db.migrate import MIGRATION_LOCK_ID
+
+    dsn = make_url(own_pg_database).set(drivername="postgresql").render_as_string(hide_password=False)
     code = "import sys; from core.db.migrate import upgrade; upgrade(sys.argv[1])"
-    runs = [subprocess.Popen([sys.executable, "-c", code, own_pg_database], stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
-    for run in runs:
-        _, errors = run.communicate(timeout=120)
-        assert run.returncode == 0, errors[-2000:]
+    with psycopg.connect(dsn) as first:
+        first.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
+        second = subprocess.Popen([sys.executable, "-c", code, own_pg_database], stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert second.poll() is None and current_revision(own_pg_database) is None  # waiting, nothing applied
+        first.rollback()  # the first upgrade ends
+        _, errors = second.communicate(timeout=120)
 
+    assert second.returncode == 0, errors[-2000:]
     assert current_revision(own_pg_database) == _head()
     assert TABLES <= _tables(own_pg_database)
 
