@@ -199,19 +199,25 @@ def test_unexpected_errors_are_retried_then_fail(
     ]
 
 
+@pytest.fixture
+def store_down(worker_env, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, ANN201
+    """Settings whose artifact store is down (nothing listens on port 9), for a request that may
+    fail only once."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)  # fake credentials: the request is signed, then finds nobody
+    return worker_env.settings.model_copy(update={
+        "artifact_backend": "s3", "s3_bucket": "models", "s3_endpoint_url": "http://127.0.0.1:9", "max_attempts": 1,
+    })
+
+
 def test_an_artifact_store_outage_is_retried_without_using_up_attempts(
-    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+    worker_env, digits_checkpoint: bytes, store_down  # noqa: ANN001
 ) -> None:
     from worker.jobs import run_job
 
     request_id = worker_env.new_request(digits_checkpoint, [1])
-    for name, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
-                        "AWS_MAX_ATTEMPTS": "1"}.items():
-        monkeypatch.setenv(name, value)  # fake credentials: the request is signed, then finds nobody
-    # The store is down (nothing listens on port 9), and a request may fail only once.
-    down = worker_env.settings.model_copy(update={
-        "artifact_backend": "s3", "s3_bucket": "models", "s3_endpoint_url": "http://127.0.0.1:9", "max_attempts": 1,
-    })
+    down = store_down
 
     outcomes = [run_job(request_id, down, retries=n) for n in range(2)]
 
@@ -229,18 +235,13 @@ def test_an_artifact_store_outage_is_retried_without_using_up_attempts(
 
 
 def test_an_outage_longer_than_the_limit_uses_up_attempts_like_any_failure(
-    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+    worker_env, digits_checkpoint: bytes, store_down  # noqa: ANN001
 ) -> None:
     from worker.jobs import run_job
 
     request_id = worker_env.new_request(digits_checkpoint, [1])
-    for name, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
-                        "AWS_MAX_ATTEMPTS": "1"}.items():
-        monkeypatch.setenv(name, value)
-    down = worker_env.settings.model_copy(update={
-        "artifact_backend": "s3", "s3_bucket": "models", "s3_endpoint_url": "http://127.0.0.1:9", "max_attempts": 1,
-        "store_outage_max_s": 0.0,  # any outage that outlasts its first retry is too long
-    })
+    # any outage that outlasts its first retry is too long
+    down = store_down.model_copy(update={"store_outage_max_s": 0.0})
 
     assert run_job(request_id, down).status == "retrying"  # the first: not counted
     assert run_job(request_id, down).status == "failed"  # it lasted: counted, and one attempt is all there is
