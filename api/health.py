@@ -74,8 +74,8 @@ def _check_broker(request: Request) -> str:
 
 
 def _check_artifact_store(request: Request) -> str:
-    # Uploads and finished jobs write here: a store down (S3, MinIO) or a full or read-only disk
-    # would fail each of them with a 500, so the API is not ready to take them.
+    # Uploads and finished jobs write here: with the store down (S3, MinIO) or a full or read-only
+    # disk each of them fails, which the check names (the API stays ready: DEGRADING).
     try:
         request.app.state.store.check_writable()
     except Exception as exc:
