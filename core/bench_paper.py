@@ -218,7 +218,7 @@ _RESUME_MUST_MATCH = ("preset", "data", "experiments", "unlearn_config", "bf16")
 
 
 def _unit_key(u: Unit) -> tuple:
-    return (u.experiment, u.arch, tuple(u.forget), u.method, u.setting, u.seed, u.retain_fraction)
+    return _row_key(vars(u))
 
 
 def _row_key(row: dict) -> tuple:
@@ -296,6 +296,7 @@ class PaperBench:
         self.raw: list[dict] = []
         self.failures: list[dict] = []
         self.meta: dict = {}
+        self._kept: list[dict] = []  # with `resume`: the earlier run's finished rows
         if resume:
             self._check_resumable()  # a mismatch fails here, before anything runs
 
@@ -567,7 +568,8 @@ class PaperBench:
         if differs:
             raise ValueError(f"cannot resume {self.out}: its earlier run used other {', '.join(differs)}")
         planned = {_unit_key(u) for u in self.plan()}
-        unplanned = [row for row in self._earlier_rows() if _row_key(row) not in planned]
+        self._kept = self._earlier_rows()
+        unplanned = [row for row in self._kept if _row_key(row) not in planned]
         if unplanned:
             # Finished rows are hours of compute: a resume never throws them away.
             raise ValueError(f"cannot resume {self.out}: {len(unplanned)} of its finished rows are not in this "
@@ -592,15 +594,15 @@ class PaperBench:
         Each (row, seed) is an independent measurement (its Original and Retrain are trained from
         the seed), so a run cut off by its budget or by the machine can be continued, or given
         more seeds, without redoing what is on disk. An earlier run with other settings, or with
-        rows this run does not plan, is refused (`_check_resumable`) rather than mixed in or cut.
+        rows this run does not plan, is refused (`_check_resumable`, which read the rows kept)
+        rather than mixed in or cut.
         """
         earlier = json.loads((self.out / "paper-run.json").read_text())
-        raw_path = self.out / "paper-raw.jsonl"
-        planned = {_unit_key(u): u for u in units}
-        kept = [row for row in self._earlier_rows() if _row_key(row) in planned]
+        kept = self._kept
         done = {_row_key(row) for row in kept}
-        self.raw = kept
-        _write_atomic(raw_path, "".join(json.dumps(row) + "\n" for row in kept))
+        self.raw = list(kept)
+        # rewritten without a last line cut short, which the next row would otherwise follow
+        _write_atomic(self.out / "paper-raw.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
         self.meta["resumed"] = {"rows_kept": len(kept), "earlier_device": earlier.get("device"),
                                 "earlier_torch": earlier.get("torch")}
         self.log(f"resuming {self.out}: {len(kept)} finished rows kept, {len(units) - len(done)} to run")
