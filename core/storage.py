@@ -164,27 +164,14 @@ class LocalArtifactStore:
     def list_artifacts(self) -> Iterator[ListedArtifact]:
         for path in (self.root / "sha256").glob("*/*"):
             key = path.relative_to(self.root).as_posix()
-            if not _is_artifact_key(key):
-                continue
-            try:
-                stat = path.stat()
-            except FileNotFoundError:  # deleted since the listing
-                continue
-            yield ListedArtifact(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
+            if _is_artifact_key(key) and (listed := _listed(path, key)) is not None:
+                yield listed
 
     def abandoned_writes(self, older_than: datetime) -> list[ListedArtifact]:
         # put's temp files: a put that ends, even by an exception, removes its own; one left is
         # from a process that was killed, and no list_artifacts would ever show it.
-        found = []
-        for path in self.root.glob(f"{_TEMP_PREFIX}*"):
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            modified = datetime.fromtimestamp(stat.st_mtime, UTC)
-            if path.is_file() and modified <= older_than:
-                found.append(ListedArtifact(path.name, stat.st_size, modified))
-        return found
+        found = (_listed(path, path.name) for path in self.root.glob(f"{_TEMP_PREFIX}*") if path.is_file())
+        return [listed for listed in found if listed is not None and listed.modified_at <= older_than]
 
     def discard_abandoned(self, listed: ListedArtifact) -> None:
         if not listed.key.startswith(_TEMP_PREFIX) or "/" in listed.key:
@@ -205,6 +192,15 @@ class LocalArtifactStore:
     def _path(self, key: str) -> Path:
         validate_key(key)
         return self.root / key
+
+
+def _listed(path: Path, key: str) -> ListedArtifact | None:
+    """`path` as listed under `key`; None when it was deleted since the listing."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return ListedArtifact(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
 
 
 # S3 wants parts of at least 5 MiB (but the last); below the threshold one PUT carries the whole
