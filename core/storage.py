@@ -1,7 +1,10 @@
 """Artifact storage for checkpoints: content-addressed, written atomically, read as streams.
 
-Keys look like ``sha256/ab/abcdef...`` so that identical content is stored once, a key says what
-its bytes must hash to, and a half-written file can never be mistaken for a finished one. The
+Keys look like ``tenants/<tenant>/sha256/ab/abcdef...``: identical content is stored once per
+tenant, a key says what its bytes must hash to, and a half-written file can never be mistaken for
+a finished one. Content is never shared between tenants: whether one tenant's bytes were already
+stored (an upload's speed, a purge that finds them still named) must not tell anything about
+another's. Keys without a tenant (``sha256/ab/...``) are those written before, and by tools. The
 ``ArtifactStore`` protocol is what the rest of the service uses; ``LocalArtifactStore`` keeps files
 in a folder and ``S3ArtifactStore`` keeps objects in an S3-compatible bucket (AWS S3, MinIO, ...).
 """
@@ -16,6 +19,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
+from itertools import chain
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +31,12 @@ if TYPE_CHECKING:
     from botocore.client import BaseClient
 
 CHUNK_SIZE = 1024 * 1024
-_KEY_PATTERN = re.compile(r"sha256/([0-9a-f]{2})/([0-9a-f]{64})")
+# The tenant segment is the tenant id itself (core.services.api_keys.TENANT_PATTERN), so an
+# operator can find, back up or remove one tenant's files by prefix.
+_TENANT_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_KEY_PATTERN = re.compile(rf"(?:tenants/({_TENANT_SEGMENT})/)?sha256/([0-9a-f]{{2}})/([0-9a-f]{{64}})")
+# Where keys start, relative to a store's root (prefix listings of S3 ask for each).
+_KEY_ROOTS = ("sha256/", "tenants/")
 _TEMP_PREFIX = ".tmp-"
 
 Source = bytes | Path | BinaryIO | Iterable[bytes]
@@ -49,8 +58,9 @@ class StoredArtifact:
 
 
 class ArtifactStore(Protocol):
-    def put(self, source: Source) -> StoredArtifact:
-        """Store bytes, a file path, a readable binary stream or an iterable of chunks."""
+    def put(self, source: Source, tenant_id: str | None = None) -> StoredArtifact:
+        """Store bytes, a file path, a readable binary stream or an iterable of chunks, under the
+        tenant's own keys (None: the shared ones, for tools and tests)."""
         ...
 
     def open(self, key: str) -> BinaryIO: ...
@@ -87,16 +97,17 @@ class ListedArtifact:
     modified_at: datetime  # when its bytes were last written (UTC)
 
 
-def key_for(sha256: str) -> str:
-    return f"sha256/{sha256[:2]}/{sha256}"
+def key_for(sha256: str, tenant_id: str | None = None) -> str:
+    key = f"sha256/{sha256[:2]}/{sha256}"
+    return key if tenant_id is None else f"tenants/{tenant_id}/{key}"
 
 
 def validate_key(key: str) -> str:
     """Return the key's sha256, refusing anything else (traversal, absolute paths, odd case)."""
     match = _KEY_PATTERN.fullmatch(key)
-    if match is None or match.group(2)[:2] != match.group(1):
+    if match is None or match.group(3)[:2] != match.group(2):
         raise InvalidArtifactKey(f"not an artifact key: {key!r}")
-    return match.group(2)
+    return match.group(3)
 
 
 def _is_artifact_key(key: str) -> bool:
@@ -113,7 +124,7 @@ class LocalArtifactStore:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser()
 
-    def put(self, source: Source) -> StoredArtifact:
+    def put(self, source: Source, tenant_id: str | None = None) -> StoredArtifact:
         self.root.mkdir(parents=True, exist_ok=True)
         # The name is only known once the content is hashed, so write to a temp file first. It
         # lives under root (same file system) so the final os.replace is atomic.
@@ -124,7 +135,7 @@ class LocalArtifactStore:
                 digest, size = _copy_hashing(_chunks(source), temp_file)
                 temp_file.flush()
                 os.fsync(temp_file.fileno())
-            stored = StoredArtifact(key=key_for(digest), sha256=digest, size=size)
+            stored = StoredArtifact(key=key_for(digest, tenant_id), sha256=digest, size=size)
             final_path = self._path(stored.key)
             final_path.parent.mkdir(parents=True, exist_ok=True)
             # Same key means same bytes, so replacing an existing file is harmless: put is
@@ -162,7 +173,8 @@ class LocalArtifactStore:
         self._path(key).unlink(missing_ok=True)
 
     def list_artifacts(self) -> Iterator[ListedArtifact]:
-        for path in (self.root / "sha256").glob("*/*"):
+        paths = chain((self.root / "sha256").glob("*/*"), (self.root / "tenants").glob("*/sha256/*/*"))
+        for path in paths:
             key = path.relative_to(self.root).as_posix()
             if _is_artifact_key(key) and (listed := _listed(path, key)) is not None:
                 yield listed
@@ -214,7 +226,7 @@ _S3_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 
 
 class S3ArtifactStore:
-    """Artifacts as objects ``<prefix>/sha256/ab/<hex>`` in an S3-compatible bucket.
+    """Artifacts as objects ``<prefix>/tenants/<tenant>/sha256/ab/<hex>`` in an S3-compatible bucket.
 
     ``put`` hashes the source first (bytes as they are, anything else through a spooled temporary
     file), then uploads straight to the content key: an S3 PUT or a completed multipart upload
@@ -255,15 +267,15 @@ class S3ArtifactStore:
 
     # -- the protocol --------------------------------------------------------------------------
 
-    def put(self, source: Source) -> StoredArtifact:
+    def put(self, source: Source, tenant_id: str | None = None) -> StoredArtifact:
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = memoryview(source)
             digest = hashlib.sha256(data).hexdigest()
-            return self._upload(io.BytesIO(data), digest, len(data))
+            return self._upload(io.BytesIO(data), StoredArtifact(key_for(digest, tenant_id), digest, len(data)))
         with tempfile.SpooledTemporaryFile(max_size=_S3_SPOOL_MAX_MEMORY, prefix=_TEMP_PREFIX) as spool:
             digest, size = _copy_hashing(_chunks(source), spool)  # type: ignore[arg-type]
             spool.seek(0)
-            return self._upload(spool, digest, size)  # type: ignore[arg-type]
+            return self._upload(spool, StoredArtifact(key_for(digest, tenant_id), digest, size))  # type: ignore[arg-type]
 
     def open(self, key: str) -> BinaryIO:
         object_key = self.object_key(key)
@@ -295,8 +307,7 @@ class S3ArtifactStore:
 
     def list_artifacts(self) -> Iterator[ListedArtifact]:
         start = f"{self.prefix}/" if self.prefix else ""
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{start}sha256/")
-        for page in pages:
+        for page in self._pages("list_objects_v2", start):
             for item in page.get("Contents", []):
                 key = item["Key"][len(start):]
                 if _is_artifact_key(key):
@@ -307,8 +318,7 @@ class S3ArtifactStore:
         # parts are stored, and billed, until someone aborts them.
         start = f"{self.prefix}/" if self.prefix else ""
         found = []
-        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=f"{start}sha256/")
-        for page in pages:
+        for page in self._pages("list_multipart_uploads", start):
             for upload in page.get("Uploads", []):
                 initiated = upload["Initiated"].astimezone(UTC)
                 key = upload["Key"][len(start):]
@@ -328,6 +338,11 @@ class S3ArtifactStore:
         self._probe_client().head_bucket(Bucket=self.bucket)
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _pages(self, operation: str, start: str) -> Iterator[dict[str, Any]]:
+        paginator = self.client.get_paginator(operation)
+        for root in _KEY_ROOTS:
+            yield from paginator.paginate(Bucket=self.bucket, Prefix=f"{start}{root}")
 
     def _probe_client(self) -> BaseClient:
         pid = os.getpid()
@@ -373,8 +388,8 @@ class S3ArtifactStore:
                 return None
             raise
 
-    def _upload(self, body: BinaryIO, digest: str, size: int) -> StoredArtifact:
-        stored = StoredArtifact(key=key_for(digest), sha256=digest, size=size)
+    def _upload(self, body: BinaryIO, stored: StoredArtifact) -> StoredArtifact:
+        digest, size = stored.sha256, stored.size
         object_key = self.object_key(stored.key)
         existing = self._head(object_key)
         if existing is not None and existing.get("ContentLength") == size:

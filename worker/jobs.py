@@ -285,7 +285,7 @@ def _unlearn(
     result = unlearn_model(model, manifest, dataset, job.forget_labels, config, device, tracker)
     tracker.enter("storing")
     new_manifest = result.manifest.model_copy(update={"parent_sha256": job.base.sha256})
-    artifact = store.put(checkpoint_bytes(result.model, new_manifest))
+    artifact = store.put(checkpoint_bytes(result.model, new_manifest), job.model.tenant_id)
     report = {
         **result.report,
         "base_version": job.base.version,

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from api_helpers import assert_problem
+from core.storage import key_for
 
 
 def _purge(client: TestClient, model_id: str, version: int = 1) -> Any:
@@ -25,7 +26,7 @@ def test_a_purged_checkpoint_is_gone_and_its_record_stays(
     files = {"file": ("m.safetensors", unique_digits_checkpoint, "application/octet-stream")}
     assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201
     before = client.get(f"/models/{model['id']}/versions/1").json()
-    key = f"sha256/{before['sha256'][:2]}/{before['sha256']}"
+    key = key_for(before["sha256"], "default")
     assert before["checkpoint_purged_at"] is None and client.app.state.store.exists(key)
 
     response = _purge(client, model["id"])
@@ -95,7 +96,7 @@ def test_bytes_another_version_keeps_stay_until_it_is_purged_too(
         files = {"file": ("m.safetensors", checkpoint, "application/octet-stream")}
         assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201
     sha = client.get(f"/models/{first['id']}/versions/1").json()["sha256"]
-    key = f"sha256/{sha[:2]}/{sha}"
+    key = key_for(sha, "default")
 
     _purge(client, first["id"])
 
@@ -115,7 +116,7 @@ def test_uploading_purged_bytes_again_stores_them_again(
     assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201
     sha = client.get(f"/models/{model['id']}/versions/1").json()["sha256"]
     _purge(client, model["id"])
-    assert not client.app.state.store.exists(f"sha256/{sha[:2]}/{sha}")
+    assert not client.app.state.store.exists(key_for(sha, "default"))
 
     assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201
 

@@ -16,6 +16,7 @@ from api_helpers import assert_problem, authorize, unique_name
 from core.checkpoint import MANIFEST_KEY, checkpoint_bytes, load_checkpoint_bytes
 from core.services.pagination import encode_token
 from core.settings import Settings
+from core.storage import key_for
 
 
 def _upload(client: TestClient, model_id: str, data: bytes):  # noqa: ANN202
@@ -246,7 +247,7 @@ def test_download_serves_the_file_with_its_sha256_and_is_audited(
 def test_a_checkpoint_lost_from_storage_is_a_500_that_says_so(client: TestClient, registered_model) -> None:  # noqa: ANN001
     model = registered_model()
     version = client.get(f"/models/{model['id']}/versions/1").json()
-    client.app.state.store.delete(f"sha256/{version['sha256'][:2]}/{version['sha256']}")
+    client.app.state.store.delete(key_for(version["sha256"], "default"))
 
     response = client.get(f"/models/{model['id']}/versions/1/checkpoint")
 
@@ -259,7 +260,7 @@ def test_a_checkpoint_whose_bytes_changed_is_never_served(
 ) -> None:
     model = registered_model()
     version = client.get(f"/models/{model['id']}/versions/1").json()
-    path = client.app.state.store.local_path(f"sha256/{version['sha256'][:2]}/{version['sha256']}")
+    path = client.app.state.store.local_path(key_for(version["sha256"], "default"))
     path.write_bytes(digits_checkpoint[:-4] + b"\0\0\0\0")  # bit rot, or someone editing the store
 
     response = client.get(f"/models/{model['id']}/versions/1/checkpoint")

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from api_helpers import TenantKeys, make_keys, unique_name
+from core.storage import key_for
 from uisps.demo import model_spec_of
 
 MISSING = "00000000-0000-0000-0000-000000000000"
@@ -91,3 +92,28 @@ def test_model_names_are_unique_per_tenant_only(client: TestClient, model_spec: 
     assert _call(client, a, "admin", "POST", "/models", json=model_spec).status_code == 201
     assert _call(client, b, "admin", "POST", "/models", json=model_spec).status_code == 201
     assert _call(client, a, "admin", "POST", "/models", json=model_spec).status_code == 409
+
+
+def test_a_purge_erases_its_tenants_bytes_whoever_else_uploaded_the_same(
+    client: TestClient, unique_digits_checkpoint: bytes
+) -> None:
+    # Stored bytes are never shared between tenants: were they, b's copy would keep a's purged
+    # bytes on disk, and a's audit trail (`bytes_deleted`) would tell a that b holds them.
+    files = {"file": ("m.safetensors", unique_digits_checkpoint, "application/octet-stream")}
+    models = {}
+    for tenant in (unique_name("t"), unique_name("t")):
+        keys = make_keys(client.app.state.sessions, tenant)
+        model = _call(client, keys, "admin", "POST", "/models", json=model_spec_of(unique_digits_checkpoint, unique_name()))
+        assert _call(client, keys, "admin", "POST", f"/models/{model.json()['id']}/versions", files=files).status_code == 201
+        models[tenant] = (keys, model.json()["id"])
+    (a, a_model), (b, b_model) = models.values()
+    sha = _call(client, a, "reader", "GET", f"/models/{a_model}/versions/1").json()["sha256"]
+
+    assert _call(client, a, "compliance", "DELETE", f"/models/{a_model}/versions/1/checkpoint").status_code == 204
+
+    store = client.app.state.store
+    assert not store.exists(key_for(sha, a.tenant)) and store.exists(key_for(sha, b.tenant))
+    events = _call(client, a, "reader", "GET", "/audit-events", params={"model_id": a_model}).json()["audit_events"]
+    assert events[-1]["details"]["bytes_deleted"] is True
+    download = _call(client, b, "reader", "GET", f"/models/{b_model}/versions/1/checkpoint")
+    assert download.status_code == 200 and download.content == unique_digits_checkpoint

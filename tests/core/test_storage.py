@@ -49,6 +49,16 @@ def test_every_kind_of_source_stores_the_same_artifact(
     assert keys == {f"sha256/{DIGEST[:2]}/{DIGEST}"}
 
 
+def test_each_tenant_stores_its_own_copy(store: LocalArtifactStore) -> None:
+    # One tenant's upload or purge must tell nothing about another's bytes.
+    acme, globex = store.put(CONTENT, "acme"), store.put(CONTENT, "globex")
+
+    assert acme.key == f"tenants/acme/sha256/{DIGEST[:2]}/{DIGEST}" and acme.sha256 == globex.sha256 == DIGEST
+    assert acme.key != globex.key and store.put(CONTENT, "acme") == acme
+    store.delete(acme.key)
+    assert not store.exists(acme.key) and store.open(globex.key).read() == CONTENT
+
+
 def test_put_is_idempotent(store: LocalArtifactStore) -> None:
     first = store.put(CONTENT)
     second = store.put(CONTENT)
@@ -96,6 +106,11 @@ def test_missing_artifact_is_reported(store: LocalArtifactStore) -> None:
         f"sha256/{DIGEST[:2].upper()}/{DIGEST.upper()}",
         f"sha256/00/{DIGEST}" if not DIGEST.startswith("00") else f"sha256/11/{DIGEST}",
         f"sha256/{DIGEST[:2]}/{DIGEST}/",
+        f"tenants/../sha256/{DIGEST[:2]}/{DIGEST}",
+        f"tenants//sha256/{DIGEST[:2]}/{DIGEST}",
+        f"tenants/acme/other/sha256/{DIGEST[:2]}/{DIGEST}",
+        f"tenants/.hidden/sha256/{DIGEST[:2]}/{DIGEST}",
+        f"tenants/{'a' * 65}/sha256/{DIGEST[:2]}/{DIGEST}",
     ],
 )
 def test_keys_outside_the_scheme_are_rejected(store: LocalArtifactStore, key: str) -> None:
@@ -110,14 +125,16 @@ def test_factory_uses_the_artifact_dir(tmp_path: Path) -> None:
 
 
 def test_the_listing_names_every_artifact_with_its_size_and_age(store: LocalArtifactStore) -> None:
-    first, second = store.put(CONTENT), store.put(b"another checkpoint")
+    first, second, tenants = store.put(CONTENT), store.put(b"another checkpoint"), store.put(CONTENT, "acme")
     (store.root / ".tmp-unfinished").write_bytes(b"half a file")  # a put in progress
     (store.root / "sha256" / "zz").mkdir()
     (store.root / "sha256" / "zz" / "notes.txt").write_bytes(b"not ours")
+    (store.root / "tenants" / ".odd" / "sha256" / DIGEST[:2]).mkdir(parents=True)
+    (store.root / "tenants" / ".odd" / "sha256" / DIGEST[:2] / DIGEST).write_bytes(b"no tenant's")
 
     listed = {artifact.key: artifact for artifact in store.list_artifacts()}
 
-    assert listed.keys() == {first.key, second.key}
+    assert listed.keys() == {first.key, second.key, tenants.key}
     assert listed[first.key].size == len(CONTENT)
     assert listed[first.key].modified_at.tzinfo is not None
 

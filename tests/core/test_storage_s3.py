@@ -256,14 +256,16 @@ def test_delete_removes_the_artifact(store: S3ArtifactStore) -> None:
 
 
 def test_the_listing_names_every_artifact_under_the_prefix_and_only_those(store: S3ArtifactStore) -> None:
-    first, second = store.put(CONTENT), store.put(b"another checkpoint")
+    first, second, tenants = store.put(CONTENT), store.put(b"another checkpoint"), store.put(CONTENT, "acme")
     raw = _raw_client(store.endpoint_url)  # type: ignore[arg-type]
     raw.put_object(Bucket=store.bucket, Key=f"sha256/{DIGEST[:2]}/{DIGEST}", Body=b"outside the prefix")
     raw.put_object(Bucket=store.bucket, Key=f"{store.prefix}/sha256/zz/notes.txt", Body=b"not ours")
+    raw.put_object(Bucket=store.bucket, Key=f"{store.prefix}/tenants/acme/notes.txt", Body=b"not ours")
 
     listed = {artifact.key: artifact for artifact in store.list_artifacts()}
 
-    assert listed.keys() == {first.key, second.key}
+    assert listed.keys() == {first.key, second.key, tenants.key}
+    assert tenants.key == f"tenants/acme/{KEY}"
     assert listed[first.key].size == len(CONTENT)
     assert listed[first.key].modified_at.tzinfo is not None
 
@@ -297,6 +299,15 @@ def test_an_upload_abandoned_half_way_is_found_and_aborted(store: S3ArtifactStor
     assert _in_progress_uploads(store) == [] and store.abandoned_writes(later) == []
 
 
+def test_a_tenants_abandoned_upload_is_found_too(store: S3ArtifactStore) -> None:
+    key = f"tenants/acme/{KEY}"
+    started = store.client.create_multipart_upload(Bucket=store.bucket, Key=store.object_key(key))
+
+    abandoned = store.abandoned_writes(datetime.now(UTC) + timedelta(minutes=1))
+
+    assert [a.key for a in abandoned] == [f"multipart:{key}:{started['UploadId']}"]
+
+
 def test_uploads_under_no_artifact_key_are_not_taken_for_abandoned_writes(store: S3ArtifactStore) -> None:
     store.client.create_multipart_upload(Bucket=store.bucket, Key=f"{store.prefix}/sha256/not-an-artifact")
 
@@ -320,6 +331,11 @@ def test_a_reachable_bucket_is_writable_and_a_missing_one_is_not(store: S3Artifa
         f"sha256/{DIGEST[:2].upper()}/{DIGEST.upper()}",
         f"sha256/00/{DIGEST}" if not DIGEST.startswith("00") else f"sha256/11/{DIGEST}",
         f"sha256/{DIGEST[:2]}/{DIGEST}/",
+        f"tenants/../sha256/{DIGEST[:2]}/{DIGEST}",
+        f"tenants//sha256/{DIGEST[:2]}/{DIGEST}",
+        f"tenants/acme/other/sha256/{DIGEST[:2]}/{DIGEST}",
+        f"tenants/.hidden/sha256/{DIGEST[:2]}/{DIGEST}",
+        f"tenants/{'a' * 65}/sha256/{DIGEST[:2]}/{DIGEST}",
     ],
 )
 def test_keys_outside_the_scheme_are_rejected(key: str) -> None:

@@ -207,12 +207,12 @@ class ModelService:
         # End the read before the slow part, so a stale SQLite snapshot cannot block the write.
         session.commit()
         _validate_checkpoint(checkpoint, expected, max_parameters)
-        stored = store.put(checkpoint)
+        stored = store.put(checkpoint, tenant_id)
         begin_write(session)
         model = self._lock(session, tenant_id, model_id)
         lock_artifact(session, stored.key, exclusive=False)
         if not store.exists(stored.key):  # a purge of a version with the same bytes deleted them
-            stored = store.put(checkpoint)
+            stored = store.put(checkpoint, tenant_id)
         version = ModelVersion(
             tenant_id=tenant_id,
             model_id=model.id,

@@ -75,12 +75,12 @@ def test_a_purge_waits_for_a_version_being_added_with_its_bytes_and_keeps_them(
 ) -> None:
     store = LocalArtifactStore(tmp_path / "artifacts")
     first = _model_with_version(pg_sessions, store, unique_digits_checkpoint)
-    with pg_sessions.begin() as session:  # another tenant's: its writes share no tenant lock with the purge
+    with pg_sessions.begin() as session:  # another model: an upload takes its model's lock, not the tenant's
         spec = ModelSpec.model_validate(model_spec_of(unique_digits_checkpoint, f"purge-{uuid.uuid4().hex[:12]}"))
-        second = model_service.create(session, tenant_id="other", actor="test", spec=spec).id
+        second = model_service.create(session, tenant_id="default", actor="test", spec=spec).id
 
     with pg_sessions() as upload:  # an upload of the same bytes, between its insert and its commit
-        added = model_service.upload_version(upload, tenant_id="other", actor="test", model_id=second,
+        added = model_service.upload_version(upload, tenant_id="default", actor="test", model_id=second,
                                              checkpoint=unique_digits_checkpoint, store=store, max_bytes=1 << 30)
         thread, outcome = _in_thread(lambda: _purge(pg_sessions, store, first))
         _wait_until_blocked_on_a_lock(pg_sessions)
