@@ -512,6 +512,36 @@ def artifacts_gc(
     typer.echo(f"{verb} {len(found)} orphaned artifacts, {sum(a.size for a in found)} bytes", err=True)
 
 
+@artifacts_app.command("verify")
+@user_errors
+def artifacts_verify(
+    checksums: Annotated[
+        bool, typer.Option("--checksums", help="also read every file through and check its sha256 (reads every byte)")
+    ] = False,
+) -> None:
+    """Check that every unpurged version's checkpoint is stored, with its recorded size (and sha256);
+    name each that is not (exit 1). Run it after restoring the database or the store, before gc."""
+    from core.services.models.integrity import check_stored_checkpoints
+    from core.settings import get_settings
+    from core.storage import make_artifact_store
+
+    store = make_artifact_store(get_settings())
+    with _existing_service_database() as session:
+        report = check_stored_checkpoints(session, store, checksums=checksums)
+    for found in report.problems:
+        typer.echo(f"{found.tenant_id}\t{found.model_id}\t{found.version}\t{found.artifact_key}\t{found.problem}")
+    unnamed = (
+        f"; {report.unnamed} stored files no unpurged version names (`uisps artifacts gc --dry-run` lists them)"
+        if report.unnamed else ""
+    )
+    checked = "sizes and sha256" if checksums else "sizes"
+    if report.problems:
+        typer.echo(f"BROKEN: {len(report.problems)} of {report.checked} unpurged versions have no intact checkpoint "
+                   f"({checked} checked){unnamed}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"OK: {report.checked} unpurged versions, every checkpoint stored ({checked} checked){unnamed}", err=True)
+
+
 @keys_app.command("create")
 @user_errors
 def keys_create(

@@ -1,5 +1,6 @@
-"""`uisps artifacts gc` on the embedded defaults: what a crashed job left in storage goes, and
-nothing goes when the command is pointed at a database that is not the service's."""
+"""`uisps artifacts gc` and `verify` on the embedded defaults: what a crashed job left in storage
+goes, nothing goes when the command is pointed at a database that is not the service's, and a
+version whose checkpoint went or changed is named."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from core.db import Model, ModelVersion, make_engine, make_sessionmaker
+from core.db import Model, ModelVersion, make_engine, make_sessionmaker, utcnow
 from core.db.migrate import upgrade
 from core.settings import Settings
 from core.storage import LocalArtifactStore, StoredArtifact
@@ -34,7 +35,8 @@ def _old(store: LocalArtifactStore, content: bytes) -> StoredArtifact:
     return stored
 
 
-def _service_database_with_a_version_of(stored: StoredArtifact) -> None:
+def _service_database_with_a_version_of(*stored: StoredArtifact, purged: bool = False) -> str:
+    """A model with one version per artifact (version 1 purged, if asked); returns the model's id."""
     url = Settings().effective_database_url
     upgrade(url)
     engine = make_engine(url)
@@ -44,9 +46,13 @@ def _service_database_with_a_version_of(stored: StoredArtifact) -> None:
                       data_source="digits")
         session.add(model)
         session.flush()
-        session.add(ModelVersion(tenant_id="default", model_id=model.id, version=1, artifact_key=stored.key,
-                                 sha256=stored.sha256, size_bytes=stored.size, forgotten_labels=[]))
+        for number, artifact in enumerate(stored, start=1):
+            session.add(ModelVersion(tenant_id="default", model_id=model.id, version=number, artifact_key=artifact.key,
+                                     sha256=artifact.sha256, size_bytes=artifact.size, forgotten_labels=[],
+                                     checkpoint_purged_at=utcnow() if purged and number == 1 else None))
+        model_id = model.id
     engine.dispose()
+    return model_id
 
 
 def test_gc_lists_then_deletes_an_old_orphan(store: LocalArtifactStore) -> None:
@@ -82,3 +88,51 @@ def test_gc_against_a_database_without_versions_deletes_nothing(store: LocalArti
 
     assert result.exit_code == 2 and "records no model version at all" in result.output
     assert store.exists(live.key)
+
+
+def test_verify_passes_a_store_that_holds_every_checkpoint(store: LocalArtifactStore) -> None:
+    _service_database_with_a_version_of(store.put(b"version 1"), store.put(b"version 2"))
+    store.put(b"a result no version names")
+
+    result = runner.invoke(app, ["artifacts", "verify", "--checksums"], catch_exceptions=False)
+
+    assert result.exit_code == 0, result.output
+    assert "OK: 2 unpurged versions, every checkpoint stored (sizes and sha256 checked)" in result.output
+    assert "1 stored files no unpurged version names" in result.output
+
+
+def test_verify_names_each_version_whose_checkpoint_is_gone_or_resized(store: LocalArtifactStore) -> None:
+    gone, resized, intact = store.put(b"version 1"), store.put(b"version 2"), store.put(b"version 3")
+    model_id = _service_database_with_a_version_of(gone, resized, intact)
+    store.delete(gone.key)
+    (store.root / resized.key).write_bytes(b"version 2, cut")
+
+    result = runner.invoke(app, ["artifacts", "verify"], catch_exceptions=False)
+
+    assert result.exit_code == 1
+    assert f"default\t{model_id}\t1\t{gone.key}\tmissing" in result.output
+    assert f"default\t{model_id}\t2\t{resized.key}\t14 bytes stored, 9 recorded" in result.output
+    assert f"\t3\t{intact.key}" not in result.output
+    assert "BROKEN: 2 of 3 unpurged versions" in result.output
+
+
+def test_verify_finds_changed_bytes_only_when_asked_to_read_them(store: LocalArtifactStore) -> None:
+    stored = store.put(b"version 1")
+    _service_database_with_a_version_of(stored)
+    (store.root / stored.key).write_bytes(b"VERSION 1")  # the same size: only a checksum tells
+
+    quick = runner.invoke(app, ["artifacts", "verify"], catch_exceptions=False)
+    thorough = runner.invoke(app, ["artifacts", "verify", "--checksums"], catch_exceptions=False)
+
+    assert quick.exit_code == 0
+    assert thorough.exit_code == 1 and f"do not hash to the recorded sha256 {stored.sha256}" in thorough.output
+
+
+def test_verify_expects_nothing_of_a_purged_version(store: LocalArtifactStore) -> None:
+    purged = store.put(b"version 1, purged")
+    _service_database_with_a_version_of(purged, store.put(b"version 2"), purged=True)
+    store.delete(purged.key)
+
+    result = runner.invoke(app, ["artifacts", "verify"], catch_exceptions=False)
+
+    assert result.exit_code == 0 and "OK: 1 unpurged versions" in result.output
