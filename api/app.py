@@ -28,6 +28,7 @@ from api.metrics import router as metrics_router
 from api.models.endpoints import router as models_router
 from api.observability import RequestContext
 from api.problems import document_validation_problems, install_problem_handlers
+from api.webhooks.endpoints import router as webhooks_router
 from core.certificates import Signer
 from core.db import ApiKey, make_engine, make_sessionmaker
 from core.db.migrate import upgrade
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         api_keys_router,
         certificates_router,
         dashboard_router,
+        webhooks_router,
     ):
         app.include_router(router)
     return app

@@ -67,6 +67,8 @@ def role_for(method: str, path: str) -> str:
     """The least privileged role that may make this call."""
     if path.startswith("/api-keys"):
         return "admin"
+    if path.startswith("/webhook-secret"):
+        return "compliance"
     if method == "POST" and path.startswith("/deletion-requests"):
         return "compliance"
     if method == "DELETE" and path.startswith("/models"):

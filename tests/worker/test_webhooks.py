@@ -18,6 +18,7 @@ from standardwebhooks.webhooks import Webhook
 
 from core.db import AuditEvent, DeletionRequest, WebhookDelivery, WebhookDeliveryAttempt, utcnow
 from core.services.deletion_requests.service import deletion_request_service
+from core.services.webhooks.signing import tenant_secret
 from core.settings import get_settings
 from webhook_receiver import WebhookReceiver
 from core.broker import make_celery, send_deletion_request
@@ -26,6 +27,8 @@ from worker.tasks import run_deletion_request
 from worker.webhooks import WebhookSender
 
 SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+# Events of tenant "default" (the requests of these tests) are signed with its own secret.
+TENANT_SECRET = tenant_secret(SECRET, "default")
 
 
 @pytest.fixture
@@ -147,7 +150,9 @@ def test_a_succeeded_request_posts_a_signed_event_that_verifies(webhook_env, rec
     (post,) = receiver.wait_for(1, timeout_s=5)
     assert post.path == "/hooks/uisps?tenant=default"
     # The spec's reference implementation checks the signature and the timestamp's freshness.
-    event = Webhook(SECRET).verify(post.body, post.headers)
+    event = Webhook(TENANT_SECRET).verify(post.body, post.headers)
+    with pytest.raises(Exception, match="signature"):  # the service's own secret signs no tenant's events
+        Webhook(SECRET).verify(post.body, post.headers)
     assert event["type"] == "deletion_request.succeeded"
     assert event["data"]["id"] == request_id and event["data"]["result_version"] == 2
     assert event["data"]["forget_labels"] == [3] and event["data"]["state"] == "succeeded"
@@ -165,7 +170,7 @@ def test_a_tampered_body_does_not_verify(webhook_env, receiver, digits_checkpoin
     (post,) = receiver.wait_for(1, timeout_s=5)
     assert json.loads(post.body)["type"] == "deletion_request.cancelled"
     with pytest.raises(Exception, match="signature"):
-        Webhook(SECRET).verify(post.body.replace(b"cancelled", b"succeeded"), post.headers)
+        Webhook(TENANT_SECRET).verify(post.body.replace(b"cancelled", b"succeeded"), post.headers)
 
 
 def test_a_receiver_that_answers_500_gets_the_event_again(webhook_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
@@ -184,7 +189,7 @@ def test_a_receiver_that_answers_500_gets_the_event_again(webhook_env, digits_ch
     finally:
         receiver.close()
     assert first.headers["webhook-id"] == second.headers["webhook-id"]  # one event, sent twice
-    assert Webhook(SECRET).verify(second.body, second.headers)["data"]["id"] == request_id
+    assert Webhook(TENANT_SECRET).verify(second.body, second.headers)["data"]["id"] == request_id
     delivery, attempts = _delivery(webhook_env, request_id)
     assert delivery.state == "succeeded" and [(a.attempt, a.status_code) for a in attempts] == [(1, 500), (2, 200)]
     assert attempts[0].error == "HTTP 500" and attempts[1].error is None
@@ -332,7 +337,7 @@ def test_a_worker_process_sends_the_event_of_the_job_it_ran(worker_processes, re
     finally:
         celery.close()
 
-    event = Webhook(SECRET).verify(receiver.received[0].body, receiver.received[0].headers)
+    event = Webhook(TENANT_SECRET).verify(receiver.received[0].body, receiver.received[0].headers)
     assert event["type"] == "deletion_request.succeeded" and event["data"]["id"] == request_id
     with env.sessions() as session:
         assert session.get(DeletionRequest, request_id).state == "succeeded"  # committed before it was sent

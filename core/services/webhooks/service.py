@@ -39,6 +39,7 @@ class DueDelivery:
     """A claimed attempt: what to send, and the attempt number that fences its result."""
 
     id: str
+    tenant_id: str  # whose secret signs it
     url: str
     payload: str
     attempt: int
@@ -113,7 +114,7 @@ class WebhookService:
             session.add(WebhookDeliveryAttempt(delivery_id=row.id, attempt=row.attempts + 1, started_at=now))
             delivery = session.get(WebhookDelivery, row.id, populate_existing=True)
             assert delivery is not None
-            claimed.append(DueDelivery(delivery.id, delivery.url, delivery.payload, delivery.attempts))
+            claimed.append(DueDelivery(delivery.id, delivery.tenant_id, delivery.url, delivery.payload, delivery.attempts))
         session.flush()
         return claimed
 

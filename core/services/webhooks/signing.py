@@ -1,5 +1,11 @@
 """Standard Webhooks signatures (https://www.standardwebhooks.com): HMAC-SHA256 of
-`{webhook-id}.{webhook-timestamp}.{body}` with the secret's key, sent as `v1,<base64>`."""
+`{webhook-id}.{webhook-timestamp}.{body}` with the secret's key, sent as `v1,<base64>`.
+
+Each tenant's events are signed with a secret of its own, derived from the service's
+`UISPS_WEBHOOK_SECRET` and the tenant id: a tenant verifies with its secret and cannot sign an
+event that another tenant's receiver would accept. Deriving it (rather than storing one per
+tenant) means nothing more to keep, back up or hand to the workers; rotating the service's secret
+rotates every tenant's."""
 
 from __future__ import annotations
 
@@ -8,11 +14,19 @@ import hashlib
 import hmac
 
 SECRET_PREFIX = "whsec_"
+_TENANT_LABEL = b"uisps webhook signing secret of tenant\x00"
 
 
 def signing_key(secret: str) -> bytes:
     """The HMAC key of a `whsec_<base64>` secret (the form core.settings accepts)."""
     return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+
+
+def tenant_secret(service_secret: str, tenant_id: str) -> str:
+    """The `whsec_<base64>` secret that signs `tenant_id`'s events (an HMAC-based key derivation,
+    labelled so that the key serves this one purpose)."""
+    derived = hmac.new(signing_key(service_secret), _TENANT_LABEL + tenant_id.encode(), hashlib.sha256).digest()
+    return SECRET_PREFIX + base64.b64encode(derived).decode()
 
 
 def sign(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:

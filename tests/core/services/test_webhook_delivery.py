@@ -158,7 +158,7 @@ def serve() -> Iterator[Callable[..., Receiver]]:
 
 def _timed_post(url: str) -> tuple[float, object]:
     started = time.monotonic()
-    result = post_event(url, "msg_1", BODY, _settings())
+    result = post_event(url, "msg_1", BODY, _settings(), "default")
     return time.monotonic() - started, result
 
 

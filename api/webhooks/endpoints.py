@@ -1,0 +1,47 @@
+"""/webhook-secret: the secret that signs the caller's tenant's webhook events, for its receivers."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+from pydantic import BaseModel, Field
+
+from api.auth import require
+from api.deps import ActorDep, SessionDep, SettingsDep, TenantDep
+from api.problems import problem_responses
+from core.db import ApiKeyRole
+from core.services.webhooks.secrets import reveal_tenant_secret
+
+router = APIRouter(
+    tags=["webhooks"],
+    # The compliance system runs the receivers of the requests it makes; an admin sets them up.
+    dependencies=[Depends(require("read the webhook signing secret", ApiKeyRole.COMPLIANCE, ApiKeyRole.ADMIN))],
+    responses=problem_responses(401, 403, 429, 503),
+)
+
+
+class WebhookSecret(BaseModel):
+    tenant_id: str
+    secret: str = Field(
+        description="`whsec_<base64>`: the Standard Webhooks secret that verifies this tenant's events",
+        examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+    )
+
+
+@router.get(
+    "/webhook-secret",
+    response_model=WebhookSecret,
+    responses=problem_responses(409),
+    summary="The secret your tenant's webhook events are signed with (roles compliance, admin)",
+    description=(
+        "Every tenant's events are signed with a secret of its own: verify them with this one "
+        "(`standardwebhooks.Webhook(secret).verify(body, headers)`). It stays the same until the "
+        "operator rotates the service's secret. Each reading is recorded in the audit log "
+        "(`webhook_secret.revealed`). 409 `webhooks_not_configured` when the service sends no webhooks."
+    ),
+)
+def get_webhook_secret(
+    response: Response, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep, actor: ActorDep
+) -> WebhookSecret:
+    secret = reveal_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings)
+    response.headers["Cache-Control"] = "no-store"
+    return WebhookSecret(tenant_id=tenant_id, secret=secret)

@@ -1,0 +1,41 @@
+"""Each tenant's webhook events are signed with a secret of its own, derived from the service's."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+from standardwebhooks import Webhook
+
+from core.services.webhooks.signing import signing_key, tenant_secret, webhook_headers
+
+SERVICE_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+BODY = b'{"type":"deletion_request.succeeded"}'
+
+
+def _signed_for(tenant: str, timestamp: int) -> dict[str, str]:
+    return webhook_headers(signing_key(tenant_secret(SERVICE_SECRET, tenant)), "msg_1", timestamp, BODY)
+
+
+def test_a_tenants_secret_is_stable_and_verifies_its_events() -> None:
+    secret = tenant_secret(SERVICE_SECRET, "acme")
+
+    assert secret == tenant_secret(SERVICE_SECRET, "acme") and secret.startswith("whsec_")
+    assert len(signing_key(secret)) == 32
+    assert Webhook(secret).verify(BODY, _signed_for("acme", int(time.time())))["type"] == "deletion_request.succeeded"
+
+
+def test_one_tenants_secret_verifies_no_other_tenants_events() -> None:
+    headers = _signed_for("acme", int(time.time()))
+
+    assert tenant_secret(SERVICE_SECRET, "acme") != tenant_secret(SERVICE_SECRET, "globex")
+    for wrong in (tenant_secret(SERVICE_SECRET, "globex"), SERVICE_SECRET):
+        with pytest.raises(Exception, match="signature"):
+            Webhook(wrong).verify(BODY, headers)
+
+
+def test_another_service_secret_gives_the_tenant_another_secret() -> None:
+    other = "whsec_" + base64.b64encode(bytes(range(1, 33))).decode()
+
+    assert tenant_secret(other, "acme") != tenant_secret(SERVICE_SECRET, "acme")
