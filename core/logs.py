@@ -24,6 +24,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(context)s] %(message)s"
 # Attributes every LogRecord has; anything else was passed with `extra=` and goes into the JSON.
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 _CONTEXT_ATTRS = ("request_id", "deletion_request_id", "context")
+# C0 controls and DEL, as Python writes them in a string literal (\n, \t, \x1b, ...).
+_CONTROL_ESCAPES = {code: repr(chr(code))[1:-1] for code in (*range(32), 127)}
 # Marks the handler configure_logging installed, so calling it again replaces it.
 _HANDLER_MARK = "_uisps_handler"
 
@@ -65,7 +67,12 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """For humans: `[request id]` or `[deletion request id]` (or `-`) after the logger name."""
+    """For humans: `[request id]` or `[deletion request id]` (or `-`) after the logger name.
+
+    A message is one line: its control characters are escaped (`\\n`, `\\x1b`), since messages
+    carry what clients sent (a path with `%0A` decodes to a newline) and a raw newline would let
+    a client write a line that passes for another record. Tracebacks keep their lines.
+    """
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -74,7 +81,12 @@ class TextFormatter(logging.Formatter):
         record.context = (
             getattr(record, "request_id", None) or getattr(record, "deletion_request_id", None) or "-"
         )
-        return super().format(record)
+        original = record.msg, record.args
+        record.msg, record.args = record.getMessage().translate(_CONTROL_ESCAPES), None
+        try:
+            return super().format(record)
+        finally:
+            record.msg, record.args = original
 
 
 def make_handler(log_format: str = "text", stream: Any = None) -> logging.Handler:
