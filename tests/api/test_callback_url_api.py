@@ -83,6 +83,7 @@ def test_a_bad_callback_url_is_refused(client: TestClient, registered_model, cal
         ("169.254.169.254", "link-local"),  # cloud metadata
         ("[::1]", "loopback"),
         ("[::ffff:192.168.0.1]", "private"),
+        ("[64:ff9b::a9fe:a9fe]", "link-local"),  # NAT64 of the metadata service
     ],
 )
 def test_a_callback_to_a_non_public_address_is_refused(

@@ -97,15 +97,38 @@ def host_allowed(host: str, patterns: list[str]) -> bool:
     return False
 
 
+# IPv6 forms whose last 32 bits are an IPv4 address that the packet reaches (NAT64's well-known
+# prefix, the deprecated IPv4-compatible and SIIT IPv4-translated forms); IPv4-mapped and 6to4
+# have attributes of their own.
+_CARRY_IPV4 = tuple(ipaddress.ip_network(net) for net in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96"))
+# Never public, whatever the IPv6 registry Python ships says: site-local (deprecated) and NAT64's
+# local-use prefix, whose translators reach networks of their operator's choosing.
+_NOT_PUBLIC_V6 = tuple(ipaddress.ip_network(net) for net in ("fec0::/10", "64:ff9b:1::/48"))
+
+
+def _effective(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 address stands for, where it carries one (a NAT64 gateway sends
+    64:ff9b::7f00:1 to 127.0.0.1); else the address itself."""
+    if isinstance(address, ipaddress.IPv4Address) or address.is_loopback or address.is_unspecified:
+        return address  # ::1 and :: are themselves, not IPv4-compatible 0.0.0.1 and 0.0.0.0
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if any(address in net for net in _CARRY_IPV4):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
 def is_public(address: IPAddress) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(address, ipaddress.IPv6Address) and any(address in net for net in _NOT_PUBLIC_V6):
+        return False
+    address = _effective(address)
     return address.is_global and not address.is_multicast
 
 
 def address_kind(address: IPAddress) -> str:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = _effective(address)
     for kind in ("loopback", "link_local", "private", "multicast", "unspecified", "reserved"):
         if getattr(address, f"is_{kind}"):
             return kind.replace("_", "-")

@@ -1,0 +1,35 @@
+"""Which addresses a webhook may be sent to: IPv6 forms that carry a private IPv4 address are
+judged by that address (a NAT64 gateway, a 6to4 relay would deliver to it)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from core.services.webhooks.urls import address_kind, is_public
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 of 169.254.169.254, the cloud metadata service
+        ("64:ff9b::a00:5", "private"),  # NAT64 of 10.0.0.5
+        ("2002:7f00:1::", "loopback"),  # 6to4 of 127.0.0.1
+        ("::7f00:1", "loopback"),  # IPv4-compatible 127.0.0.1
+        ("::ffff:0:7f00:1", "loopback"),  # IPv4-translated 127.0.0.1
+        ("::ffff:192.168.0.1", "private"),  # IPv4-mapped
+        ("64:ff9b:1::a00:5", "reserved"),  # NAT64 local-use prefix: its operator's networks
+        ("fec0::1", "non-public"),  # site-local
+    ],
+)
+def test_an_ipv6_form_of_a_private_address_is_not_public(address: str, kind: str) -> None:
+    parsed = ipaddress.ip_address(address)
+
+    assert not is_public(parsed)
+    assert address_kind(parsed) == kind
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "2001:4860:4860::8888", "64:ff9b::808:808", "2002:808:808::"])
+def test_public_addresses_and_their_ipv6_forms_are_public(address: str) -> None:
+    assert is_public(ipaddress.ip_address(address))
