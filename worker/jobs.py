@@ -122,6 +122,20 @@ def run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcome
         return _run_job(request_id, settings, retries)
 
 
+def client_message(exc: Exception, code: str, request_id: str, attempt: int) -> str:
+    """What the tenant sees of an unexpected error (the request's `error`, its webhook): the kind
+    of error, never its text. That text can hold SQL with its parameters, the database's or the
+    store's host names, bucket names: the operator's, and the worker's log has all of it."""
+    if code == ArtifactMissing.code:
+        return f"a stored checkpoint this job reads or wrote is missing ({exc}); an operator must restore it"
+    if code == STORE_UNAVAILABLE:
+        return f"the artifact store could not be reached ({type(exc).__name__}); retried while the outage lasts"
+    return (
+        f"an internal error ({type(exc).__name__}); the worker's log has the details under deletion request "
+        f"{request_id}, attempt {attempt}"
+    )[:ERROR_MESSAGE_LIMIT]
+
+
 def is_outage(exc: BaseException) -> bool:
     """Whether a service the job needs did not answer (the object store down or out of reach,
     after boto's own retries): no fault of the request, which runs once the service is back."""
@@ -190,12 +204,12 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
         return RunOutcome("failed")
     except Exception as exc:
         logger.exception("deletion request %s, attempt %d, failed", request_id, job.attempt)
-        message = f"{type(exc).__name__}: {exc}"[:ERROR_MESSAGE_LIMIT]
         outage = is_outage(exc)
         # retried all the same (a missing file may come back with a restore), but named for the
         # operator who must act
         code = ArtifactMissing.code if isinstance(exc, ArtifactNotFound) else "internal_error"
         code = STORE_UNAVAILABLE if outage else code
+        message = client_message(exc, code, request_id, job.attempt)
         try:
             with sessions.begin() as session:
                 if outage:

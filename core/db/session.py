@@ -24,6 +24,9 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     """Create an engine; SQLite gets WAL, a busy timeout, foreign keys and real transactions;
     others a ping of connections that were idle (see PING_AFTER_IDLE_S) unless `pool_pre_ping`."""
     url = make_url(url)
+    # Errors name the statement, not its values: they reach logs and, through a job's failure,
+    # could reach a tenant, and the values are what clients sent (callback URLs with tokens).
+    kwargs.setdefault("hide_parameters", True)
     if url.get_backend_name() == "sqlite":
         return _make_sqlite_engine(url, **kwargs)
     engine = create_engine(url, **kwargs)

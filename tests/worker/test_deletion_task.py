@@ -192,11 +192,32 @@ def test_unexpected_errors_are_retried_then_fail(
 
     request = _request(worker_env, request_id)
     assert request.state == "failed" and request.attempts == 2
-    assert request.error["code"] == "artifact_missing" and "ArtifactNotFound" in request.error["message"]
+    assert request.error["code"] == "artifact_missing" and v1.artifact_key in request.error["message"]
     assert _actions(worker_env, request_id) == [
         "deletion_request.created", "deletion_request.running", "deletion_request.retry_scheduled",
         "deletion_request.running", "deletion_request.failed",
     ]
+
+
+def test_an_unexpected_errors_text_reaches_the_log_not_the_client(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture  # noqa: ANN001
+) -> None:
+    from worker.jobs import run_job
+
+    def broken(_source: str) -> None:
+        raise RuntimeError("connection to postgresql://uisps:hunter2@db.internal:5432 failed [parameters: ('x',)]")
+
+    monkeypatch.setattr("worker.jobs.load_dataset", broken)
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+
+    assert run_job(request_id, worker_env.settings.model_copy(update={"max_attempts": 1})).status == "failed"
+
+    error = _request(worker_env, request_id).error
+    assert error["code"] == "internal_error" and "hunter2" not in error["message"]
+    assert error["message"] == (
+        f"an internal error (RuntimeError); the worker's log has the details under deletion request {request_id}, attempt 1"
+    )
+    assert "db.internal" in caplog.text  # the operator's log has it all
 
 
 @pytest.fixture
