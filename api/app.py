@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from anyio import CapacityLimiter
+from anyio import CapacityLimiter, Semaphore
 from fastapi import FastAPI
 from sqlalchemy import exists, select
 from sqlalchemy.engine import make_url
@@ -22,7 +21,7 @@ from api.certificates.endpoints import router as certificates_router
 from api.dashboard.endpoints import router as dashboard_router
 from api.deletion_requests.endpoints import router as deletion_requests_router
 from api.health import router as health_router
-from api.limits import BodySizeLimit
+from api.limits import BodySizeLimit, UploadGate
 from api.metrics import HttpMetrics
 from api.metrics import router as metrics_router
 from api.models.endpoints import router as models_router
@@ -86,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.effective_certificate_key_path, settings.effective_certificate_retired_keys_dir
         )
         app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s)
-        app.state.upload_slots = threading.BoundedSemaphore(max(1, settings.max_concurrent_uploads))
+        app.state.upload_slots = Semaphore(max(1, settings.max_concurrent_uploads))  # api.limits.UploadGate
         app.state.rate_limiter = make_rate_limiter(
             settings.rate_limit_backend, settings.rate_limit_per_s, settings.rate_limit_burst,
             settings.effective_broker_url,
@@ -113,7 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_problem_handlers(app)
     document_validation_problems(app)
-    app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes)
+    app.add_middleware(UploadGate)
+    app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes)  # outside the gate: no database for a 413
     # Added last, so outermost: a body-limit refusal has a request id and is counted too.
     app.state.metrics = HttpMetrics(lambda: app.state.sessions(), settings.metrics_recent_jobs)
     app.add_middleware(RequestContext, metrics=app.state.metrics, access_log=settings.access_log)

@@ -44,6 +44,9 @@ async def authenticate(
     request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 ) -> Principal:
     """The caller's key, checked (cached, see the module) and charged one token of its rate limit."""
+    checked: Principal | None = getattr(request.state, "principal", None)
+    if checked is not None:  # by the upload gate (api.limits.UploadGate), before the body was read
+        return checked
     header = request.headers.get("authorization")
     if not header:
         raise Unauthenticated(
@@ -84,7 +87,8 @@ def require(action: str, *roles: ApiKeyRole) -> Callable[[Principal], Principal]
     return check
 
 
-manage_models = Depends(require("register models or upload versions", ApiKeyRole.ADMIN))
+may_upload = require("register models or upload versions", ApiKeyRole.ADMIN)
+manage_models = Depends(may_upload)
 # Both: the compliance system purges what a finished request forgot; an admin manages models.
 purge_checkpoints = Depends(require("purge checkpoints", ApiKeyRole.COMPLIANCE, ApiKeyRole.ADMIN))
 manage_keys = Depends(require("manage API keys", ApiKeyRole.ADMIN))

@@ -1,21 +1,26 @@
-"""Request body limits, enforced while the body arrives rather than after it was spooled to disk
-(and no body at all for an upload without an API key)."""
+"""Request body limits, enforced while the body arrives rather than after it was spooled to disk,
+and the gate an upload passes before a byte of its body is read (key, role, upload slot)."""
 
 from __future__ import annotations
 
 import json
 from http import HTTPStatus
 
+import anyio
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth import authenticate, may_upload
 from api.problems import PROBLEM_JSON, TYPE_PREFIX
+from core.services.errors import ServerBusy
 
 # JSON bodies are small (a deletion request with its overrides is a few hundred bytes).
 JSON_BODY_LIMIT = 1024 * 1024
 # Multipart framing around the checkpoint: boundaries and part headers.
 MULTIPART_SLACK = 64 * 1024
+UPLOAD_RETRY_AFTER_S = 5
 
 
 def is_upload(scope: Scope) -> bool:
@@ -35,15 +40,6 @@ class BodySizeLimit:
             return
         limit = self.upload_limit + MULTIPART_SLACK if is_upload(scope) else JSON_BODY_LIMIT
         headers = Headers(scope=scope)
-        if is_upload(scope) and not headers.get("authorization"):
-            # FastAPI reads (and spools) a multipart body before it checks the API key: an
-            # anonymous upload is refused before a byte of it is read.
-            await self._send_problem(
-                scope, send, 401, "unauthenticated",
-                "this endpoint needs an API key: send 'Authorization: Bearer <key>' (create keys with `uisps keys create`)",
-                extra_headers=[(b"www-authenticate", b'Bearer realm="uisps"')],
-            )
-            return
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._reject(scope, send, int(declared), limit)
@@ -69,15 +65,7 @@ class BodySizeLimit:
             scope, send, 413, "content_too_large", f"the {what} is {size} bytes; the limit is {limit}"
         )
 
-    async def _send_problem(
-        self,
-        scope: Scope,
-        send: Send,
-        status: int,
-        code: str,
-        detail: str,
-        extra_headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
+    async def _send_problem(self, scope: Scope, send: Send, status: int, code: str, detail: str) -> None:
         body = json.dumps(
             {
                 "type": TYPE_PREFIX + code,
@@ -96,8 +84,59 @@ class BodySizeLimit:
                     (b"content-type", PROBLEM_JSON.encode()),
                     (b"content-length", str(len(body)).encode()),
                     (b"connection", b"close"),
-                    *(extra_headers or []),
                 ],
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class UploadGate:
+    """An upload passes here before its body is read, since FastAPI reads (and spools to disk) a
+    multipart body before any dependency runs: its key is checked and charged (401, 403 for a role
+    that may not upload, 429), then it waits up to UISPS_UPLOAD_WAIT_S for one of this process's
+    UISPS_MAX_CONCURRENT_UPLOADS slots (503 `server_busy`), held until its response is sent. So
+    no caller without an admin key makes the API receive a byte, and a refused upload has sent
+    none. The route's own dependencies find the key already checked (`api.auth.authenticate`).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_upload(scope):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        try:
+            await may_upload(await authenticate(request, None))
+        except Exception as exc:  # noqa: BLE001 - answered as the route would answer it
+            await _refuse(request, exc, receive, send)
+            return
+        settings, slots = request.app.state.settings, request.app.state.upload_slots
+        acquired = False
+        with anyio.move_on_after(settings.upload_wait_s):  # the wait only, never the upload itself
+            await slots.acquire()
+            acquired = True
+        if not acquired:
+            busy = ServerBusy(
+                f"this API process is checking {settings.max_concurrent_uploads} other checkpoint uploads; retry shortly",
+                retry_after_s=UPLOAD_RETRY_AFTER_S,
+            )
+            await _refuse(request, busy, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            slots.release()
+
+
+async def _refuse(request: Request, exc: Exception, receive: Receive, send: Send) -> None:
+    """Answer with the app's own handler of `exc` (its problem+json), closing the connection: the
+    body was never read. An error no handler takes goes on up, as a 500."""
+    handlers = request.app.exception_handlers
+    handler = next((handlers[cls] for cls in type(exc).__mro__ if cls in handlers), None)
+    if handler is None:
+        raise exc
+    response = await handler(request, exc)
+    response.headers["connection"] = "close"
+    await response(request.scope, receive, send)

@@ -7,7 +7,8 @@ import io
 import json
 import pickle
 import struct
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api_helpers import assert_problem, authorize
+from api_helpers import assert_problem, authorize, make_keys
 from core.architectures import build_model
 from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
 from core.settings import Settings
@@ -142,13 +143,59 @@ def test_uploads_beyond_what_a_process_checks_at_once_wait_then_get_503(
             return client.post(f"/models/{model_id}/versions", files={"file": ("m.safetensors", digits_checkpoint)})
 
         slots = client.app.state.upload_slots
-        assert slots.acquire(timeout=1)  # another upload (each holds its file in memory) is being checked
+        client.portal.call(slots.acquire)  # another upload (each holds its file in memory) is being checked
         try:
             busy = upload()
         finally:
-            slots.release()
+            client.portal.call(slots.release)
 
         assert_problem(busy, 503, "server_busy", "checking 1 other checkpoint uploads")
         assert busy.headers["retry-after"] == "5"
         assert client.get(f"/models/{model_id}/versions").json()["versions"] == []
         assert upload().status_code == 201  # the slot is free again
+
+
+def test_an_upload_checked_for_longer_than_the_wait_still_completes(
+    tmp_path: Path, digits_checkpoint: bytes, model_spec: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.services.models import service
+
+    check = service._validate_checkpoint
+
+    def slow_check(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        time.sleep(0.5)
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(service, "_validate_checkpoint", slow_check)
+    with TestClient(create_app(Settings(home=tmp_path, upload_wait_s=0.1))) as client:
+        authorize(client)
+        model_id = client.post("/models", json=model_spec).json()["id"]
+
+        response = client.post(f"/models/{model_id}/versions", files={"file": ("m.safetensors", digits_checkpoint)})
+
+    assert response.status_code == 201, response.text
+
+
+@pytest.mark.parametrize(
+    ("key", "status", "code"),
+    [("uisps_" + "A" * 43, 401, "unauthenticated"), ("reader", 403, "forbidden"), (None, 401, "unauthenticated")],
+)
+def test_an_upload_without_an_admin_key_is_refused_before_its_body_is_read(
+    client: TestClient, registered_model, key: str | None, status: int, code: str  # noqa: ANN001
+) -> None:
+    model = registered_model(upload=False)
+    sent: list[bytes] = []
+
+    def body() -> Iterator[bytes]:  # 512 MiB, were it all read
+        for _ in range(512):
+            sent.append(b"")
+            yield b"\0" * (1024 * 1024)
+
+    headers = {"content-type": "multipart/form-data; boundary=x"}
+    if key is not None:
+        keys = make_keys(client.app.state.sessions)
+        headers["authorization"] = f"Bearer {getattr(keys, key) if key == 'reader' else key}"
+    response = client.post(f"/models/{model['id']}/versions", content=body(), headers=headers, auth=None)
+
+    assert_problem(response, status, code)
+    assert sent == [] and response.headers["connection"] == "close"
