@@ -173,7 +173,7 @@ class Settings(BaseSettings):
     # Credentials are deliberately not settings: boto3 finds them the standard way
     # (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE, an instance role).
     s3_bucket: str | None = None
-    s3_prefix: str = ""  # e.g. "uisps/prod": objects are "<prefix>/sha256/ab/<hex>"
+    s3_prefix: str = ""  # e.g. "uisps/prod": objects are "<prefix>/tenants/<tenant>/sha256/ab/<hex>"
     s3_endpoint_url: str | None = None  # MinIO, Ceph, R2...; None means AWS S3
     s3_region: str | None = None
     s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"  # MinIO wants "path"

@@ -224,11 +224,29 @@ def test_the_compose_defaults_make_valid_settings(
     assert settings.device == "cuda"
 
 
+def test_an_empty_s3_endpoint_in_env_means_aws(services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.settings import Settings
+    from core.storage import make_artifact_store
+
+    for key, value in _environment(services["worker"]).items():
+        monkeypatch.setenv(key, _interpolate(value, {**FAKE_SECRETS, "UISPS_S3_ENDPOINT_URL": ""}))
+
+    assert make_artifact_store(Settings()).endpoint_url is None  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", sorted(APP_SERVICES | {"migrate"}))
+def test_every_uisps_container_reads_the_optional_settings_file(services: dict[str, dict[str, Any]], name: str) -> None:
+    # Settings the compose file does not name (webhooks, rate limits, ...) reach the containers.
+    assert {"path": "uisps.env", "required": False} in services[name]["env_file"]
+
+
 def _interpolate(value: str, env: dict[str, str]) -> str:
-    """Compose's interpolation, enough for this file: ${VAR}, ${VAR:-default}, ${VAR:?error}."""
+    """Compose's interpolation, enough for this file: ${VAR}, ${VAR-default}, ${VAR:-default}, ${VAR:?error}."""
 
     def replace(match: re.Match[str]) -> str:
         name, op, arg = match.group("name", "op", "arg")
+        if op == "-":  # the default only when unset: set and empty stays empty
+            return env.get(name, arg)
         if env.get(name):
             return env[name]
         if op == ":-":

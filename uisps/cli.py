@@ -206,9 +206,7 @@ def serve(
     settings.home.mkdir(parents=True, exist_ok=True)
     # Migrate before the worker starts: its reconciler reads the deletion_requests table. A schema
     # newer than this code (a rollback to an older image) is one line, not Alembic's traceback.
-    rollback = (": a newer release may have migrated this database; downgrade it with that release "
-                "(`uisps db downgrade --revision <this release's revision>`) before starting this one")
-    with _migration_errors(hint=rollback):
+    with _migration_errors(hint=_ROLLBACK_HINT):
         upgrade(settings.effective_database_url)
     worker = None if no_worker else _spawn_worker()
     try:
@@ -235,6 +233,10 @@ def worker(
     start_worker(pool=pool, concurrency=concurrency, loglevel=loglevel)
 
 
+_ROLLBACK_HINT = (": a newer release may have migrated this database; downgrade it with that release "
+                  "(`uisps db downgrade --revision <this release's revision>`) before starting this one")
+
+
 @contextmanager
 def _migration_errors(hint: str = "") -> Iterator[None]:
     """An unknown revision or an unreachable database: one line, not Alembic's traceback. `hint`
@@ -259,7 +261,7 @@ def db_upgrade(revision: Annotated[str, typer.Option("--revision")] = "head") ->
     from core.settings import get_settings
 
     url = get_settings().effective_database_url
-    with _migration_errors():
+    with _migration_errors(hint=_ROLLBACK_HINT):
         upgrade(url, revision)
         typer.echo(f"database at revision {current_revision(url)}")
 
@@ -615,7 +617,7 @@ def _when(value: Any) -> str:
 @keys_app.command("revoke")
 @user_errors
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id (uisps keys list)")]) -> None:
-    """Revoke an API key: from the next request on it is refused (401)."""
+    """Revoke an API key: refused (401) within UISPS_API_KEY_CACHE_TTL_S (5 s; API processes cache verified keys)."""
     from core.errors import UisError
     from core.services.api_keys.service import api_key_service
     from core.services.errors import NotFound

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from uisps.local import service_env
 
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see conftest.py
@@ -36,18 +38,21 @@ def test_serve_refuses_a_misspelt_setting_before_touching_any_database(tmp_path:
     assert not any(tmp_path.iterdir())
 
 
-def test_serve_on_a_database_a_newer_release_migrated_says_how_to_roll_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [("serve", "--port", "9"), ("db", "upgrade")])
+def test_starting_on_a_database_a_newer_release_migrated_says_how_to_roll_back(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
     import sqlite3
 
     assert _uisps(tmp_path, "db", "upgrade").returncode == 0
     with sqlite3.connect(tmp_path / "uisps.db") as db:
         db.execute("UPDATE alembic_version SET version_num = '0099'")  # what a later release leaves
 
-    served = _uisps(tmp_path, "serve", "--port", "9")
+    started = _uisps(tmp_path, *command)  # `db upgrade`: compose's migrate service
 
-    assert served.returncode == 2 and "Traceback" not in served.stderr
-    assert served.stderr.startswith("error: Can't locate revision identified by '0099': a newer release")
-    assert "uisps db downgrade --revision" in served.stderr
+    assert started.returncode == 2 and "Traceback" not in started.stderr
+    assert started.stderr.startswith("error: Can't locate revision identified by '0099': a newer release")
+    assert "uisps db downgrade --revision" in started.stderr
 
 
 def test_the_demo_forgets_a_digit_end_to_end(tmp_path: Path) -> None:
