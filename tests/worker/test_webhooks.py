@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -171,6 +172,28 @@ def test_a_tampered_body_does_not_verify(webhook_env, receiver, digits_checkpoin
     assert json.loads(post.body)["type"] == "deletion_request.cancelled"
     with pytest.raises(Exception, match="signature"):
         Webhook(TENANT_SECRET).verify(post.body.replace(b"cancelled", b"succeeded"), post.headers)
+
+
+def test_tenants_take_turns_for_the_senders(webhook_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    from core.services.webhooks.service import webhook_service
+
+    hook = "http://127.0.0.1:9/hook"  # never sent here: only the order of the claim is checked
+    busy, quiet = f"busy-{uuid.uuid4().hex[:8]}", f"quiet-{uuid.uuid4().hex[:8]}"
+    due = {}
+    for tenant, labels in ((busy, [1, 2, 3]), (quiet, [4])):  # the quiet tenant's event is the newest
+        model_id = webhook_env.new_model(digits_checkpoint, tenant=tenant)
+        for label in labels:
+            request_id = webhook_env.queue(model_id, [label], callback_url=hook, tenant=tenant)
+            with webhook_env.sessions() as session:
+                deletion_request_service.cancel(session, tenant_id=tenant, actor="test", request_id=request_id)
+                session.commit()
+            due[label] = _delivery(webhook_env, request_id)[0].id
+
+    with webhook_env.sessions.begin() as session:
+        claimed = [d.id for d in webhook_service.claim_due(session, settings=webhook_env.settings, limit=1000)]
+
+    assert claimed.index(due[1]) < claimed.index(due[2]) < claimed.index(due[3])  # each tenant in due order
+    assert claimed.index(due[4]) < claimed.index(due[2])  # but the quiet one's first before the busy one's second
 
 
 def test_a_receiver_that_answers_500_gets_the_event_again(webhook_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001

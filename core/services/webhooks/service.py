@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.db import (
@@ -81,7 +81,8 @@ class WebhookService:
         """Deliveries due now, each claimed for one attempt under a lease (one sender wins each).
 
         A delivery whose previous attempt never finished (its sender died) has that attempt closed
-        as `sender_lost` first; one that already used every attempt that way is failed.
+        as `sender_lost` first; one that already used every attempt that way is failed. Tenants
+        take turns: each tenant's first due delivery comes before any tenant's second.
         """
         begin_write(session)
         now = utcnow()
@@ -90,10 +91,15 @@ class WebhookService:
         due = and_(
             _deliveries.c.state == WebhookDeliveryState.PENDING.value, _deliveries.c.next_attempt_at <= now, free
         )
+        # Tenants take turns, each in due order: one tenant's backlog (a burst of cancels, a slow
+        # receiver retried) must not hold every sender thread while another tenant's events wait.
+        turn = func.row_number().over(partition_by=_deliveries.c.tenant_id, order_by=_deliveries.c.next_attempt_at)
+        candidates = select(
+            _deliveries.c.id, _deliveries.c.attempts, _deliveries.c.next_attempt_at, turn.label("turn")
+        ).where(due).subquery()
         rows = session.execute(
-            select(_deliveries.c.id, _deliveries.c.attempts)
-            .where(due)
-            .order_by(_deliveries.c.next_attempt_at)
+            select(candidates.c.id, candidates.c.attempts)
+            .order_by(candidates.c.turn, candidates.c.next_attempt_at)
             .limit(limit)
         ).all()
         claimed: list[DueDelivery] = []
