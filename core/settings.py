@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     api_read_threads: int = 2
     # Queued + running deletion requests one tenant may have at once (429 beyond).
     max_active_requests_per_tenant: int = 50
+    # Unrevoked API keys one tenant may hold (409 beyond, over HTTP): each key has its own rate
+    # limit, so without a cap a tenant could make itself any rate. `uisps keys create` is not held to it.
+    max_api_keys_per_tenant: int = Field(100, ge=1)
     # Largest checkpoint accepted, in parameters (elements of all tensors together).
     max_checkpoint_parameters: int = 250_000_000
     # Ed25519 key that signs deletion certificates; created on first use when missing.

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Request, Response, status
 
 from api.api_keys.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyRead
 from api.auth import manage_keys
-from api.deps import ActorDep, PageDep, SessionDep, TenantDep
+from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, TenantDep
 from api.problems import problem_responses
 from core.services.api_keys.service import api_key_service
 from core.services.text import NulFree
@@ -28,14 +28,21 @@ KeyId = Annotated[str, Path(max_length=64, description="the API key's id"), NulF
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=ApiKeyCreated,
-    responses=problem_responses(400, 422),
+    responses=problem_responses(400, 409, 422),
     summary="Create an API key for your tenant (role admin)",
-    description="The response holds the key itself, shown this once. Not idempotent: a retry makes another key.",
+    description=(
+        "The response holds the key itself, shown this once. Not idempotent: a retry makes another key. "
+        "409 `too_many_api_keys` when the tenant holds `UISPS_MAX_API_KEYS_PER_TENANT` (100) unrevoked keys."
+    ),
 )
 def create_api_key(
-    body: ApiKeyCreate, response: Response, session: SessionDep, tenant_id: TenantDep, actor: ActorDep
+    body: ApiKeyCreate, response: Response, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep,
+    actor: ActorDep,
 ) -> ApiKeyCreated:
-    created = api_key_service.create(session, tenant_id=tenant_id, role=body.role, name=body.name, actor=actor)
+    created = api_key_service.create(
+        session, tenant_id=tenant_id, role=body.role, name=body.name, actor=actor,
+        max_keys=settings.max_api_keys_per_tenant,
+    )
     response.headers["Location"] = f"/api-keys/{created.record.id}"
     response.headers["Cache-Control"] = "no-store"
     return ApiKeyCreated(**ApiKeyRead.of(created.record).model_dump(), key=created.secret)

@@ -162,6 +162,19 @@ def test_past_the_rate_limit_a_key_gets_429_with_retry_after(
         assert bare.get("/models", headers=keys.header("admin")).status_code == 200
 
 
+def test_a_tenant_holds_at_most_the_allowed_keys_and_a_revoked_one_frees_its_place(tmp_path: Path) -> None:
+    with TestClient(create_app(Settings(home=tmp_path, max_api_keys_per_tenant=4))) as client:
+        authorize(client)  # admin, compliance, reader: 3 of 4
+        fourth = client.post("/api-keys", json={"role": "reader", "name": "fourth"})
+
+        refused = client.post("/api-keys", json={"role": "reader", "name": "fifth"})
+        client.post(f"/api-keys/{fourth.json()['id']}/revoke")
+        again = client.post("/api-keys", json={"role": "reader", "name": "fifth"})
+
+    assert fourth.status_code == 201 and again.status_code == 201
+    assert_problem(refused, 409, "too_many_api_keys", "holds 4 unrevoked API keys", "UISPS_MAX_API_KEYS_PER_TENANT")
+
+
 def test_a_key_revoked_by_another_process_is_refused_once_the_cache_ttl_has_passed(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, api_key_cache_ttl_s=0.5)
     with TestClient(create_app(settings)) as client:

@@ -19,12 +19,13 @@ import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from core.db import ApiKey, ApiKeyRole, record_event, utcnow
+from core.db.audit import lock_tenant
 from core.errors import UisError
-from core.services.errors import NotFound, Unauthenticated
+from core.services.errors import Conflict, NotFound, Unauthenticated
 from core.services.pagination import Page, PageRequest, decode_token, make_page, time_and_id
 from core.services.transactions import begin_write
 
@@ -76,11 +77,33 @@ def check_tenant(tenant_id: str) -> str:
 
 
 class ApiKeyService:
-    def create(self, session: Session, *, tenant_id: str, role: ApiKeyRole | str, name: str, actor: str) -> NewApiKey:
+    def create(
+        self,
+        session: Session,
+        *,
+        tenant_id: str,
+        role: ApiKeyRole | str,
+        name: str,
+        actor: str,
+        max_keys: int | None = None,
+    ) -> NewApiKey:
+        """A new key; with `max_keys`, refused (409 `too_many_api_keys`) when the tenant already
+        holds that many unrevoked keys."""
         check_tenant(tenant_id)
         role = ApiKeyRole(role)
         secret = KEY_PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
         begin_write(session)
+        if max_keys is not None:
+            lock_tenant(session, tenant_id)  # two creations at once cannot both take the last one
+            held = session.scalar(
+                select(func.count()).select_from(ApiKey).where(ApiKey.tenant_id == tenant_id, ApiKey.revoked_at.is_(None))
+            )
+            if held >= max_keys:
+                raise Conflict(
+                    f"tenant {tenant_id!r} holds {held} unrevoked API keys, the most allowed "
+                    "(UISPS_MAX_API_KEYS_PER_TENANT); revoke one first",
+                    code="too_many_api_keys",
+                )
         key = ApiKey(
             tenant_id=tenant_id,
             role=role.value,
