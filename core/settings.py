@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     upload_wait_s: float = 10.0
     # A job whose lease ran out is presumed dead (worker crashed) and may be re-queued.
     job_visibility_timeout_s: int = 6 * 60 * 60
+    # A job still running after this long (its parameters asked for more work than the fleet
+    # gives one request) fails with time_limit_exceeded at its next progress report, not retried.
+    job_time_limit_s: float = Field(6 * 60 * 60, gt=0)
     max_attempts: int = 3
     # An artifact-store outage is retried without using up attempts for this long (from the first
     # of its retries in a row); then the request fails as any other error does.

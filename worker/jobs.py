@@ -65,20 +65,29 @@ class RunOutcome:
     retry_in_s: float | None = None
 
 
+class JobTimeLimit(UisError):
+    code = "time_limit_exceeded"
+
+
 class ProgressTracker:
     """The `progress(stage, done, total)` callback of core: maps stages to an overall 0..1,
     writes it at most every `interval` seconds (and at every stage change), and stops the job
-    (JobCancelled) as soon as a write finds that cancellation was requested."""
+    as soon as a write finds that cancellation was requested (JobCancelled), or once it has run
+    for longer than `time_limit_s` (JobTimeLimit: one tenant's oversized job must not hold a
+    worker for days)."""
 
     def __init__(
         self,
         write: Callable[[str, float], bool],
         interval: float = PROGRESS_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        time_limit_s: float = math.inf,
     ) -> None:
         self._write = write
         self._interval = interval
         self._clock = clock
+        self._time_limit_s = time_limit_s
+        self._started = clock()
         self._phase = 0
         self._stage = ""
         self.overall = 0.0
@@ -99,6 +108,11 @@ class ProgressTracker:
         changed = stage != self._stage or phase != self._phase
         self._phase, self._stage = phase, stage
         now = self._clock()
+        if now - self._started > self._time_limit_s:
+            raise JobTimeLimit(
+                f"the job ran for longer than UISPS_JOB_TIME_LIMIT_S ({self._time_limit_s:g} s) and was stopped "
+                f"in {stage}; ask for less work (steps, iterations, a smaller model or data set)"
+            )
         if changed or now - self._last_write >= self._interval:
             self._last_write = now
             if self._write(stage, round(self.overall, 4)):
@@ -175,7 +189,10 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
     job = claim.job
     if job.members:
         logger.info("deletion request %s runs with %s, forgetting %s", request_id, ", ".join(job.members), job.forget_labels)
-    tracker = ProgressTracker(_progress_writer(sessions, request_id, lease_s, job.attempt, bool(job.members)))
+    tracker = ProgressTracker(
+        _progress_writer(sessions, request_id, lease_s, job.attempt, bool(job.members)),
+        time_limit_s=settings.job_time_limit_s,
+    )
     try:
         # Every write below names the attempt: if this worker stalls past its lease and another
         # takes the request over, this one stops (JobLost) instead of finishing it a second time.

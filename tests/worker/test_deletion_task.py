@@ -199,6 +199,18 @@ def test_unexpected_errors_are_retried_then_fail(
     ]
 
 
+def test_a_job_past_the_time_limit_fails_without_a_retry(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    from worker.jobs import run_job
+
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+
+    outcome = run_job(request_id, worker_env.settings.model_copy(update={"job_time_limit_s": 1e-6}))
+
+    request = _request(worker_env, request_id)
+    assert outcome.status == "failed" and (request.state, request.attempts) == ("failed", 1)
+    assert request.error["code"] == "time_limit_exceeded" and "UISPS_JOB_TIME_LIMIT_S" in request.error["message"]
+
+
 def test_an_unexpected_errors_text_reaches_the_log_not_the_client(
     worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture  # noqa: ANN001
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.jobs import PHASES, JobCancelled, ProgressTracker
+from worker.jobs import PHASES, JobCancelled, JobTimeLimit, ProgressTracker
 
 
 class Clock:
@@ -63,3 +63,14 @@ def test_a_requested_cancel_stops_the_job_at_the_next_write() -> None:
     with pytest.raises(JobCancelled):
         tracker("inversion", 1, 10)
     assert len(writes) == 2
+
+
+def test_a_job_past_its_time_limit_stops_at_its_next_report() -> None:
+    clock = Clock()
+    tracker = ProgressTracker(lambda _stage, _progress: False, interval=0.5, clock=clock, time_limit_s=60)
+    clock.now = 59.0
+    tracker("unlearning", 1, 1000)  # within the limit
+
+    clock.now = 61.0
+    with pytest.raises(JobTimeLimit, match="UISPS_JOB_TIME_LIMIT_S .60 s. and was stopped in unlearning"):
+        tracker("unlearning", 2, 1000)
