@@ -104,6 +104,10 @@ class UispsClient:
             self._json(response, 200)
         return response.content
 
+    def webhook_secret(self) -> str:
+        """The `whsec_` secret this tenant's webhook events are signed with (role compliance or admin)."""
+        return str(self._json(self.http.get("/webhook-secret"), 200)["secret"])
+
     def get_deletion_request(self, request_id: str) -> dict[str, Any]:
         return self._json(self.http.get(f"/deletion-requests/{request_id}"), 200)
 

@@ -34,6 +34,16 @@ def test_a_tenant_reads_its_own_secret_and_the_reading_is_audited(client: TestCl
     assert events[-1]["action"] == "webhook_secret.revealed" and events[-1]["subject_id"] == "default"
 
 
+def test_the_python_client_reads_the_secret(client: TestClient) -> None:
+    from uisps.client import UispsClient
+
+    uisps_client = UispsClient(str(client.base_url))
+    uisps_client.http.close()
+    uisps_client.http = client  # the app in process, with this test's key (the fixture closes it)
+
+    assert uisps_client.webhook_secret() == tenant_secret(SERVICE_SECRET, "default")
+
+
 def test_another_tenant_reads_another_secret(client: TestClient) -> None:
     other = make_keys(client.app.state.sessions, unique_name("t"))
 
