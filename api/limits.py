@@ -1,12 +1,11 @@
 """Request body limits, enforced while the body arrives rather than after it was spooled to disk,
-and the gate an upload passes before a byte of its body is read (key, role, upload slot)."""
+and the key and role check an upload passes before a byte of its body is read."""
 
 from __future__ import annotations
 
 import json
 from http import HTTPStatus
 
-import anyio
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -14,13 +13,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import authenticate, may_upload
 from api.problems import PROBLEM_JSON, TYPE_PREFIX
-from core.services.errors import ServerBusy
 
 # JSON bodies are small (a deletion request with its overrides is a few hundred bytes).
 JSON_BODY_LIMIT = 1024 * 1024
 # Multipart framing around the checkpoint: boundaries and part headers.
 MULTIPART_SLACK = 64 * 1024
-UPLOAD_RETRY_AFTER_S = 5
 
 
 def is_upload(scope: Scope) -> bool:
@@ -91,12 +88,12 @@ class BodySizeLimit:
 
 
 class UploadGate:
-    """An upload passes here before its body is read, since FastAPI reads (and spools to disk) a
-    multipart body before any dependency runs: its key is checked and charged (401, 403 for a role
-    that may not upload, 429), then it waits up to UISPS_UPLOAD_WAIT_S for one of this process's
-    UISPS_MAX_CONCURRENT_UPLOADS slots (503 `server_busy`), held until its response is sent. So
-    no caller without an admin key makes the API receive a byte, and a refused upload has sent
-    none. The route's own dependencies find the key already checked (`api.auth.authenticate`).
+    """An upload's key is checked and charged here, before its body is read, since FastAPI reads
+    (and spools to disk) a multipart body before any dependency runs: 401, 403 for a role that
+    may not upload, 429. So no caller without an admin key makes the API receive a byte. The
+    route's own dependencies find the key already checked (`api.auth.authenticate`). The upload
+    slot is taken later, by the route, once the body is in: held from here, a client sending
+    slowly (or not at all) would hold it, and every tenant's uploads would wait on it.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -112,22 +109,7 @@ class UploadGate:
         except Exception as exc:  # noqa: BLE001 - answered as the route would answer it
             await _refuse(request, exc, receive, send)
             return
-        settings, slots = request.app.state.settings, request.app.state.upload_slots
-        acquired = False
-        with anyio.move_on_after(settings.upload_wait_s):  # the wait only, never the upload itself
-            await slots.acquire()
-            acquired = True
-        if not acquired:
-            busy = ServerBusy(
-                f"this API process is checking {settings.max_concurrent_uploads} other checkpoint uploads; retry shortly",
-                retry_after_s=UPLOAD_RETRY_AFTER_S,
-            )
-            await _refuse(request, busy, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            slots.release()
+        await self.app(scope, receive, send)
 
 
 async def _refuse(request: Request, exc: Exception, receive: Receive, send: Send) -> None:

@@ -7,7 +7,7 @@ import hashlib
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Path, Response, UploadFile, status
+from fastapi import APIRouter, Depends, File, Path, Request, Response, UploadFile, status
 from fastapi.responses import FileResponse, StreamingResponse
 
 from api.auth import authenticate, manage_models, purge_checkpoints
@@ -15,7 +15,7 @@ from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, StoreDep, Tenan
 from api.idempotency import IdempotencyDep
 from api.models.schemas import ModelCreate, ModelList, ModelRead, ModelVersionList, ModelVersionRead
 from api.problems import problem_responses
-from core.services.errors import CheckpointTooLarge
+from core.services.errors import CheckpointTooLarge, ServerBusy
 from core.services.models.service import model_service, verified_chunks
 from core.services.text import NulFree
 
@@ -28,6 +28,7 @@ router = APIRouter(
 
 ModelId = Annotated[str, Path(max_length=64, description="the model's id"), NulFree]
 _SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
+UPLOAD_RETRY_AFTER_S = 5
 VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="version number, from 1")]
 
 
@@ -96,6 +97,7 @@ def get_model(model_id: ModelId, session: SessionDep, tenant_id: TenantDep) -> M
 def upload_version(
     model_id: ModelId,
     file: Annotated[UploadFile, File(description="a .safetensors checkpoint")],
+    request: Request,
     response: Response,
     session: SessionDep,
     tenant_id: TenantDep,
@@ -109,9 +111,17 @@ def upload_version(
     limit = settings.max_upload_bytes
     if file.size is not None and file.size > limit:
         raise CheckpointTooLarge(f"the checkpoint is {file.size} bytes; the limit is {limit}")
-    # The upload holds one of this process's upload slots (api.limits.UploadGate): reading and
-    # checking the tensors is what takes memory.
-    return _store_upload(model_id, file, response, session, tenant_id, actor, store, settings, idempotency)
+    # The body is spooled to disk by now; reading and checking it is what takes memory.
+    slots = request.app.state.upload_slots
+    if not slots.acquire(timeout=settings.upload_wait_s):
+        raise ServerBusy(
+            f"this API process is checking {settings.max_concurrent_uploads} other checkpoint uploads; retry shortly",
+            retry_after_s=UPLOAD_RETRY_AFTER_S,
+        )
+    try:
+        return _store_upload(model_id, file, response, session, tenant_id, actor, store, settings, idempotency)
+    finally:
+        slots.release()
 
 
 def _store_upload(

@@ -143,11 +143,11 @@ def test_uploads_beyond_what_a_process_checks_at_once_wait_then_get_503(
             return client.post(f"/models/{model_id}/versions", files={"file": ("m.safetensors", digits_checkpoint)})
 
         slots = client.app.state.upload_slots
-        client.portal.call(slots.acquire)  # another upload (each holds its file in memory) is being checked
+        assert slots.acquire(timeout=1)  # another upload (each holds its file in memory) is being checked
         try:
             busy = upload()
         finally:
-            client.portal.call(slots.release)
+            slots.release()
 
         assert_problem(busy, 503, "server_busy", "checking 1 other checkpoint uploads")
         assert busy.headers["retry-after"] == "5"
