@@ -189,11 +189,15 @@ def test_tenants_take_turns_for_the_senders(webhook_env, digits_checkpoint: byte
                 session.commit()
             due[label] = _delivery(webhook_env, request_id)[0].id
 
-    with webhook_env.sessions.begin() as session:
-        claimed = [d.id for d in webhook_service.claim_due(session, settings=webhook_env.settings, limit=1000)]
+    ours: list[str] = []
+    for _ in range(100):  # as a sender does: one claim per free thread, the earlier attempts still in flight
+        with webhook_env.sessions.begin() as session:
+            claimed = webhook_service.claim_due(session, settings=webhook_env.settings, limit=1)
+        ours += [d.id for d in claimed if d.id in due.values()]  # PostgreSQL: other tests' are due too
+        if len(ours) == 3 or not claimed:
+            break
 
-    assert claimed.index(due[1]) < claimed.index(due[2]) < claimed.index(due[3])  # each tenant in due order
-    assert claimed.index(due[4]) < claimed.index(due[2])  # but the quiet one's first before the busy one's second
+    assert ours == [due[1], due[4], due[2]]  # the quiet tenant's one event before the busy one's second
 
 
 def test_a_receiver_that_answers_500_gets_the_event_again(webhook_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001

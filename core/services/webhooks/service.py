@@ -82,7 +82,7 @@ class WebhookService:
 
         A delivery whose previous attempt never finished (its sender died) has that attempt closed
         as `sender_lost` first; one that already used every attempt that way is failed. Tenants
-        take turns: each tenant's first due delivery comes before any tenant's second.
+        get fair shares: the tenant with the fewest attempts in flight is served first.
         """
         begin_write(session)
         now = utcnow()
@@ -91,15 +91,26 @@ class WebhookService:
         due = and_(
             _deliveries.c.state == WebhookDeliveryState.PENDING.value, _deliveries.c.next_attempt_at <= now, free
         )
-        # Tenants take turns, each in due order: one tenant's backlog (a burst of cancels, a slow
-        # receiver retried) must not hold every sender thread while another tenant's events wait.
+        # Fair shares: a delivery's place is its tenant's attempts in flight plus its rank among
+        # the tenant's due ones, so one tenant's backlog (a burst of cancels, a slow receiver)
+        # cannot hold every sender thread while another tenant's events wait; a sender claims
+        # one delivery per free thread, so in-flight attempts must count, not only this batch.
         turn = func.row_number().over(partition_by=_deliveries.c.tenant_id, order_by=_deliveries.c.next_attempt_at)
         candidates = select(
-            _deliveries.c.id, _deliveries.c.attempts, _deliveries.c.next_attempt_at, turn.label("turn")
+            _deliveries.c.id, _deliveries.c.tenant_id, _deliveries.c.attempts, _deliveries.c.next_attempt_at,
+            turn.label("turn"),
         ).where(due).subquery()
+        in_flight = (
+            select(_deliveries.c.tenant_id, func.count().label("n"))
+            .where(_deliveries.c.state == WebhookDeliveryState.PENDING.value, _deliveries.c.lease_expires_at >= now)
+            .group_by(_deliveries.c.tenant_id)
+            .subquery()
+        )
+        place = candidates.c.turn + func.coalesce(in_flight.c.n, 0)
         rows = session.execute(
             select(candidates.c.id, candidates.c.attempts)
-            .order_by(candidates.c.turn, candidates.c.next_attempt_at)
+            .outerjoin(in_flight, in_flight.c.tenant_id == candidates.c.tenant_id)
+            .order_by(place, candidates.c.next_attempt_at)
             .limit(limit)
         ).all()
         claimed: list[DueDelivery] = []
