@@ -14,9 +14,11 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.db import ModelVersion
 from core.services.deletion_requests.service import deletion_request_service
 from core.services.errors import Conflict
 from core.services.models.service import ModelSpec, model_service
+from core.services.transactions import begin_write, lock_artifact
 from core.settings import Settings
 from core.storage import LocalArtifactStore
 from uisps.demo import model_spec_of
@@ -75,20 +77,27 @@ def test_a_purge_waits_for_a_version_being_added_with_its_bytes_and_keeps_them(
 ) -> None:
     store = LocalArtifactStore(tmp_path / "artifacts")
     first = _model_with_version(pg_sessions, store, unique_digits_checkpoint)
-    with pg_sessions.begin() as session:  # another model: an upload takes its model's lock, not the tenant's
+    with pg_sessions.begin() as session:
         spec = ModelSpec.model_validate(model_spec_of(unique_digits_checkpoint, f"purge-{uuid.uuid4().hex[:12]}"))
         second = model_service.create(session, tenant_id="default", actor="test", spec=spec).id
+        stored = model_service.get_version(session, "default", first, 1)
 
-    with pg_sessions() as upload:  # an upload of the same bytes, between its insert and its commit
-        added = model_service.upload_version(upload, tenant_id="default", actor="test", model_id=second,
-                                             checkpoint=unique_digits_checkpoint, store=store, max_bytes=1 << 30)
+    # A write adding a version with the same bytes, as an upload and a finishing job do: the shared
+    # artifact lock, then the row. Stopped before its audit event, which would take the tenant's
+    # lock and hide whether the purge waits on the artifact's.
+    with pg_sessions() as adding:
+        begin_write(adding)
+        lock_artifact(adding, stored.artifact_key, exclusive=False)
+        adding.add(ModelVersion(tenant_id="default", model_id=second, version=1, artifact_key=stored.artifact_key,
+                                sha256=stored.sha256, size_bytes=stored.size_bytes, forgotten_labels=[]))
+        adding.flush()
         thread, outcome = _in_thread(lambda: _purge(pg_sessions, store, first))
         _wait_until_blocked_on_a_lock(pg_sessions)
-        upload.commit()
+        adding.commit()
     thread.join(timeout=30)
 
     assert "error" not in outcome, outcome
-    assert store.exists(added.artifact_key)  # the purge saw the new version and left the file
+    assert store.exists(stored.artifact_key)  # the purge saw the new version and left the file
     with pg_sessions() as session:
         assert model_service.get_version(session, "default", first, 1).checkpoint_purged_at is not None
 
