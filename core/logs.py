@@ -24,8 +24,9 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(context)s] %(message)s"
 # Attributes every LogRecord has; anything else was passed with `extra=` and goes into the JSON.
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 _CONTEXT_ATTRS = ("request_id", "deletion_request_id", "context")
-# C0 controls and DEL, as Python writes them in a string literal (\n, \t, \x1b, ...).
-_CONTROL_ESCAPES = {code: repr(chr(code))[1:-1] for code in (*range(32), 127)}
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators (some log viewers break
+# lines there too), as Python writes them in a string literal (\n, \x1b, \x85, \u2028, ...).
+_CONTROL_ESCAPES = {code: repr(chr(code))[1:-1] for code in (*range(32), *range(127, 160), 0x2028, 0x2029)}
 # Marks the handler configure_logging installed, so calling it again replaces it.
 _HANDLER_MARK = "_uisps_handler"
 

@@ -98,6 +98,7 @@ class ProgressTracker:
             total += weight
         self._starts = starts
         self._names = [name for name, _ in PHASES]
+        self._last_limited_phase = self._names.index("evaluation:after")
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         phase = self._phase_of(stage)
@@ -108,15 +109,17 @@ class ProgressTracker:
         changed = stage != self._stage or phase != self._phase
         self._phase, self._stage = phase, stage
         now = self._clock()
-        if now - self._started > self._time_limit_s:
+        if changed or now - self._last_write >= self._interval:
+            self._last_write = now
+            if self._write(stage, round(self.overall, 4)):
+                raise JobCancelled()  # a cancel wins over the time limit
+        # Only while the work the parameters asked for runs: once the unlearning pass is done, the
+        # evaluation and the storing of its result are short, and stopping them would waste it.
+        if phase < self._last_limited_phase and now - self._started > self._time_limit_s:
             raise JobTimeLimit(
                 f"the job ran for longer than UISPS_JOB_TIME_LIMIT_S ({self._time_limit_s:g} s) and was stopped "
                 f"in {stage}; ask for less work (steps, iterations, a smaller model or data set)"
             )
-        if changed or now - self._last_write >= self._interval:
-            self._last_write = now
-            if self._write(stage, round(self.overall, 4)):
-                raise JobCancelled()
 
     def enter(self, stage: str) -> None:
         self(stage, 0, 1)

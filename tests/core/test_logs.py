@@ -18,12 +18,14 @@ def _text_logger(stream: io.StringIO) -> logging.Logger:
 
 def test_a_newline_a_client_sent_cannot_start_a_record_of_its_own() -> None:
     stream = io.StringIO()
-    forged_path = "/healthz\n2026-12-06 01:00:00,000 INFO uisps.access [forged] POST /api-keys 201\x1b[2J"
+    forged_path = "/healthz\n2026-12-06 01:00:00,000 INFO uisps.access [forged] POST /api-keys 201\x1b[2J\x85\u2028"
 
     _text_logger(stream).info("%s %s %d", "GET", forged_path, 404)
 
-    (line,) = stream.getvalue().splitlines()
-    assert line.endswith("GET /healthz\\n2026-12-06 01:00:00,000 INFO uisps.access [forged] POST /api-keys 201\\x1b[2J 404")
+    (line,) = stream.getvalue().splitlines()  # str.splitlines breaks at \x85 and \u2028 too
+    assert line.endswith(
+        "GET /healthz\\n2026-12-06 01:00:00,000 INFO uisps.access [forged] POST /api-keys 201\\x1b[2J\\x85\\u2028 404"
+    )
 
 
 def test_a_traceback_keeps_its_lines() -> None:

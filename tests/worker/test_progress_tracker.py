@@ -74,3 +74,16 @@ def test_a_job_past_its_time_limit_stops_at_its_next_report() -> None:
     clock.now = 61.0
     with pytest.raises(JobTimeLimit, match="UISPS_JOB_TIME_LIMIT_S .60 s. and was stopped in unlearning"):
         tracker("unlearning", 2, 1000)
+
+
+def test_a_cancel_wins_over_the_time_limit_and_a_finished_pass_is_not_stopped() -> None:
+    clock = Clock()
+    cancelled = ProgressTracker(lambda _stage, _progress: True, interval=0.5, clock=clock, time_limit_s=60)
+    finished = ProgressTracker(lambda _stage, _progress: False, interval=0.5, clock=clock, time_limit_s=60)
+    finished("unlearning", 1000, 1000)
+    clock.now = 61.0
+
+    with pytest.raises(JobCancelled):
+        cancelled("unlearning", 2, 1000)
+    finished("evaluation", 1, 2)  # the pass is done: its evaluation and storing run to the end
+    finished("storing", 0, 1)
