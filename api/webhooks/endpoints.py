@@ -1,4 +1,5 @@
-"""/webhook-secret: the secret that signs the caller's tenant's webhook events, for its receivers."""
+"""/webhook-secret: the secret that signs the caller's tenant's webhook events, for its receivers,
+and its rotation."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from api.auth import require
 from api.deps import ActorDep, SessionDep, SettingsDep, TenantDep
 from api.problems import problem_responses
 from core.db import ApiKeyRole
-from core.services.webhooks.secrets import reveal_tenant_secret
+from core.services.webhooks.secrets import reveal_tenant_secret, rotate_tenant_secret
 
 router = APIRouter(
     tags=["webhooks"],
@@ -25,6 +26,7 @@ class WebhookSecret(BaseModel):
         description="`whsec_<base64>`: the Standard Webhooks secret that verifies this tenant's events",
         examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
     )
+    generation: int = Field(description="how many times the tenant rotated it")
 
 
 @router.get(
@@ -34,14 +36,37 @@ class WebhookSecret(BaseModel):
     summary="The secret your tenant's webhook events are signed with (roles compliance, admin)",
     description=(
         "Every tenant's events are signed with a secret of its own: verify them with this one "
-        "(`standardwebhooks.Webhook(secret).verify(body, headers)`). It stays the same until the "
-        "operator rotates the service's secret. Each reading is recorded in the audit log "
-        "(`webhook_secret.revealed`). 409 `webhooks_not_configured` when the service sends no webhooks."
+        "(`standardwebhooks.Webhook(secret).verify(body, headers)`). It stays the same until your "
+        "tenant rotates it (`POST /webhook-secret/rotate`) or the operator rotates the service's. Each "
+        "reading is recorded in the audit log (`webhook_secret.revealed`). 409 `webhooks_not_configured` "
+        "when the service sends no webhooks."
     ),
 )
 def get_webhook_secret(
     response: Response, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep, actor: ActorDep
 ) -> WebhookSecret:
-    secret = reveal_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings)
+    secret, generation = reveal_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings)
     response.headers["Cache-Control"] = "no-store"
-    return WebhookSecret(tenant_id=tenant_id, secret=secret)
+    return WebhookSecret(tenant_id=tenant_id, secret=secret, generation=generation)
+
+
+@router.post(
+    "/webhook-secret/rotate",
+    response_model=WebhookSecret,
+    dependencies=[Depends(require("rotate the webhook signing secret", ApiKeyRole.ADMIN))],
+    responses=problem_responses(409),
+    summary="Replace your tenant's webhook signing secret (role admin)",
+    description=(
+        "For a secret that leaked or whose holder left: events sent from now on are signed with the "
+        "new secret returned here, and the old one verifies none of them (an event already being "
+        "sent may still carry the old signature; receivers that refuse it get it again). Put the new "
+        "secret in your receivers at once: events they refuse are retried for about 1.4 h. Recorded in "
+        "the audit log (`webhook_secret.rotated`)."
+    ),
+)
+def rotate_webhook_secret(
+    response: Response, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep, actor: ActorDep
+) -> WebhookSecret:
+    secret, generation = rotate_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings)
+    response.headers["Cache-Control"] = "no-store"
+    return WebhookSecret(tenant_id=tenant_id, secret=secret, generation=generation)

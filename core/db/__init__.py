@@ -18,6 +18,7 @@ from core.db.tables import (
     WebhookDelivery,
     WebhookDeliveryAttempt,
     WebhookDeliveryState,
+    WebhookSecret,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "WebhookDelivery",
     "WebhookDeliveryAttempt",
     "WebhookDeliveryState",
+    "WebhookSecret",
     "make_engine",
     "make_sessionmaker",
     "new_id",

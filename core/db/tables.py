@@ -249,6 +249,18 @@ class ApiKey(Base):
     last_used_at: Mapped[datetime | None] = mapped_column()
 
 
+class WebhookSecret(Base):
+    """Which generation of its webhook signing secret a tenant is at (no row: generation 0). The
+    secret itself is derived, never stored (core.services.webhooks.signing); rotating it moves the
+    generation on, so what anyone read before stops verifying events."""
+
+    __tablename__ = "webhook_secrets"
+
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    rotated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class IdempotencyState(StrEnum):
     IN_FLIGHT = "in_flight"
     COMPLETED = "completed"

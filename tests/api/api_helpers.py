@@ -68,7 +68,7 @@ def role_for(method: str, path: str) -> str:
     if path.startswith("/api-keys"):
         return "admin"
     if path.startswith("/webhook-secret"):
-        return "compliance"
+        return "admin" if method == "POST" else "compliance"
     if method == "POST" and path.startswith("/deletion-requests"):
         return "compliance"
     if method == "DELETE" and path.startswith("/models"):

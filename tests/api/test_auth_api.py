@@ -24,7 +24,7 @@ PROTECTED = [
     ("GET", "/deletion-requests"), ("POST", "/deletion-requests"), ("GET", "/deletion-requests/r"),
     ("POST", "/deletion-requests/r/cancel"), ("GET", "/deletion-requests/r/certificate"),
     ("GET", "/audit-events"), ("GET", "/api-keys"), ("POST", "/api-keys"), ("GET", "/api-keys/k"),
-    ("POST", "/api-keys/k/revoke"), ("GET", "/webhook-secret"),
+    ("POST", "/api-keys/k/revoke"), ("GET", "/webhook-secret"), ("POST", "/webhook-secret/rotate"),
 ]
 
 
@@ -84,6 +84,7 @@ def test_health_the_public_key_and_the_documents_need_no_key(client: TestClient)
         ("reader", "GET", "/api-keys", None, "manage API keys"),
         ("compliance", "POST", "/api-keys", {"role": "admin", "name": "x"}, "manage API keys"),
         ("reader", "GET", "/webhook-secret", None, "read the webhook signing secret"),
+        ("compliance", "POST", "/webhook-secret/rotate", None, "rotate the webhook signing secret"),
     ],
 )
 def test_a_role_that_may_not_act_is_403(

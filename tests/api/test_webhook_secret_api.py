@@ -29,7 +29,7 @@ def test_a_tenant_reads_its_own_secret_and_the_reading_is_audited(client: TestCl
     response = client.get("/webhook-secret")
 
     assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
-    assert response.json() == {"tenant_id": "default", "secret": tenant_secret(SERVICE_SECRET, "default")}
+    assert response.json() == {"tenant_id": "default", "secret": tenant_secret(SERVICE_SECRET, "default"), "generation": 0}
     events = client.get("/audit-events", params={"page_size": 1000}).json()["audit_events"]
     assert events[-1]["action"] == "webhook_secret.revealed" and events[-1]["subject_id"] == "default"
 
@@ -51,6 +51,22 @@ def test_another_tenant_reads_another_secret(client: TestClient) -> None:
 
     assert theirs["tenant_id"] == other.tenant
     assert theirs["secret"] == tenant_secret(SERVICE_SECRET, other.tenant) != client.get("/webhook-secret").json()["secret"]
+
+
+def test_a_rotation_replaces_the_secret_for_good_and_is_audited(client: TestClient) -> None:
+    keys = make_keys(client.app.state.sessions, unique_name("t"))  # a tenant that never rotated
+    admin = keys.header("admin")
+    before = client.get("/webhook-secret", headers=admin).json()
+
+    rotated = client.post("/webhook-secret/rotate", headers=admin)
+    again = client.post("/webhook-secret/rotate", headers=admin).json()
+
+    assert before["generation"] == 0 and rotated.status_code == 200 and rotated.headers["cache-control"] == "no-store"
+    assert rotated.json() == {"tenant_id": keys.tenant, "secret": tenant_secret(SERVICE_SECRET, keys.tenant, 1), "generation": 1}
+    assert again["generation"] == 2 and len({before["secret"], rotated.json()["secret"], again["secret"]}) == 3
+    assert client.get("/webhook-secret", headers=admin).json() == again
+    events = client.get("/audit-events", headers=admin, params={"page_size": 1000}).json()["audit_events"]
+    assert [e["details"] for e in events if e["action"] == "webhook_secret.rotated"] == [{"generation": 1}, {"generation": 2}]
 
 
 def test_without_webhooks_there_is_no_secret(settings: Settings) -> None:

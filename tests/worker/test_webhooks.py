@@ -200,6 +200,26 @@ def test_tenants_take_turns_for_the_senders(webhook_env, digits_checkpoint: byte
     assert ours == [due[1], due[4], due[2]]  # the quiet tenant's one event before the busy one's second
 
 
+def test_after_a_rotation_events_verify_with_the_new_secret_only(webhook_env, receiver, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    from core.services.webhooks.secrets import rotate_tenant_secret
+
+    tenant = f"rotating-{uuid.uuid4().hex[:8]}"
+    model_id = webhook_env.new_model(digits_checkpoint, tenant=tenant)
+    request_id = webhook_env.queue(model_id, [2], callback_url=receiver.url(), tenant=tenant)
+    with webhook_env.sessions() as session:
+        deletion_request_service.cancel(session, tenant_id=tenant, actor="test", request_id=request_id)
+        session.commit()
+    with webhook_env.sessions.begin() as session:  # after the event was queued: it is signed when sent
+        new_secret, generation = rotate_tenant_secret(session, tenant_id=tenant, actor="test", settings=webhook_env.settings)
+
+    _send(webhook_env)
+
+    (post,) = receiver.wait_for(1, timeout_s=5)
+    assert generation == 1 and Webhook(new_secret).verify(post.body, post.headers)["data"]["id"] == request_id
+    with pytest.raises(Exception, match="signature"):
+        Webhook(tenant_secret(SECRET, tenant)).verify(post.body, post.headers)
+
+
 def test_a_receiver_that_answers_500_gets_the_event_again(webhook_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     receiver = WebhookReceiver(statuses=(500,))
     try:

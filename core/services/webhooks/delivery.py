@@ -48,8 +48,11 @@ class AttemptResult:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-def post_event(url: str, message_id: str, body: bytes, settings: Settings, tenant_id: str) -> AttemptResult:
-    """Sign `body` now with the tenant's secret (the timestamp is part of the signature) and POST it once."""
+def post_event(
+    url: str, message_id: str, body: bytes, settings: Settings, tenant_id: str, secret_generation: int = 0
+) -> AttemptResult:
+    """Sign `body` now with the tenant's current secret (the timestamp is part of the signature)
+    and POST it once."""
     if settings.webhook_secret is None:
         return AttemptResult(None, "UISPS_WEBHOOK_SECRET is not set on this worker")
     try:
@@ -60,7 +63,7 @@ def post_event(url: str, message_id: str, body: bytes, settings: Settings, tenan
         return AttemptResult(None, f"refused: {exc}"[:ERROR_LIMIT], permanent=True)
     except OSError as exc:  # socket.gaierror: the name does not resolve (now)
         return AttemptResult(None, f"cannot resolve {target.host}: {exc}"[:ERROR_LIMIT])
-    key = signing_key(tenant_secret(settings.webhook_secret.get_secret_value(), tenant_id))
+    key = signing_key(tenant_secret(settings.webhook_secret.get_secret_value(), tenant_id, secret_generation))
     headers = {**webhook_headers(key, message_id, int(time.time()), body), "user-agent": USER_AGENT}
     try:
         status, location = _post(target, addresses, headers, body, settings.webhook_timeout_s)

@@ -9,7 +9,7 @@ every attempt of an event, for receivers to drop duplicates.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,6 +26,7 @@ from core.db import (
 )
 from core.services.transactions import begin_write
 from core.services.webhooks.delivery import AttemptResult
+from core.services.webhooks.secrets import generations
 from core.settings import Settings
 
 SENDER_ACTOR = "worker"
@@ -43,6 +44,7 @@ class DueDelivery:
     url: str
     payload: str
     attempt: int
+    secret_generation: int = 0  # of the tenant's secret, when claimed
 
 
 def event_type(state: str) -> str:
@@ -133,7 +135,8 @@ class WebhookService:
             assert delivery is not None
             claimed.append(DueDelivery(delivery.id, delivery.tenant_id, delivery.url, delivery.payload, delivery.attempts))
         session.flush()
-        return claimed
+        current = generations(session, {delivery.tenant_id for delivery in claimed})
+        return [replace(delivery, secret_generation=current[delivery.tenant_id]) for delivery in claimed]
 
     def record_result(self, session: Session, due: DueDelivery, result: AttemptResult, *, settings: Settings) -> None:
         """Record what attempt `due.attempt` got, and decide: delivered, try again later, or failed."""

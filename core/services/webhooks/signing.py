@@ -4,8 +4,9 @@
 Each tenant's events are signed with a secret of its own, derived from the service's
 `UISPS_WEBHOOK_SECRET` and the tenant id: a tenant verifies with its secret and cannot sign an
 event that another tenant's receiver would accept. Deriving it (rather than storing one per
-tenant) means nothing more to keep, back up or hand to the workers; rotating the service's secret
-rotates every tenant's."""
+tenant) means nothing more to keep, back up or hand to the workers: the database holds only each
+tenant's generation, which a rotation moves on. Rotating the service's secret rotates every
+tenant's."""
 
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ def signing_key(secret: str) -> bytes:
     return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
 
 
-def tenant_secret(service_secret: str, tenant_id: str) -> str:
-    """The `whsec_<base64>` secret that signs `tenant_id`'s events (an HMAC-based key derivation,
-    labelled so that the key serves this one purpose)."""
-    derived = hmac.new(signing_key(service_secret), _TENANT_LABEL + tenant_id.encode(), hashlib.sha256).digest()
+def tenant_secret(service_secret: str, tenant_id: str, generation: int = 0) -> str:
+    """The `whsec_<base64>` secret that signs `tenant_id`'s events at this generation of its secret
+    (an HMAC-based key derivation, labelled so that the key serves this one purpose; each rotation
+    moves the generation on)."""
+    info = _TENANT_LABEL + tenant_id.encode() + (f"\0{generation}".encode() if generation else b"")
+    derived = hmac.new(signing_key(service_secret), info, hashlib.sha256).digest()
     return SECRET_PREFIX + base64.b64encode(derived).decode()
 
 

@@ -11,7 +11,7 @@ from core.db.migrate import alembic_config, current_revision, downgrade, upgrade
 
 TABLES = {
     "models", "model_versions", "deletion_requests", "audit_events", "api_keys", "idempotency_keys",
-    "webhook_deliveries", "webhook_delivery_attempts", "model_version_requests",
+    "webhook_deliveries", "webhook_delivery_attempts", "model_version_requests", "webhook_secrets",
 }
 
 
@@ -64,7 +64,7 @@ def test_upgrade_creates_every_table(empty_db: str) -> None:
     upgrade(empty_db)
 
     assert _tables(empty_db) == TABLES
-    assert current_revision(empty_db) == "0007"
+    assert current_revision(empty_db) == "0008"
 
 
 def test_downgrade_removes_everything(empty_db: str) -> None:
