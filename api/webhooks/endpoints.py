@@ -45,9 +45,7 @@ class WebhookSecret(BaseModel):
 def get_webhook_secret(
     response: Response, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep, actor: ActorDep
 ) -> WebhookSecret:
-    secret, generation = reveal_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings)
-    response.headers["Cache-Control"] = "no-store"
-    return WebhookSecret(tenant_id=tenant_id, secret=secret, generation=generation)
+    return _shown(response, tenant_id, *reveal_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings))
 
 
 @router.post(
@@ -67,6 +65,9 @@ def get_webhook_secret(
 def rotate_webhook_secret(
     response: Response, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep, actor: ActorDep
 ) -> WebhookSecret:
-    secret, generation = rotate_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings)
-    response.headers["Cache-Control"] = "no-store"
+    return _shown(response, tenant_id, *rotate_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings))
+
+
+def _shown(response: Response, tenant_id: str, secret: str, generation: int) -> WebhookSecret:
+    response.headers["Cache-Control"] = "no-store"  # a secret: never kept by a cache
     return WebhookSecret(tenant_id=tenant_id, secret=secret, generation=generation)

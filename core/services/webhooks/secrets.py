@@ -19,10 +19,10 @@ from core.settings import Settings
 def generations(session: Session, tenant_ids: Iterable[str]) -> dict[str, int]:
     """Each tenant's current secret generation (0 for a tenant that never rotated)."""
     wanted = set(tenant_ids)
-    rows = session.execute(
-        select(WebhookSecret.tenant_id, WebhookSecret.generation).where(WebhookSecret.tenant_id.in_(wanted))
-    ) if wanted else []
-    found = {tenant: generation for tenant, generation in rows}
+    if not wanted:
+        return {}
+    query = select(WebhookSecret.tenant_id, WebhookSecret.generation).where(WebhookSecret.tenant_id.in_(wanted))
+    found = {tenant: generation for tenant, generation in session.execute(query)}
     return {tenant: found.get(tenant, 0) for tenant in wanted}
 
 
