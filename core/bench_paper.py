@@ -47,9 +47,10 @@ import torch
 from torch import nn
 
 from core import baselines as B
-from core.architectures import unlearning_lr
+from core.architectures import build_model, unlearning_lr
+from core.bench_cache import TrainedModels, samples_fingerprint
 from core.config import PAPER_PASS, InversionConfig, TrainConfig, UnlearnConfig
-from core.data import Dataset, RetainedData, retained_data
+from core.data import Dataset, RetainedData, Split, retained_data
 from core.device import use_bf16
 from core.forgetting_probes import (
     ProbeConfig,
@@ -273,6 +274,7 @@ class PaperBench:
         order: str = "seed",
         log: Callable[[str], None] = print,
         resume: bool = False,
+        models: TrainedModels | None = None,
     ) -> None:
         unknown = set(experiments) - set(EXPERIMENTS)
         if unknown:
@@ -285,6 +287,7 @@ class PaperBench:
         self.experiments = [e for e in EXPERIMENTS if e in set(experiments)]
         self.seeds = list(range(seeds if seeds is not None else preset.seeds))
         self.time_budget, self.order, self.log, self.resume = time_budget, order, log, resume
+        self.models = models  # trained Originals and Retrains kept across runs (None: this run only)
         self.base_unlearn = UnlearnConfig.model_validate(_merge(preset.unlearn, {"precision": preset.precision}))
         self._train_cfg(0)  # a bad `train` override fails here, before anything runs
         self.mean, self.std = dataset.channel_stats()
@@ -385,12 +388,36 @@ class PaperBench:
     def original(self, arch: str, seed: int) -> tuple[nn.Module, float]:
         key = (arch, seed)
         if key not in self._originals:
-            _sync(self.device)
-            start = time.perf_counter()
-            model, _ = train_model(self.dataset, arch, self._train_cfg(seed), self.device)
-            _sync(self.device)
-            self._originals[key] = (model.eval(), time.perf_counter() - start)
+            cfg = self._train_cfg(seed)
+            self._originals[key] = self._trained(
+                "original", arch, cfg, self.dataset.train, self.dataset.num_classes, self.dataset.flip,
+                lambda: train_model(self.dataset, arch, cfg, self.device)[0])
         return self._originals[key]
+
+    def _trained(self, kind: str, arch: str, cfg: TrainConfig, data: Split, num_classes: int, flip: bool,
+                 train_fn: Callable[[], nn.Module]) -> tuple[nn.Module, float]:
+        """The model `train_fn` trains and its training seconds, from `self.models` when it holds them."""
+        recipe = {
+            "kind": kind, "arch": arch, "train": cfg.model_dump(mode="json"),
+            "samples": samples_fingerprint(data.x, data.y), "num_classes": num_classes, "flip": flip,
+            "mean": self.mean, "std": self.std, "device": device_name(self.device), "torch": torch.__version__,
+        }
+        if self.models is not None:
+            with torch.random.fork_rng(devices=[]):
+                model = build_model(arch, int(data.x.shape[1]), num_classes)
+            seconds = self.models.load(recipe, model)
+            if seconds is not None:
+                self.log(f"{kind} {arch} seed {cfg.seed}: trained model from the cache ({seconds:.0f} s when trained)")
+                # the memory format training leaves, so that every later step computes the same
+                return model.to(self.device, memory_format=torch.channels_last).eval(), seconds
+        _sync(self.device)
+        start = time.perf_counter()
+        model = train_fn()
+        _sync(self.device)
+        seconds = time.perf_counter() - start
+        if self.models is not None:
+            self.models.store(recipe, model, seconds)
+        return model.eval(), seconds
 
     def retained(self, forget: tuple[int, ...], fraction: float, seed: int) -> RetainedData:
         key = (forget, fraction, seed if fraction < 1 else None)
@@ -411,12 +438,10 @@ class PaperBench:
         key = (arch, seed, forget, fraction)
         if key not in self._retrains:
             retained = self.retained(forget, fraction, seed)
-            _sync(self.device)
-            start = time.perf_counter()
-            model = B.retrain(None, arch, retained, list(forget), self.mean, self.std, self.device, seed,
-                              self._train_cfg(seed))
-            _sync(self.device)
-            self._retrains[key] = (model, time.perf_counter() - start)
+            cfg = self._train_cfg(seed)
+            self._retrains[key] = self._trained(
+                "retrain", arch, cfg, retained.train, retained.num_classes, retained.flip,
+                lambda: B.retrain(None, arch, retained, list(forget), self.mean, self.std, self.device, seed, cfg))
         return self._retrains[key]
 
     def synthetic(self, arch: str, seed: int, forget: tuple[int, ...], inversion: InversionConfig) -> tuple[Synthetic, float]:
@@ -641,6 +666,7 @@ class PaperBench:
                 u.experiment == e for u in skipped)},
             pass_lengths=pass_lengths(self.raw),
             failures=self.failures,
+            models_from_cache=self.models.hits if self.models is not None else 0,
         )
         images = plot_prediction_distributions(rows, self.out, self.dataset.classes) if plots else self.meta.get("plots", [])
         self.meta["plots"] = images
@@ -732,6 +758,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"in {meta.get('elapsed_s', 0):.0f} s"
         + (f" (time budget {meta['time_budget_s']:.0f} s)" if meta.get("time_budget_s") else ""),
     ]
+    if meta.get("models_from_cache"):
+        lines.append(f"- Original/Retrain models read from the model cache: {meta['models_from_cache']} "
+                     "(their seconds are those measured when they were trained, on the same device)")
     if meta.get("stopped_by_budget"):
         lines.append(f"- **stopped by the time budget**: rows not started, per experiment: {meta.get('not_started')}")
     for failure in meta.get("failures") or []:

@@ -324,13 +324,22 @@ def bench_paper(
     preset_json: Annotated[str, typer.Option("--preset-json", help="JSON overrides of the preset's fields")] = "{}",
     resume: Annotated[bool, typer.Option(
         "--resume", help="keep the finished rows of an earlier run with the same settings in --out; run the rest")] = False,
+    model_cache: Annotated[Path | None, typer.Option(
+        "--model-cache", help="folder of trained Originals/Retrains reused across runs "
+        "(default: $XDG_CACHE_HOME/uisps/bench-models)")] = None,
+    no_model_cache: Annotated[bool, typer.Option(
+        "--no-model-cache", help="train every Original and Retrain this run needs")] = False,
 ) -> None:
     """Re-run the paper's tables (UISPS against the baselines); rows are written as they finish."""
     import os
 
+    from core.bench_cache import TrainedModels, default_root
     from core.bench_paper import EXPERIMENTS, PaperBench, make_preset
     from core.data import load_dataset
     from core.errors import UisError
+
+    def log(line: str) -> None:
+        typer.echo(line, err=True)
 
     try:
         overrides = json.loads(preset_json)
@@ -341,8 +350,9 @@ def bench_paper(
             spec = f"npz:{spec}"
         if not spec:
             raise UisError("the full preset needs --data npz:<cifar10_subset.npz> (or $UISPS_CIFAR10_SUBSET)")
+        models = None if no_model_cache else TrainedModels(model_cache or default_root(), log)
         bench = PaperBench(chosen, load_dataset(spec), _device(device), out, wanted, seeds, time_budget, order,
-                           log=lambda line: typer.echo(line, err=True), resume=resume)
+                           log=log, resume=resume, models=models)
     except (ValueError, TypeError) as exc:
         raise UisError(f"bench paper: {exc}") from None
     rows = bench.run()

@@ -19,7 +19,9 @@ CPU = torch.device("cpu")
 def uisps(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     # one thread: the tiny digits run takes seconds, where two OpenMP threads on a machine busy
     # with other work can spin-wait it into minutes
-    env = {k: v for k, v in os.environ.items() if k != "UISPS_CIFAR10_SUBSET"} | {"OMP_NUM_THREADS": "1"}
+    # the model cache goes in the test's folder, never the user's
+    env = {k: v for k, v in os.environ.items() if k != "UISPS_CIFAR10_SUBSET"} | {
+        "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(cwd / "cache")}
     return subprocess.run([sys.executable, "-m", "uisps", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600, env=env)
 
@@ -128,6 +130,53 @@ def test_resume_after_a_last_line_cut_short_runs_that_row_again(tmp_path):
     assert again.returncode == 0, again.stderr
     assert f"{len(lines) - 1} finished rows kept, 1 to run" in again.stderr
     assert len(raw_path.read_text().splitlines()) == len(lines)
+
+
+TUNE = ("bench", "paper", "--preset", "quick", "--device", "cpu", "--experiments", "tune")
+
+
+def _raw(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_later_run_reuses_trained_models_and_measures_the_same(tmp_path):
+    first = uisps(*TUNE, "--out", "a", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "from the cache" not in first.stderr
+    assert len(list((tmp_path / "cache" / "uisps" / "bench-models").glob("*.safetensors"))) == 2
+
+    second = uisps(*TUNE, "--out", "b", cwd=tmp_path)
+
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.count("trained model from the cache") == 2  # the Original and the Retrain
+    timings = {"seconds", "inversion_seconds"}
+    measured = [[{k: v for k, v in r.items() if k not in timings} for r in _raw(tmp_path / out / "paper-raw.jsonl")]
+                for out in ("a", "b")]
+    assert measured[0] == measured[1]  # every row, the Original's and Retrain's included
+    meta = json.loads((tmp_path / "b" / "paper-run.json").read_text())
+    assert meta["models_from_cache"] == 2 and "read from the model cache: 2" in (tmp_path / "b" / "paper.md").read_text()
+
+
+def test_another_recipe_or_an_unusable_file_trains_again(tmp_path):
+    assert uisps(*TUNE, "--out", "a", cwd=tmp_path).returncode == 0
+    stored = sorted((tmp_path / "cache" / "uisps" / "bench-models").glob("*.safetensors"))
+    other = uisps(*TUNE, "--out", "b", "--preset-json", '{"train": {"epochs": 5, "lr": 0.1}}', cwd=tmp_path)
+    assert other.returncode == 0, other.stderr
+    assert "from the cache" not in other.stderr
+
+    stored[0].write_bytes(stored[0].read_bytes()[:100])  # cut short
+    again = uisps(*TUNE, "--out", "c", cwd=tmp_path)
+
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("is unusable") == 1 and again.stderr.count("from the cache") == 1
+    assert len(_raw(tmp_path / "c" / "paper-raw.jsonl")) == len(_raw(tmp_path / "a" / "paper-raw.jsonl"))
+    assert stored[0].stat().st_size > 1000  # trained again and stored again
+
+
+def test_no_model_cache_stores_nothing(tmp_path):
+    run = uisps(*TUNE, "--out", "a", "--no-model-cache", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert not (tmp_path / "cache" / "uisps").exists()
 
 
 def test_resume_without_an_earlier_run_is_one_clear_line(tmp_path):
