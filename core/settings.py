@@ -147,6 +147,9 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = 10.0
     # How often each worker's webhook sender looks for due deliveries.
     webhook_poll_interval_s: float = 2.0
+    # After a tenant rotates its secret, its events carry a second signature, by the secret before,
+    # for this long (Standard Webhooks allows several): receivers switch without refusing events.
+    webhook_secret_overlap_s: float = Field(default=86400.0, ge=0)
 
     @field_validator("webhook_secret", mode="after")
     @classmethod

@@ -82,7 +82,7 @@ class WebhookSender(PeriodicPass):
             self._changed.notify_all()
 
     def _attempt(self, due: DueDelivery) -> None:
-        result = post_event(due.url, due.id, due.payload.encode(), self.settings, due.tenant_id, due.secret_generation)
+        result = post_event(due.url, due.id, due.payload.encode(), self.settings, due.tenant_id, due.secret_generations)
         if result.delivered:
             logger.info("webhook %s delivered (attempt %d, HTTP %s)", due.id, due.attempt, result.status_code)
         else:

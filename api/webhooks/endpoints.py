@@ -3,14 +3,17 @@ and its rotation."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field
 
 from api.auth import require
 from api.deps import ActorDep, SessionDep, SettingsDep, TenantDep
 from api.problems import problem_responses
-from core.db import ApiKeyRole
-from core.services.webhooks.secrets import reveal_tenant_secret, rotate_tenant_secret
+from core.db import ApiKeyRole, utcnow
+from core.services.webhooks.secrets import SecretState, reveal_tenant_secret, rotate_tenant_secret
+from core.settings import Settings
 
 router = APIRouter(
     tags=["webhooks"],
@@ -27,6 +30,10 @@ class WebhookSecret(BaseModel):
         examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
     )
     generation: int = Field(description="how many times the tenant rotated it")
+    previous_signs_until: datetime | None = Field(
+        description="after a rotation: until then, events also carry a signature by the secret before this "
+        "one (`UISPS_WEBHOOK_SECRET_OVERLAP_S`), so receivers still using it accept them; null when none does",
+    )
 
 
 @router.get(
@@ -45,7 +52,8 @@ class WebhookSecret(BaseModel):
 def get_webhook_secret(
     response: Response, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep, actor: ActorDep
 ) -> WebhookSecret:
-    return _shown(response, tenant_id, *reveal_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings))
+    return _shown(response, settings, tenant_id,
+                  *reveal_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings))
 
 
 @router.post(
@@ -55,19 +63,23 @@ def get_webhook_secret(
     responses=problem_responses(409),
     summary="Replace your tenant's webhook signing secret (role admin)",
     description=(
-        "For a secret that leaked or whose holder left: events sent from now on are signed with the "
-        "new secret returned here, and the old one verifies none of them (an event already being "
-        "sent may still carry the old signature; receivers that refuse it get it again). Put the new "
-        "secret in your receivers at once: events they refuse are retried for about 1.4 h. Recorded in "
-        "the audit log (`webhook_secret.rotated`)."
+        "For a secret that leaked or whose holder left, or routinely: events sent from now on are "
+        "signed with the new secret returned here and, until `previous_signs_until` (24 h by default), "
+        "also with the one before, so receivers keep accepting them while you put the new secret in "
+        "(a receiver that switched accepts only the new signature, so a leaked old secret forges "
+        "nothing there). After that, only the new one signs. Rotating again within the overlap drops "
+        "the oldest at once. Recorded in the audit log (`webhook_secret.rotated`)."
     ),
 )
 def rotate_webhook_secret(
     response: Response, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep, actor: ActorDep
 ) -> WebhookSecret:
-    return _shown(response, tenant_id, *rotate_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings))
+    return _shown(response, settings, tenant_id,
+                  *rotate_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings))
 
 
-def _shown(response: Response, tenant_id: str, secret: str, generation: int) -> WebhookSecret:
+def _shown(response: Response, settings: Settings, tenant_id: str, secret: str, state: SecretState) -> WebhookSecret:
     response.headers["Cache-Control"] = "no-store"  # a secret: never kept by a cache
-    return WebhookSecret(tenant_id=tenant_id, secret=secret, generation=generation)
+    until = state.previous_signs_until(settings.webhook_secret_overlap_s)
+    return WebhookSecret(tenant_id=tenant_id, secret=secret, generation=state.generation,
+                         previous_signs_until=until if until is not None and until > utcnow() else None)

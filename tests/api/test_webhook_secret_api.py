@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
@@ -29,7 +30,8 @@ def test_a_tenant_reads_its_own_secret_and_the_reading_is_audited(client: TestCl
     response = client.get("/webhook-secret")
 
     assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
-    assert response.json() == {"tenant_id": "default", "secret": tenant_secret(SERVICE_SECRET, "default"), "generation": 0}
+    assert response.json() == {"tenant_id": "default", "secret": tenant_secret(SERVICE_SECRET, "default"), "generation": 0,
+                               "previous_signs_until": None}
     events = client.get("/audit-events", params={"page_size": 1000}).json()["audit_events"]
     assert events[-1]["action"] == "webhook_secret.revealed" and events[-1]["subject_id"] == "default"
 
@@ -53,7 +55,7 @@ def test_another_tenant_reads_another_secret(client: TestClient) -> None:
     assert theirs["secret"] == tenant_secret(SERVICE_SECRET, other.tenant) != client.get("/webhook-secret").json()["secret"]
 
 
-def test_a_rotation_replaces_the_secret_for_good_and_is_audited(client: TestClient) -> None:
+def test_a_rotation_replaces_the_secret_and_is_audited(client: TestClient) -> None:
     keys = make_keys(client.app.state.sessions, unique_name("t"))  # a tenant that never rotated
     admin = keys.header("admin")
     before = client.get("/webhook-secret", headers=admin).json()
@@ -62,11 +64,33 @@ def test_a_rotation_replaces_the_secret_for_good_and_is_audited(client: TestClie
     again = client.post("/webhook-secret/rotate", headers=admin).json()
 
     assert before["generation"] == 0 and rotated.status_code == 200 and rotated.headers["cache-control"] == "no-store"
-    assert rotated.json() == {"tenant_id": keys.tenant, "secret": tenant_secret(SERVICE_SECRET, keys.tenant, 1), "generation": 1}
+    assert rotated.json()["secret"] == tenant_secret(SERVICE_SECRET, keys.tenant, 1) and rotated.json()["generation"] == 1
     assert again["generation"] == 2 and len({before["secret"], rotated.json()["secret"], again["secret"]}) == 3
     assert client.get("/webhook-secret", headers=admin).json() == again
     events = client.get("/audit-events", headers=admin, params={"page_size": 1000}).json()["audit_events"]
     assert [e["details"] for e in events if e["action"] == "webhook_secret.rotated"] == [{"generation": 1}, {"generation": 2}]
+
+
+def test_a_rotation_says_until_when_the_previous_secret_also_signs(client: TestClient) -> None:
+    admin = make_keys(client.app.state.sessions, unique_name("t")).header("admin")
+
+    rotated = client.post("/webhook-secret/rotate", headers=admin).json()
+
+    until = datetime.fromisoformat(rotated["previous_signs_until"])
+    overlap = client.app.state.settings.webhook_secret_overlap_s
+    assert abs((until - datetime.now(UTC)).total_seconds() - overlap) < 60
+    assert client.get("/webhook-secret", headers=admin).json()["previous_signs_until"] == rotated["previous_signs_until"]
+
+
+def test_without_an_overlap_no_previous_secret_signs(settings: Settings) -> None:
+    configured = settings.model_copy(update={
+        "webhook_secret": SecretStr(SERVICE_SECRET), "webhook_allowed_hosts": "*", "webhook_secret_overlap_s": 0.0})
+    with TestClient(create_app(configured)) as test_client:
+        admin = make_keys(test_client.app.state.sessions, unique_name("t")).header("admin")
+
+        rotated = test_client.post("/webhook-secret/rotate", headers=admin).json()
+
+    assert rotated["generation"] == 1 and rotated["previous_signs_until"] is None
 
 
 def test_without_webhooks_there_is_no_secret(settings: Settings) -> None:

@@ -200,24 +200,48 @@ def test_tenants_take_turns_for_the_senders(webhook_env, digits_checkpoint: byte
     assert ours == [due[1], due[4], due[2]]  # the quiet tenant's one event before the busy one's second
 
 
-def test_after_a_rotation_events_verify_with_the_new_secret_only(webhook_env, receiver, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+def _rotated_tenant_event(env, digits_checkpoint: bytes, url: str) -> tuple[str, str, str]:  # noqa: ANN001
+    """A tenant's cancelled request whose event is queued, then the tenant's secret rotated: the
+    request id, the secret before and the new one."""
     from core.services.webhooks.secrets import rotate_tenant_secret
 
     tenant = f"rotating-{uuid.uuid4().hex[:8]}"
-    model_id = webhook_env.new_model(digits_checkpoint, tenant=tenant)
-    request_id = webhook_env.queue(model_id, [2], callback_url=receiver.url(), tenant=tenant)
-    with webhook_env.sessions() as session:
+    model_id = env.new_model(digits_checkpoint, tenant=tenant)
+    request_id = env.queue(model_id, [2], callback_url=url, tenant=tenant)
+    with env.sessions() as session:
         deletion_request_service.cancel(session, tenant_id=tenant, actor="test", request_id=request_id)
         session.commit()
-    with webhook_env.sessions.begin() as session:  # after the event was queued: it is signed when sent
-        new_secret, generation = rotate_tenant_secret(session, tenant_id=tenant, actor="test", settings=webhook_env.settings)
+    with env.sessions.begin() as session:  # after the event was queued: it is signed when sent
+        new_secret, state = rotate_tenant_secret(session, tenant_id=tenant, actor="test", settings=env.settings)
+    assert state.generation == 1
+    return request_id, tenant_secret(SECRET, tenant), new_secret
+
+
+def test_after_a_rotation_events_verify_with_the_new_secret_and_for_a_while_the_old(
+    webhook_env, receiver, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    request_id, old_secret, new_secret = _rotated_tenant_event(webhook_env, digits_checkpoint, receiver.url())
 
     _send(webhook_env)
 
     (post,) = receiver.wait_for(1, timeout_s=5)
-    assert generation == 1 and Webhook(new_secret).verify(post.body, post.headers)["data"]["id"] == request_id
+    for secret in (new_secret, old_secret):  # receivers not yet switched still accept it
+        assert Webhook(secret).verify(post.body, post.headers)["data"]["id"] == request_id
+
+
+def test_once_the_overlap_has_passed_only_the_new_secret_signs(
+    webhook_env, receiver, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    request_id, old_secret, new_secret = _rotated_tenant_event(webhook_env, digits_checkpoint, receiver.url())
+    monkeypatch.setenv("UISPS_WEBHOOK_SECRET_OVERLAP_S", "0")
+    webhook_env.settings = get_settings()
+
+    _send(webhook_env)
+
+    (post,) = receiver.wait_for(1, timeout_s=5)
+    assert Webhook(new_secret).verify(post.body, post.headers)["data"]["id"] == request_id
     with pytest.raises(Exception, match="signature"):
-        Webhook(tenant_secret(SECRET, tenant)).verify(post.body, post.headers)
+        Webhook(old_secret).verify(post.body, post.headers)
 
 
 def test_a_receiver_that_answers_500_gets_the_event_again(webhook_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001

@@ -16,6 +16,7 @@ import io
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.services.webhooks.signing import signing_key, tenant_secret, webhook_headers
@@ -49,10 +50,11 @@ class AttemptResult:
 
 
 def post_event(
-    url: str, message_id: str, body: bytes, settings: Settings, tenant_id: str, secret_generation: int = 0
+    url: str, message_id: str, body: bytes, settings: Settings, tenant_id: str,
+    secret_generations: Sequence[int] = (0,),
 ) -> AttemptResult:
-    """Sign `body` now with the tenant's current secret (the timestamp is part of the signature)
-    and POST it once."""
+    """Sign `body` now with the tenant's secrets of `secret_generations` (the timestamp is part of
+    the signature) and POST it once."""
     if settings.webhook_secret is None:
         return AttemptResult(None, "UISPS_WEBHOOK_SECRET is not set on this worker")
     try:
@@ -63,8 +65,9 @@ def post_event(
         return AttemptResult(None, f"refused: {exc}"[:ERROR_LIMIT], permanent=True)
     except OSError as exc:  # socket.gaierror: the name does not resolve (now)
         return AttemptResult(None, f"cannot resolve {target.host}: {exc}"[:ERROR_LIMIT])
-    key = signing_key(tenant_secret(settings.webhook_secret.get_secret_value(), tenant_id, secret_generation))
-    headers = {**webhook_headers(key, message_id, int(time.time()), body), "user-agent": USER_AGENT}
+    service_secret = settings.webhook_secret.get_secret_value()
+    keys = [signing_key(tenant_secret(service_secret, tenant_id, generation)) for generation in secret_generations]
+    headers = {**webhook_headers(keys, message_id, int(time.time()), body), "user-agent": USER_AGENT}
     try:
         status, location = _post(target, addresses, headers, body, settings.webhook_timeout_s)
     except TimeoutError:

@@ -1,9 +1,16 @@
 """A tenant's webhook signing secret: handed to the tenant (its receivers verify events with it)
-and rotated by it. Only the generation is stored (table webhook_secrets); the secret is derived."""
+and rotated by it. Only the generation is stored (table webhook_secrets); the secret is derived.
+
+After a rotation, events carry a second signature by the secret before for
+`UISPS_WEBHOOK_SECRET_OVERLAP_S`, so receivers can take the new secret on their own schedule
+without refusing events meanwhile. This gives nobody anything: whoever holds the old secret could
+sign any event with it anyway, and a receiver that switched accepts only the new signature."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -16,32 +23,52 @@ from core.services.webhooks.signing import tenant_secret
 from core.settings import Settings
 
 
-def generations(session: Session, tenant_ids: Iterable[str]) -> dict[str, int]:
-    """Each tenant's current secret generation (0 for a tenant that never rotated)."""
+@dataclass(frozen=True)
+class SecretState:
+    """Where a tenant's secret stands: its generation, and when it last rotated (None: never)."""
+
+    generation: int = 0
+    rotated_at: datetime | None = None
+
+    def previous_signs_until(self, overlap_s: float) -> datetime | None:
+        """Until when events also carry the previous secret's signature (None: there is none)."""
+        if self.generation == 0 or self.rotated_at is None or overlap_s <= 0:
+            return None
+        return self.rotated_at + timedelta(seconds=overlap_s)
+
+    def signing_generations(self, overlap_s: float, now: datetime) -> tuple[int, ...]:
+        """The generations whose secrets sign an event sent at `now`, the current one first."""
+        until = self.previous_signs_until(overlap_s)
+        return (self.generation, self.generation - 1) if until is not None and now < until else (self.generation,)
+
+
+def secret_states(session: Session, tenant_ids: Iterable[str]) -> dict[str, SecretState]:
+    """Each tenant's secret state (generation 0, never rotated, for a tenant without a row)."""
     wanted = set(tenant_ids)
     if not wanted:
         return {}
-    query = select(WebhookSecret.tenant_id, WebhookSecret.generation).where(WebhookSecret.tenant_id.in_(wanted))
-    found = {tenant: generation for tenant, generation in session.execute(query)}
-    return {tenant: found.get(tenant, 0) for tenant in wanted}
+    query = select(WebhookSecret).where(WebhookSecret.tenant_id.in_(wanted))
+    found = {row.tenant_id: SecretState(row.generation, row.rotated_at) for row in session.scalars(query)}
+    return {tenant: found.get(tenant, SecretState()) for tenant in wanted}
 
 
-def reveal_tenant_secret(session: Session, *, tenant_id: str, actor: str, settings: Settings) -> tuple[str, int]:
+def reveal_tenant_secret(session: Session, *, tenant_id: str, actor: str, settings: Settings) -> tuple[str, SecretState]:
     """The tenant's `whsec_` secret and its generation; each reading is recorded in the tenant's
     audit log, since whoever holds it can make events the tenant's receivers accept."""
     service_secret = _service_secret(settings)
     begin_write(session)
-    generation = generations(session, [tenant_id])[tenant_id]
+    state = secret_states(session, [tenant_id])[tenant_id]
     record_event(
         session, tenant_id=tenant_id, actor=actor, action="webhook_secret.revealed",
-        subject_type="tenant", subject_id=tenant_id, details={"generation": generation},
+        subject_type="tenant", subject_id=tenant_id, details={"generation": state.generation},
     )
-    return tenant_secret(service_secret, tenant_id, generation), generation
+    return tenant_secret(service_secret, tenant_id, state.generation), state
 
 
-def rotate_tenant_secret(session: Session, *, tenant_id: str, actor: str, settings: Settings) -> tuple[str, int]:
-    """A new secret for the tenant (the next generation); the old one verifies no event sent from
-    the commit on. Recorded in the tenant's audit log."""
+def rotate_tenant_secret(session: Session, *, tenant_id: str, actor: str, settings: Settings) -> tuple[str, SecretState]:
+    """A new secret for the tenant (the next generation). Events sent from the commit on are signed
+    with it, and with the one before only for the overlap (the one before that signs none).
+    Recorded in the tenant's audit log."""
     service_secret = _service_secret(settings)
     begin_write(session)
     lock_tenant(session, tenant_id)  # two rotations at once make two generations, not one twice
@@ -55,7 +82,7 @@ def rotate_tenant_secret(session: Session, *, tenant_id: str, actor: str, settin
         session, tenant_id=tenant_id, actor=actor, action="webhook_secret.rotated",
         subject_type="tenant", subject_id=tenant_id, details={"generation": row.generation},
     )
-    return tenant_secret(service_secret, tenant_id, row.generation), row.generation
+    return tenant_secret(service_secret, tenant_id, row.generation), SecretState(row.generation, row.rotated_at)
 
 
 def _service_secret(settings: Settings) -> str:

@@ -26,7 +26,7 @@ from core.db import (
 )
 from core.services.transactions import begin_write
 from core.services.webhooks.delivery import AttemptResult
-from core.services.webhooks.secrets import generations
+from core.services.webhooks.secrets import secret_states
 from core.settings import Settings
 
 SENDER_ACTOR = "worker"
@@ -44,7 +44,7 @@ class DueDelivery:
     url: str
     payload: str
     attempt: int
-    secret_generation: int = 0  # of the tenant's secret, when claimed
+    secret_generations: tuple[int, ...] = (0,)  # of the tenant's secret whose keys sign it
 
 
 def event_type(state: str) -> str:
@@ -135,8 +135,10 @@ class WebhookService:
             assert delivery is not None
             claimed.append(DueDelivery(delivery.id, delivery.tenant_id, delivery.url, delivery.payload, delivery.attempts))
         session.flush()
-        current = generations(session, {delivery.tenant_id for delivery in claimed})
-        return [replace(delivery, secret_generation=current[delivery.tenant_id]) for delivery in claimed]
+        states = secret_states(session, {delivery.tenant_id for delivery in claimed})
+        overlap = settings.webhook_secret_overlap_s
+        return [replace(delivery, secret_generations=states[delivery.tenant_id].signing_generations(overlap, now))
+                for delivery in claimed]
 
     def record_result(self, session: Session, due: DueDelivery, result: AttemptResult, *, settings: Settings) -> None:
         """Record what attempt `due.attempt` got, and decide: delivered, try again later, or failed."""

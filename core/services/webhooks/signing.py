@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Sequence
 
 SECRET_PREFIX = "whsec_"
 _TENANT_LABEL = b"uisps webhook signing secret of tenant\x00"
@@ -37,10 +38,12 @@ def sign(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-def webhook_headers(key: bytes, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+def webhook_headers(keys: Sequence[bytes], message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """The headers of one attempt; one signature per key, space-separated (the spec's form, which
+    verifiers accept when any one of them checks out)."""
     return {
         "webhook-id": message_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(key, message_id, timestamp, body),
+        "webhook-signature": " ".join(sign(key, message_id, timestamp, body) for key in keys),
         "content-type": "application/json",
     }

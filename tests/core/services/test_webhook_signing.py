@@ -15,7 +15,7 @@ BODY = b'{"type":"deletion_request.succeeded"}'
 
 
 def _signed_for(tenant: str, timestamp: int) -> dict[str, str]:
-    return webhook_headers(signing_key(tenant_secret(SERVICE_SECRET, tenant)), "msg_1", timestamp, BODY)
+    return webhook_headers([signing_key(tenant_secret(SERVICE_SECRET, tenant))], "msg_1", timestamp, BODY)
 
 
 def test_a_tenants_secret_is_stable_and_verifies_its_events() -> None:
@@ -39,3 +39,15 @@ def test_another_service_secret_gives_the_tenant_another_secret() -> None:
     other = "whsec_" + base64.b64encode(bytes(range(1, 33))).decode()
 
     assert tenant_secret(other, "acme") != tenant_secret(SERVICE_SECRET, "acme")
+
+
+def test_during_a_rotation_an_event_verifies_with_either_secret_and_no_other() -> None:
+    old, new = (tenant_secret(SERVICE_SECRET, "acme", generation) for generation in (1, 2))
+    headers = webhook_headers([signing_key(new), signing_key(old)], "msg_1", int(time.time()), BODY)
+
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):
+        assert Webhook(secret).verify(BODY, headers)["type"] == "deletion_request.succeeded"
+    for wrong in (tenant_secret(SERVICE_SECRET, "acme", 0), tenant_secret(SERVICE_SECRET, "globex", 1)):
+        with pytest.raises(Exception, match="signature"):
+            Webhook(wrong).verify(BODY, headers)
