@@ -35,7 +35,7 @@ from core.db.migrate import upgrade
 from core.db.session import make_read_sessionmaker
 from core.logs import configure_logging, root_configured_elsewhere
 from core.services.api_keys.cache import KeyCache
-from core.services.api_keys.rate_limit import make_rate_limiter
+from core.services.api_keys.rate_limit import TENANT_BUCKET_PREFIX, make_rate_limiter
 from core.settings import Settings, get_settings
 from core.storage import make_artifact_store
 from core.broker import make_celery, send_deletion_request
@@ -91,6 +91,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.rate_limit_backend, settings.rate_limit_per_s, settings.rate_limit_burst,
             settings.effective_broker_url,
         )
+        app.state.tenant_rate_limiter = make_rate_limiter(
+            settings.rate_limit_backend, settings.tenant_rate_limit_per_s, settings.tenant_rate_limit_burst,
+            settings.effective_broker_url, scope="tenant", prefix=TENANT_BUCKET_PREFIX,
+        )
         await run_in_threadpool(_warn_without_keys, app.state.sessions)
         # What start-up built (modules, the app, SQLAlchemy's and pydantic's caches: ~170k objects)
         # lives as long as the process: kept out of the cyclic GC, a full collection pauses the
@@ -101,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             gc.unfreeze()
             await app.state.rate_limiter.close()
+            await app.state.tenant_rate_limiter.close()
             celery.close()
             engine.dispose()
 

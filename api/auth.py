@@ -11,10 +11,11 @@ role:
 | admin      | what a reader may, and register models, upload versions, purge checkpoints, manage the tenant's API keys |
 
 A missing, unknown or revoked key is a 401 (with `WWW-Authenticate: Bearer`), a role that may
-not act a 403, and a key over its rate limit a 429 with `Retry-After`.
+not act a 403, and a key over its rate limit, or its tenant over the tenant's, a 429 with
+`Retry-After`.
 
 The hot path stays on the event loop: a key verified within UISPS_API_KEY_CACHE_TTL_S is taken
-from this process's cache (core.services.api_keys.cache), and the rate limit's bucket is in
+from this process's cache (core.services.api_keys.cache), and the rate limits' buckets are in
 Redis or in memory (core.services.api_keys.rate_limit); only a cache miss reads the database,
 in a worker thread.
 """
@@ -43,7 +44,8 @@ bearer_scheme = HTTPBearer(
 async def authenticate(
     request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 ) -> Principal:
-    """The caller's key, checked (cached, see the module) and charged one token of its rate limit."""
+    """The caller's key, checked (cached, see the module) and charged one token of its rate limit
+    and one of its tenant's."""
     checked: Principal | None = getattr(request.state, "principal", None)
     if checked is not None:  # by the upload gate (api.limits.UploadGate), before the body was read
         return checked
@@ -63,6 +65,7 @@ async def authenticate(
         principal = await run_in_threadpool(_verify, state.sessions, key_hash)
         state.key_cache.put(key_hash, principal, generation)
     await state.rate_limiter.take(principal.key_id)
+    await state.tenant_rate_limiter.take(principal.tenant_id)
     request.state.principal = principal
     return principal
 

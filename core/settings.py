@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     # to `rate_limit_burst`. 0 turns the limit off.
     rate_limit_per_s: float = 20.0
     rate_limit_burst: int = 200
+    # The same for all of a tenant's keys together (each request takes a token from both buckets),
+    # so that more keys do not mean more of the service. 0 turns it off.
+    tenant_rate_limit_per_s: float = 100.0
+    tenant_rate_limit_burst: int = 1000
     # Where the buckets live: `redis` (the broker's Redis, one bucket per key for every API
     # process), `memory` (per API process: exact for one process, N times the rate with N), `auto`
     # (redis when the broker is Redis, else memory). A Redis outage lets requests through.

@@ -841,6 +841,8 @@ def run_api_bench(setup: ApiBenchSetup, log: Callable[[str], None] = lambda _lin
             "UISPS_BROKER_URL": broker_url,
             "UISPS_RATE_LIMIT_PER_S": UNREACHABLE_RATE,
             "UISPS_RATE_LIMIT_BURST": UNREACHABLE_RATE,
+            "UISPS_TENANT_RATE_LIMIT_PER_S": UNREACHABLE_RATE,
+            "UISPS_TENANT_RATE_LIMIT_BURST": UNREACHABLE_RATE,
             "UISPS_MAX_ACTIVE_REQUESTS_PER_TENANT": UNREACHABLE_RATE,
             "OMP_NUM_THREADS": "1",
         }
@@ -913,6 +915,7 @@ def run_api_bench(setup: ApiBenchSetup, log: Callable[[str], None] = lambda _lin
             "celery_worker": False,
             "settings": {
                 "UISPS_RATE_LIMIT_PER_S": UNREACHABLE_RATE, "UISPS_RATE_LIMIT_BURST": UNREACHABLE_RATE,
+                "UISPS_TENANT_RATE_LIMIT_PER_S": UNREACHABLE_RATE, "UISPS_TENANT_RATE_LIMIT_BURST": UNREACHABLE_RATE,
                 "UISPS_MAX_ACTIVE_REQUESTS_PER_TENANT": UNREACHABLE_RATE,
             },
             "log_tail": server_log_tail,

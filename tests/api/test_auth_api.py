@@ -163,6 +163,27 @@ def test_past_the_rate_limit_a_key_gets_429_with_retry_after(
         assert bare.get("/models", headers=keys.header("admin")).status_code == 200
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_tenants_keys_together_stay_within_the_tenant_rate_limit(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    broker = request.getfixturevalue("redis_url") if backend == "redis" else None
+    settings = Settings(home=tmp_path, broker_url=broker, rate_limit_backend=backend, rate_limit_per_s=10,
+                        rate_limit_burst=10, tenant_rate_limit_per_s=0.5, tenant_rate_limit_burst=4)
+    with TestClient(create_app(settings)) as client:
+        keys = authorize(client, unique_name("t"))  # its own buckets in the run's shared Redis
+        other = make_keys(client.app.state.sessions, unique_name("t"))
+        bare = _bare(client)
+        for role in ("reader", "admin", "compliance", "reader"):  # each key is far from its own limit
+            assert bare.get("/models", headers=keys.header(role)).status_code == 200
+
+        limited = bare.get("/models", headers=keys.header("admin"))
+
+        assert_problem(limited, 429, "rate_limited", "rate limit of this tenant exceeded")
+        assert 1 <= int(limited.headers["retry-after"]) <= 2
+        assert bare.get("/models", headers=other.header("reader")).status_code == 200  # another tenant's own
+
+
 def test_a_tenant_holds_at_most_the_allowed_keys_and_a_revoked_one_frees_its_place(tmp_path: Path) -> None:
     with TestClient(create_app(Settings(home=tmp_path, max_api_keys_per_tenant=4))) as client:
         authorize(client)  # admin, compliance, reader: 3 of 4

@@ -36,7 +36,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory, digits_checkpoint: bytes) 
     """The app on embedded defaults in a temp UISPS_HOME, and `python -m worker` on the same home."""
     home = tmp_path_factory.mktemp("uisps-home")
     # Polled every 50 ms, faster than the rate limit allows a real client: the limit is off here.
-    with TestClient(create_app(Settings(home=home, rate_limit_per_s=0))) as client:  # start-up migrates the database
+    with TestClient(create_app(Settings(home=home, rate_limit_per_s=0, tenant_rate_limit_per_s=0))) as client:  # start-up migrates the database
         authorize(client)
         lost_request_id = _lost_request(client, _register(client, digits_checkpoint))
         with (home / "worker.log").open("wb") as log:

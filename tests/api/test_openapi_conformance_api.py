@@ -52,7 +52,7 @@ CHECKS = (
 # Module level, as schemathesis parametrizes at collection (its from_fixture breaks on pytest 9).
 HOME = Path(tempfile.mkdtemp(prefix="uisps-schemathesis-"))
 atexit.register(shutil.rmtree, HOME, ignore_errors=True)  # also when the module is only collected
-SERVICE_SETTINGS = Settings(home=HOME, rate_limit_per_s=0)  # thousands of calls, on purpose
+SERVICE_SETTINGS = Settings(home=HOME, rate_limit_per_s=0, tenant_rate_limit_per_s=0)  # thousands of calls, on purpose
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(SERVICE_SETTINGS))
 
 

@@ -1,7 +1,10 @@
-"""The per-key rate limit: a token bucket of `rate_per_s` tokens a second, at most `burst`.
+"""Rate limits: a token bucket of `rate_per_s` tokens a second, at most `burst`, per API key and
+(a second limiter, with its own rate) per tenant, so that a tenant's many keys do not multiply
+its share of the service.
 
-Every authenticated request takes one token; an empty bucket is a 429 with `Retry-After`. Two
-stores, picked by `make_rate_limiter` from UISPS_RATE_LIMIT_BACKEND:
+Every authenticated request takes one token from its key's bucket and one from its tenant's; an
+empty bucket is a 429 with `Retry-After` naming which. Two stores, picked by `make_rate_limiter`
+from UISPS_RATE_LIMIT_BACKEND:
 
 - `RedisRateLimiter`: one bucket per key shared by every API process, which lease its tokens a
   tenth of the burst at a time (see the class). The production choice: the broker's Redis is
@@ -27,6 +30,7 @@ from core.services.errors import RateLimited
 logger = logging.getLogger(__name__)
 
 BUCKET_PREFIX = "uisps:rate:"
+TENANT_BUCKET_PREFIX = "uisps:rate-tenant:"
 # A Redis outage lets requests through (a limit is protection, not correctness); it is logged at
 # most this often.
 REDIS_WARNING_INTERVAL_S = 60.0
@@ -70,10 +74,10 @@ class RateLimiter(Protocol):
     async def close(self) -> None: ...
 
 
-def refusal(rate_per_s: float, burst: int, wait_s: float) -> RateLimited:
+def refusal(rate_per_s: float, burst: int, wait_s: float, scope: str = "API key") -> RateLimited:
     retry_after = max(1, math.ceil(wait_s))
     return RateLimited(
-        f"rate limit of this API key exceeded ({rate_per_s:g} requests per second, bursts of {burst}); "
+        f"rate limit of this {scope} exceeded ({rate_per_s:g} requests per second, bursts of {burst}); "
         f"retry in {retry_after} s",
         retry_after_s=retry_after,
     )
@@ -92,8 +96,10 @@ class Unlimited:
 class MemoryRateLimiter:
     """Buckets in this process. Called from the event loop only, so it needs no lock."""
 
-    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate_per_s, self.burst, self.clock = rate_per_s, burst, clock
+    def __init__(
+        self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic, *, scope: str = "API key"
+    ) -> None:
+        self.rate_per_s, self.burst, self.clock, self.scope = rate_per_s, burst, clock, scope
         self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, at)
 
     async def take(self, key_id: str) -> None:
@@ -101,7 +107,7 @@ class MemoryRateLimiter:
         tokens, at = self._buckets.get(key_id, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + max(0.0, now - at) * self.rate_per_s)
         if tokens < 1.0:
-            raise refusal(self.rate_per_s, self.burst, (1.0 - tokens) / self.rate_per_s)
+            raise refusal(self.rate_per_s, self.burst, (1.0 - tokens) / self.rate_per_s, self.scope)
         self._buckets[key_id] = (tokens - 1.0, now)
         if len(self._buckets) > 100_000:  # keys come and go: forget the ones that are full again
             self._forget_full(now)
@@ -128,11 +134,12 @@ class RedisRateLimiter:
 
     def __init__(
         self, url: str, rate_per_s: float, burst: int, *, lease_s: float = LEASE_S,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, scope: str = "API key", prefix: str = BUCKET_PREFIX,
     ) -> None:
         import redis.asyncio
 
         self.rate_per_s, self.burst, self.lease_s, self.clock = rate_per_s, burst, lease_s, clock
+        self.scope, self.prefix = scope, prefix
         self.lease_size = max(1, int(burst * LEASE_FRACTION))
         self.client: Any = redis.asyncio.Redis.from_url(
             url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
@@ -154,14 +161,15 @@ class RedisRateLimiter:
                 return
             await self._lease(key_id)
             if not self._spend(key_id):
-                raise refusal(self.rate_per_s, self.burst, self._refused_until.get(key_id, 0.0) - self.clock())
+                raise refusal(self.rate_per_s, self.burst, self._refused_until.get(key_id, 0.0) - self.clock(),
+                              self.scope)
 
     def _spend(self, key_id: str) -> bool:
         now = self.clock()
         refused_until = self._refused_until.get(key_id)
         if refused_until is not None:
             if now < refused_until:
-                raise refusal(self.rate_per_s, self.burst, refused_until - now)
+                raise refusal(self.rate_per_s, self.burst, refused_until - now, self.scope)
             del self._refused_until[key_id]
         lease = self._leases.get(key_id)
         if lease is None or lease[0] < 1 or now >= lease[1]:
@@ -176,7 +184,7 @@ class RedisRateLimiter:
         unspent = int(held[0]) if held is not None and math.isfinite(held[0]) else 0
         try:
             granted, wait = await self._script(
-                keys=[BUCKET_PREFIX + key_id], args=[self.rate_per_s, self.burst, unspent, self.lease_size]
+                keys=[self.prefix + key_id], args=[self.rate_per_s, self.burst, unspent, self.lease_size]
             )
         except (redis.RedisError, OSError) as exc:
             # Fail open, and ask Redis again only when this lease ends, not at every request.
@@ -203,8 +211,12 @@ def is_redis_url(url: str | None) -> bool:
     return bool(url) and url.split("://", 1)[0] in {"redis", "rediss"}
 
 
-def make_rate_limiter(backend: str, rate_per_s: float, burst: int, broker_url: str | None) -> RateLimiter:
-    """`backend`: "redis" (the broker's Redis), "memory", or "auto" (redis when the broker is Redis)."""
+def make_rate_limiter(
+    backend: str, rate_per_s: float, burst: int, broker_url: str | None, *, scope: str = "API key",
+    prefix: str = BUCKET_PREFIX,
+) -> RateLimiter:
+    """`backend`: "redis" (the broker's Redis), "memory", or "auto" (redis when the broker is Redis).
+    `scope` names what a bucket is for in refusals; `prefix` keeps each scope's Redis keys apart."""
     if rate_per_s <= 0:
         return Unlimited()
     if backend == "redis" or (backend == "auto" and is_redis_url(broker_url)):
@@ -212,5 +224,5 @@ def make_rate_limiter(backend: str, rate_per_s: float, burst: int, broker_url: s
             # The scheme only: the URL may carry the broker's password, and this error is logged.
             scheme = broker_url.split("://", 1)[0] if broker_url and "://" in broker_url else "(none)"
             raise ValueError(f"UISPS_RATE_LIMIT_BACKEND=redis needs a redis:// broker URL, not {scheme}://...")
-        return RedisRateLimiter(broker_url, rate_per_s, burst)  # type: ignore[arg-type]
-    return MemoryRateLimiter(rate_per_s, burst)
+        return RedisRateLimiter(broker_url, rate_per_s, burst, scope=scope, prefix=prefix)  # type: ignore[arg-type]
+    return MemoryRateLimiter(rate_per_s, burst, scope=scope)
