@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.read_limiter = CapacityLimiter(max(1, min(settings.api_read_threads, pool_size)))
         app.state.store = make_artifact_store(settings)
         app.state.celery = celery
-        app.state.dispatch = lambda request_id: send_deletion_request(celery, request_id)
+        app.state.dispatch = lambda request_id, priority: send_deletion_request(celery, request_id, priority)
         app.state.signer = Signer(
             settings.effective_certificate_key_path, settings.effective_certificate_retired_keys_dir
         )

@@ -16,6 +16,10 @@ Choices, and why:
   One job at a time per worker, because one job can use the whole GPU (or every CPU core); run
   more workers to run more jobs. `worker_max_tasks_per_child` recycles the child now and then so
   memory held by the allocator (CUDA caches, fragmentation) goes back to the system.
+- Ten priority levels on Redis (`priority_steps`, 0 first): a request is sent with the number of
+  its tenant's requests ahead of it (core.services.deletion_requests.fairness), so one tenant's
+  backlog does not hold another tenant's first request behind it. The SQLAlchemy and SQS
+  transports have no priorities: there the queue is first come, first served.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 from celery import Celery
 
+from core.services.deletion_requests.fairness import PRIORITY_LEVELS
 from core.settings import Settings, get_settings
 
 RUN_DELETION_REQUEST = "uisps.run_deletion_request"
@@ -45,7 +50,12 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     # outlast the longest job (a duplicate is harmless, just wasted). A dead worker's job does
     # not wait for it: its lease in the database (UISPS_JOB_LEASE_S, renewed by a heartbeat) runs
     # out in minutes and the reconciler (worker.reconciler) sends the request again.
-    return {"visibility_timeout": settings.job_visibility_timeout_s}
+    options: dict[str, Any] = {"visibility_timeout": settings.job_visibility_timeout_s}
+    if url.startswith(("redis", "rediss")):
+        # one list per priority (kombu's default merges them into 4 steps); workers take from the
+        # lowest number first, first in first out within one
+        options["priority_steps"] = list(range(PRIORITY_LEVELS))
+    return options
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -81,6 +91,8 @@ def make_celery(settings: Settings | None = None, include: Iterable[str] = ()) -
     return app
 
 
-def send_deletion_request(celery: Celery, request_id: str) -> None:
-    """Queue a request by task name, so the sender imports neither the task nor torch."""
-    celery.send_task(RUN_DELETION_REQUEST, args=[request_id], queue=QUEUE)
+def send_deletion_request(celery: Celery, request_id: str, priority: int = 0) -> None:
+    """Queue a request by task name, so the sender imports neither the task nor torch.
+    `priority`: 0 (taken first) to 9, where the broker has priorities."""
+    celery.send_task(RUN_DELETION_REQUEST, args=[request_id], queue=QUEUE,
+                     priority=max(0, min(PRIORITY_LEVELS - 1, priority)))

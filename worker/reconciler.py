@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from core.services.deletion_requests.fairness import priorities
 from core.services.deletion_requests.jobs import deletion_jobs
 from core.services.idempotency.service import idempotency_service
 from core.settings import Settings
@@ -35,17 +36,18 @@ class Reconciled:
 class Reconciler(PeriodicPass):
     thread_name = "uisps-reconciler"
 
-    def __init__(self, settings: Settings, send: Callable[[str], None], engine: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, send: Callable[[str, int], None], engine: Engine | None = None) -> None:
         super().__init__(settings, engine)
         self.send = send
 
     def run_once(self) -> Reconciled:
         with self.sessions.begin() as session:
             due = deletion_jobs.due_for_dispatch(session, requeue_after_s=self.settings.requeue_after_s)
+            places = priorities(session, due)  # the tenant's requests ahead of each, as when made
         resent = []
         for request_id in due:
             try:
-                self.send(request_id)
+                self.send(request_id, places.get(request_id, 0))
             except Exception:
                 # Marked as sent but not sent: the next period sends it again.
                 logger.exception("could not re-send deletion request %s", request_id)

@@ -48,7 +48,9 @@ def _start_reconciler(sender: Any = None, **_: Any) -> None:
     global _reconciler, _webhook_sender
     settings = get_settings()
     sender_app = make_celery(settings)  # its own connections, apart from the consumer's
-    _reconciler = Reconciler(settings, lambda request_id: send_deletion_request(sender_app, request_id)).start()
+    _reconciler = Reconciler(
+        settings, lambda request_id, priority: send_deletion_request(sender_app, request_id, priority)
+    ).start()
     _webhook_sender = WebhookSender(settings).start()
 
 

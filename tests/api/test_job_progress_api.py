@@ -80,7 +80,7 @@ def _lost_request(client: TestClient, model_id: str) -> str:
     with app.state.sessions() as session:
         request = deletion_request_service.create(
             session, tenant_id=DEFAULT_TENANT, actor="test", settings=app.state.settings, model_id=model_id,
-            forget_labels=[1], params=TINY_PARAMS, dispatch=lambda _id: None,
+            forget_labels=[1], params=TINY_PARAMS, dispatch=lambda _id, _priority: None,
         )
         request.created_at = request.dispatched_at = utcnow() - timedelta(hours=1)
         session.commit()

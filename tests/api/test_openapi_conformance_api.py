@@ -83,7 +83,7 @@ def seeded(digits_checkpoint: bytes) -> Iterator[Seeded]:
             )
             request = deletion_request_service.create(
                 session, tenant_id="default", actor="test", settings=SERVICE_SETTINGS, model_id=model.id,
-                forget_labels=[1], dispatch=lambda _id: None,
+                forget_labels=[1], dispatch=lambda _id, _priority: None,
             )
             session.commit()
             model_id, request_id = model.id, request.id

@@ -60,7 +60,7 @@ def _succeeded_request(settings: Settings, tenant: str = "acme") -> str:
         session.flush()
         request = deletion_request_service.create(
             session, tenant_id=tenant, actor="test", settings=settings, model_id=model.id, forget_labels=[7],
-            dispatch=lambda _id: None,
+            dispatch=lambda _id, _priority: None,
         )
         request_id = request.id
     with sessions.begin() as session:

@@ -12,7 +12,7 @@ def test_the_celery_configuration_suits_long_jobs(tmp_path) -> None:  # noqa: AN
     assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
     assert config["worker_prefetch_multiplier"] == 1 and config["task_ignore_result"]
     assert config["worker_pool"] == "prefork" and config["worker_concurrency"] == 1
-    assert config["broker_transport_options"] == {"visibility_timeout": 7200}
+    assert config["broker_transport_options"] == {"visibility_timeout": 7200, "priority_steps": list(range(10))}
 
 
 def test_the_embedded_broker_gets_engine_options_not_a_visibility_timeout(tmp_path) -> None:  # noqa: ANN001

@@ -76,7 +76,7 @@ class WorkerEnv:
         *,
         tenant: str = "default",
         base_version: int | None = None,
-        dispatch: Callable[[str], None] = lambda _id: None,
+        dispatch: Callable[[str, int], None] = lambda _id, _priority: None,
     ) -> str:
         """A queued deletion request on `model_id`, handed to `dispatch` once committed (default: not sent)."""
         with self.sessions() as session:

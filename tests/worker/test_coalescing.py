@@ -384,7 +384,7 @@ def test_a_worker_process_runs_two_queued_requests_as_one_job(worker_processes, 
     celery = make_celery(worker_processes.settings)
     try:
         model_id = env.new_model(digits_checkpoint)
-        ids = [env.queue(model_id, [label], dispatch=lambda i: send_deletion_request(celery, i)) for label in (3, 5)]
+        ids = [env.queue(model_id, [label], dispatch=lambda i, p: send_deletion_request(celery, i, p)) for label in (3, 5)]
     finally:
         celery.close()
     worker_processes.start()  # both messages wait in Redis: the first claim takes both requests
@@ -405,7 +405,7 @@ def test_a_coalesced_job_whose_worker_is_killed_is_finished_by_another(worker_pr
     celery = make_celery(worker_processes.settings)
     try:
         model_id = env.new_model(digits_checkpoint)
-        ids = [env.queue(model_id, [label], slow, dispatch=lambda i: send_deletion_request(celery, i)) for label in (2, 6)]
+        ids = [env.queue(model_id, [label], slow, dispatch=lambda i, p: send_deletion_request(celery, i, p)) for label in (2, 6)]
     finally:
         celery.close()
     short_lease = {"UISPS_JOB_LEASE_S": "4"}  # a takeover in seconds, not minutes

@@ -95,7 +95,7 @@ def test_flushing_redis_while_jobs_are_queued_loses_none(worker_process, digits_
                     session, tenant_id="default", actor="test", settings=settings, model_id=model.id,
                     # Other overrides each (the seed), so that no two are coalesced into one job.
                     forget_labels=[label], base_version=1, params={**TINY_PARAMS, "seed": label},
-                    dispatch=lambda request_id: send_deletion_request(celery, request_id),
+                    dispatch=lambda request_id, priority: send_deletion_request(celery, request_id, priority),
                 )
                 session.commit()  # each is sent to Redis on commit
                 ids.append(request.id)

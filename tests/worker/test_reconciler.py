@@ -41,7 +41,8 @@ def test_the_reconciler_resends_lost_and_orphaned_requests_once_per_period(worke
         deletion_jobs.claim(session, orphaned, lease_s=-1)  # its worker died: the lease ran out
         deletion_jobs.claim(session, alive, lease_s=3600)
     sent: list[str] = []
-    reconciler = Reconciler(worker_env.settings.model_copy(update={"requeue_after_s": 60}), sent.append)
+    reconciler = Reconciler(worker_env.settings.model_copy(update={"requeue_after_s": 60}),
+                            lambda request_id, _priority: sent.append(request_id))
     try:
         first = reconciler.run_once()
         second = reconciler.run_once()  # at once again: nothing is due twice in one period
@@ -94,7 +95,7 @@ def test_the_reconciler_purges_expired_idempotency_keys(worker_env) -> None:  # 
                                created_at=now, expires_at=expires)
             )
         key_id = key.id
-    reconciler = Reconciler(worker_env.settings, lambda _id: None)
+    reconciler = Reconciler(worker_env.settings, lambda _id, _priority: None)
     try:
         assert reconciler.run_once().purged_idempotency_keys >= 1
     finally:

@@ -399,7 +399,7 @@ def test_a_worker_process_sends_the_event_of_the_job_it_ran(worker_processes, re
         worker = worker_processes.start(**webhook_env)
         model_id = env.new_model(digits_checkpoint)
         request_id = env.queue(model_id, [6], callback_url=receiver.url(),
-                               dispatch=lambda request_id: send_deletion_request(celery, request_id))
+                               dispatch=lambda request_id, priority: send_deletion_request(celery, request_id, priority))
 
         deadline = time.monotonic() + 180
         while not receiver.received:

@@ -29,12 +29,14 @@ from core.services.pagination import Page, PageRequest
 from core.services.transactions import after_commit, begin_write
 from core.services.webhooks.service import webhook_service
 from core.services.webhooks.urls import check_callback_url
+from core.services.deletion_requests.fairness import dispatch_priority
 from core.settings import Settings
 
 SUPPORTED_METHODS = ("uisps",)
 ACTIVE_LIMIT_RETRY_AFTER_S = 30
 
-Dispatch = Callable[[str], None]
+# Sends a request's id to the workers, with its priority (core.services.deletion_requests.fairness).
+Dispatch = Callable[[str, int], None]
 
 
 class DeletionRequestService:
@@ -114,8 +116,8 @@ class DeletionRequestService:
                 "callback_url": callback_url,
             },
         )
-        request_id = request.id
-        after_commit(session, lambda: dispatch(request_id))
+        request_id, priority = request.id, dispatch_priority(active)
+        after_commit(session, lambda: dispatch(request_id, priority))
         return request
 
     def get(self, session: Session, tenant_id: str, request_id: str) -> DeletionRequest:

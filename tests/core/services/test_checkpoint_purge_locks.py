@@ -112,7 +112,7 @@ def test_a_request_waits_for_a_purge_of_its_base_and_is_then_refused(
         with pg_sessions.begin() as session:
             return deletion_request_service.create(
                 session, tenant_id="default", actor="test", settings=Settings(home=tmp_path), model_id=model_id,
-                forget_labels=[1], dispatch=lambda _: None)
+                forget_labels=[1], dispatch=lambda _id, _priority: None)
 
     with pg_sessions() as purge:  # a purge that checked for requests and has not committed yet
         model_service.purge_checkpoint(purge, tenant_id="default", actor="test", model_id=model_id,

@@ -36,7 +36,7 @@ def test_a_request_can_be_created_while_a_job_holds_its_model_lock(pg_sessions, 
             api.execute(text("SET LOCAL lock_timeout = '3s'"))  # fails here, instead of waiting, if blocked
             request = deletion_request_service.create(
                 api, tenant_id="default", actor="test", settings=Settings(home=tmp_path), model_id=model_id,
-                forget_labels=[1], dispatch=lambda _: None)
+                forget_labels=[1], dispatch=lambda _id, _priority: None)
             api.commit()
         job.rollback()
     assert request.state == "queued"
