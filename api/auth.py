@@ -64,6 +64,8 @@ async def authenticate(
         generation = state.key_cache.generation
         principal = await run_in_threadpool(_verify, state.sessions, key_hash)
         state.key_cache.put(key_hash, principal, generation)
+    # The key's bucket first: a key past its own limit is refused without spending its tenant's
+    # tokens, which the tenant's other keys share.
     await state.rate_limiter.take(principal.key_id)
     await state.tenant_rate_limiter.take(principal.tenant_id)
     request.state.principal = principal

@@ -4,8 +4,10 @@ Training them is most of a benchmark's time (a ResNet18 Original takes ~1,400 s 
 CPU), and separate runs train the same ones: `tune` then `main`, two row sets on one
 architecture, a run continued with `--resume` after its time budget. A model is stored under the
 hash of everything its weights depend on: what it is, its architecture, the whole TrainConfig
-(seed included), the exact training samples, normalisation, the device and torch's version. Any
-change is a new key, so a stale model is never reused; nothing is ever evicted (`rm -r` the folder).
+(seed included), the exact training samples, normalisation, the device, torch's version and the
+source of the code that trains it. Any change is a new key, so a stale model is never reused;
+nothing is ever evicted (`rm -r` the folder). Whoever can write the folder can change benchmark
+results: keep it private to the user running them.
 
 Files are safetensors (no pickle) written atomically; one that cannot be read back into the
 architecture is reported and trained again, never trusted.
@@ -14,11 +16,14 @@ architecture is reported and trained again, never trusted.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
+import platform
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from safetensors import safe_open
@@ -29,8 +34,9 @@ FORMAT = 1
 
 
 def default_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "uisps" / "bench-models"
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    # the XDG spec: a relative path is to be ignored
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "uisps" / "bench-models"
 
 
 def samples_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
@@ -41,6 +47,25 @@ def samples_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def code_digest(*modules: ModuleType) -> str:
+    """sha256 of the modules' source: a model trained by other training code is another model."""
+    h = hashlib.sha256()
+    for module in modules:
+        h.update(module.__name__.encode() + b"\0" + Path(inspect.getfile(module)).read_bytes())
+    return h.hexdigest()
+
+
+def cpu_name() -> str:
+    """The CPU's model (Linux), else its architecture: CPU kernels differ in their last bits."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def recipe_key(recipe: dict) -> str:

@@ -32,6 +32,7 @@ paper Fig. 4/5; needs matplotlib).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -48,7 +49,7 @@ from torch import nn
 
 from core import baselines as B
 from core.architectures import build_model, unlearning_lr
-from core.bench_cache import TrainedModels, samples_fingerprint
+from core.bench_cache import TrainedModels, code_digest, cpu_name, samples_fingerprint
 from core.config import PAPER_PASS, InversionConfig, TrainConfig, UnlearnConfig
 from core.data import Dataset, RetainedData, Split, retained_data
 from core.device import use_bf16
@@ -238,6 +239,14 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+@functools.cache
+def _training_code() -> str:
+    """The digest of the code that trains Originals and Retrains (their cache key's part)."""
+    from core import architectures, device, training, workflow
+
+    return code_digest(architectures, B, device, training, workflow)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -400,7 +409,8 @@ class PaperBench:
         recipe = {
             "kind": kind, "arch": arch, "train": cfg.model_dump(mode="json"),
             "samples": samples_fingerprint(data.x, data.y), "num_classes": num_classes, "flip": flip,
-            "mean": self.mean, "std": self.std, "device": device_name(self.device), "torch": torch.__version__,
+            "mean": self.mean, "std": self.std, "device": str(self.device), "device_name": device_name(self.device),
+            "cpu": cpu_name(), "torch": torch.__version__, "code": _training_code(),
         }
         if self.models is not None:
             with torch.random.fork_rng(devices=[]):

@@ -23,6 +23,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MIB = 1024 * 1024
 
 
+MAX_WEBHOOK_SECRET_OVERLAP_S = 30 * 24 * 60 * 60
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a malformed secret (UISPS_WEBHOOK_SECRET, say) must not reach the logs
     # in the error that refuses it.
@@ -71,12 +74,12 @@ class Settings(BaseSettings):
     idempotency_lock_s: float = 600.0
     # Token bucket per API key: `rate_limit_per_s` requests per second on average, bursts of up
     # to `rate_limit_burst`. 0 turns the limit off.
-    rate_limit_per_s: float = 20.0
-    rate_limit_burst: int = 200
+    rate_limit_per_s: float = Field(20.0, ge=0)
+    rate_limit_burst: int = Field(200, ge=1)
     # The same for all of a tenant's keys together (each request takes a token from both buckets),
     # so that more keys do not mean more of the service. 0 turns it off.
-    tenant_rate_limit_per_s: float = 100.0
-    tenant_rate_limit_burst: int = 1000
+    tenant_rate_limit_per_s: float = Field(100.0, ge=0)
+    tenant_rate_limit_burst: int = Field(1000, ge=1)
     # Where the buckets live: `redis` (the broker's Redis, one bucket per key for every API
     # process), `memory` (per API process: exact for one process, N times the rate with N), `auto`
     # (redis when the broker is Redis, else memory). A Redis outage lets requests through.
@@ -153,7 +156,8 @@ class Settings(BaseSettings):
     webhook_poll_interval_s: float = 2.0
     # After a tenant rotates its secret, its events carry a second signature, by the secret before,
     # for this long (Standard Webhooks allows several): receivers switch without refusing events.
-    webhook_secret_overlap_s: float = Field(default=86400.0, ge=0)
+    # Fixed at each rotation (a rotation may ask for less). At most 30 days.
+    webhook_secret_overlap_s: float = Field(default=86400.0, ge=0, le=MAX_WEBHOOK_SECRET_OVERLAP_S)
 
     @field_validator("webhook_secret", mode="after")
     @classmethod

@@ -350,6 +350,8 @@ def bench_paper(
             spec = f"npz:{spec}"
         if not spec:
             raise UisError("the full preset needs --data npz:<cifar10_subset.npz> (or $UISPS_CIFAR10_SUBSET)")
+        if no_model_cache and model_cache is not None:
+            raise UisError("bench paper: --model-cache and --no-model-cache exclude each other")
         models = None if no_model_cache else TrainedModels(model_cache or default_root(), log)
         bench = PaperBench(chosen, load_dataset(spec), _device(device), out, wanted, seeds, time_budget, order,
                            log=log, resume=resume, models=models)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter, Depends, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
 
 from api.auth import require
@@ -13,7 +15,7 @@ from api.deps import ActorDep, SessionDep, SettingsDep, TenantDep
 from api.problems import problem_responses
 from core.db import ApiKeyRole, utcnow
 from core.services.webhooks.secrets import SecretState, reveal_tenant_secret, rotate_tenant_secret
-from core.settings import Settings
+from core.settings import MAX_WEBHOOK_SECRET_OVERLAP_S
 
 router = APIRouter(
     tags=["webhooks"],
@@ -52,8 +54,7 @@ class WebhookSecret(BaseModel):
 def get_webhook_secret(
     response: Response, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep, actor: ActorDep
 ) -> WebhookSecret:
-    return _shown(response, settings, tenant_id,
-                  *reveal_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings))
+    return _shown(response, tenant_id, *reveal_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings))
 
 
 @router.post(
@@ -64,22 +65,27 @@ def get_webhook_secret(
     summary="Replace your tenant's webhook signing secret (role admin)",
     description=(
         "For a secret that leaked or whose holder left, or routinely: events sent from now on are "
-        "signed with the new secret returned here and, until `previous_signs_until` (24 h by default), "
-        "also with the one before, so receivers keep accepting them while you put the new secret in "
-        "(a receiver that switched accepts only the new signature, so a leaked old secret forges "
-        "nothing there). After that, only the new one signs. Rotating again within the overlap drops "
-        "the oldest at once. Recorded in the audit log (`webhook_secret.rotated`)."
+        "signed with the new secret returned here and, until `previous_signs_until` (`overlap_s` seconds "
+        "from now; by default the operator's `UISPS_WEBHOOK_SECRET_OVERLAP_S`, 24 h unless changed), also "
+        "with the one before, so receivers keep accepting them while you put the new secret in. A receiver "
+        "that switched accepts only the new signature, so a leaked old secret forges nothing there; "
+        "`overlap_s=0` stops the old signature at once all the same. Rotating again within the overlap "
+        "drops the oldest at once. Recorded in the audit log (`webhook_secret.rotated`)."
     ),
 )
 def rotate_webhook_secret(
-    response: Response, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep, actor: ActorDep
+    response: Response, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep, actor: ActorDep,
+    overlap_s: Annotated[float | None, Query(
+        ge=0, le=MAX_WEBHOOK_SECRET_OVERLAP_S,
+        description="seconds the previous secret goes on signing events beside the new one (default: the "
+        "service's UISPS_WEBHOOK_SECRET_OVERLAP_S)")] = None,
 ) -> WebhookSecret:
-    return _shown(response, settings, tenant_id,
-                  *rotate_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings))
+    return _shown(response, tenant_id, *rotate_tenant_secret(
+        session, tenant_id=tenant_id, actor=actor, settings=settings, overlap_s=overlap_s))
 
 
-def _shown(response: Response, settings: Settings, tenant_id: str, secret: str, state: SecretState) -> WebhookSecret:
+def _shown(response: Response, tenant_id: str, secret: str, state: SecretState) -> WebhookSecret:
     response.headers["Cache-Control"] = "no-store"  # a secret: never kept by a cache
-    until = state.previous_signs_until(settings.webhook_secret_overlap_s)
+    until = state.previous_signs_until
     return WebhookSecret(tenant_id=tenant_id, secret=secret, generation=state.generation,
                          previous_signs_until=until if until is not None and until > utcnow() else None)

@@ -252,13 +252,15 @@ class ApiKey(Base):
 class WebhookSecret(Base):
     """Which generation of its webhook signing secret a tenant is at (no row: generation 0). The
     secret itself is derived, never stored (core.services.webhooks.signing); rotating it moves the
-    generation on, so what anyone read before stops verifying events."""
+    generation on, so what anyone read before verifies no event sent after `previous_signs_until`."""
 
     __tablename__ = "webhook_secrets"
 
     tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     generation: Mapped[int] = mapped_column(Integer)
     rotated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Until then, events carry a second signature by generation - 1 (None: they do not).
+    previous_signs_until: Mapped[datetime | None] = mapped_column()
 
 
 class IdempotencyState(StrEnum):

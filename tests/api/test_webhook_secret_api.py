@@ -68,7 +68,7 @@ def test_a_rotation_replaces_the_secret_and_is_audited(client: TestClient) -> No
     assert again["generation"] == 2 and len({before["secret"], rotated.json()["secret"], again["secret"]}) == 3
     assert client.get("/webhook-secret", headers=admin).json() == again
     events = client.get("/audit-events", headers=admin, params={"page_size": 1000}).json()["audit_events"]
-    assert [e["details"] for e in events if e["action"] == "webhook_secret.rotated"] == [{"generation": 1}, {"generation": 2}]
+    assert [e["details"]["generation"] for e in events if e["action"] == "webhook_secret.rotated"] == [1, 2]
 
 
 def test_a_rotation_says_until_when_the_previous_secret_also_signs(client: TestClient) -> None:
@@ -80,6 +80,22 @@ def test_a_rotation_says_until_when_the_previous_secret_also_signs(client: TestC
     overlap = client.app.state.settings.webhook_secret_overlap_s
     assert abs((until - datetime.now(UTC)).total_seconds() - overlap) < 60
     assert client.get("/webhook-secret", headers=admin).json()["previous_signs_until"] == rotated["previous_signs_until"]
+
+
+def test_a_rotation_may_ask_for_a_shorter_overlap_or_none(client: TestClient) -> None:
+    admin = make_keys(client.app.state.sessions, unique_name("t")).header("admin")
+
+    none = client.post("/webhook-secret/rotate", headers=admin, params={"overlap_s": 0}).json()
+    hour = client.post("/webhook-secret/rotate", headers=admin, params={"overlap_s": 3600}).json()
+
+    assert none["generation"] == 1 and none["previous_signs_until"] is None
+    until = datetime.fromisoformat(hour["previous_signs_until"])
+    assert hour["generation"] == 2 and abs((until - datetime.now(UTC)).total_seconds() - 3600) < 60
+    events = client.get("/audit-events", headers=admin, params={"page_size": 1000}).json()["audit_events"]
+    rotations = [e["details"] for e in events if e["action"] == "webhook_secret.rotated"]
+    assert rotations[0]["previous_signs_until"] is None and rotations[1]["previous_signs_until"] == hour["previous_signs_until"]
+    for bad in (-1, "inf", 31 * 24 * 3600):
+        assert_problem(client.post("/webhook-secret/rotate", headers=admin, params={"overlap_s": bad}), 422, "validation_error")
 
 
 def test_without_an_overlap_no_previous_secret_signs(settings: Settings) -> None:

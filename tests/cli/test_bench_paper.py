@@ -190,6 +190,7 @@ def test_resume_without_an_earlier_run_is_one_clear_line(tmp_path):
         (["--preset", "huge"], "unknown preset"),
         (["--preset", "full"], "--data"),
         (["--preset-json", '{"epochs": 3}'], "unknown setting"),
+        (["--model-cache", "c", "--no-model-cache"], "exclude each other"),
     ],
 )
 def test_bad_options_are_one_clear_line(tmp_path, args, message):

@@ -3,7 +3,7 @@
 import torch
 
 from core.architectures import build_model
-from core.bench_cache import TrainedModels, recipe_key, samples_fingerprint
+from core.bench_cache import TrainedModels, code_digest, default_root, recipe_key, samples_fingerprint
 
 RECIPE = {"kind": "original", "arch": "smallcnn", "train": {"epochs": 2, "seed": 0}}
 
@@ -57,3 +57,17 @@ def test_the_fingerprint_sees_order_values_and_dtype():
     assert samples_fingerprint(x.flip(0), y.flip(0)) != base
     assert samples_fingerprint(x, y.to(torch.int32)) != base
     assert recipe_key({"a": 1, "b": 2}) == recipe_key({"b": 2, "a": 1})
+
+
+def test_other_training_code_is_another_key() -> None:
+    from core import architectures, training
+
+    assert code_digest(training, architectures) == code_digest(training, architectures)
+    assert code_digest(training) != code_digest(architectures) != code_digest(training, architectures)
+
+
+def test_the_default_folder_follows_xdg_and_ignores_a_relative_one(monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_root() == tmp_path / "uisps" / "bench-models"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert default_root().is_absolute() and default_root().parts[-3:] == (".cache", "uisps", "bench-models")

@@ -200,9 +200,9 @@ def test_tenants_take_turns_for_the_senders(webhook_env, digits_checkpoint: byte
     assert ours == [due[1], due[4], due[2]]  # the quiet tenant's one event before the busy one's second
 
 
-def _rotated_tenant_event(env, digits_checkpoint: bytes, url: str) -> tuple[str, str, str]:  # noqa: ANN001
+def _rotated_tenant_event(env, digits_checkpoint: bytes, url: str) -> tuple[str, str, str, str]:  # noqa: ANN001
     """A tenant's cancelled request whose event is queued, then the tenant's secret rotated: the
-    request id, the secret before and the new one."""
+    request id, the tenant, the secret before and the new one."""
     from core.services.webhooks.secrets import rotate_tenant_secret
 
     tenant = f"rotating-{uuid.uuid4().hex[:8]}"
@@ -214,13 +214,13 @@ def _rotated_tenant_event(env, digits_checkpoint: bytes, url: str) -> tuple[str,
     with env.sessions.begin() as session:  # after the event was queued: it is signed when sent
         new_secret, state = rotate_tenant_secret(session, tenant_id=tenant, actor="test", settings=env.settings)
     assert state.generation == 1
-    return request_id, tenant_secret(SECRET, tenant), new_secret
+    return request_id, tenant, tenant_secret(SECRET, tenant), new_secret
 
 
 def test_after_a_rotation_events_verify_with_the_new_secret_and_for_a_while_the_old(
     webhook_env, receiver, digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:
-    request_id, old_secret, new_secret = _rotated_tenant_event(webhook_env, digits_checkpoint, receiver.url())
+    request_id, _, old_secret, new_secret = _rotated_tenant_event(webhook_env, digits_checkpoint, receiver.url())
 
     _send(webhook_env)
 
@@ -230,11 +230,13 @@ def test_after_a_rotation_events_verify_with_the_new_secret_and_for_a_while_the_
 
 
 def test_once_the_overlap_has_passed_only_the_new_secret_signs(
-    webhook_env, receiver, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+    webhook_env, receiver, digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:
-    request_id, old_secret, new_secret = _rotated_tenant_event(webhook_env, digits_checkpoint, receiver.url())
-    monkeypatch.setenv("UISPS_WEBHOOK_SECRET_OVERLAP_S", "0")
-    webhook_env.settings = get_settings()
+    from core.db import WebhookSecret
+
+    request_id, tenant, old_secret, new_secret = _rotated_tenant_event(webhook_env, digits_checkpoint, receiver.url())
+    with webhook_env.sessions.begin() as session:  # the overlap fixed at the rotation has just ended
+        session.get(WebhookSecret, tenant).previous_signs_until = utcnow() - timedelta(seconds=1)
 
     _send(webhook_env)
 

@@ -136,8 +136,7 @@ class WebhookService:
             claimed.append(DueDelivery(delivery.id, delivery.tenant_id, delivery.url, delivery.payload, delivery.attempts))
         session.flush()
         states = secret_states(session, {delivery.tenant_id for delivery in claimed})
-        overlap = settings.webhook_secret_overlap_s
-        return [replace(delivery, secret_generations=states[delivery.tenant_id].signing_generations(overlap, now))
+        return [replace(delivery, secret_generations=states[delivery.tenant_id].signing_generations(now))
                 for delivery in claimed]
 
     def record_result(self, session: Session, due: DueDelivery, result: AttemptResult, *, settings: Settings) -> None:

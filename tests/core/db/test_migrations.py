@@ -64,7 +64,7 @@ def test_upgrade_creates_every_table(empty_db: str) -> None:
     upgrade(empty_db)
 
     assert _tables(empty_db) == TABLES
-    assert current_revision(empty_db) == "0008"
+    assert current_revision(empty_db) == "0009"
 
 
 def test_downgrade_removes_everything(empty_db: str) -> None:

@@ -51,3 +51,17 @@ def test_during_a_rotation_an_event_verifies_with_either_secret_and_no_other() -
     for wrong in (tenant_secret(SERVICE_SECRET, "acme", 0), tenant_secret(SERVICE_SECRET, "globex", 1)):
         with pytest.raises(Exception, match="signature"):
             Webhook(wrong).verify(BODY, headers)
+
+
+def test_the_previous_secret_signs_until_the_end_of_the_overlap_only() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from core.services.webhooks.secrets import SecretState
+
+    until = datetime(2026, 1, 1, tzinfo=UTC)
+    rotated = SecretState(generation=2, previous_signs_until=until)
+
+    assert rotated.signing_generations(until - timedelta(microseconds=1)) == (2, 1)  # never generation 0
+    assert rotated.signing_generations(until) == (2,)
+    assert SecretState(generation=2).signing_generations(until) == (2,)  # rotated with no overlap
+    assert SecretState().signing_generations(until) == (0,)
