@@ -99,7 +99,7 @@ class Drill:
             request = deletion_request_service.create(
                 session, tenant_id=TENANT, actor="crash-drill", settings=self.settings, model_id=model_id,
                 forget_labels=[label], base_version=1, params=FAST_PARAMS,
-                dispatch=lambda request_id: send_deletion_request(self.celery, request_id),
+                dispatch=lambda request_id, priority: send_deletion_request(self.celery, request_id, priority),
             )
             session.commit()  # sends it to the broker
             request_id = request.id
