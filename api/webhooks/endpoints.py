@@ -4,7 +4,6 @@ and its rotation."""
 from __future__ import annotations
 
 from datetime import datetime
-
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response

@@ -15,6 +15,7 @@ from core.config import UnlearnConfig
 from core.db import AuditEvent, DeletionRequest, JobState, ModelVersion, record_event, utcnow
 from core.db.audit import lock_tenant
 from core.errors import InvalidLabels
+from core.services.deletion_requests.fairness import dispatch_priority
 from core.services.deletion_requests.repository import deletion_request_repository
 from core.services.errors import (
     Conflict,
@@ -29,7 +30,6 @@ from core.services.pagination import Page, PageRequest
 from core.services.transactions import after_commit, begin_write
 from core.services.webhooks.service import webhook_service
 from core.services.webhooks.urls import check_callback_url
-from core.services.deletion_requests.fairness import dispatch_priority
 from core.settings import Settings
 
 SUPPORTED_METHODS = ("uisps",)
