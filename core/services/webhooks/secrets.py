@@ -1,10 +1,11 @@
 """A tenant's webhook signing secret: handed to the tenant (its receivers verify events with it)
 and rotated by it. Only the generation is stored (table webhook_secrets); the secret is derived.
 
-After a rotation, events carry a second signature by the secret before for an overlap
-(`UISPS_WEBHOOK_SECRET_OVERLAP_S`, fixed at the rotation), so receivers can take the new secret on their own schedule
-without refusing events meanwhile. This gives nobody anything: whoever holds the old secret could
-sign any event with it anyway, and a receiver that switched accepts only the new signature."""
+After a rotation, events carry a second signature by the secret before for an overlap (fixed at
+the rotation: UISPS_WEBHOOK_SECRET_OVERLAP_S or what the rotation asked for), so receivers take the
+new secret on their own schedule and refuse no event meanwhile. This gives nobody anything: whoever
+holds the old secret could sign any event with it anyway, and a receiver that switched accepts
+only the new signature."""
 
 from __future__ import annotations
 
