@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 FORMAT = 1
+STALE_PART_S = 24 * 60 * 60
 
 
 def default_root() -> Path:
@@ -105,6 +107,7 @@ class TrainedModels:
         tmp = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_parts()
             fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".part")
             os.close(fd)
             # safetensors wants contiguous tensors; a channels_last model's are not
@@ -115,3 +118,13 @@ class TrainedModels:
             self.log(f"model cache: could not store a model in {self.root} ({type(exc).__name__}: {exc})")
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
+
+    def _remove_stale_parts(self) -> None:
+        """Half-written files of runs killed while storing (a day old: no live run writes that long)."""
+        cutoff = time.time() - STALE_PART_S
+        for part in self.root.glob("*.part"):
+            try:
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+            except OSError:
+                pass  # another run removed it first

@@ -71,3 +71,17 @@ def test_the_default_folder_follows_xdg_and_ignores_a_relative_one(monkeypatch, 
     assert default_root() == tmp_path / "uisps" / "bench-models"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
     assert default_root().is_absolute() and default_root().parts[-3:] == (".cache", "uisps", "bench-models")
+
+
+def test_storing_removes_what_a_killed_run_left_half_written(tmp_path) -> None:  # noqa: ANN001
+    import os
+    import time
+
+    old, recent = tmp_path / "old.part", tmp_path / "recent.part"
+    for part in (old, recent):
+        part.write_bytes(b"cut short")
+    os.utime(old, (time.time() - 2 * 24 * 3600,) * 2)
+
+    TrainedModels(tmp_path, log=lambda _: None).store(RECIPE, _model(1), 1.0)
+
+    assert not old.exists() and recent.exists()  # a run storing right now may own the recent one
