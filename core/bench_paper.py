@@ -247,6 +247,15 @@ def _training_code() -> str:
     return code_digest(architectures, B, device, training, workflow)
 
 
+def _timed(train_fn: Callable[[], nn.Module], device: torch.device) -> tuple[nn.Module, float]:
+    """The model `train_fn` trains, in eval mode, and the seconds it took."""
+    _sync(device)
+    start = time.perf_counter()
+    model = train_fn()
+    _sync(device)
+    return model.eval(), time.perf_counter() - start
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -406,28 +415,24 @@ class PaperBench:
     def _trained(self, kind: str, arch: str, cfg: TrainConfig, data: Split, num_classes: int, flip: bool,
                  train_fn: Callable[[], nn.Module]) -> tuple[nn.Module, float]:
         """The model `train_fn` trains and its training seconds, from `self.models` when it holds them."""
+        if self.models is None:
+            return _timed(train_fn, self.device)
         recipe = {
             "kind": kind, "arch": arch, "train": cfg.model_dump(mode="json"),
             "samples": samples_fingerprint(data.x, data.y), "num_classes": num_classes, "flip": flip,
             "mean": self.mean, "std": self.std, "device": str(self.device), "device_name": device_name(self.device),
             "cpu": cpu_name(), "torch": torch.__version__, "code": _training_code(),
         }
-        if self.models is not None:
-            with torch.random.fork_rng(devices=[]):
-                model = build_model(arch, int(data.x.shape[1]), num_classes)
-            seconds = self.models.load(recipe, model)
-            if seconds is not None:
-                self.log(f"{kind} {arch} seed {cfg.seed}: trained model from the cache ({seconds:.0f} s when trained)")
-                # the memory format training leaves, so that every later step computes the same
-                return model.to(self.device, memory_format=torch.channels_last).eval(), seconds
-        _sync(self.device)
-        start = time.perf_counter()
-        model = train_fn()
-        _sync(self.device)
-        seconds = time.perf_counter() - start
-        if self.models is not None:
-            self.models.store(recipe, model, seconds)
-        return model.eval(), seconds
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(arch, int(data.x.shape[1]), num_classes)
+        seconds = self.models.load(recipe, model)
+        if seconds is not None:
+            self.log(f"{kind} {arch} seed {cfg.seed}: trained model from the cache ({seconds:.0f} s when trained)")
+            # the memory format training leaves, so that every later step computes the same
+            return model.to(self.device, memory_format=torch.channels_last).eval(), seconds
+        model, seconds = _timed(train_fn, self.device)
+        self.models.store(recipe, model, seconds)
+        return model, seconds
 
     def retained(self, forget: tuple[int, ...], fraction: float, seed: int) -> RetainedData:
         key = (forget, fraction, seed if fraction < 1 else None)
