@@ -83,13 +83,13 @@ def rotate_tenant_secret(
     record_event(
         session, tenant_id=tenant_id, actor=actor, action="webhook_secret.rotated",
         subject_type="tenant", subject_id=tenant_id,
-        details={"generation": row.generation, "previous_signs_until": _timestamp(until)},
+        details={"generation": row.generation, "previous_signs_until": iso_z(until)},
     )
     return tenant_secret(service_secret, tenant_id, row.generation), SecretState(row.generation, until)
 
 
-def _timestamp(value: datetime | None) -> str | None:
-    """As the API writes it (ISO 8601, UTC, `Z`)."""
+def iso_z(value: datetime | None) -> str | None:
+    """As the API and the webhook events write times (ISO 8601, UTC, `Z`)."""
     return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z") if value else None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
@@ -26,7 +26,7 @@ from core.db import (
 )
 from core.services.transactions import begin_write
 from core.services.webhooks.delivery import AttemptResult
-from core.services.webhooks.secrets import secret_states
+from core.services.webhooks.secrets import iso_z, secret_states
 from core.settings import Settings
 
 SENDER_ACTOR = "worker"
@@ -224,15 +224,13 @@ def event_payload(request: DeletionRequest, now: datetime) -> str:
         "external_ref": request.external_ref,
         "error": request.error,
         "attempts": request.attempts,
-        "created_at": _iso(request.created_at),
-        "finished_at": _iso(request.finished_at),
+        "created_at": iso_z(request.created_at),
+        "finished_at": iso_z(request.finished_at),
     }
-    body = {"type": event_type(request.state), "timestamp": _iso(now), "data": data}
+    body = {"type": event_type(request.state), "timestamp": iso_z(now), "data": data}
     return json.dumps(body, separators=(",", ":"), sort_keys=True)
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z") if value else None
 
 
 webhook_service = WebhookService()
