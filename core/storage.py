@@ -19,9 +19,9 @@ import re
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
-from itertools import chain
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -108,6 +108,12 @@ def validate_key(key: str) -> str:
     if match is None or match.group(3)[:2] != match.group(2):
         raise InvalidArtifactKey(f"not an artifact key: {key!r}")
     return match.group(3)
+
+
+def key_tenant(key: str) -> str | None:
+    """The tenant whose own key this is; None for a shared key (written before per-tenant keys)."""
+    validate_key(key)
+    return _KEY_PATTERN.fullmatch(key).group(1)  # type: ignore[union-attr]
 
 
 def _is_artifact_key(key: str) -> bool:

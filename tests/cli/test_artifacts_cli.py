@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from core.db import Model, ModelVersion, make_engine, make_sessionmaker, utcnow
 from core.db.migrate import upgrade
 from core.settings import Settings
-from core.storage import LocalArtifactStore, StoredArtifact
+from core.storage import LocalArtifactStore, StoredArtifact, key_for
 from uisps.cli import app
 
 runner = CliRunner()
@@ -136,3 +136,30 @@ def test_verify_expects_nothing_of_a_purged_version(store: LocalArtifactStore) -
     result = runner.invoke(app, ["artifacts", "verify"], catch_exceptions=False)
 
     assert result.exit_code == 0 and "OK: 1 unpurged versions" in result.output
+
+
+def test_rekey_gives_versions_their_tenants_keys_and_gc_then_deletes_the_shared_file(store: LocalArtifactStore) -> None:
+    shared = _old(store, b"version 1, stored before per-tenant keys")
+    model_id = _service_database_with_a_version_of(shared)
+    own = key_for(shared.sha256, "default")
+
+    listed = runner.invoke(app, ["artifacts", "rekey", "--dry-run"], catch_exceptions=False)
+    assert listed.exit_code == 0 and "would move 1 versions" in listed.output and not store.exists(own)
+    moved = runner.invoke(app, ["artifacts", "rekey"], catch_exceptions=False)
+    collected = runner.invoke(app, ["artifacts", "gc"], catch_exceptions=False)
+
+    assert moved.exit_code == 0 and f"default\t{model_id}\t1\t{shared.key}\t{own}" in moved.output
+    assert collected.exit_code == 0 and shared.key in collected.output
+    assert not store.exists(shared.key) and store.open(own).read() == b"version 1, stored before per-tenant keys"
+    verified = runner.invoke(app, ["artifacts", "verify", "--checksums"], catch_exceptions=False)
+    assert verified.exit_code == 0, verified.output
+
+
+def test_rekey_names_a_shared_file_that_is_gone_and_exits_1(store: LocalArtifactStore) -> None:
+    gone = store.put(b"version 1, lost")
+    _service_database_with_a_version_of(gone)
+    store.delete(gone.key)
+
+    result = runner.invoke(app, ["artifacts", "rekey"], catch_exceptions=False)
+
+    assert result.exit_code == 1 and f"NOT MOVED: {gone.key}: missing from the store" in result.output

@@ -12,6 +12,8 @@ from core.storage import (
     ArtifactNotFound,
     InvalidArtifactKey,
     LocalArtifactStore,
+    key_for,
+    key_tenant,
     make_artifact_store,
 )
 
@@ -141,3 +143,12 @@ def test_the_listing_names_every_artifact_with_its_size_and_age(store: LocalArti
 
 def test_an_empty_store_lists_nothing(tmp_path: Path) -> None:
     assert list(LocalArtifactStore(tmp_path / "never-written").list_artifacts()) == []
+
+
+def test_a_key_names_its_tenant_or_none_when_shared() -> None:
+    digest = "ab" + "0" * 62
+
+    assert key_tenant(key_for(digest, "acme")) == "acme"
+    assert key_tenant(key_for(digest)) is None
+    with pytest.raises(InvalidArtifactKey):
+        key_tenant(f"tenants/../sha256/ab/{digest}")

@@ -307,7 +307,7 @@ class ModelService:
         if found.checkpoint_purged_at is not None:
             return found
         # Artifact lock before the tenant's: the order of the writes that add versions.
-        lock_artifact(session, found.artifact_key, exclusive=True)
+        _lock_own_artifact(session, found)
         lock_tenant(session, tenant_id)  # serialised with request creation, which checks the base
         session.refresh(found)
         if found.checkpoint_purged_at is not None:  # a concurrent purge won
@@ -346,6 +346,17 @@ class ModelService:
         if model is None:
             raise NotFound("model", model_id)
         return model
+
+
+def _lock_own_artifact(session: Session, version: ModelVersion) -> None:
+    """Lock the file the version names when the lock is held: `uisps artifacts rekey` may have
+    moved it to another key while this waited, and the file deleted must be the one locked."""
+    while True:
+        key = version.artifact_key
+        lock_artifact(session, key, exclusive=True)
+        session.refresh(version)
+        if version.artifact_key == key:
+            return
 
 
 def _check_not_purged(version: ModelVersion) -> None:

@@ -1,0 +1,206 @@
+"""`rekey_shared_artifacts`: checkpoints stored before per-tenant keys get a copy per tenant, so a
+purge no longer tells one tenant whether another holds the same bytes; on SQLite and PostgreSQL,
+and a purge racing the move on PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import AuditEvent, ModelVersion, make_engine, make_sessionmaker, utcnow
+from core.db.migrate import upgrade
+from core.services.models.rekey import rekey_shared_artifacts
+from core.services.models.service import ModelSpec, model_service
+from core.services.transactions import begin_write, lock_artifact
+from core.storage import LocalArtifactStore, key_for
+from uisps.demo import model_spec_of
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Session]]:
+    # Its own PostgreSQL database: a rekey moves every shared key the database names.
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "own_pg_database")
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalArtifactStore:
+    return LocalArtifactStore(tmp_path / "artifacts")
+
+
+def _legacy_version(
+    sessions: sessionmaker[Session], tenant_id: str, checkpoint: bytes, store: LocalArtifactStore, *, purged: bool = False
+) -> str:
+    """A model of the tenant whose version 1 names the shared key of `checkpoint`, as a database
+    from before per-tenant keys holds it; returns the model's id."""
+    stored = store.put(checkpoint)  # no tenant: the shared key
+    with sessions.begin() as session:
+        spec = ModelSpec.model_validate(model_spec_of(checkpoint, f"legacy-{uuid.uuid4().hex[:8]}"))
+        model_id = model_service.create(session, tenant_id=tenant_id, actor="test", spec=spec).id
+        session.add(ModelVersion(tenant_id=tenant_id, model_id=model_id, version=1, artifact_key=stored.key,
+                                 sha256=stored.sha256, size_bytes=stored.size, forgotten_labels=[],
+                                 checkpoint_purged_at=utcnow() if purged else None))
+    return model_id
+
+
+def _key_of(sessions: sessionmaker[Session], tenant_id: str, model_id: str) -> str:
+    with sessions() as session:
+        return model_service.get_version(session, tenant_id, model_id, 1).artifact_key
+
+
+def _rekey(sessions: sessionmaker[Session], store: LocalArtifactStore, *, dry_run: bool = False) -> Any:
+    with sessions() as session:
+        return rekey_shared_artifacts(session, store, dry_run=dry_run)
+
+
+def _purge(sessions: sessionmaker[Session], store: LocalArtifactStore, tenant_id: str, model_id: str) -> dict[str, Any]:
+    with sessions.begin() as session:
+        model_service.purge_checkpoint(session, tenant_id=tenant_id, actor="test", model_id=model_id, version=1,
+                                       store=store)
+        query = (select(AuditEvent.details)
+                 .where(AuditEvent.tenant_id == tenant_id, AuditEvent.action == "model_version.checkpoint_purged")
+                 .order_by(AuditEvent.id.desc()).limit(1))
+        return session.scalars(query).one()
+
+
+def test_each_tenant_gets_its_own_copy(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes
+) -> None:
+    first = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    second = _legacy_version(sessions, "globex", digits_checkpoint, store)
+    shared = _key_of(sessions, "acme", first)
+
+    report = _rekey(sessions, store)
+
+    sha256 = shared.rsplit("/", 1)[1]
+    assert _key_of(sessions, "acme", first) == key_for(sha256, "acme")
+    assert _key_of(sessions, "globex", second) == key_for(sha256, "globex")
+    assert {(m.tenant_id, m.new_key) for m in report.moved} == {
+        ("acme", key_for(sha256, "acme")), ("globex", key_for(sha256, "globex"))}
+    assert store.open(key_for(sha256, "globex")).read() == digits_checkpoint
+    assert store.exists(shared)  # left for `uisps artifacts gc`, once nothing reads it
+
+
+def test_after_the_move_a_purge_deletes_the_tenants_bytes_whatever_another_holds(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes
+) -> None:
+    first = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    _legacy_version(sessions, "globex", digits_checkpoint, store)
+    _rekey(sessions, store)
+
+    details = _purge(sessions, store, "acme", first)
+
+    # Before the move this said False: globex's version kept the shared file.
+    assert details["bytes_deleted"] is True
+    assert not store.exists(_key_of(sessions, "acme", first))
+
+
+def test_a_dry_run_names_the_moves_and_writes_nothing(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes
+) -> None:
+    model_id = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    shared = _key_of(sessions, "acme", model_id)
+
+    report = _rekey(sessions, store, dry_run=True)
+
+    assert [(m.model_id, m.old_key) for m in report.moved] == [(model_id, shared)]
+    assert _key_of(sessions, "acme", model_id) == shared
+    assert not store.exists(report.moved[0].new_key)
+
+
+def test_purged_versions_and_own_keys_are_left_alone(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, unique_digits_checkpoint: bytes, digits_checkpoint: bytes
+) -> None:
+    purged = _legacy_version(sessions, "acme", unique_digits_checkpoint, store, purged=True)
+    shared = _key_of(sessions, "acme", purged)
+    with sessions() as session:
+        spec = ModelSpec.model_validate(model_spec_of(digits_checkpoint, "own"))
+        own = model_service.create(session, tenant_id="acme", actor="test", spec=spec).id
+        session.commit()
+        model_service.upload_version(session, tenant_id="acme", actor="test", model_id=own,
+                                     checkpoint=digits_checkpoint, store=store, max_bytes=1 << 30)
+        session.commit()
+    own_key = _key_of(sessions, "acme", own)
+
+    assert _rekey(sessions, store).moved == []
+
+    assert _key_of(sessions, "acme", purged) == shared and _key_of(sessions, "acme", own) == own_key
+
+
+def test_a_shared_file_that_changed_is_reported_and_not_moved(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes
+) -> None:
+    model_id = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    shared = _key_of(sessions, "acme", model_id)
+    (store.root / shared).write_bytes(b"not what was stored")
+
+    report = _rekey(sessions, store)
+
+    assert report.moved == [] and len(report.problems) == 1 and shared in report.problems[0]
+    assert _key_of(sessions, "acme", model_id) == shared
+
+
+def test_a_purge_that_waited_for_the_move_locks_the_new_key(
+    own_pg_database: str, store: LocalArtifactStore, unique_digits_checkpoint: bytes
+) -> None:
+    """The purge read the old key and waits for its lock while the rekey moves the version; it
+    must then hold the new key's lock before deleting that file, so a version being added with
+    those bytes meanwhile is seen (and the file kept), not left naming a deleted file."""
+    upgrade(own_pg_database)
+    engine = make_engine(own_pg_database)
+    sessions = make_sessionmaker(engine)
+    model_id = _legacy_version(sessions, "acme", unique_digits_checkpoint, store)
+    shared = _key_of(sessions, "acme", model_id)
+    new_key = key_for(shared.rsplit("/", 1)[1], "acme")
+    with sessions.begin() as session:
+        spec = ModelSpec.model_validate(model_spec_of(unique_digits_checkpoint, "second"))
+        second = model_service.create(session, tenant_id="acme", actor="test", spec=spec).id
+
+    outcome: dict[str, Any] = {}
+    with sessions() as moving, sessions() as adding:
+        begin_write(moving)  # the rekey of this file, before its commit
+        lock_artifact(moving, shared, exclusive=True)
+        store.put(store.open(shared), "acme")
+        moving.execute(text("UPDATE model_versions SET artifact_key = :new WHERE artifact_key = :old"),
+                       {"new": new_key, "old": shared})
+        purge = threading.Thread(target=lambda: outcome.update(_purge(sessions, store, "acme", model_id)))
+        purge.start()
+        _wait_for_advisory_waiters(sessions)  # the purge, on the old key
+        # an upload of the same bytes to another model: the new key's shared lock, then its row
+        begin_write(adding)
+        lock_artifact(adding, new_key, exclusive=False)
+        adding.add(ModelVersion(tenant_id="acme", model_id=second, version=1, artifact_key=new_key,
+                                sha256=shared.rsplit("/", 1)[1], size_bytes=len(unique_digits_checkpoint),
+                                forgotten_labels=[]))
+        adding.flush()
+        moving.commit()
+        _wait_for_advisory_waiters(sessions)  # the purge again, now on the new key
+        adding.commit()
+    purge.join(timeout=30)
+    engine.dispose()
+
+    assert outcome.get("bytes_deleted") is False, outcome
+    assert store.exists(new_key)
+
+
+def _wait_for_advisory_waiters(sessions: sessionmaker[Session]) -> None:
+    deadline = time.monotonic() + 10
+    query = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'advisory'"
+                 " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+    while time.monotonic() < deadline:
+        with sessions() as probe:
+            if probe.scalar(query):
+                return
+        time.sleep(0.05)
+    raise AssertionError("the purge never waited for an artifact lock")
