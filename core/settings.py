@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -139,6 +139,10 @@ class Settings(BaseSettings):
     # The Standard Webhooks signing secret, `whsec_` + base64 of 24 to 64 random bytes; the API and
     # every worker need the same one. Unset: a callback_url is refused (422 webhooks_not_configured).
     webhook_secret: SecretStr | None = None
+    # While the operator replaces UISPS_WEBHOOK_SECRET, the one before: every tenant's events also
+    # carry the signatures of the secrets derived from it, so receivers refuse nothing until their
+    # tenant has read its new secret. Remove it once they have.
+    webhook_secret_previous: SecretStr | None = None
     # Hosts a callback URL may name, comma-separated: `hooks.example.com`, `*.example.com` (its
     # subdomains), `*` (any host). Empty, the default: none, so webhooks stay off until an operator
     # names the receivers.
@@ -159,9 +163,9 @@ class Settings(BaseSettings):
     # Fixed at each rotation (a rotation may ask for less). At most 30 days.
     webhook_secret_overlap_s: float = Field(default=86400.0, ge=0, le=MAX_WEBHOOK_SECRET_OVERLAP_S)
 
-    @field_validator("webhook_secret", mode="after")
+    @field_validator("webhook_secret", "webhook_secret_previous", mode="after")
     @classmethod
-    def _webhook_secret_form(cls, value: SecretStr | None) -> SecretStr | None:
+    def _webhook_secret_form(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is None or not value.get_secret_value():
             return None
         secret = value.get_secret_value()
@@ -170,8 +174,21 @@ class Settings(BaseSettings):
         except binascii.Error:
             key = b""
         if not secret.startswith("whsec_") or len(key) < 24:
-            raise ValueError("UISPS_WEBHOOK_SECRET must be 'whsec_' followed by base64 of at least 24 random bytes")
+            name = f"UISPS_{info.field_name.upper()}"
+            raise ValueError(f"{name} must be 'whsec_' followed by base64 of at least 24 random bytes")
         return value
+
+    @model_validator(mode="after")
+    def _previous_webhook_secret_needs_a_current_one(self) -> Settings:
+        if self.webhook_secret_previous is not None and self.webhook_secret is None:
+            raise ValueError("UISPS_WEBHOOK_SECRET_PREVIOUS is set without UISPS_WEBHOOK_SECRET")
+        return self
+
+    @property
+    def webhook_service_secrets(self) -> list[str]:
+        """The service secrets tenants' signing secrets are derived from, the current one first."""
+        secrets = (self.webhook_secret, self.webhook_secret_previous)
+        return [secret.get_secret_value() for secret in secrets if secret is not None]
 
     @property
     def webhook_allowed_host_patterns(self) -> list[str]:

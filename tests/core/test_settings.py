@@ -130,3 +130,16 @@ def test_unknown_uisps_variables_are_named_with_the_setting_they_likely_meant() 
     assert unknown_environment_names(environ) == [
         "UISPS_DATABSE_URL (did you mean UISPS_DATABASE_URL?)", "UISPS_FLUX_CAPACITOR",
     ]
+
+
+def test_a_previous_webhook_secret_is_checked_and_needs_a_current_one(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("UISPS_WEBHOOK_SECRET_PREVIOUS", "whsec_" + "QUJD" * 8)
+    with pytest.raises(ValueError, match="without UISPS_WEBHOOK_SECRET"):
+        Settings()
+
+    clean_env.setenv("UISPS_WEBHOOK_SECRET", "whsec_" + "REVG" * 8)
+    assert Settings().webhook_service_secrets == ["whsec_" + "REVG" * 8, "whsec_" + "QUJD" * 8]
+
+    clean_env.setenv("UISPS_WEBHOOK_SECRET_PREVIOUS", "changeme")
+    with pytest.raises(ValueError, match="UISPS_WEBHOOK_SECRET_PREVIOUS must be 'whsec_'"):
+        Settings()

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from core.services.webhooks.signing import signing_key, tenant_secret, webhook_headers
+from core.services.webhooks.signing import signing_keys, webhook_headers
 from core.services.webhooks.urls import (
     CallbackTarget,
     InvalidCallbackUrl,
@@ -65,8 +65,7 @@ def post_event(
         return AttemptResult(None, f"refused: {exc}"[:ERROR_LIMIT], permanent=True)
     except OSError as exc:  # socket.gaierror: the name does not resolve (now)
         return AttemptResult(None, f"cannot resolve {target.host}: {exc}"[:ERROR_LIMIT])
-    service_secret = settings.webhook_secret.get_secret_value()
-    keys = [signing_key(tenant_secret(service_secret, tenant_id, generation)) for generation in secret_generations]
+    keys = signing_keys(settings.webhook_service_secrets, tenant_id, secret_generations)
     headers = {**webhook_headers(keys, message_id, int(time.time()), body), "user-agent": USER_AGENT}
     try:
         status, location = _post(target, addresses, headers, body, settings.webhook_timeout_s)

@@ -6,7 +6,8 @@ Each tenant's events are signed with a secret of its own, derived from the servi
 event that another tenant's receiver would accept. Deriving it (rather than storing one per
 tenant) means nothing more to keep, back up or hand to the workers: the database holds only each
 tenant's generation, which a rotation moves on. Rotating the service's secret rotates every
-tenant's."""
+tenant's; UISPS_WEBHOOK_SECRET_PREVIOUS keeps the secrets derived from the one before signing
+meanwhile."""
 
 from __future__ import annotations
 
@@ -31,6 +32,18 @@ def tenant_secret(service_secret: str, tenant_id: str, generation: int = 0) -> s
     info = _TENANT_LABEL + tenant_id.encode() + (f"\0{generation}".encode() if generation else b"")
     derived = hmac.new(signing_key(service_secret), info, hashlib.sha256).digest()
     return SECRET_PREFIX + base64.b64encode(derived).decode()
+
+
+def signing_keys(service_secrets: Sequence[str], tenant_id: str, generations: Sequence[int]) -> list[bytes]:
+    """The HMAC keys that sign one of the tenant's events: each of its signing generations, derived
+    from each service secret (the current one first, then the one an operator is replacing)."""
+    keys: list[bytes] = []
+    for service_secret in service_secrets:
+        for generation in generations:
+            key = signing_key(tenant_secret(service_secret, tenant_id, generation))
+            if key not in keys:
+                keys.append(key)
+    return keys
 
 
 def sign(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:

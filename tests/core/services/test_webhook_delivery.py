@@ -20,9 +20,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from pydantic import SecretStr
+from standardwebhooks import Webhook
 
 from core.services.webhooks import delivery
 from core.services.webhooks.delivery import post_event
+from core.services.webhooks.signing import tenant_secret
 from core.settings import Settings
 
 SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
@@ -232,6 +235,28 @@ def test_a_prompt_receiver_is_delivered(serve, trusted_tls: ssl.SSLContext, sche
     assert elapsed < TIMEOUT_S
     head = receiver.requests[0].split(b"\r\n\r\n")[0].lower()
     assert head.startswith(b"post /hook http/1.1") and b"webhook-signature: v1," in head
+
+
+def test_a_receiver_still_on_the_secret_from_the_previous_service_secret_accepts_the_event(serve) -> None:  # noqa: ANN001
+    receiver = serve(_answers_at_once)
+    new_service = "whsec_" + base64.b64encode(bytes(range(50, 82))).decode()
+    replaced = _settings().model_copy(update={"webhook_secret": SecretStr(new_service)})
+    replacing = replaced.model_copy(update={"webhook_secret_previous": SecretStr(SECRET)})
+
+    assert post_event(receiver.url(), "msg_1", BODY, replacing, "acme").delivered
+    assert post_event(receiver.url(), "msg_2", BODY, replaced, "acme").delivered
+
+    with_previous, without = (_headers_of(request) for request in receiver.requests)
+    old_tenant_secret = tenant_secret(SECRET, "acme")
+    assert Webhook(old_tenant_secret).verify(BODY, with_previous)
+    with pytest.raises(Exception, match="signature"):
+        Webhook(old_tenant_secret).verify(BODY, without)
+    assert Webhook(tenant_secret(new_service, "acme")).verify(BODY, without)
+
+
+def _headers_of(request: bytes) -> dict[str, str]:
+    head = request.split(b"\r\n\r\n")[0].decode().split("\r\n")[1:]
+    return {name.strip().lower(): value.strip() for name, value in (line.split(":", 1) for line in head)}
 
 
 def test_a_certificate_the_sender_does_not_trust_is_refused(serve, tls_files: tuple[Path, Path]) -> None:  # noqa: ANN001

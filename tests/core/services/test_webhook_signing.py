@@ -8,7 +8,7 @@ import time
 import pytest
 from standardwebhooks import Webhook
 
-from core.services.webhooks.signing import signing_key, tenant_secret, webhook_headers
+from core.services.webhooks.signing import signing_key, signing_keys, tenant_secret, webhook_headers
 
 SERVICE_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
 BODY = b'{"type":"deletion_request.succeeded"}'
@@ -65,3 +65,19 @@ def test_the_previous_secret_signs_until_the_end_of_the_overlap_only() -> None:
     assert rotated.signing_generations(until) == (2,)
     assert SecretState(generation=2).signing_generations(until) == (2,)  # rotated with no overlap
     assert SecretState().signing_generations(until) == (0,)
+
+
+def test_while_the_service_secret_is_replaced_events_verify_with_the_tenants_old_or_new_secret() -> None:
+    new_service = "whsec_" + base64.b64encode(bytes(range(100, 132))).decode()
+    keys = signing_keys([new_service, SERVICE_SECRET], "acme", (2, 1))  # a tenant rotation in overlap too
+    headers = webhook_headers(keys, "msg_1", int(time.time()), BODY)
+
+    assert len(headers["webhook-signature"].split(" ")) == 4
+    for service in (new_service, SERVICE_SECRET):
+        for generation in (1, 2):
+            assert Webhook(tenant_secret(service, "acme", generation)).verify(BODY, headers)
+    for wrong in (tenant_secret(SERVICE_SECRET, "globex", 2), tenant_secret(new_service, "acme", 0), new_service):
+        with pytest.raises(Exception, match="signature"):
+            Webhook(wrong).verify(BODY, headers)
+    once = [signing_key(tenant_secret(SERVICE_SECRET, "acme"))]
+    assert signing_keys([SERVICE_SECRET, SERVICE_SECRET], "acme", (0,)) == once  # no signature twice
