@@ -293,6 +293,7 @@ class PaperBench:
         log: Callable[[str], None] = print,
         resume: bool = False,
         models: TrainedModels | None = None,
+        first_seed: int = 0,
     ) -> None:
         unknown = set(experiments) - set(EXPERIMENTS)
         if unknown:
@@ -303,7 +304,11 @@ class PaperBench:
             raise ValueError("CUDA was asked for but is not available")
         self.preset, self.dataset, self.device, self.out = preset, dataset, device, Path(out)
         self.experiments = [e for e in EXPERIMENTS if e in set(experiments)]
-        self.seeds = list(range(seeds if seeds is not None else preset.seeds))
+        if first_seed < 0:
+            raise ValueError("the first seed must be 0 or more")
+        # Seeds first_seed, first_seed + 1, ...: a machine can take the seeds another has not
+        # run, or reuse the Original of one seed kept in the model cache.
+        self.seeds = list(range(first_seed, first_seed + (seeds if seeds is not None else preset.seeds)))
         self.time_budget, self.order, self.log, self.resume = time_budget, order, log, resume
         self.models = models  # trained Originals and Retrains kept across runs (None: this run only)
         self.base_unlearn = UnlearnConfig.model_validate(_merge(preset.unlearn, {"precision": preset.precision}))
@@ -393,10 +398,11 @@ class PaperBench:
                         out.append(Unit(experiment, p.sweep_arch, p.retain_forget, m, setting, seed, m, frac, cfg))
         return out
 
-    def plan(self) -> list[Unit]:
+    def plan(self, seeds: list[int] | None = None) -> list[Unit]:
+        seeds = self.seeds if seeds is None else seeds
         if self.order == "experiment":
-            return [u for e in self.experiments for s in self.seeds for u in self.units(e, s)]
-        return [u for s in self.seeds for e in self.experiments for u in self.units(e, s)]
+            return [u for e in self.experiments for s in seeds for u in self.units(e, s)]
+        return [u for s in seeds for e in self.experiments for u in self.units(e, s)]
 
     # --- cached ingredients -------------------------------------------------------------------
 
@@ -607,7 +613,8 @@ class PaperBench:
         differs = [k for k in _RESUME_MUST_MATCH if _jsonable_roundtrip(earlier.get(k)) != _jsonable_roundtrip(now[k])]
         if differs:
             raise ValueError(f"cannot resume {self.out}: its earlier run used other {', '.join(differs)}")
-        planned = {_unit_key(u) for u in self.plan()}
+        # rows of the seeds below this run's first are kept, not run again
+        planned = {_unit_key(u) for u in self.plan(list(range(self.seeds[-1] + 1)) if self.seeds else [])}
         self._kept = self._earlier_rows()
         unplanned = [row for row in self._kept if _row_key(row) not in planned]
         if unplanned:
@@ -663,6 +670,7 @@ class PaperBench:
             "test_samples": len(self.dataset.test),
             "experiments": self.experiments,
             "seeds": len(self.seeds),
+            "first_seed": self.seeds[0] if self.seeds else 0,
             "order": self.order,
             "time_budget_s": self.time_budget,
             "planned_rows": planned,
@@ -767,7 +775,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"- device: **{meta.get('device')}** (torch {meta.get('torch')}, bf16 autocast: {meta.get('bf16')})",
         f"- preset: **{preset.get('name')}**, data: `{meta.get('data')}` ({meta.get('train_samples')} train / "
-        f"{meta.get('test_samples')} test images), seeds requested: {meta.get('seeds')}, order: {meta.get('order')}-major",
+        f"{meta.get('test_samples')} test images), seeds requested: {meta.get('seeds')}"
+        + (f" (from seed {meta['first_seed']})" if meta.get("first_seed") else "")
+        + f", order: {meta.get('order')}-major",
         f"- Original and Retrain: core.training (SGD, Nesterov, one-cycle), {json.dumps(preset.get('train'))}",
         f"- rows finished: {meta.get('finished_rows')} of {meta.get('planned_rows')} planned, "
         f"in {meta.get('elapsed_s', 0):.0f} s"

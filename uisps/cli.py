@@ -315,6 +315,8 @@ def bench_paper(
     preset: Annotated[str, typer.Option("--preset", help="quick (digits smoke run) | full (the paper's settings)")] = "quick",
     device: DeviceOpt = "auto",
     seeds: Annotated[int | None, typer.Option("--seeds", help="seeds per row (default: the preset's)")] = None,
+    first_seed: Annotated[int, typer.Option(
+        "--first-seed", min=0, help="run seeds FIRST .. FIRST+seeds-1 (with --resume: rows of lower seeds are kept)")] = 0,
     time_budget: Annotated[float | None, typer.Option(
         "--time-budget", help="seconds; no new row starts after this (finished rows are kept)")] = None,
     experiments: Annotated[str, typer.Option(
@@ -354,7 +356,7 @@ def bench_paper(
             raise UisError("bench paper: --model-cache and --no-model-cache exclude each other")
         models = None if no_model_cache else TrainedModels(model_cache or default_root(), log)
         bench = PaperBench(chosen, load_dataset(spec), _device(device), out, wanted, seeds, time_budget, order,
-                           log=log, resume=resume, models=models)
+                           log=log, resume=resume, models=models, first_seed=first_seed)
     except (ValueError, TypeError) as exc:
         raise UisError(f"bench paper: {exc}") from None
     rows = bench.run()

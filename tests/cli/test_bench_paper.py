@@ -85,6 +85,26 @@ def test_resume_keeps_finished_rows_and_runs_only_the_rest(tmp_path):
     assert meta["resumed"]["rows_kept"] == len(earlier) and meta["finished_rows"] == len(raw)
 
 
+def test_first_seed_runs_the_seeds_from_it_and_a_resume_keeps_the_lower_ones(tmp_path):
+    def tune(out: str) -> tuple[str, ...]:
+        return ("bench", "paper", "--preset", "quick", "--out", out, "--device", "cpu", "--experiments", "tune")
+
+    alone = uisps(*tune("alone"), "--first-seed", "1", "--seeds", "1", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    assert {json.loads(line)["seed"] for line in (tmp_path / "alone" / "paper-raw.jsonl").read_text().splitlines()} == {1}
+    assert "seeds requested: 1 (from seed 1)" in (tmp_path / "alone" / "paper.md").read_text()
+
+    first = uisps(*tune("r"), "--seeds", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    earlier = (tmp_path / "r" / "paper-raw.jsonl").read_text().splitlines()
+    second = uisps(*tune("r"), "--seeds", "1", "--first-seed", "1", "--resume", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "seed 0:" not in second.stderr and "seed 1:" in second.stderr
+    raw = (tmp_path / "r" / "paper-raw.jsonl").read_text().splitlines()
+    assert raw[: len(earlier)] == earlier and len(raw) == 2 * len(earlier)
+    assert all(r["seeds"] == 2 for r in json.loads((tmp_path / "r" / "paper.json").read_text()))
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -191,6 +211,7 @@ def test_resume_without_an_earlier_run_is_one_clear_line(tmp_path):
         (["--preset", "full"], "--data"),
         (["--preset-json", '{"epochs": 3}'], "unknown setting"),
         (["--model-cache", "c", "--no-model-cache"], "exclude each other"),
+        (["--first-seed", "-1"], "--first-seed"),
     ],
 )
 def test_bad_options_are_one_clear_line(tmp_path, args, message):
