@@ -534,21 +534,23 @@ def artifacts_rekey(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would move; write nothing")] = False,
 ) -> None:
     """Give each tenant its own copy of the checkpoints stored before per-tenant keys (shared
-    `sha256/...` files), so no purge tells one tenant about another's; then `uisps artifacts gc`
-    deletes the shared files. Exit 1 if a shared file is missing or not what its versions recorded."""
-    from core.services.models.rekey import rekey_shared_artifacts
+    `sha256/...` files) and delete the shared files, so no purge tells one tenant about another's.
+    Exit 1 if a shared file is missing or not what its versions recorded (it is left as it is)."""
+    from core.services.models.rekey import RekeyedVersion, rekey_shared_artifacts
     from core.settings import get_settings
     from core.storage import make_artifact_store
 
+    def echo(moved: RekeyedVersion) -> None:
+        typer.echo(f"{moved.tenant_id}\t{moved.model_id}\t{moved.version}\t{moved.old_key}\t{moved.new_key}")
+
     store = make_artifact_store(get_settings())
     with _existing_service_database() as session:
-        report = rekey_shared_artifacts(session, store, dry_run=dry_run)
-    for moved in report.moved:
-        typer.echo(f"{moved.tenant_id}\t{moved.model_id}\t{moved.version}\t{moved.old_key}\t{moved.new_key}")
+        report = rekey_shared_artifacts(session, store, dry_run=dry_run, on_moved=echo)
     for problem in report.problems:
         typer.echo(f"NOT MOVED: {problem}", err=True)
     verb = "would move" if dry_run else "moved"
-    typer.echo(f"{verb} {len(report.moved)} versions to their tenants' own keys", err=True)
+    deleted = "" if dry_run else f"; {len(report.shared_deleted)} shared files deleted"
+    typer.echo(f"{verb} {len(report.moved)} versions to their tenants' own keys{deleted}", err=True)
     if report.problems:
         raise typer.Exit(1)
 

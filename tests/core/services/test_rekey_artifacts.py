@@ -20,7 +20,7 @@ from core.db.migrate import upgrade
 from core.services.models.rekey import rekey_shared_artifacts
 from core.services.models.service import ModelSpec, model_service
 from core.services.transactions import begin_write, lock_artifact
-from core.storage import LocalArtifactStore, key_for
+from core.storage import ArtifactStore, LocalArtifactStore, S3ArtifactStore, key_for
 from uisps.demo import model_spec_of
 
 
@@ -40,7 +40,7 @@ def store(tmp_path: Path) -> LocalArtifactStore:
 
 
 def _legacy_version(
-    sessions: sessionmaker[Session], tenant_id: str, checkpoint: bytes, store: LocalArtifactStore, *, purged: bool = False
+    sessions: sessionmaker[Session], tenant_id: str, checkpoint: bytes, store: ArtifactStore, *, purged: bool = False
 ) -> str:
     """A model of the tenant whose version 1 names the shared key of `checkpoint`, as a database
     from before per-tenant keys holds it; returns the model's id."""
@@ -59,7 +59,7 @@ def _key_of(sessions: sessionmaker[Session], tenant_id: str, model_id: str) -> s
         return model_service.get_version(session, tenant_id, model_id, 1).artifact_key
 
 
-def _rekey(sessions: sessionmaker[Session], store: LocalArtifactStore, *, dry_run: bool = False) -> Any:
+def _rekey(sessions: sessionmaker[Session], store: ArtifactStore, *, dry_run: bool = False) -> Any:
     with sessions() as session:
         return rekey_shared_artifacts(session, store, dry_run=dry_run)
 
@@ -88,8 +88,9 @@ def test_each_tenant_gets_its_own_copy(
     assert _key_of(sessions, "globex", second) == key_for(sha256, "globex")
     assert {(m.tenant_id, m.new_key) for m in report.moved} == {
         ("acme", key_for(sha256, "acme")), ("globex", key_for(sha256, "globex"))}
-    assert store.open(key_for(sha256, "globex")).read() == digits_checkpoint
-    assert store.exists(shared)  # left for `uisps artifacts gc`, once nothing reads it
+    with store.open(key_for(sha256, "globex")) as copy:
+        assert copy.read() == digits_checkpoint
+    assert report.shared_deleted == [shared] and not store.exists(shared)
 
 
 def test_after_the_move_a_purge_deletes_the_tenants_bytes_whatever_another_holds(
@@ -97,13 +98,14 @@ def test_after_the_move_a_purge_deletes_the_tenants_bytes_whatever_another_holds
 ) -> None:
     first = _legacy_version(sessions, "acme", digits_checkpoint, store)
     _legacy_version(sessions, "globex", digits_checkpoint, store)
+    shared = _key_of(sessions, "acme", first)
     _rekey(sessions, store)
 
     details = _purge(sessions, store, "acme", first)
 
     # Before the move this said False: globex's version kept the shared file.
     assert details["bytes_deleted"] is True
-    assert not store.exists(_key_of(sessions, "acme", first))
+    assert not store.exists(_key_of(sessions, "acme", first)) and not store.exists(shared)
 
 
 def test_a_dry_run_names_the_moves_and_writes_nothing(
@@ -151,6 +153,57 @@ def test_a_shared_file_that_changed_is_reported_and_not_moved(
     assert _key_of(sessions, "acme", model_id) == shared
 
 
+def test_a_dry_run_names_a_missing_shared_file(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes
+) -> None:
+    model_id = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    shared = _key_of(sessions, "acme", model_id)
+    store.delete(shared)
+
+    report = _rekey(sessions, store, dry_run=True)
+
+    assert report.moved == [] and len(report.problems) == 1 and "missing" in report.problems[0]
+
+
+def test_on_s3_the_shared_object_moves_and_goes(
+    sqlite_url: str, s3_endpoint: str, bucket: str, digits_checkpoint: bytes
+) -> None:
+    sessions, store = _sqlite(sqlite_url), _s3(s3_endpoint, bucket)
+    model_id = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    shared = _key_of(sessions, "acme", model_id)
+
+    report = _rekey(sessions, store)
+
+    own = _key_of(sessions, "acme", model_id)
+    assert own == key_for(shared.rsplit("/", 1)[1], "acme") and report.shared_deleted == [shared]
+    assert b"".join(store.iter_bytes(own)) == digits_checkpoint and not store.exists(shared)
+
+
+def test_on_s3_a_bad_object_already_at_the_tenants_key_is_not_trusted(
+    sqlite_url: str, s3_endpoint: str, bucket: str, digits_checkpoint: bytes
+) -> None:
+    sessions, store = _sqlite(sqlite_url), _s3(s3_endpoint, bucket)
+    model_id = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    shared = _key_of(sessions, "acme", model_id)
+    own = key_for(shared.rsplit("/", 1)[1], "acme")
+    # the same size, so the store's put keeps it (same key, same bytes, it assumes)
+    store.client.put_object(Bucket=bucket, Key=store.object_key(own), Body=b"x" * len(digits_checkpoint))
+
+    report = _rekey(sessions, store)
+
+    assert report.moved == [] and "do not hash" in report.problems[0]
+    assert _key_of(sessions, "acme", model_id) == shared and store.exists(shared)
+
+
+def _sqlite(url: str) -> sessionmaker[Session]:
+    upgrade(url)
+    return make_sessionmaker(make_engine(url))
+
+
+def _s3(endpoint: str, bucket: str) -> S3ArtifactStore:
+    return S3ArtifactStore(bucket, "uisps/", endpoint_url=endpoint, addressing_style="path")
+
+
 def test_a_purge_that_waited_for_the_move_locks_the_new_key(
     own_pg_database: str, store: LocalArtifactStore, unique_digits_checkpoint: bytes
 ) -> None:
@@ -171,7 +224,8 @@ def test_a_purge_that_waited_for_the_move_locks_the_new_key(
     with sessions() as moving, sessions() as adding:
         begin_write(moving)  # the rekey of this file, before its commit
         lock_artifact(moving, shared, exclusive=True)
-        store.put(store.open(shared), "acme")
+        with store.open(shared) as source:
+            store.put(source, "acme")
         moving.execute(text("UPDATE model_versions SET artifact_key = :new WHERE artifact_key = :old"),
                        {"new": new_key, "old": shared})
         purge = threading.Thread(target=lambda: outcome.update(_purge(sessions, store, "acme", model_id)))
