@@ -620,7 +620,7 @@ class PaperBench:
         if unplanned:
             # Finished rows are hours of compute: a resume never throws them away.
             raise ValueError(f"cannot resume {self.out}: {len(unplanned)} of its finished rows are not in this "
-                             f"run's plan (fewer --seeds?), and resuming would drop them")
+                             f"run's plan (fewer --seeds, or a later --first-seed?), and resuming would drop them")
 
     def _earlier_rows(self) -> list[dict]:
         """The finished rows on disk; a last line cut short (the machine stopped mid-write) is skipped."""
@@ -647,13 +647,24 @@ class PaperBench:
         earlier = json.loads((self.out / "paper-run.json").read_text())
         kept = self._kept
         done = {_row_key(row) for row in kept}
+        todo = [u for u in units if _unit_key(u) not in done]
+        # rows kept from seeds below this run's are finished rows of this run's tables too
+        self.meta["planned_rows"] += len(kept) - (len(units) - len(todo))
+        self._warn_of_missing_lower_seeds(done)
         self.raw = list(kept)
         # rewritten without a last line cut short, which the next row would otherwise follow
         _write_atomic(self.out / "paper-raw.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
         self.meta["resumed"] = {"rows_kept": len(kept), "earlier_device": earlier.get("device"),
                                 "earlier_torch": earlier.get("torch")}
-        self.log(f"resuming {self.out}: {len(kept)} finished rows kept, {len(units) - len(done)} to run")
-        return [u for u in units if _unit_key(u) not in done]
+        self.log(f"resuming {self.out}: {len(kept)} finished rows kept, {len(todo)} to run")
+        return todo
+
+    def _warn_of_missing_lower_seeds(self, done: set[tuple]) -> None:
+        lower = list(range(self.seeds[0])) if self.seeds else []
+        missing = [u for u in self.plan(lower) if _unit_key(u) not in done]
+        if missing:
+            self.log(f"resuming {self.out}: {len(missing)} rows of seeds below {self.seeds[0]} are not finished and are "
+                     f"not run now (--first-seed {min(u.seed for u in missing)} runs them)")
 
     def _meta(self, planned: int) -> dict:
         per_arch = {}

@@ -100,9 +100,12 @@ def test_first_seed_runs_the_seeds_from_it_and_a_resume_keeps_the_lower_ones(tmp
     second = uisps(*tune("r"), "--seeds", "1", "--first-seed", "1", "--resume", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "seed 0:" not in second.stderr and "seed 1:" in second.stderr
+    assert f"{len(earlier)} finished rows kept, {len(earlier)} to run" in second.stderr
     raw = (tmp_path / "r" / "paper-raw.jsonl").read_text().splitlines()
     assert raw[: len(earlier)] == earlier and len(raw) == 2 * len(earlier)
     assert all(r["seeds"] == 2 for r in json.loads((tmp_path / "r" / "paper.json").read_text()))
+    meta = json.loads((tmp_path / "r" / "paper-run.json").read_text())
+    assert meta["planned_rows"] == meta["finished_rows"] == len(raw)
 
 
 @pytest.mark.parametrize(
