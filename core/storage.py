@@ -73,6 +73,10 @@ class ArtifactStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def size(self, key: str) -> int | None:
+        """The stored size in bytes; None when there is no such artifact."""
+        ...
+
     def delete(self, key: str) -> None: ...
 
     def list_artifacts(self) -> Iterator[ListedArtifact]:
@@ -173,6 +177,12 @@ class LocalArtifactStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            return None
 
     def delete(self, key: str) -> None:
         """Remove an artifact; deleting a missing one is not an error (retries stay simple)."""
@@ -305,6 +315,10 @@ class S3ArtifactStore:
 
     def exists(self, key: str) -> bool:
         return self._head(self.object_key(key)) is not None
+
+    def size(self, key: str) -> int | None:
+        head = self._head(self.object_key(key))
+        return None if head is None else int(head["ContentLength"])
 
     def delete(self, key: str) -> None:
         """Remove an artifact; deleting a missing one is not an error (S3 says so too)."""

@@ -152,3 +152,11 @@ def test_a_key_names_its_tenant_or_none_when_shared() -> None:
     assert key_tenant(key_for(digest)) is None
     with pytest.raises(InvalidArtifactKey):
         key_tenant(f"tenants/../sha256/ab/{digest}")
+
+
+def test_size_is_the_stored_length_or_none(store: LocalArtifactStore) -> None:
+    stored = store.put(b"twelve bytes")
+
+    assert store.size(stored.key) == 12
+    store.delete(stored.key)
+    assert store.size(stored.key) is None

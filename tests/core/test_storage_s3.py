@@ -146,11 +146,11 @@ def test_there_is_no_local_path(store: S3ArtifactStore) -> None:
 
 
 def test_exists_tells_stored_from_missing(store: S3ArtifactStore) -> None:
-    assert not store.exists(KEY)
+    assert not store.exists(KEY) and store.size(KEY) is None
 
     store.put(CONTENT)
 
-    assert store.exists(KEY)
+    assert store.exists(KEY) and store.size(KEY) == len(CONTENT)
 
 
 def test_delete_removes_the_artifact(store: S3ArtifactStore) -> None:

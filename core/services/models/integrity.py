@@ -38,8 +38,10 @@ def check_stored_checkpoints(session: Session, store: ArtifactStore, *, checksum
     """Compare every unpurged version with the store: its file must be listed with its recorded
     size, and with `checksums` read through to its recorded sha256 (slow: every byte is read).
 
-    Reads only; the store is listed once, so a version added while the check runs may show as
-    missing, and a file stored meanwhile as unnamed: run it on a quiet service, or again.
+    Reads only. The store is listed once, at the start, so each version found without its file
+    is looked at again at the end (its row and the store as they are then): a version added, or
+    purged, while the check ran is not reported. A file stored meanwhile may still be counted
+    as unnamed.
     """
     listed = {artifact.key: artifact.size for artifact in store.list_artifacts()}
     report = IntegrityReport()
@@ -53,7 +55,24 @@ def check_stored_checkpoints(session: Session, store: ArtifactStore, *, checksum
                 CheckpointProblem(version.tenant_id, version.model_id, version.version, version.artifact_key, problem)
             )
     report.unnamed = len(listed.keys() - named)
+    rechecked = (_recheck(session, store, problem, checksums) for problem in report.problems)
+    report.problems = [problem for problem in rechecked if problem is not None]
     return report
+
+
+def _recheck(session: Session, store: ArtifactStore, found: CheckpointProblem, checksums: bool) -> CheckpointProblem | None:
+    """The problem as it stands now, from the version's row and the store read again."""
+    session.rollback()  # a new snapshot: what committed since the listing
+    version = session.scalar(
+        select(ModelVersion).where(ModelVersion.model_id == found.model_id, ModelVersion.version == found.version)
+        .execution_options(populate_existing=True)
+    )
+    if version is None or version.checkpoint_purged_at is not None:
+        return None
+    problem = _problem(store, version, store.size(version.artifact_key), checksums)
+    if problem is None:
+        return None
+    return CheckpointProblem(version.tenant_id, version.model_id, version.version, version.artifact_key, problem)
 
 
 def _unpurged_versions(session: Session) -> Iterator[ModelVersion]:
