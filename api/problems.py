@@ -169,7 +169,7 @@ async def _user_error(request: Request, exc: UisError) -> JSONResponse:
     return problem_response(request, 422, exc.code, str(exc))
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "content_too_large"}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "content_too_large", 416: "range_not_satisfiable"}
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

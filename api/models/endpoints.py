@@ -15,6 +15,7 @@ from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, StoreDep, Tenan
 from api.idempotency import IdempotencyDep
 from api.models.schemas import ModelCreate, ModelList, ModelRead, ModelVersionList, ModelVersionRead
 from api.problems import problem_responses
+from api.ranges import settle_range
 from core.services.errors import CheckpointTooLarge, ServerBusy
 from core.services.models.service import model_service, verified_chunks
 from core.services.text import NulFree
@@ -190,18 +191,33 @@ def get_version(model_id: ModelId, version: VersionNumber, session: SessionDep, 
             "content": {"application/octet-stream": {}},
             "description": "the safetensors file; its sha256 is in X-Checkpoint-SHA256 and Repr-Digest",
         },
-        **problem_responses(404, 410, 500),
+        206: {"content": {"application/octet-stream": {}}, "description": "the byte ranges asked for (Range)"},
+        **problem_responses(404, 410, 416, 500),
     },
     summary="Download a version's checkpoint",
     description=(
         "The file is hashed again before it is served (or, from storage without local files, while "
         "it streams): a checkpoint that no longer matches its recorded sha256 is never served "
-        "(500 `artifact_corrupted`). A purged checkpoint answers 410 `checkpoint_purged`."
+        "(500 `artifact_corrupted`). A purged checkpoint answers 410 `checkpoint_purged`. From "
+        "storage with local files, `Range: bytes=...` resumes a download (206); a Range that is not "
+        "a valid byte range is ignored (200, the whole file), one wholly past the end is 416 "
+        "`range_not_satisfiable`. Each download served is recorded in the audit log."
     ),
 )
 def download_checkpoint(
-    model_id: ModelId, version: VersionNumber, session: SessionDep, tenant_id: TenantDep, actor: ActorDep, store: StoreDep
+    model_id: ModelId,
+    version: VersionNumber,
+    request: Request,
+    session: SessionDep,
+    tenant_id: TenantDep,
+    actor: ActorDep,
+    store: StoreDep,
 ) -> Response:
+    # Settled before the download is recorded: a refused range serves nothing. (Only a local file
+    # is served in ranges; a missing one is checkpoint_for_download's to report.)
+    asked = model_service.get_version(session, tenant_id, model_id, version)
+    if asked.checkpoint_purged_at is None and store.exists(asked.artifact_key) and store.local_path(asked.artifact_key):
+        settle_range(request, asked.size_bytes)
     found = model_service.checkpoint_for_download(
         session, tenant_id=tenant_id, actor=actor, model_id=model_id, version=version, store=store
     )

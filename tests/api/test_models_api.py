@@ -244,6 +244,39 @@ def test_download_serves_the_file_with_its_sha256_and_is_audited(
     assert events[-1]["details"] == {"version": 1, "sha256": sha}
 
 
+def test_a_range_resumes_a_download_and_a_refused_one_is_not_recorded(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model = registered_model()
+    url, size = f"/models/{model['id']}/versions/1/checkpoint", len(digits_checkpoint)
+
+    part = client.get(url, headers={"Range": "bytes=100-"})
+    past = client.get(url, headers={"Range": f"bytes={size}-"})
+    garbled = [client.get(url, headers={"Range": value}) for value in ("bytes=5-1", "garbage", "items=0-1")]
+
+    assert part.status_code == 206 and part.content == digits_checkpoint[100:]
+    assert_problem(past, 416, "range_not_satisfiable", f"{size} bytes")
+    assert past.headers["content-range"] == f"bytes */{size}"
+    for response in garbled:  # not a valid byte range: ignored, the whole file
+        assert response.status_code == 200 and response.content == digits_checkpoint
+    assert _actions(client, model["id"]).count("model_version.downloaded") == 4  # not the 416
+
+
+def test_range_specs_are_clipped_to_the_file_and_suffixes_count_from_its_end(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model = registered_model()
+    url, size = f"/models/{model['id']}/versions/1/checkpoint", len(digits_checkpoint)
+
+    tail = client.get(url, headers={"Range": "bytes=-10"})
+    clipped = client.get(url, headers={"Range": f"bytes=0-{10 * size}"})
+    one_inside = client.get(url, headers={"Range": f"bytes=0-3, {size + 5}-"})
+
+    assert tail.status_code == 206 and tail.content == digits_checkpoint[-10:]
+    assert clipped.status_code == 206 and clipped.content == digits_checkpoint
+    assert one_inside.status_code == 206 and one_inside.content == digits_checkpoint[:4]
+
+
 def test_a_checkpoint_lost_from_storage_is_a_500_that_says_so(client: TestClient, registered_model) -> None:  # noqa: ANN001
     model = registered_model()
     version = client.get(f"/models/{model['id']}/versions/1").json()

@@ -1,0 +1,72 @@
+"""Range requests on checkpoint downloads (RFC 9110 sec. 14), settled before anything is served
+or recorded: a client resuming a long download asks for the bytes it lacks.
+
+Starlette's FileResponse serves byte ranges, but answers a Range it cannot parse with a plain-text
+400 and one that reaches past the file with an empty 416, after the endpoint has already recorded
+the download. Here a Range that is not a valid byte-range set is ignored, as RFC 9110 lets a server
+do (the whole file, 200); one of which no part lies within the file is a problem+json 416, before
+the download is recorded; and the satisfiable parts of the rest are handed on in the closed form
+FileResponse takes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import Request
+from starlette.exceptions import HTTPException
+
+_RANGE_SPEC = re.compile(r"(\d*)-(\d*)", re.ASCII)
+
+
+def settle_range(request: Request, size: int) -> None:
+    """Rewrite or drop the request's Range header for a file of `size` bytes, or raise 416."""
+    value = request.headers.get("range")
+    if value is None:
+        return
+    specs = _byte_range_specs(value)
+    if specs is None:
+        _set_range(request, None)
+        return
+    satisfiable = [closed for spec in specs if (closed := _closed(spec, size)) is not None]
+    if not satisfiable:
+        raise HTTPException(
+            416, f"no part of the range {value[:100]!r} lies within the checkpoint's {size} bytes",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    _set_range(request, "bytes=" + ",".join(f"{first}-{last}" for first, last in satisfiable))
+
+
+def _byte_range_specs(value: str) -> list[tuple[int | None, int | None]] | None:
+    """(first, last) of each spec of a `bytes=` range set, None for an absent side; None when the
+    value is not a valid byte-range set."""
+    unit, _, ranges = value.partition("=")
+    if unit.strip().lower() != "bytes" or not ranges.strip():
+        return None
+    specs = []
+    for part in ranges.split(","):
+        match = _RANGE_SPEC.fullmatch(part.strip())
+        if match is None or not any(match.groups()):
+            return None
+        first, last = (int(side) if side else None for side in match.groups())
+        if first is not None and last is not None and last < first:
+            return None
+        specs.append((first, last))
+    return specs
+
+
+def _closed(spec: tuple[int | None, int | None], size: int) -> tuple[int, int] | None:
+    """The spec as (first, last) byte positions within the file; None when it is not satisfiable."""
+    first, last = spec
+    if first is None:  # a suffix: the last `last` bytes
+        return (max(size - last, 0), size - 1) if last and size else None  # type: ignore[operator]
+    if first >= size:
+        return None
+    return first, size - 1 if last is None else min(last, size - 1)
+
+
+def _set_range(request: Request, value: str | None) -> None:
+    headers = [(name, raw) for name, raw in request.scope["headers"] if name != b"range"]
+    if value is not None:
+        headers.append((b"range", value.encode("ascii")))
+    request.scope["headers"] = headers
