@@ -219,8 +219,12 @@ def check_manifest_agrees(header: dict, registered: Manifest) -> None:
     if MANIFEST_KEY not in (header.get("__metadata__") or {}):
         return  # a plain safetensors file: the registration is all there is to go by
     found = read_manifest(header)
-    # A model registered with num_classes only has placeholder names ("0".."N-1"): no claim to check.
-    unnamed = registered.class_names == [str(i) for i in range(registered.num_classes)]
+    # A model registered with num_classes only has placeholder names ("0".."N-1"): no claim to
+    # check against a manifest that names its classes. But a manifest with those very names in
+    # another order says that label i is another class than the registration's i (the digits,
+    # whose real names are "0".."9", or a file relabelled by hand): that disagreement stands.
+    placeholders = [str(i) for i in range(registered.num_classes)]
+    unnamed = registered.class_names == placeholders and sorted(found.class_names) != sorted(placeholders)
     differ = [
         f"{field} {getattr(found, field)} (registered: {getattr(registered, field)})"
         for field in AGREEING_FIELDS

@@ -177,6 +177,20 @@ def test_a_checkpoint_agrees_with_a_registration_by_class_count_and_rounded_stat
     assert _upload(client, model["id"], named).status_code == 201
 
 
+def test_a_checkpoint_whose_labels_name_the_registered_classes_in_another_order_is_422(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model = registered_model(upload=False)  # the digits: class names "0".."9", label i is digit i
+    model_state, manifest = load_checkpoint_bytes(digits_checkpoint)
+    relabelled = manifest.model_copy(update={"class_names": [str(9 - i) for i in range(10)]})
+    reversed_names = checkpoint_bytes(model_state, relabelled)
+
+    response = _upload(client, model["id"], reversed_names)
+
+    assert_problem(response, 422, "invalid_checkpoint", "class_names")
+    assert client.get(f"/models/{model['id']}/versions").json()["versions"] == []
+
+
 def test_a_checkpoint_without_a_manifest_is_taken_as_registered(client: TestClient, registered_model, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     model = registered_model(upload=False)
     plain, _ = load_checkpoint_bytes(digits_checkpoint)
