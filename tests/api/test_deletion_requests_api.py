@@ -116,7 +116,8 @@ def test_a_missing_base_version_is_404_and_a_model_without_versions_409(
     model = registered_model()
     empty = registered_model(upload=False)
 
-    assert_problem(_request(client, model["id"], [1], base_version=7), 404, "not_found", "does not exist")
+    missing = _request(client, model["id"], [1], base_version=7)
+    assert_problem(missing, 404, "not_found", f"model {model['id']}: version 7 does not exist")
     assert_problem(_request(client, empty["id"], [1]), 409, "model_has_no_versions", "upload a checkpoint first")
 
 

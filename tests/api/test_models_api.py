@@ -118,7 +118,8 @@ def test_uploads_become_versions_1_2_3(client: TestClient, registered_model, dig
 def test_a_missing_version_is_404(client: TestClient, registered_model) -> None:  # noqa: ANN001
     model = registered_model()
 
-    assert_problem(client.get(f"/models/{model['id']}/versions/9"), 404, "not_found", "does not exist")
+    missing = client.get(f"/models/{model['id']}/versions/9")
+    assert_problem(missing, 404, "not_found", f"model {model['id']}: version 9 does not exist")
     assert_problem(client.get(f"/models/{model['id']}/versions/9/checkpoint"), 404, "not_found")
 
 

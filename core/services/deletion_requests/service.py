@@ -303,7 +303,7 @@ class DeletionRequestService:
         else:
             base = model_repository.get_version(session, tenant_id, model_id, number)
             if base is None:
-                raise NotFound(f"version of model {model_id}", number)
+                raise NotFound(f"model {model_id}: version", number)
         if base.checkpoint_purged_at is not None:
             raise Conflict(
                 f"the checkpoint of model {model_id} version {base.version} was purged; "

@@ -176,7 +176,7 @@ class ModelService:
         found = model_repository.get_version(session, tenant_id, model_id, version)
         if found is None:
             self.get(session, tenant_id, model_id)  # says "model ... does not exist" when that is the case
-            raise NotFound(f"version of model {model_id}", version)
+            raise NotFound(f"model {model_id}: version", version)
         return found
 
     def list_versions(self, session: Session, tenant_id: str, model_id: str, page: PageRequest) -> Page[ModelVersion]:
