@@ -205,6 +205,30 @@ def check_architecture(arch: str, in_channels: int, num_classes: int, max_parame
         )
 
 
+def check_input_shape(arch: str, input_shape: list[int], num_classes: int) -> None:
+    """The architecture must take inputs of this shape and answer one logit per class, in training
+    mode as the unlearning pass runs it: a forward pass on the meta device (shapes only, no memory,
+    no arithmetic) finds a network that cannot, such as one that pools a small image down past 1x1
+    or one that answers auxiliary outputs when training (torchvision's inception_v3, googlenet), at
+    registration rather than in a job."""
+    skeleton = model_skeleton(arch, input_shape[0], num_classes)
+    try:
+        # the skeleton is shared: one forward at a time (train-mode BatchNorm writes its statistics)
+        with _SKELETON_LOCK, torch.no_grad():
+            out = skeleton(torch.empty(2, *input_shape, device="meta"))
+    except Exception as exc:
+        raise ArchitectureError(
+            f"{arch} cannot take inputs of shape {list(input_shape)}: {type(exc).__name__}: {exc}"[:500]
+        ) from None
+    if not isinstance(out, torch.Tensor):
+        raise ArchitectureError(
+            f"{arch} answers {type(out).__name__} when training, not a tensor of logits: the unlearning pass "
+            "cannot train it (not supported)"
+        )
+    if tuple(out.shape) != (2, num_classes):
+        raise ArchitectureError(f"{arch} answers shape {list(out.shape)[1:]} per input, not {num_classes} logits")
+
+
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 

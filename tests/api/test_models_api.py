@@ -77,6 +77,15 @@ def test_an_unknown_torchvision_classifier_is_422(client: TestClient, model_spec
     assert_problem(response, 422, "invalid_architecture", "unknown torchvision classifier 'nonexistent'")
 
 
+def test_an_architecture_that_cannot_take_the_input_shape_is_422(client: TestClient, model_spec: dict[str, Any]) -> None:
+    spec = {**model_spec, "architecture": "torchvision:vit_b_16"}  # ViT-B/16 takes 224x224 only
+
+    response = client.post("/models", json=spec)
+
+    assert_problem(response, 422, "invalid_architecture", f"cannot take inputs of shape {spec['input_shape']}", "224")
+    assert spec["name"] not in {m["name"] for m in client.get("/models").json()["models"]}
+
+
 def test_an_architecture_over_the_parameter_limit_is_422(tmp_path, model_spec: dict[str, Any]) -> None:  # noqa: ANN001
     with TestClient(create_app(Settings(home=tmp_path, max_checkpoint_parameters=1_000_000))) as client:
         authorize(client)

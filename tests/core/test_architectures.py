@@ -1,9 +1,11 @@
 """Architectures by name, with input channels and class count from the data."""
 
+import re
+
 import pytest
 import torch
 
-from core.architectures import build_model, feature_blocks, model_skeleton
+from core.architectures import build_model, check_input_shape, feature_blocks, model_skeleton
 from core.errors import ArchitectureError
 
 
@@ -55,3 +57,23 @@ def test_a_skeleton_has_the_real_models_tensors_and_no_storage(arch):
     layout = {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()}
     assert layout == {name: (tuple(t.shape), t.dtype) for name, t in real.state_dict().items()}
     assert {t.device.type for t in skeleton.state_dict().values()} == {"meta"}
+
+
+@pytest.mark.parametrize(
+    "arch, shape", [("resnet18", [3, 32, 32]), ("smallcnn", [1, 8, 8]), ("torchvision:resnet18", [1, 64, 64])]
+)
+def test_an_input_the_architecture_takes_passes_the_shape_check(arch, shape):
+    check_input_shape(arch, shape, 10)
+
+
+@pytest.mark.parametrize(
+    "arch, shape, message",
+    [
+        ("torchvision:inception_v3", [3, 8, 8], "cannot take inputs of shape [3, 8, 8]"),  # pooled past 1x1
+        ("torchvision:vit_b_16", [3, 32, 32], "Expected 224"),
+        ("torchvision:googlenet", [3, 224, 224], "answers GoogLeNetOutputs when training"),  # auxiliary heads
+    ],
+)
+def test_an_input_the_architecture_cannot_take_is_refused_before_any_job(arch, shape, message):
+    with pytest.raises(ArchitectureError, match=re.escape(message)):
+        check_input_shape(arch, shape, 10)

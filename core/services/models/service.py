@@ -119,7 +119,7 @@ class ModelService:
     ) -> Model:
         """Register a model. `data_roots` (Settings.data_root_list) bound where its data may lie,
         `max_parameters` the size of its architecture (as of every checkpoint uploaded later)."""
-        _check_architecture(spec.architecture, spec.input_shape[0], len(spec.resolved_class_names), max_parameters)
+        _check_architecture(spec.architecture, spec.input_shape, len(spec.resolved_class_names), max_parameters)
         _check_data_source(spec.data_source, data_roots, tenant_id)
         begin_write(session)
         if model_repository.get_by_name(session, tenant_id, spec.name) is not None:
@@ -373,14 +373,18 @@ def _missing(version: ModelVersion) -> ArtifactMissing:
     )
 
 
-def _check_architecture(architecture: str, in_channels: int, num_classes: int, max_parameters: int | None) -> None:
-    # Raises core.errors.ArchitectureError for an unknown name (naming the known ones) or one too
-    # large to accept. Builds a meta-device skeleton, so the API process imports torch here.
-    from core.architectures import check_architecture
+def _check_architecture(
+    architecture: str, input_shape: list[int], num_classes: int, max_parameters: int | None
+) -> None:
+    # Raises core.errors.ArchitectureError for an unknown name (naming the known ones), one too
+    # large to accept, or one that cannot take this input. Builds a meta-device skeleton, so the
+    # API process imports torch here.
+    from core.architectures import check_architecture, check_input_shape
     from core.validation import validate_arch_name
 
     validate_arch_name(architecture)
-    check_architecture(architecture, in_channels, num_classes, max_parameters)
+    check_architecture(architecture, input_shape[0], num_classes, max_parameters)
+    check_input_shape(architecture, input_shape, num_classes)
 
 
 def _check_data_source(spec: str, data_roots: Sequence[str], tenant_id: str) -> None:
