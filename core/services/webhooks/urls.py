@@ -40,6 +40,12 @@ class CallbackTarget:
         try:
             return ipaddress.ip_address(self.host)
         except ValueError:
+            pass
+        try:
+            # The older IPv4 forms the system resolver also takes as an address, not a name:
+            # 2130706433, 0x7f000001, 0177.0.0.1, 127.1 (all 127.0.0.1).
+            return ipaddress.IPv4Address(socket.inet_aton(self.host))
+        except OSError:
             return None
 
 

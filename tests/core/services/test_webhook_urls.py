@@ -7,7 +7,8 @@ import ipaddress
 
 import pytest
 
-from core.services.webhooks.urls import address_kind, is_public
+from core.services.webhooks.urls import InvalidCallbackUrl, address_kind, check_callback_url, is_public
+from core.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -33,3 +34,12 @@ def test_an_ipv6_form_of_a_private_address_is_not_public(address: str, kind: str
 @pytest.mark.parametrize("address", ["8.8.8.8", "2001:4860:4860::8888", "64:ff9b::808:808", "2002:808:808::"])
 def test_public_addresses_and_their_ipv6_forms_are_public(address: str) -> None:
     assert is_public(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0x7f000001", "0177.0.0.1", "127.1", "0xa9.0xfe.0xa9.0xfe"])
+def test_an_address_in_an_older_ipv4_form_is_refused_when_the_request_is_made(host: str) -> None:
+    settings = Settings(webhook_secret="whsec_" + "QUJD" * 8, webhook_allowed_hosts="*")
+
+    with pytest.raises(InvalidCallbackUrl, match="loopback|link-local"):
+        check_callback_url(f"https://{host}/hook", settings)
+    assert check_callback_url("https://hooks.example.com/hook", settings)  # a name is resolved at send time
