@@ -15,9 +15,10 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -35,7 +36,8 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: int = 1
+    # A later format may mean something this code would misread: refused, not guessed at.
+    format: Literal[1] = 1
     architecture: str
     in_channels: int = Field(ge=1, le=64)
     num_classes: int = Field(ge=2, le=100_000)
@@ -46,6 +48,19 @@ class Manifest(BaseModel):
     forgotten_labels: list[int] = Field(default_factory=list)
     data_source: str | None = None
     parent_sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class_names for num_classes {self.num_classes}")
+        if not self.input_shape[0] == len(self.mean) == len(self.std) == self.in_channels:
+            raise ValueError(f"input_shape, mean and std must all have in_channels ({self.in_channels}) channels")
+        labels = self.forgotten_labels
+        if len(set(labels)) != len(labels) or any(not 0 <= label < self.num_classes for label in labels):
+            raise ValueError(f"forgotten_labels {labels[:10]} must be distinct labels in 0..{self.num_classes - 1}")
+        if len(labels) >= self.num_classes:
+            raise ValueError("forgotten_labels name every class")
+        return self
 
 
 def sha256_file(path: Path) -> str:
@@ -185,7 +200,9 @@ def read_manifest(header: dict) -> Manifest:
     try:
         return Manifest.model_validate_json(meta[MANIFEST_KEY])
     except ValidationError as exc:
-        raise CheckpointError(f"checkpoint manifest is invalid: {exc.errors()[0]['msg']}") from None
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise CheckpointError(f"checkpoint manifest is invalid: {where + ': ' if where else ''}{error['msg']}") from None
 
 
 def validate_header(header: dict, model: torch.nn.Module) -> None:

@@ -9,7 +9,10 @@ import zipfile
 import pytest
 import torch
 
+from safetensors.torch import save as st_save
+
 from core.checkpoint import (
+    MANIFEST_KEY,
     Manifest,
     checkpoint_bytes,
     load_checkpoint,
@@ -104,7 +107,7 @@ def test_a_boolean_in_a_shape_is_not_read_as_a_dimension(trained_digits):
 
 
 def test_wrong_shapes_are_refused(trained_digits):
-    other = Manifest(**{**trained_digits.manifest.model_dump(), "num_classes": 5})
+    other = Manifest(**{**trained_digits.manifest.model_dump(), "num_classes": 5, "class_names": list("01234")})
     data = checkpoint_bytes(trained_digits.model, trained_digits.manifest)
     with pytest.raises(CheckpointError, match="shape"):
         load_checkpoint_bytes(data, expected=other)
@@ -194,3 +197,22 @@ def test_nothing_in_the_service_unpickles():
         if unpickling.search(line)
     ]
     assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"format": 99}, "format"),
+        ({"forgotten_labels": [99]}, "forgotten_labels"),
+        ({"forgotten_labels": list(range(10))}, "every class"),
+        ({"class_names": ["a", "b"]}, "2 class_names for num_classes 10"),
+        ({"mean": [0.1, 0.2]}, "channels"),
+    ],
+)
+def test_a_manifest_that_contradicts_itself_is_refused(trained_digits, change, message):
+    manifest = {**json.loads(trained_digits.manifest.model_dump_json()), **change}
+    state = {k: v.contiguous() for k, v in trained_digits.model.state_dict().items()}
+    data = st_save(state, metadata={MANIFEST_KEY: json.dumps(manifest)})
+
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint_bytes(data)
