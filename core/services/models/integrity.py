@@ -49,11 +49,9 @@ def check_stored_checkpoints(session: Session, store: ArtifactStore, *, checksum
     for version in _unpurged_versions(session):
         report.checked += 1
         named.add(version.artifact_key)
-        problem = _problem(store, version, listed.get(version.artifact_key), checksums)
+        problem = _checked(store, version, listed.get(version.artifact_key), checksums)
         if problem is not None:
-            report.problems.append(
-                CheckpointProblem(version.tenant_id, version.model_id, version.version, version.artifact_key, problem)
-            )
+            report.problems.append(problem)
     report.unnamed = len(listed.keys() - named)
     rechecked = (_recheck(session, store, problem, checksums) for problem in report.problems)
     report.problems = [problem for problem in rechecked if problem is not None]
@@ -69,7 +67,13 @@ def _recheck(session: Session, store: ArtifactStore, found: CheckpointProblem, c
     )
     if version is None or version.checkpoint_purged_at is not None:
         return None
-    problem = _problem(store, version, store.size(version.artifact_key), checksums)
+    return _checked(store, version, store.size(version.artifact_key), checksums)
+
+
+def _checked(
+    store: ArtifactStore, version: ModelVersion, stored_size: int | None, checksums: bool
+) -> CheckpointProblem | None:
+    problem = _problem(store, version, stored_size, checksums)
     if problem is None:
         return None
     return CheckpointProblem(version.tenant_id, version.model_id, version.version, version.artifact_key, problem)

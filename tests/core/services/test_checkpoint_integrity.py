@@ -3,14 +3,14 @@ runs: what changed after the store was listed is not reported as broken; what is
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from service_rows import add_digits_model
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import Model, ModelVersion, make_engine, make_sessionmaker, utcnow
+from core.db import ModelVersion, make_engine, make_sessionmaker, utcnow
 from core.db.migrate import upgrade
 from core.services.models.integrity import check_stored_checkpoints
 from core.storage import CHUNK_SIZE, ListedArtifact, LocalArtifactStore, StoredArtifact
@@ -49,12 +49,7 @@ def sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
 
 def _model(sessions: sessionmaker[Session]) -> str:
     with sessions.begin() as session:
-        model = Model(tenant_id="default", name=f"m-{uuid.uuid4().hex[:8]}", architecture="smallcnn", arch_kwargs={},
-                      num_classes=10, class_names=[str(i) for i in range(10)], input_shape=[1, 8, 8], mean=[0.3],
-                      std=[0.4], data_source="digits")
-        session.add(model)
-        session.flush()
-        return model.id
+        return add_digits_model(session).id
 
 
 def _add_version(sessions: sessionmaker[Session], model_id: str, number: int, stored: StoredArtifact) -> None:

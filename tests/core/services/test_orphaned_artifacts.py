@@ -10,9 +10,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from service_rows import add_digits_model
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import Model, ModelVersion, make_engine, make_sessionmaker, utcnow
+from core.db import ModelVersion, make_engine, make_sessionmaker, utcnow
 from core.db.migrate import upgrade
 from core.errors import UisError
 from core.services.models.orphans import collect_orphaned_artifacts
@@ -48,11 +49,7 @@ def _stored(store: LocalArtifactStore, age: timedelta) -> StoredArtifact:
 
 def _version_naming(sessions: sessionmaker[Session], stored: StoredArtifact, *, purged: bool = False) -> None:
     with sessions.begin() as session:
-        model = Model(tenant_id="default", name=f"m-{uuid.uuid4().hex[:8]}", architecture="smallcnn", arch_kwargs={},
-                      num_classes=10, class_names=[str(i) for i in range(10)], input_shape=[1, 8, 8], mean=[0.3],
-                      std=[0.4], data_source="digits")
-        session.add(model)
-        session.flush()
+        model = add_digits_model(session)
         session.add(ModelVersion(tenant_id="default", model_id=model.id, version=1, artifact_key=stored.key,
                                  sha256=stored.sha256, size_bytes=stored.size, forgotten_labels=[],
                                  checkpoint_purged_at=utcnow() if purged else None))
