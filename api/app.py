@@ -23,12 +23,14 @@ from api.dashboard.endpoints import router as dashboard_router
 from api.deletion_requests.endpoints import router as deletion_requests_router
 from api.health import router as health_router
 from api.limits import BodySizeLimit, UploadGate
+from api.methods import HeadAsGet
 from api.metrics import HttpMetrics
 from api.metrics import router as metrics_router
 from api.models.endpoints import router as models_router
 from api.observability import RequestContext
 from api.problems import document_validation_problems, install_problem_handlers
 from api.webhooks.endpoints import router as webhooks_router
+from core.broker import make_celery, send_deletion_request
 from core.certificates import Signer
 from core.db import ApiKey, make_engine, make_sessionmaker
 from core.db.migrate import upgrade
@@ -38,7 +40,6 @@ from core.services.api_keys.cache import KeyCache
 from core.services.api_keys.rate_limit import TENANT_BUCKET_PREFIX, make_rate_limiter
 from core.settings import Settings, get_settings
 from core.storage import make_artifact_store
-from core.broker import make_celery, send_deletion_request
 
 DESCRIPTION = """
 Make trained image classifiers forget whole classes without reading those classes' data
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_problem_handlers(app)
     document_validation_problems(app)
+    app.add_middleware(HeadAsGet)  # innermost: the outer layers log and count the HEAD as such
     app.add_middleware(UploadGate)
     app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes)  # outside the gate: no database for a 413
     # Added last, so outermost: a body-limit refusal has a request id and is counted too.

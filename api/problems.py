@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.methods import allowed_methods
 from core.certificates import KeyFileError
 from core.errors import UisError
 from core.services.errors import (
@@ -176,7 +177,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     phrase = HTTPStatus(exc.status_code).phrase
     code = _HTTP_CODES.get(exc.status_code) or phrase.lower().replace(" ", "_").replace("-", "_")
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).description
-    return problem_response(request, exc.status_code, code, detail, headers=getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:  # Starlette's Allow names one route's methods; the path may have several
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request.scope))}
+    return problem_response(request, exc.status_code, code, detail, headers=headers)
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:

@@ -16,6 +16,7 @@ from api.idempotency import IdempotencyDep
 from api.models.schemas import ModelCreate, ModelList, ModelRead, ModelVersionList, ModelVersionRead
 from api.problems import problem_responses
 from api.ranges import settle_range
+from core.db import ModelVersion
 from core.services.errors import CheckpointTooLarge, ServerBusy
 from core.services.models.service import model_service, verified_chunks
 from core.services.text import NulFree
@@ -221,15 +222,7 @@ def download_checkpoint(
     found = model_service.checkpoint_for_download(
         session, tenant_id=tenant_id, actor=actor, model_id=model_id, version=version, store=store
     )
-    digest = base64.b64encode(bytes.fromhex(found.sha256)).decode()
-    headers = {
-        "X-Checkpoint-SHA256": found.sha256,
-        "Repr-Digest": f"sha-256=:{digest}:",  # RFC 9530
-        "Digest": f"sha-256={digest}",  # RFC 3230, for older clients
-        "ETag": f'"{found.sha256}"',
-        "Cache-Control": "private, max-age=31536000, immutable",  # versions never change
-    }
-    filename = f"{_SAFE_FILENAME.sub('_', found.model.name)}-v{found.version}.safetensors"
+    headers, filename = _checkpoint_headers(found)
     path = store.local_path(found.artifact_key)
     if path is not None:
         return FileResponse(path, media_type="application/octet-stream", headers=headers, filename=filename)
@@ -243,6 +236,51 @@ def download_checkpoint(
             "Content-Length": str(found.size_bytes),
         },
     )
+
+
+@router.head(
+    "/{model_id}/versions/{version}/checkpoint",
+    response_class=Response,
+    responses={
+        200: {"description": "the download's headers (size, sha256, ETag), without the file"},
+        **problem_responses(404, 410, 500),
+    },
+    summary="A checkpoint download's headers, without the file",
+    description=(
+        "What GET would send, less the body: Content-Length, the sha256 (X-Checkpoint-SHA256, "
+        "Repr-Digest), ETag and Accept-Ranges, from the version's record. The file is not hashed "
+        "and no download is recorded, since nothing is served; a Range is ignored (RFC 9110 "
+        "sec. 14.2). 410 for a purged checkpoint, 500 for one missing from storage."
+    ),
+)
+def checkpoint_headers(
+    model_id: ModelId, version: VersionNumber, session: SessionDep, tenant_id: TenantDep, store: StoreDep
+) -> Response:
+    found = model_service.stored_checkpoint(
+        session, tenant_id=tenant_id, model_id=model_id, version=version, store=store
+    )
+    headers, filename = _checkpoint_headers(found)
+    headers.update({
+        "Content-Disposition": f'attachment; filename="{filename}"',
+        "Content-Length": str(found.size_bytes),
+        "Content-Type": "application/octet-stream",
+    })
+    if store.local_path(found.artifact_key) is not None:  # only local files are served in ranges
+        headers["Accept-Ranges"] = "bytes"
+    return Response(headers=headers)
+
+
+def _checkpoint_headers(found: ModelVersion) -> tuple[dict[str, str], str]:
+    """The headers every answer about a checkpoint carries, and the file name to save it as."""
+    digest = base64.b64encode(bytes.fromhex(found.sha256)).decode()
+    headers = {
+        "X-Checkpoint-SHA256": found.sha256,
+        "Repr-Digest": f"sha-256=:{digest}:",  # RFC 9530
+        "Digest": f"sha-256={digest}",  # RFC 3230, for older clients
+        "ETag": f'"{found.sha256}"',
+        "Cache-Control": "private, max-age=31536000, immutable",  # versions never change
+    }
+    return headers, f"{_SAFE_FILENAME.sub('_', found.model.name)}-v{found.version}.safetensors"
 
 
 @router.delete(

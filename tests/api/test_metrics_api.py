@@ -96,16 +96,18 @@ def test_http_requests_are_counted_by_route_template_and_status(metrics_client: 
         assert metrics_client.get("/healthz").status_code == 200
     assert metrics_client.get(f"/models/{uuid.uuid4()}").status_code == 404
     assert metrics_client.get("/no/such/path").status_code == 404
+    assert metrics_client.head("/healthz").status_code == 200  # served as a GET, counted as a HEAD
     samples = scrape(metrics_client)
 
-    def labels(route: str, status: str) -> tuple[tuple[str, str], ...]:
-        return (("method", "GET"), ("route", route), ("status", status))
+    def labels(route: str, status: str, method: str = "GET") -> tuple[tuple[str, str], ...]:
+        return (("method", method), ("route", route), ("status", status))
 
     assert samples[("uisps_http_requests_total", labels("/healthz", "200"))] == 2
     assert samples[("uisps_http_request_duration_seconds_count", labels("/healthz", "200"))] == 2
     assert samples[("uisps_http_request_duration_seconds_sum", labels("/healthz", "200"))] > 0
     assert samples[("uisps_http_requests_total", labels("/models/{model_id}", "404"))] == 1
     assert samples[("uisps_http_requests_total", labels("unmatched", "404"))] == 1
+    assert samples[("uisps_http_requests_total", labels("/healthz", "200", "HEAD"))] == 1
     assert not any("/no/such/path" in value for _, key in samples for _, value in key)
 
 

@@ -250,6 +250,17 @@ class ModelService:
         )
         return version
 
+    def stored_checkpoint(
+        self, session: Session, *, tenant_id: str, model_id: str, version: int, store: ArtifactStore
+    ) -> ModelVersion:
+        """The version, if its checkpoint is still in storage: CheckpointPurged or ArtifactMissing
+        otherwise. Not hashed and not audited: on its own this serves a HEAD, which sends no byte."""
+        found = self.get_version(session, tenant_id, model_id, version)
+        _check_not_purged(found)
+        if not store.exists(found.artifact_key):
+            raise _missing(found)
+        return found
+
     def checkpoint_for_download(
         self, session: Session, *, tenant_id: str, actor: str, model_id: str, version: int, store: ArtifactStore
     ) -> ModelVersion:
@@ -260,10 +271,7 @@ class ModelService:
         (`verified_chunks`). A purged checkpoint raises CheckpointPurged, also when the purge
         committed while the file was being hashed; a lost one ArtifactMissing.
         """
-        found = self.get_version(session, tenant_id, model_id, version)
-        _check_not_purged(found)
-        if not store.exists(found.artifact_key):
-            raise _missing(found)
+        found = self.stored_checkpoint(session, tenant_id=tenant_id, model_id=model_id, version=version, store=store)
         # End the read before hashing, so a stale SQLite snapshot cannot block the write below.
         session.commit()
         lost = False

@@ -1,0 +1,66 @@
+"""The methods a path answers: HEAD wherever GET is (RFC 9110 sec. 9.3.2), and a 405 whose Allow
+lists all of them.
+
+FastAPI routes answer only the methods they declare, and Starlette's 405 names the methods of the
+first route whose path matched, although a path such as `/models/{id}/versions` is served by one
+route per method. So HEAD on a GET route is served here as that GET without its body (same status
+and headers, Content-Length included), and Allow is gathered from every route of the path. A route
+that declares HEAD itself (the checkpoint download, which must neither hash the file nor record a
+download for it) answers its own HEAD.
+"""
+
+from __future__ import annotations
+
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+# What the API's routes may declare (no route answers OPTIONS, TRACE or CONNECT).
+_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def declared_methods(scope: Scope) -> set[str]:
+    """The methods that the app's routes declare for the request's path."""
+    # Asked of the top-level routes, method by method: FastAPI nests included routers in routes of
+    # its own, whose `matches` answers for the routes inside.
+    return {
+        method for method in _METHODS
+        if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in scope["app"].routes)
+    }
+
+
+def allowed_methods(scope: Scope) -> list[str]:
+    """Every method the request's path answers, for an Allow header."""
+    methods = declared_methods(scope)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
+class HeadAsGet:
+    """Serve HEAD on a path that declares GET but not HEAD as that GET, sending no body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            methods = declared_methods(scope)
+            if "GET" in methods and "HEAD" not in methods:
+                as_get = {**scope, "method": "GET"}
+                try:
+                    await self.app(as_get, receive, _without_body(send))
+                finally:
+                    if "route" in as_get:  # for the outer layers' metrics and access log
+                        scope["route"] = as_get["route"]
+                return
+        await self.app(scope, receive, send)
+
+
+def _without_body(send: Send) -> Send:
+    async def send_headers_only(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_headers_only
