@@ -52,6 +52,7 @@ def test_a_model_name_is_unique_per_tenant(client: TestClient, model_spec: dict[
         ({"std": [0.0]}, [], "std values must be positive"),
         ({"input_shape": [1, 8]}, ["input_shape"], "at least 3 items"),
         ({"class_names": ["a", "a"]}, [], "class_names must be unique"),
+        ({"class_names": [*"012345678", " \t"]}, ["class_names", 9], "only whitespace"),
         ({"num_classes": 7}, [], "num_classes is 7 but 10 class_names were given"),
         ({"name": None}, ["name"], "valid string"),
         ({"unknown": 1}, ["unknown"], "Extra inputs are not permitted"),

@@ -7,7 +7,8 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,7 +34,15 @@ if TYPE_CHECKING:
 
 MAX_CHANNELS = 64  # core.checkpoint.Manifest's bound on in_channels
 
-ClassName = Annotated[str, StringConstraints(min_length=1, max_length=200), NulFree]
+
+def _not_blank(name: str) -> str:
+    # A blank name reads as a missing one in every report, certificate and dashboard that shows it.
+    if not name.strip():
+        raise PydanticCustomError("blank_class_name", "a class name must not be only whitespace")
+    return name
+
+
+ClassName = Annotated[str, StringConstraints(min_length=1, max_length=200), NulFree, AfterValidator(_not_blank)]
 
 
 class ModelSpec(BaseModel):
