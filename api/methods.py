@@ -14,7 +14,6 @@ from __future__ import annotations
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
 # What the API's routes may declare (no route answers OPTIONS, TRACE or CONNECT).
 _METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
 

@@ -51,6 +51,30 @@ def validate_data_spec(spec: str) -> None:
     )
 
 
+# What the sources of a fixed kind hold, known without reading them: (input shape, classes).
+FIXED_DATA_SHAPES = {
+    "digits": ((1, 8, 8), 10),
+    "mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "svhn": ((3, 32, 32), 10),
+}
+
+
+def check_data_fits(spec: str, input_shape: Sequence[int], num_classes: int) -> None:
+    """A model must take its data source's images and classes, or none of its jobs could run (the
+    job checks the data it loads: this catches, at registration, what is known without reading)."""
+    kind = spec.partition(":")[0]
+    if kind not in FIXED_DATA_SHAPES:
+        return  # npz and imagefolder hold what their files hold
+    shape, classes = FIXED_DATA_SHAPES[kind]
+    if tuple(input_shape) != shape or num_classes != classes:
+        raise DataError(
+            f"data source {spec!r} holds {classes} classes of {'x'.join(map(str, shape))} images; "
+            f"this model is registered for {num_classes} classes of {'x'.join(map(str, input_shape))}"
+        )
+
+
 def check_data_location(spec: str, roots: Sequence[str], tenant_id: str) -> None:
     """A data source's path must lie under one of the operator's data roots.
 

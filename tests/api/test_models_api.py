@@ -359,6 +359,17 @@ def test_a_bad_page_token_is_400(client: TestClient, registered_model) -> None: 
     assert_problem(client.get("/models", params={"page_size": 0}), 422, "validation_error", "page_size")
 
 
+def test_a_data_source_whose_images_or_classes_the_model_cannot_take_is_422(
+    client: TestClient, model_spec: dict[str, Any]
+) -> None:
+    classes = client.post("/models", json={**model_spec, "class_names": None, "num_classes": 5})
+    shape = client.post("/models", json={**model_spec, "input_shape": [1, 28, 28]})
+
+    assert_problem(classes, 422, "invalid_data", "'digits' holds 10 classes of 1x8x8", "for 5 classes of 1x8x8")
+    assert_problem(shape, 422, "invalid_data", "for 10 classes of 1x28x28")
+    assert client.post("/models", json=model_spec).status_code == 201  # its name was not taken
+
+
 @pytest.mark.parametrize("source", ["npz:/etc/passwd", "imagefolder:/", "npz:{root}/../other-tenant.npz"])
 def test_a_data_source_outside_the_data_roots_is_422(tmp_path, model_spec: dict[str, Any], source: str) -> None:  # noqa: ANN001
     root = tmp_path / "data"

@@ -1,4 +1,4 @@
-"""Where a model's data may lie: core.validation.check_data_location."""
+"""Where a model's data may lie, and whether the model can take it: core.validation."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from core.data import load_dataset
 from core.errors import DataError
-from core.validation import check_data_location
+from core.validation import FIXED_DATA_SHAPES, check_data_fits, check_data_location
 
 
 def test_a_path_under_a_root_is_accepted(tmp_path: Path) -> None:
@@ -76,3 +77,28 @@ def test_a_link_reached_through_another_link_is_checked_too(tmp_path: Path) -> N
     (root / "other" / "leak").symlink_to(tmp_path / "data" / "globex" / "secret")  # reached only through cat
     with pytest.raises(DataError, match="outside the folders"):
         check_data_location(f"imagefolder:{root / 'faces'}", [str(tmp_path / "data" / "{tenant}")], "acme")
+
+
+def test_the_fixed_shape_of_digits_is_what_its_loader_gives() -> None:
+    digits = load_dataset("digits")
+
+    assert FIXED_DATA_SHAPES["digits"] == (digits.input_shape, digits.num_classes)
+
+
+@pytest.mark.parametrize(
+    ("spec", "shape", "classes", "fits"),
+    [
+        ("digits", [1, 8, 8], 10, True),
+        ("digits", [1, 8, 8], 5, False),
+        ("cifar10:/data/cifar", [3, 32, 32], 10, True),
+        ("cifar10:/data/cifar", [1, 28, 28], 10, False),
+        ("cifar100:/data/cifar", [3, 32, 32], 10, False),
+        ("npz:/data/x.npz", [3, 224, 224], 7, True),  # what a file holds is known only by reading it
+    ],
+)
+def test_a_source_of_fixed_shape_must_fit_the_model(spec: str, shape: list[int], classes: int, fits: bool) -> None:
+    if fits:
+        check_data_fits(spec, shape, classes)
+    else:
+        with pytest.raises(DataError, match="this model is registered for"):
+            check_data_fits(spec, shape, classes)

@@ -129,7 +129,7 @@ class ModelService:
         """Register a model. `data_roots` (Settings.data_root_list) bound where its data may lie,
         `max_parameters` the size of its architecture (as of every checkpoint uploaded later)."""
         _check_architecture(spec.architecture, spec.input_shape, len(spec.resolved_class_names), max_parameters)
-        _check_data_source(spec.data_source, data_roots, tenant_id)
+        _check_data_source(spec, data_roots, tenant_id)
         begin_write(session)
         if model_repository.get_by_name(session, tenant_id, spec.name) is not None:
             raise Conflict(f"a model named {spec.name!r} already exists", code="model_name_taken")
@@ -404,13 +404,14 @@ def _check_architecture(
     check_input_shape(architecture, input_shape, num_classes)
 
 
-def _check_data_source(spec: str, data_roots: Sequence[str], tenant_id: str) -> None:
-    # Raises core.errors.DataError for a spec of an unknown kind or a path outside the data roots
-    # (422 now, not a failed job later).
-    from core.validation import check_data_location, validate_data_spec
+def _check_data_source(spec: ModelSpec, data_roots: Sequence[str], tenant_id: str) -> None:
+    # Raises core.errors.DataError for a spec of an unknown kind, a path outside the data roots or
+    # a source whose images or classes the model cannot take (422 now, not a failed job later).
+    from core.validation import check_data_fits, check_data_location, validate_data_spec
 
-    validate_data_spec(spec)
-    check_data_location(spec, data_roots, tenant_id)
+    validate_data_spec(spec.data_source)
+    check_data_location(spec.data_source, data_roots, tenant_id)
+    check_data_fits(spec.data_source, spec.input_shape, len(spec.resolved_class_names))
 
 
 def _validate_checkpoint(checkpoint: bytes, expected: Manifest, max_parameters: int | None) -> None:
