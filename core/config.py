@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, model_validator
 
 # A request's overrides and the configuration its job used are stated in its deletion certificate,
 # signed as RFC 8785 JSON, whose numbers are IEEE doubles: an integer with no other bound is kept
@@ -113,12 +113,16 @@ class UnlearnConfig(BaseModel):
     seed: int = Field(0, ge=-JSON_SAFE_INTEGER, le=JSON_SAFE_INTEGER)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") == "paper":
-            return {**PAPER_PASS, **data}
-        return data
+    def _apply_preset(cls, data: Any, handler: ModelWrapValidatorHandler[UnlearnConfig]) -> UnlearnConfig:
+        if not (isinstance(data, dict) and data.get("preset") == "paper"):
+            return handler(data)
+        config = handler({**PAPER_PASS, **data})
+        # The preset's fields count as unset: what the caller set (exclude_unset, which a deletion
+        # request stores) names the preset, not the values it stands for today.
+        config.model_fields_set.difference_update(PAPER_PASS.keys() - data.keys())
+        return config
 
 
 class TrainConfig(BaseModel):

@@ -41,6 +41,17 @@ def _add_forgetting_version(client: TestClient, model_id: str, forgotten: list[i
     return 2
 
 
+def test_a_preset_is_stored_by_its_name_beside_the_fields_the_caller_set(
+    client: TestClient, registered_model  # noqa: ANN001
+) -> None:
+    model = registered_model()
+
+    response = _request(client, model["id"], [3], params={"preset": "paper", "alpha": 2})
+
+    assert response.status_code == 202, response.text
+    assert response.json()["params"] == {"preset": "paper", "alpha": 2.0}
+
+
 def test_a_request_is_accepted_queued_and_sent_after_commit(client: TestClient, registered_model) -> None:  # noqa: ANN001
     model = registered_model()
 
