@@ -18,14 +18,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 _METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
 
 
+def declares(scope: Scope, method: str) -> bool:
+    """Whether one of the app's routes declares `method` for the request's path."""
+    # Asked of the top-level routes: FastAPI nests included routers in routes of its own, whose
+    # `matches` answers for the routes inside.
+    as_method = {**scope, "method": method}
+    return any(route.matches(as_method)[0] is Match.FULL for route in scope["app"].routes)
+
+
 def declared_methods(scope: Scope) -> set[str]:
     """The methods that the app's routes declare for the request's path."""
-    # Asked of the top-level routes, method by method: FastAPI nests included routers in routes of
-    # its own, whose `matches` answers for the routes inside.
-    return {
-        method for method in _METHODS
-        if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in scope["app"].routes)
-    }
+    return {method for method in _METHODS if declares(scope, method)}
 
 
 def allowed_methods(scope: Scope) -> list[str]:
@@ -43,9 +46,9 @@ class HeadAsGet:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Two lookups at most, and only for a HEAD: every other request passes straight through.
         if scope["type"] == "http" and scope["method"] == "HEAD":
-            methods = declared_methods(scope)
-            if "GET" in methods and "HEAD" not in methods:
+            if not declares(scope, "HEAD") and declares(scope, "GET"):
                 as_get = {**scope, "method": "GET"}
                 try:
                     await self.app(as_get, receive, _without_body(send))

@@ -65,6 +65,10 @@ def check_data_fits(spec: str, input_shape: Sequence[int], num_classes: int) -> 
     """A model must take its data source's images and classes, or none of its jobs could run (the
     job checks the data it loads: this catches, at registration, what is known without reading)."""
     kind = spec.partition(":")[0]
+    if kind == "imagefolder" and input_shape[0] != 3:  # its images are read as RGB, whatever their size
+        raise DataError(
+            f"data source {spec!r} holds RGB images; this model is registered for {input_shape[0]} channels"
+        )
     if kind not in FIXED_DATA_SHAPES:
         return  # npz and imagefolder hold what their files hold
     shape, classes = FIXED_DATA_SHAPES[kind]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from email.utils import formatdate
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Path, Request, Response, UploadFile, status
@@ -265,8 +266,10 @@ def checkpoint_headers(
         "Content-Length": str(found.size_bytes),
         "Content-Type": "application/octet-stream",
     })
-    if store.local_path(found.artifact_key) is not None:  # only local files are served in ranges
+    path = store.local_path(found.artifact_key)
+    if path is not None:  # only local files are served in ranges, and FileResponse dates them
         headers["Accept-Ranges"] = "bytes"
+        headers["Last-Modified"] = formatdate(path.stat().st_mtime, usegmt=True)
     return Response(headers=headers)
 
 

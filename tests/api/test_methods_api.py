@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 from fastapi.testclient import TestClient
 
+import core.services.models.service as model_service_module
 from api_helpers import assert_problem
 from core.storage import key_for
 
@@ -30,22 +32,48 @@ def test_head_on_a_get_route_answers_its_status_and_headers_without_a_body(
     assert missing.headers["content-type"] == "application/problem+json"
 
 
+def test_head_sends_no_body_bytes(client: TestClient) -> None:
+    # Through the app itself: the test client (and uvicorn) would drop a HEAD's body anyway.
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "HEAD", "path": "/healthz", "raw_path": b"/healthz", "root_path": "",
+             "query_string": b"", "headers": [], "http_version": "1.1", "scheme": "http",
+             "server": ("testserver", 80), "client": ("testclient", 50000)}
+    client.portal.call(client.app, scope, receive, send)
+
+    start, bodies = sent[0], [m for m in sent if m["type"] == "http.response.body"]
+    length = str(len(client.get("/healthz").content)).encode()
+    assert start["status"] == 200 and (b"content-length", length) in start["headers"]
+    assert bodies and all(m.get("body", b"") == b"" for m in bodies)
+
+
 def test_head_on_a_checkpoint_gives_the_download_headers_without_hashing_or_recording_it(
-    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+    client: TestClient, registered_model, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
 ) -> None:
     model = registered_model()
     url = f"/models/{model['id']}/versions/1/checkpoint"
     sha = hashlib.sha256(digits_checkpoint).hexdigest()
+    got = client.get(url)
 
+    def no_hashing(*_: object) -> None:
+        raise AssertionError("the checkpoint was hashed")
+
+    monkeypatch.setattr(model_service_module, "verify_artifact", no_hashing)
     head = client.head(url)
     ranged = client.head(url, headers={"Range": "bytes=100-"})
-    got = client.get(url)
 
     assert head.status_code == 200 and head.content == b""
     assert head.headers["content-length"] == str(len(digits_checkpoint))
     assert head.headers["x-checkpoint-sha256"] == sha and head.headers["etag"] == f'"{sha}"'
     assert head.headers["accept-ranges"] == "bytes"
-    for name in ("content-type", "content-disposition", "repr-digest", "digest", "etag", "cache-control"):
+    for name in ("content-type", "content-disposition", "repr-digest", "digest", "etag", "cache-control",
+                 "last-modified"):
         assert head.headers[name] == got.headers[name], name
     assert ranged.status_code == 200  # Range is defined for GET only (RFC 9110 sec. 14.2)
     assert _downloads(client, model["id"]) == 1  # the GET's

@@ -94,6 +94,8 @@ def test_the_fixed_shape_of_digits_is_what_its_loader_gives() -> None:
         ("cifar10:/data/cifar", [1, 28, 28], 10, False),
         ("cifar100:/data/cifar", [3, 32, 32], 10, False),
         ("npz:/data/x.npz", [3, 224, 224], 7, True),  # what a file holds is known only by reading it
+        ("imagefolder:/data/pets", [3, 224, 224], 37, True),
+        ("imagefolder:/data/pets", [1, 224, 224], 37, False),  # read as RGB
     ],
 )
 def test_a_source_of_fixed_shape_must_fit_the_model(spec: str, shape: list[int], classes: int, fits: bool) -> None:
