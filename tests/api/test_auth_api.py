@@ -20,7 +20,7 @@ from core.settings import Settings
 PROTECTED = [
     ("GET", "/models"), ("POST", "/models"), ("GET", "/models/m"), ("GET", "/models/m/versions"),
     ("POST", "/models/m/versions"), ("GET", "/models/m/versions/1"), ("GET", "/models/m/versions/1/checkpoint"),
-    ("DELETE", "/models/m/versions/1/checkpoint"),
+    ("HEAD", "/models/m/versions/1/checkpoint"), ("DELETE", "/models/m/versions/1/checkpoint"),
     ("GET", "/deletion-requests"), ("POST", "/deletion-requests"), ("GET", "/deletion-requests/r"),
     ("POST", "/deletion-requests/r/cancel"), ("GET", "/deletion-requests/r/certificate"),
     ("GET", "/audit-events"), ("GET", "/api-keys"), ("POST", "/api-keys"), ("GET", "/api-keys/k"),
@@ -51,9 +51,13 @@ def test_the_openapi_document_covers_every_protected_route(client: TestClient) -
 def test_without_a_valid_key_every_route_is_401(client: TestClient) -> None:
     bare = _bare(client)
     for method, path in PROTECTED:
-        problem = assert_problem(bare.request(method, path), 401, "unauthenticated", "needs an API key")
+        response = bare.request(method, path)
+        assert response.headers["www-authenticate"] == 'Bearer realm="uisps"'
+        if method == "HEAD":  # the problem's headers, without its body
+            assert response.status_code == 401 and response.headers["content-type"] == "application/problem+json"
+            continue
+        problem = assert_problem(response, 401, "unauthenticated", "needs an API key")
         assert problem["title"] == "Unauthorized"
-        assert bare.request(method, path).headers["www-authenticate"] == 'Bearer realm="uisps"'
     for header, message in (
         ("Bearer uisps_" + "A" * 43, "not valid"),
         ("Bearer not-a-key", "malformed"),
