@@ -26,14 +26,9 @@ def declares(scope: Scope, method: str) -> bool:
     return any(route.matches(as_method)[0] is Match.FULL for route in scope["app"].routes)
 
 
-def declared_methods(scope: Scope) -> set[str]:
-    """The methods that the app's routes declare for the request's path."""
-    return {method for method in _METHODS if declares(scope, method)}
-
-
 def allowed_methods(scope: Scope) -> list[str]:
     """Every method the request's path answers, for an Allow header."""
-    methods = declared_methods(scope)
+    methods = {method for method in _METHODS if declares(scope, method)}
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods)

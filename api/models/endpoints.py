@@ -216,9 +216,11 @@ def download_checkpoint(
     store: StoreDep,
 ) -> Response:
     # Settled before the download is recorded: a refused range serves nothing. (Only a local file
-    # is served in ranges; a missing one is checkpoint_for_download's to report.)
-    asked = model_service.get_version(session, tenant_id, model_id, version)
-    if asked.checkpoint_purged_at is None and store.exists(asked.artifact_key) and store.local_path(asked.artifact_key):
+    # is served in ranges; a purged or missing one is refused here, as the download would be.)
+    asked = model_service.stored_checkpoint(
+        session, tenant_id=tenant_id, model_id=model_id, version=version, store=store
+    )
+    if store.local_path(asked.artifact_key) is not None:
         settle_range(request, asked.size_bytes)
     found = model_service.checkpoint_for_download(
         session, tenant_id=tenant_id, actor=actor, model_id=model_id, version=version, store=store
