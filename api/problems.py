@@ -38,6 +38,7 @@ from core.services.errors import (
     ServerBusy,
     Unauthenticated,
 )
+from core.storage import STORE_UNAVAILABLE, is_store_outage
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,15 @@ async def _database_refused_value(request: Request, exc: sa_exc.DataError) -> JS
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_store_outage(exc):
+        # The object store is down or out of reach (boto's errors have no handler of their own:
+        # which of them is an outage depends on the status). The request's transaction is rolled
+        # back, so the same request can simply be sent again.
+        logger.warning("artifact store unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return problem_response(
+            request, 503, STORE_UNAVAILABLE, "the artifact store is unreachable; retry shortly",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(request, 500, "internal_error", "an unexpected error occurred; it has been logged")
 

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from botocore.client import BaseClient
 
 CHUNK_SIZE = 1024 * 1024
+# The problem code of a store that does not answer, for the API and for a job's error alike.
+STORE_UNAVAILABLE = "artifact_store_unavailable"
 # The tenant segment is the tenant id itself (core.services.api_keys.TENANT_PATTERN), so an
 # operator can find, back up or remove one tenant's files by prefix.
 _TENANT_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -456,6 +458,24 @@ def _is_missing(error: Exception) -> bool:
     code = str(response.get("Error", {}).get("Code", ""))
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return code in _S3_MISSING_CODES or status == 404
+
+
+def is_store_outage(exc: BaseException) -> bool:
+    """Whether the object store did not answer (down or out of reach, after boto's own retries):
+    no fault of the request, which succeeds once the store is back."""
+    try:
+        from botocore.exceptions import ClientError, HTTPClientError, SSLError
+        from botocore.exceptions import ConnectionError as StoreUnreachable
+    except ImportError:  # no S3 support installed: no S3 outage either
+        return False
+    if isinstance(exc, SSLError):  # a bad CA bundle or certificate: no waiting mends it
+        return False
+    if isinstance(exc, (StoreUnreachable, HTTPClientError)):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status in (500, 502, 503, 504)
+    return False
 
 
 def make_artifact_store(settings: Settings) -> ArtifactStore:

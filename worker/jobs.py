@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
@@ -30,7 +31,7 @@ from core.services.deletion_requests.jobs import ClaimOutcome, JobInput, JobLost
 from core.services.errors import ArtifactCorrupted, ArtifactMissing
 from core.services.models.service import manifest_for
 from core.settings import Settings
-from core.storage import ArtifactNotFound, ArtifactStore, StoredArtifact
+from core.storage import STORE_UNAVAILABLE, ArtifactNotFound, ArtifactStore, StoredArtifact, is_store_outage
 from core.validation import check_data_location
 from core.version import code_version
 from worker.context import artifact_store, sessions_for
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5
 MAX_RETRY_DELAY_S = 300
-STORE_UNAVAILABLE = "artifact_store_unavailable"
 ERROR_MESSAGE_LIMIT = 1000
 
 # Share of the overall progress each phase takes (roughly its share of the wall time on a GPU).
@@ -153,24 +153,6 @@ def client_message(exc: Exception, code: str, request_id: str, attempt: int) -> 
     )[:ERROR_MESSAGE_LIMIT]
 
 
-def is_outage(exc: BaseException) -> bool:
-    """Whether a service the job needs did not answer (the object store down or out of reach,
-    after boto's own retries): no fault of the request, which runs once the service is back."""
-    try:
-        from botocore.exceptions import ClientError, HTTPClientError, SSLError
-        from botocore.exceptions import ConnectionError as StoreUnreachable
-    except ImportError:  # no S3 support installed: no S3 outage either
-        return False
-    if isinstance(exc, SSLError):  # a bad CA bundle or certificate: no waiting mends it
-        return False
-    if isinstance(exc, (StoreUnreachable, HTTPClientError)):
-        return True
-    if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return status in (500, 502, 503, 504)
-    return False
-
-
 def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcome:
     try:
         device = pick_device(settings.device)
@@ -224,7 +206,7 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
         return RunOutcome("failed")
     except Exception as exc:
         logger.exception("deletion request %s, attempt %d, failed", request_id, job.attempt)
-        outage = is_outage(exc)
+        outage = is_store_outage(exc)
         # retried all the same (a missing file may come back with a restore), but named for the
         # operator who must act
         code = ArtifactMissing.code if isinstance(exc, ArtifactNotFound) else "internal_error"
@@ -245,7 +227,10 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
                         return RunOutcome("cancelled")
                     step = retries if outage else job.attempt - 1
                     return RunOutcome("retrying", retry_in_s=min(MAX_RETRY_DELAY_S, 5.0 * 2 ** min(step, 10)))
-                deletion_jobs.fail(session, request_id, code=code, message=message, attempt=job.attempt)
+                if not deletion_jobs.fail(
+                    session, request_id, code=code, message=message, attempt=job.attempt, cancel_wins=True
+                ):
+                    return RunOutcome("cancelled")
         except JobLost:
             return RunOutcome("lost")
         return RunOutcome("failed")
@@ -255,10 +240,17 @@ def _progress_writer(
     sessions: sessionmaker[Session], request_id: str, lease_s: float, attempt: int, members: bool
 ) -> Callable[[str, float], bool]:
     def write(stage: str, progress: float) -> bool:
-        with sessions.begin() as session:
-            return deletion_jobs.report_progress(
-                session, request_id, stage, progress, lease_s, attempt, members=members
-            )
+        try:
+            with sessions.begin() as session:
+                return deletion_jobs.report_progress(
+                    session, request_id, stage, progress, lease_s, attempt, members=members
+                )
+        except (OperationalError, InterfaceError) as exc:
+            # The database is away for a moment (a restart, a failover, a dropped connection).
+            # One progress report is not worth the job's work: it goes on, the lease heartbeat
+            # keeps trying, and a cancel asked meanwhile is found by the next report that lands.
+            logger.warning("progress of %s not recorded: %s", request_id, type(exc).__name__)
+            return False
 
     return write
 

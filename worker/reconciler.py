@@ -44,17 +44,18 @@ class Reconciler(PeriodicPass):
         with self.sessions.begin() as session:
             due = deletion_jobs.due_for_dispatch(session, requeue_after_s=self.settings.requeue_after_s)
             places = priorities(session, due)  # the tenant's requests ahead of each, as when made
-        resent = []
+        resent, unsent = [], []
         for request_id in due:
             try:
                 self.send(request_id, places.get(request_id, 0))
             except Exception:
-                # Marked as sent but not sent: the next period sends it again.
                 logger.exception("could not re-send deletion request %s", request_id)
+                unsent.append(request_id)
                 continue
             logger.info("re-sent deletion request %s (its message was lost or its worker died)", request_id)
             resent.append(request_id)
         with self.sessions.begin() as session:
+            deletion_jobs.dispatch_failed(session, unsent)  # marked as sent but not sent: next period
             purged = idempotency_service.purge_expired(session)
         return Reconciled(resent, purged)
 

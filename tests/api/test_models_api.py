@@ -398,3 +398,21 @@ def test_a_data_source_under_the_tenants_root_is_registered(tmp_path, model_spec
 
         assert own.status_code == 201, own.text
         assert_problem(other, 422, "invalid_data", "outside the folders")
+
+
+def test_an_upload_while_the_artifact_store_is_down_is_a_503_to_retry(
+    tmp_path, digits_checkpoint: bytes, model_spec: dict[str, Any], monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    # fake credentials and one try: the request is signed, then finds nobody on port 9
+    for name, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    down = Settings(home=tmp_path, artifact_backend="s3", s3_bucket="models", s3_endpoint_url="http://127.0.0.1:9")
+    with TestClient(create_app(down)) as client:
+        authorize(client)
+        model_id = client.post("/models", json=model_spec).json()["id"]
+
+        response = _upload(client, model_id, digits_checkpoint)
+
+        assert_problem(response, 503, "artifact_store_unavailable", "retry")
+        assert response.headers["retry-after"].isdigit()
+        assert client.get(f"/models/{model_id}/versions").json()["versions"] == []  # nothing half-recorded

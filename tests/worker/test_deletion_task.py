@@ -232,6 +232,58 @@ def test_an_unexpected_errors_text_reaches_the_log_not_the_client(
     assert "db.internal" in caplog.text  # the operator's log has it all
 
 
+def test_a_database_blip_during_a_job_costs_neither_its_work_nor_an_attempt(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from worker.jobs import run_job
+
+    report = deletion_jobs.report_progress
+    calls = 0
+
+    def report_once_failing(*args, **kwargs) -> bool:  # noqa: ANN002, ANN003
+        nonlocal calls
+        calls += 1
+        if calls == 4:  # mid-job: the database restarts under a progress report
+            raise OperationalError("UPDATE deletion_requests ...", {}, Exception("server closed the connection"))
+        return report(*args, **kwargs)
+
+    monkeypatch.setattr(deletion_jobs, "report_progress", report_once_failing)
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+
+    outcome = run_job(request_id, worker_env.settings.model_copy(update={"max_attempts": 1}))
+
+    request = _request(worker_env, request_id)
+    assert calls > 4  # the job went on reporting after the failed one
+    assert outcome.status == "succeeded" and (request.state, request.attempts) == ("succeeded", 1)
+
+
+def test_a_cancel_asked_before_the_last_attempt_fails_is_honoured(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    from worker.jobs import run_job
+
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+
+    def cancel_then_break(_source: str) -> None:
+        _set_cancel_requested(worker_env, request_id)
+        raise RuntimeError("the data set could not be read")
+
+    monkeypatch.setattr("worker.jobs.load_dataset", cancel_then_break)
+
+    outcome = run_job(request_id, worker_env.settings.model_copy(update={"max_attempts": 1}))
+
+    request = _request(worker_env, request_id)
+    assert outcome.status == "cancelled" and request.state == "cancelled" and request.error is None
+    assert _actions(worker_env, request_id)[-1] == "deletion_request.cancelled"
+
+
+def _set_cancel_requested(env, request_id: str) -> None:  # noqa: ANN001
+    with env.sessions.begin() as session:
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id).values(cancel_requested=True))
+
+
 @pytest.fixture
 def store_down(worker_env, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, ANN201
     """Settings whose artifact store is down (nothing listens on port 9), for a request that may

@@ -381,16 +381,27 @@ class DeletionJobs:
             self._mark_succeeded(session, row, version)
         return request
 
-    def fail(self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None) -> None:
+    def fail(
+        self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None,
+        cancel_wins: bool = False,
+    ) -> bool:
+        """running -> failed, with the requests coalesced into it; False where a cancel won.
+        `cancel_wins` (a failure that is no fault of the input): a cancel asked meanwhile is
+        honoured, as `retry_later` honours it; an input error (UisError) fails with its code."""
         begin_write(session)
         request = deletion_request_repository.get(session, None, request_id, for_update=True)
         if request is None or request.state != JobState.RUNNING.value:
-            return  # finished, or queued again (after a cancel in its group, say): not ours any more
+            return True  # finished, or queued again (after a cancel in its group, say): not ours any more
         if attempt is not None and request.attempts != attempt:
-            return  # taken over by a later attempt, which decides the outcome
-        for row in [request, *self._members(session, request_id)]:
+            return True  # taken over by a later attempt, which decides the outcome
+        group = [request, *self._members(session, request_id)]
+        if cancel_wins and any(row.cancel_requested for row in group):
+            self._stop_group(session, group, give_back=False)
+            return False
+        for row in group:
             row.error = {"code": code, "message": message}
             self._finish(session, row, JobState.FAILED, error=row.error)
+        return True
 
     def cancelled(self, session: Session, request_id: str, attempt: int | None = None) -> None:
         """The job stopped because a cancel was asked: who asked is cancelled, the rest of a
@@ -483,6 +494,15 @@ class DeletionJobs:
             if is_due and deletion_request_repository.mark_dispatched(session, row.id, row.state, last, now):
                 due.append(row.id)
         return due
+
+    def dispatch_failed(self, session: Session, request_ids: list[str]) -> None:
+        """The sends of `request_ids` that `due_for_dispatch` marked did not reach the broker:
+        unmarked, so the next pass sends them again rather than waiting as if they had gone out
+        (the doubling wait of a long queue must not grow while the broker is down). Another
+        worker's successful send in between is then repeated, which is harmless."""
+        if request_ids:
+            begin_write(session)
+            deletion_request_repository.clear_dispatched(session, request_ids)
 
     def _running(self, session: Session, request_id: str, attempt: int | None = None) -> DeletionRequest:
         request = deletion_request_repository.get(session, None, request_id, for_update=True)

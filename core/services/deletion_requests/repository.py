@@ -205,6 +205,13 @@ class DeletionRequestRepository:
         )
         return result.rowcount == 1
 
+    def clear_dispatched(self, session: Session, request_ids: list[str]) -> None:
+        """Record that no message holds these requests (a send that did not reach the broker)."""
+        active = (JobState.QUEUED.value, JobState.RUNNING.value)
+        session.execute(
+            update(_table).where(_table.c.id.in_(request_ids), _table.c.state.in_(active)).values(dispatched_at=None)
+        )
+
     def renew_lease(self, session: Session, request_id: str, attempt: int, lease_until: datetime) -> bool:
         """Extend a running attempt's lease; False when the request is no longer this attempt's."""
         result = session.execute(
