@@ -11,7 +11,7 @@ import torch
 
 from core import baselines as B
 from core.bench_paper import EXPERIMENTS, MAIN_METHODS, ROW_KEYS, PaperBench, aggregate, make_preset
-from core.data import RetainedData, Split
+from core.data import Dataset, RetainedData, Split
 
 CPU = torch.device("cpu")
 
@@ -267,11 +267,11 @@ def test_the_benchmark_hands_zero_glance_methods_only_retained_data(trained_digi
     preset = make_preset("quick", {"relearn_experiments": []})
     bench = PaperBench(preset, trained_digits.dataset, CPU, tmp_path, seeds=1)
     bench._originals[("smallcnn", 0)] = (trained_digits.model, 0.0)  # skip training
-    seen = {}
+    calls = []
 
     def spy(name):
         def fn(model, arch, retained, forget_labels, mean, std, device, seed, **kwargs):
-            seen[name] = (retained, kwargs)
+            calls.append((name, retained, list(forget_labels), kwargs))
             return model
         return fn
 
@@ -280,15 +280,16 @@ def test_the_benchmark_hands_zero_glance_methods_only_retained_data(trained_digi
     for unit in bench.units("main", 0):
         if unit.kind not in ("original", "retrain"):
             bench.run_unit(unit)
-    assert set(seen) == set(B.METHODS) - {"retrain"}
-    forget = torch.tensor([0])
-    for name, (retained, kwargs) in seen.items():
+    assert {name for name, *_ in calls} == set(B.METHODS) - {"retrain"}
+    assert len({tuple(labels) for _, _, labels, _ in calls}) == len(preset.main_forget)  # every forget set
+    for name, retained, forget_labels, kwargs in calls:
+        forget = torch.tensor(forget_labels)
         assert isinstance(retained, RetainedData) and not torch.isin(retained.train.y, forget).any()
-        splits = [v for v in kwargs.values() if isinstance(v, Split)]
+        data = [v for v in kwargs.values() if isinstance(v, (Split, Dataset, torch.Tensor))]
         if B.METHODS[name].zero_glance:
-            assert splits == [], name
+            assert data == [], name  # no samples at all besides the retained data
         else:
-            assert len(splits) == 1 and torch.isin(splits[0].y, forget).all()
+            assert len(data) == 1 and isinstance(data[0], Split) and torch.isin(data[0].y, forget).all()
 
 
 def test_aggregate_means_over_seeds():

@@ -226,7 +226,8 @@ def test_reset_rows_are_never_frozen_so_the_pass_moves_them(trained_digits, digi
                         m.mean, m.std, cfg, torch.device("cpu"))
     assert outcome.head_reset and outcome.frozen_fraction > 0.5
     row = digits_copy.head.weight[3]
-    assert not torch.equal(row, fresh.weight[3])  # moved from its fresh values by the pass
+    # every element moved from its fresh value (SPS froze none of them), the bias too
+    assert (row != fresh.weight[3]).all() and digits_copy.head.bias[3] != fresh.bias[3]
     assert row @ fresh.weight[3] > 0.5 * fresh.weight[3].norm() ** 2  # yet still mostly the fresh row
 
 

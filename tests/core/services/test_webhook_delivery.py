@@ -229,10 +229,9 @@ def _answers_at_once(receiver: Receiver, conn: socket.socket) -> None:
 def test_a_prompt_receiver_is_delivered(serve, trusted_tls: ssl.SSLContext, scheme: str) -> None:  # noqa: ANN001
     receiver = serve(_answers_at_once, trusted_tls if scheme == "https" else None)
 
-    elapsed, result = _timed_post(receiver.url(scheme))
+    _, result = _timed_post(receiver.url(scheme))
 
     assert result.delivered and result.status_code == 204 and result.error is None
-    assert elapsed < TIMEOUT_S
     head = receiver.requests[0].split(b"\r\n\r\n")[0].lower()
     assert head.startswith(b"post /hook http/1.1") and b"webhook-signature: v1," in head
 
@@ -280,10 +279,11 @@ def test_an_endless_body_is_read_only_up_to_a_small_cap(serve) -> None:  # noqa:
 
     receiver = serve(streams_forever)
 
-    elapsed, result = _timed_post(receiver.url())
+    _, result = _timed_post(receiver.url())
 
-    # Only the status matters: the attempt neither waits for the end of the body nor reads it all.
-    assert result.delivered and result.status_code == 200 and elapsed < TIMEOUT_S
+    # Only the status matters: the attempt neither waits for the end of the body (which would run
+    # past the deadline: not delivered) nor reads it all.
+    assert result.delivered and result.status_code == 200
     assert receiver.client_closed.wait(1)
 
 
@@ -292,7 +292,7 @@ def test_an_unreachable_address_fails_without_waiting_for_the_deadline() -> None
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens once it is closed
 
-    elapsed, result = _timed_post(f"http://127.0.0.1:{port}/hook")
+    _, result = _timed_post(f"http://127.0.0.1:{port}/hook")
 
+    # refused, not retried until the deadline (which would read "no answer within ...")
     assert not result.delivered and result.status_code is None and "ConnectionRefused" in result.error
-    assert elapsed < TIMEOUT_S
