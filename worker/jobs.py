@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5
 MAX_RETRY_DELAY_S = 300
+COMMIT_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)  # 15 s in all, well inside the lease the heartbeat keeps
 ERROR_MESSAGE_LIMIT = 1000
 
 # Share of the overall progress each phase takes (roughly its share of the wall time on a GPU).
@@ -184,12 +185,7 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
         with LeaseKeeper(sessions, request_id, job.attempt, lease_s):
             store = artifact_store(settings)
             artifact, forgotten, report = _unlearn(job, settings, device, store, tracker)
-            with sessions.begin() as session:
-                request = deletion_jobs.complete(
-                    session, request_id, artifact=artifact, forgotten_labels=forgotten, metrics=report,
-                    attempt=job.attempt, store=store,
-                )
-                status = request.state
+            status = _commit_result(sessions, request_id, job.attempt, artifact, forgotten, report, store)
         logger.info("deletion request %s %s", request_id, status)
         return RunOutcome(status)
     except JobCancelled:
@@ -234,6 +230,30 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
         except JobLost:
             return RunOutcome("lost")
         return RunOutcome("failed")
+
+
+def _commit_result(
+    sessions: sessionmaker[Session], request_id: str, attempt: int, artifact: StoredArtifact,
+    forgotten: list[int], report: dict[str, Any], store: ArtifactStore,
+) -> str:
+    """Record the new version; the request's state after. Tried again through a short database
+    outage: what it records took the whole job to compute, and the stored file is already there.
+    A commit that landed but whose answer was lost finds the request finished (JobLost)."""
+    delays = iter(COMMIT_RETRY_DELAYS_S)
+    while True:
+        try:
+            with sessions.begin() as session:
+                request = deletion_jobs.complete(
+                    session, request_id, artifact=artifact, forgotten_labels=forgotten, metrics=report,
+                    attempt=attempt, store=store,
+                )
+                return request.state
+        except (OperationalError, InterfaceError) as exc:
+            delay = next(delays, None)
+            if delay is None:
+                raise
+            logger.warning("result of %s not recorded (%s); trying again in %g s", request_id, type(exc).__name__, delay)
+            time.sleep(delay)
 
 
 def _progress_writer(

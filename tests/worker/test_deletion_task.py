@@ -259,6 +259,34 @@ def test_a_database_blip_during_a_job_costs_neither_its_work_nor_an_attempt(
     assert outcome.status == "succeeded" and (request.state, request.attempts) == ("succeeded", 1)
 
 
+def test_a_database_blip_as_the_result_is_committed_does_not_throw_the_job_away(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from worker.jobs import run_job
+
+    complete = deletion_jobs.complete
+    tries = 0
+
+    def complete_after_a_blip(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            raise OperationalError("INSERT INTO model_versions ...", {}, Exception("terminating connection"))
+        return complete(*args, **kwargs)
+
+    monkeypatch.setattr(deletion_jobs, "complete", complete_after_a_blip)
+    monkeypatch.setattr("worker.jobs.COMMIT_RETRY_DELAYS_S", (0.01,))
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+
+    outcome = run_job(request_id, worker_env.settings.model_copy(update={"max_attempts": 1}))
+
+    request = _request(worker_env, request_id)
+    assert tries == 2 and outcome.status == "succeeded"
+    assert (request.state, request.attempts, request.result_version) == ("succeeded", 1, 2)
+
+
 def test_a_cancel_asked_before_the_last_attempt_fails_is_honoured(
     worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
 ) -> None:
