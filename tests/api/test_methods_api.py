@@ -87,9 +87,13 @@ def test_head_on_a_purged_or_lost_checkpoint_answers_as_the_download_would(
     sha = client.get(f"/models/{lost['id']}/versions/1").json()["sha256"]
     client.app.state.store.delete(key_for(sha, "default"))
 
-    assert client.head(f"/models/{purged['id']}/versions/1/checkpoint").status_code == 410
-    assert client.head(f"/models/{lost['id']}/versions/1/checkpoint").status_code == 500
-    assert client.head(f"/models/{lost['id']}/versions/2/checkpoint").status_code == 404
+    for path, status in ((f"/models/{purged['id']}/versions/1/checkpoint", 410),
+                         (f"/models/{lost['id']}/versions/1/checkpoint", 500),
+                         (f"/models/{lost['id']}/versions/2/checkpoint", 404)):
+        head, got = client.head(path), client.get(path)
+        assert head.status_code == got.status_code == status, path
+        assert head.headers["content-type"] == got.headers["content-type"] == "application/problem+json"
+        assert head.headers["content-length"] == got.headers["content-length"] and head.content == b""
 
 
 def test_a_method_the_path_does_not_answer_is_405_listing_every_method_it_does(

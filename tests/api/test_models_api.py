@@ -206,9 +206,15 @@ def test_a_checkpoint_without_a_manifest_is_taken_as_registered(client: TestClie
     model = registered_model(upload=False)
     plain, _ = load_checkpoint_bytes(digits_checkpoint)
 
-    response = _upload(client, model["id"], st_save({k: v.contiguous() for k, v in plain.state_dict().items()}))
+    bare = st_save({k: v.contiguous() for k, v in plain.state_dict().items()})
+
+    response = _upload(client, model["id"], bare)
 
     assert response.status_code == 201, response.text
+    assert response.json()["sha256"] == hashlib.sha256(bare).hexdigest()  # stored as sent
+    # the registration stands in for the missing manifest: the version can be unlearned from
+    created = client.post("/deletion-requests", json={"model_id": model["id"], "forget_labels": [3]})
+    assert created.status_code == 202, created.text
 
 
 def test_a_file_that_is_not_safetensors_is_422(client: TestClient, registered_model) -> None:  # noqa: ANN001
