@@ -12,8 +12,8 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import struct
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -81,7 +81,9 @@ def save_checkpoint(path: Path, model: torch.nn.Module, manifest: Manifest) -> s
     data = checkpoint_bytes(model, manifest)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    # Not mkstemp, which makes the file 0600: the checkpoint gets the mode any new file would (umask).
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -295,6 +297,8 @@ def load_checkpoint(path: Path, max_bytes: int = 2 << 30) -> tuple[torch.nn.Modu
         size = path.stat().st_size
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if size > max_bytes:
         raise CheckpointError(f"checkpoint is {size} bytes, over the {max_bytes}-byte limit")
     return load_checkpoint_bytes(path.read_bytes())

@@ -135,14 +135,28 @@ def _npz(spec: str, path: Path) -> Dataset:
         raise DataError(f"data file not found: {path}") from None
     except (ValueError, OSError) as exc:
         raise DataError(f"cannot read {path} as .npz: {exc}") from None
+    except (TypeError, AttributeError):  # np.load gave one array: a .npy file, not an archive of them
+        raise DataError(f"{path} is a single .npy array, not an .npz archive of arrays") from None
     missing = {"x_train", "y_train", "x_test", "y_test"} - arrays.keys()
     if missing:
         raise DataError(f"{path} lacks arrays {sorted(missing)}")
     x_train, x_test = _to_nchw(arrays["x_train"], "x_train"), _to_nchw(arrays["x_test"], "x_test")
+    if not len(x_train) or not len(x_test):
+        raise DataError(f"{path}: x_train and x_test must each hold at least one image")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{path}: x_test images are {tuple(x_test.shape[1:])} (C,H,W), x_train images {tuple(x_train.shape[1:])}"
+        )
     train = Split(x_train, _labels(arrays["y_train"], len(x_train), "y_train"))
     test = Split(x_test, _labels(arrays["y_test"], len(x_test), "y_test"))
     num = int(max(train.y.max(), test.y.max())) + 1
     classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(num)]
+    for name, split in (("y_train", train), ("y_test", test)):
+        if int(split.y.min()) < 0 or int(split.y.max()) >= len(classes):
+            raise DataError(
+                f"{path}: {name} holds labels from {int(split.y.min())} to {int(split.y.max())}; "
+                f"with {len(classes)} classes they must be 0..{len(classes) - 1}"
+            )
     return Dataset(spec, train, test, classes, flip=train.x.shape[1] == 3)
 
 

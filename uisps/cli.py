@@ -42,6 +42,45 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def unlearn_config(params: str, option: str = "--params"):  # noqa: ANN201
+    """UnlearnConfig from the JSON of `option`; a bad one is a UisError naming the field."""
+    from pydantic import ValidationError
+
+    from core.config import UnlearnConfig
+
+    try:
+        return UnlearnConfig.model_validate_json(params)
+    except ValidationError as exc:
+        raise _invalid(exc, lambda where: f"{option}: {where}") from None
+
+
+def _invalid(exc: Any, name: Callable[[str], str]) -> Exception:
+    """The first problem of a pydantic ValidationError, as a UisError; `name` says where it was given."""
+    from core.errors import UisError
+
+    err = exc.errors()[0]
+    return UisError(f"{name('.'.join(str(p) for p in err['loc']) or 'body')}: {err['msg']}")
+
+
+def output_file(path: Path, option: str) -> Path:
+    """Refuse, before any work is done, an output path that can never become a file: a folder, a
+    file standing where one of its folders should be, or a folder this user cannot write in."""
+    import os
+
+    from core.errors import UisError
+
+    if path.is_dir():
+        raise UisError(f"{option}: {path} is a folder; name the file to write")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UisError(f"{option}: {parent} is a file, so {path} cannot be written")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UisError(f"{option}: cannot write in {parent}")
+            break
+    return path
+
+
 @contextmanager
 def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
     """A `ProgressFn` that draws one bar per stage on stderr."""
@@ -85,12 +124,18 @@ def train(
     device: DeviceOpt = "auto",
 ) -> None:
     """Train a classifier and save it as a safetensors checkpoint."""
+    from pydantic import ValidationError
+
     from core.checkpoint import save_checkpoint
     from core.config import TrainConfig
     from core.data import load_dataset
     from core.workflow import evaluate_model, train_model
 
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, precision=precision)
+    try:
+        cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, precision=precision)
+    except ValidationError as exc:
+        raise _invalid(exc, lambda field: "--" + field.replace("_", "-")) from None
+    output_file(out, "--out")
     data = load_dataset(dataset)
     dev = _device(device)
     with progress_bars() as report:
@@ -112,21 +157,15 @@ def unlearn(
     device: DeviceOpt = "auto",
 ) -> None:
     """Forget whole classes without reading their data (UISPS); writes a new checkpoint."""
-    from pydantic import ValidationError
-
     from core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
-    from core.config import UnlearnConfig
     from core.data import load_dataset
-    from core.errors import UisError
     from core.workflow import unlearn_model
 
     labels = parse_labels(forget)
-    try:
-        cfg = UnlearnConfig.model_validate_json(params)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        raise UisError(f"--params: {where}: {err['msg']}") from None
+    cfg = unlearn_config(params)
+    output_file(out, "--out")
+    if report:
+        output_file(report, "--report")
     model, manifest = load_checkpoint(checkpoint)
     data = load_dataset(dataset)
     with progress_bars() as bars:
@@ -382,11 +421,10 @@ def bench_perf(
 ) -> None:
     """Time each UISPS stage and a Retrain with the same training loop, in one run."""
     from core.bench_perf import PerfSetup, markdown, run_perf
-    from core.config import UnlearnConfig
 
     dev = _device(device)
     setup = PerfSetup(arch=arch, data=data, retrain_epochs_timed=retrain_epochs, precision=precision)
-    result = run_perf(setup, UnlearnConfig.model_validate_json(params), dev)
+    result = run_perf(setup, unlearn_config(params), dev)
     out.mkdir(parents=True, exist_ok=True)
     name = f"perf-{dev.type}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -720,6 +758,9 @@ def certificate_verify(
     try:
         key = load_public_key_pem(public_key.read_bytes()) if public_key is not None else None
         text = file.read_text()
+    except UnicodeDecodeError:
+        typer.echo(f"error: {file} is not a certificate (not UTF-8 text)", err=True)
+        raise typer.Exit(2) from None
     except (OSError, KeyFileError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -42,10 +42,12 @@ def test_train_unlearn_evaluate_forgets_one_digit(trained):
     assert {"acc_retain", "acc_forget", "mia"} <= evaluation.keys()
 
 
-def _write_npz(path: Path, shape: tuple) -> None:
+def _write_npz(path: Path, shape: tuple, test_shape: tuple | None = None, labels: range = range(10)) -> None:
     import numpy as np
     x = np.zeros((10, *shape), dtype=np.uint8)
-    np.savez(path, x_train=x, y_train=np.arange(10), x_test=x, y_test=np.arange(10))
+    x_test = np.zeros((10, *(test_shape or shape)), dtype=np.uint8)
+    np.savez(path, x_train=x, y_train=np.array(labels), x_test=x_test, y_test=np.array(labels),
+             classes=np.array([str(c) for c in range(10)]))
 
 
 @pytest.mark.parametrize(
@@ -60,15 +62,47 @@ def _write_npz(path: Path, shape: tuple) -> None:
         (["--params", '{"alpha": -1}'], "params"),
         (["--device", "gpu"], "unknown device 'gpu'"),
         (["--device", "cuda:99"], "device 'cuda:99': this machine has"),
+        (["--checkpoint", "."], "is a folder, not a checkpoint"),
+        (["--dataset", "npz:sizes.npz"], "x_test images are (1, 9, 9)"),
+        (["--dataset", "npz:labels.npz"], "labels from -1 to 8"),
+        # checked before the job runs, so no checkpoint is left behind by a report that cannot be written
+        (["--report", "afile/r.json"], "afile is a file"),
+        (["--report", "."], "--report: . is a folder"),
+        (["--out", "."], "--out: . is a folder"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_nothing_is_written(trained, args, message):
     (trained / "junk.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle, never loaded
+    (trained / "afile").write_text("a file where a folder should be")
     _write_npz(trained / "rgb.npz", (32, 32, 3))
-    base = {"--checkpoint": "m.safetensors", "--dataset": "digits", "--forget": "3"}
+    _write_npz(trained / "sizes.npz", (8, 8), test_shape=(9, 9))
+    _write_npz(trained / "labels.npz", (8, 8), labels=range(-1, 9))
+    base = {"--checkpoint": "m.safetensors", "--dataset": "digits", "--forget": "3",
+            "--out": "never.safetensors", "--report": "never.json"}
     base.update(dict(zip(args[::2], args[1::2])))
     flat = [item for pair in base.items() for item in pair]
-    run = uisps("unlearn", *flat, "--out", "never.safetensors", "--report", "never.json", cwd=trained)
-    assert run.returncode != 0
+    run = uisps("unlearn", *flat, cwd=trained)
+    assert run.returncode == 2
     assert message in run.stderr and "Traceback" not in run.stderr
     assert not (trained / "never.safetensors").exists() and not (trained / "never.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [(["--epochs", "0"], "--epochs"), (["--batch-size", "0"], "--batch-size"),
+                                           (["--out", "."], "--out: . is a folder")])
+def test_bad_training_settings_are_one_clear_line(tmp_path, args, message):
+    base = {"--dataset": "digits", "--epochs": "1", "--out": "m.safetensors"} | dict(zip(args[::2], args[1::2]))
+    run = uisps("train", *[item for pair in base.items() for item in pair], cwd=tmp_path)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_written_checkpoint_has_a_new_files_usual_mode(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)  # inherited by the command
+    try:
+        run = uisps("train", "--dataset", "digits", "--epochs", "1", "--out", "m.safetensors", cwd=tmp_path)
+    finally:
+        os.umask(previous)
+    assert run.returncode == 0, run.stderr
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644  # readable by others, not 0600

@@ -144,6 +144,9 @@ def test_certificate_verify_accepts_the_real_one_and_refuses_a_changed_one(home:
     (tmp_path / "junk.json").write_text("{not json")
     assert uisps("certificate", "verify", str(tmp_path / "junk.json"))[0] == 1
     assert uisps("certificate", "verify", str(tmp_path / "missing.json"))[0] == 2
+    (tmp_path / "model.safetensors").write_bytes(b"\x80\x04\x95\xff\xfe")  # the wrong file, not text
+    code, out = uisps("certificate", "verify", str(tmp_path / "model.safetensors"))
+    assert code == 2 and "not a certificate" in out
 
 
 @pytest.fixture

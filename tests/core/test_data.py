@@ -1,5 +1,7 @@
 """Data specs: digits, npz (colour and grayscale), clear errors for the rest."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,26 @@ def test_npz_with_pickled_objects_is_refused(tmp_path):
     np.savez(path, x_train=np.array([object()], dtype=object))
     with pytest.raises(DataError):
         load_dataset(f"npz:{path}")
+
+
+def _npz(path, x_train, y_train, x_test, y_test, classes=("a", "b")):  # noqa: ANN001, ANN202
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, classes=np.array(classes))
+    return f"npz:{path}"
+
+
+def test_npz_files_that_cannot_make_a_dataset_are_clear_errors(tmp_path):
+    images, labels, larger = np.zeros((4, 6, 6), np.uint8), np.array([0, 1, 0, 1]), np.zeros((4, 7, 7), np.uint8)
+    np.save(tmp_path / "one.npy", images)
+    cases = {
+        "a single .npy array": "npz:" + str(tmp_path / "one.npy"),
+        "at least one image": _npz(tmp_path / "empty.npz", images[:0], labels[:0], images, labels),
+        "x_test images are (1, 7, 7)": _npz(tmp_path / "sizes.npz", images, labels, larger, labels),
+        "labels from 0 to 2": _npz(tmp_path / "many.npz", images, labels, images, np.array([0, 1, 2, 1])),
+        "labels from -1 to 1": _npz(tmp_path / "negative.npz", images, np.array([-1, 1, 0, 1]), images, labels),
+    }
+    for message, spec in cases.items():
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_dataset(spec)
 
 
 @pytest.mark.parametrize("spec", ["nope", "npz:/does/not/exist.npz", "cifar10:/does/not/exist"])
