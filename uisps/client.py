@@ -16,8 +16,25 @@ import httpx
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
+# A gateway that lost the service, or the service itself busy or without its database: worth
+# sending the same request again, after Retry-After where there is one.
+TRANSIENT_STATUSES = (502, 503, 504)
+
+
 class ServiceError(Exception):
-    """The service answered with an error (its problem+json detail) or not at all."""
+    """The service answered with an error (its problem+json detail) or not at all (`status` None).
+    `code` is the problem's code; `retry_after_s` its Retry-After, where it sent one."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, code: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.retry_after_s = status, code, retry_after_s
+
+    @property
+    def transient(self) -> bool:
+        """No answer, or one that says to try again later: the same request may well succeed."""
+        return self.status is None or self.status in TRANSIENT_STATUSES
 
 
 @dataclass(frozen=True)
@@ -75,7 +92,7 @@ class UispsClient:
         return self._create(f"/models/{model_id}/versions", 201, idempotency_key, files=files)
 
     def get_version(self, model_id: str, version: int) -> dict[str, Any]:
-        return self._json(self.http.get(f"/models/{model_id}/versions/{version}"), 200)
+        return self._json(self._get(f"/models/{model_id}/versions/{version}"), 200)
 
     def create_deletion_request(
         self,
@@ -96,20 +113,20 @@ class UispsClient:
         return self._create("/deletion-requests", 202, idempotency_key, json=body)
 
     def get_certificate(self, request_id: str) -> dict[str, Any]:
-        return self._json(self.http.get(f"/deletion-requests/{request_id}/certificate"), 200)
+        return self._json(self._get(f"/deletion-requests/{request_id}/certificate"), 200)
 
     def certificate_key(self) -> bytes:
-        response = self.http.get("/certificate-key")
+        response = self._get("/certificate-key")
         if response.status_code != 200:
             self._json(response, 200)
         return response.content
 
     def webhook_secret(self) -> str:
         """The `whsec_` secret this tenant's webhook events are signed with (role compliance or admin)."""
-        return str(self._json(self.http.get("/webhook-secret"), 200)["secret"])
+        return str(self._json(self._get("/webhook-secret"), 200)["secret"])
 
     def get_deletion_request(self, request_id: str) -> dict[str, Any]:
-        return self._json(self.http.get(f"/deletion-requests/{request_id}"), 200)
+        return self._json(self._get(f"/deletion-requests/{request_id}"), 200)
 
     def wait_for(
         self,
@@ -119,10 +136,18 @@ class UispsClient:
         interval_s: float = 0.25,
         on_update: Callable[[dict[str, Any]], None] = lambda _: None,
     ) -> dict[str, Any]:
-        """Poll a deletion request until it is succeeded, failed or cancelled."""
+        """Poll a deletion request until it is succeeded, failed or cancelled. The service out of
+        reach or answering 502/503/504 (a database restart, a deploy) is waited out until
+        `timeout_s`; other errors end the wait at once."""
         deadline = time.monotonic() + timeout_s
         while True:
-            request = self.get_deletion_request(request_id)
+            try:
+                request = self.get_deletion_request(request_id)
+            except ServiceError as exc:
+                if not exc.transient or time.monotonic() > deadline:
+                    raise
+                time.sleep(max(interval_s, exc.retry_after_s or 0.0))
+                continue
             on_update(request)
             if request["state"] in TERMINAL_STATES:
                 return request
@@ -132,7 +157,7 @@ class UispsClient:
 
     def download_checkpoint(self, model_id: str, version: int) -> VerifiedCheckpoint:
         """Download a checkpoint and check its sha256 against the headers and the version resource."""
-        response = self.http.get(f"/models/{model_id}/versions/{version}/checkpoint")
+        response = self._get(f"/models/{model_id}/versions/{version}/checkpoint")
         if response.status_code != 200:
             self._json(response, 200)
         actual = hashlib.sha256(response.content).hexdigest()
@@ -176,21 +201,53 @@ class UispsClient:
             in_flight = _in_flight(response)
             if in_flight and in_flight_until is None:
                 in_flight_until = time.monotonic() + self.timeout_s
-            if response.status_code == 503 and failures < self.retries:
+            if response.status_code in TRANSIENT_STATUSES and failures < self.retries:
                 failures += 1
                 time.sleep(_retry_after_s(response, failures))
                 continue
             if in_flight and in_flight_until is not None and time.monotonic() < in_flight_until:
                 time.sleep(_retry_after_s(response, 1))
                 continue
-            if in_flight or response.status_code == 503:
-                raise ServiceError(f"{_describe_error(response)} (Idempotency-Key {key}: send it again with this key)")
+            if in_flight or response.status_code in TRANSIENT_STATUSES:
+                # (a 502/504 may have come from a gateway after the service did create it)
+                raise _error(response, f" (Idempotency-Key {key}: send it again with this key)")
             return self._json(response, expected_status)
+
+    def _get(self, path: str) -> httpx.Response:
+        """A read, sent again (it changes nothing) after a lost answer or a 502/503/504, up to
+        `retries` times."""
+        failures = 0
+        while True:
+            try:
+                response = self.http.get(path)
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > self.retries:
+                    raise ServiceError(
+                        f"GET {path}: no answer after {failures} tries ({type(exc).__name__}: {exc})"
+                    ) from exc
+                time.sleep(_backoff_s(failures))
+                continue
+            if response.status_code in TRANSIENT_STATUSES and failures < self.retries:
+                failures += 1
+                time.sleep(_retry_after_s(response, failures))
+                continue
+            return response
 
     def _json(self, response: httpx.Response, expected_status: int) -> dict[str, Any]:
         if response.status_code != expected_status:
-            raise ServiceError(_describe_error(response))
-        return response.json()
+            raise _error(response)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise ServiceError(
+                f"{response.request.method} {response.request.url.path} -> {response.status_code}, "
+                f"but the body is not a JSON object: {response.text[:200]!r}",
+                status=response.status_code,
+            )
+        return body
 
 
 def _backoff_s(attempt: int) -> float:
@@ -200,23 +257,37 @@ def _backoff_s(attempt: int) -> float:
 
 def _in_flight(response: httpx.Response) -> bool:
     """The service is still working on the first request sent with this key."""
-    if response.status_code != 409 or "json" not in response.headers.get("content-type", ""):
-        return False
-    return response.json().get("code") == "idempotency_key_in_use"
+    return response.status_code == 409 and _problem(response).get("code") == "idempotency_key_in_use"
 
 
 def _retry_after_s(response: httpx.Response, attempt: int) -> float:
+    wait = _retry_after_header(response)
+    return _backoff_s(attempt) if wait is None else wait
+
+
+def _retry_after_header(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (0..30), or None where it is missing or not a number."""
     try:
         wait = float(response.headers.get("Retry-After", ""))
     except ValueError:
-        return _backoff_s(attempt)
-    return min(max(wait, 0.0), 30.0) if math.isfinite(wait) else _backoff_s(attempt)
+        return None
+    return min(max(wait, 0.0), 30.0) if math.isfinite(wait) else None
 
 
-def _describe_error(response: httpx.Response) -> str:
+def _problem(response: httpx.Response) -> dict[str, Any]:
     try:
-        problem = response.json()
-        detail = f"{problem.get('code', '')}: {problem.get('detail', '')}"
+        body = response.json()
     except ValueError:
-        detail = response.text[:200]
-    return f"{response.request.method} {response.request.url.path} -> {response.status_code} {detail}"
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _error(response: httpx.Response, suffix: str = "") -> ServiceError:
+    problem = _problem(response)
+    detail = f"{problem.get('code', '')}: {problem.get('detail', '')}" if problem else response.text[:200]
+    code = problem.get("code")
+    return ServiceError(
+        f"{response.request.method} {response.request.url.path} -> {response.status_code} {detail}{suffix}",
+        status=response.status_code, code=code if isinstance(code, str) else None,
+        retry_after_s=_retry_after_header(response),
+    )

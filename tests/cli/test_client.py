@@ -1,0 +1,104 @@
+"""The Python client (uisps/client.py) against answers a real service gives when things go wrong:
+503s and dropped connections during a restart, a gateway's 504, a 429, bodies that are not JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from uisps.client import ServiceError, UispsClient
+
+Answer = httpx.Response | Exception
+
+
+def _client(answers: list[Answer], retries: int = 3) -> tuple[UispsClient, list[httpx.Request]]:
+    """A client whose requests get `answers` in turn (an exception: the connection failed)."""
+    sent: list[httpx.Request] = []
+    queue: Iterator[Answer] = iter(answers)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        answer = next(queue)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    client = UispsClient("http://service", retries=retries)
+    client.http.close()
+    client.http = httpx.Client(base_url="http://service", transport=httpx.MockTransport(handle))
+    return client, sent
+
+
+def _state(state: str) -> httpx.Response:
+    return httpx.Response(200, json={"id": "r1", "state": state})
+
+
+BUSY = httpx.Response(503, json={"code": "database_unavailable", "detail": "retry"}, headers={"Retry-After": "0"})
+
+
+def test_a_poll_rides_out_a_restart_of_the_service() -> None:
+    client, sent = _client([BUSY, httpx.ConnectError("refused"), _state("succeeded")])
+
+    assert client.get_deletion_request("r1")["state"] == "succeeded"
+    assert len(sent) == 3
+
+
+def test_waiting_for_a_request_outlasts_more_failures_than_one_read_retries() -> None:
+    client, _ = _client([_state("running"), BUSY, BUSY, BUSY, _state("running"), _state("succeeded")], retries=1)
+    seen: list[str] = []
+
+    done = client.wait_for("r1", interval_s=0.01, on_update=lambda request: seen.append(request["state"]))
+
+    assert done["state"] == "succeeded" and seen == ["running", "running", "succeeded"]
+
+
+def test_waiting_stops_at_an_error_that_waiting_cannot_mend() -> None:
+    client, sent = _client([_state("running"), httpx.Response(404, json={"code": "not_found", "detail": "no"})])
+
+    with pytest.raises(ServiceError) as raised:
+        client.wait_for("r1", interval_s=0.01)
+
+    assert raised.value.status == 404 and raised.value.code == "not_found" and not raised.value.transient
+    assert len(sent) == 2
+
+
+def test_a_refusal_says_its_status_code_and_when_to_come_back() -> None:
+    limited = httpx.Response(429, json={"code": "rate_limited", "detail": "slow down"}, headers={"Retry-After": "7"})
+    client, _ = _client([limited])
+
+    with pytest.raises(ServiceError, match="429 rate_limited") as raised:
+        client.get_deletion_request("r1")
+
+    assert (raised.value.status, raised.value.code, raised.value.retry_after_s) == (429, "rate_limited", 7.0)
+
+
+@pytest.mark.parametrize("answer", [httpx.Response(200, text="<html>proxy login</html>"),
+                                    httpx.Response(500, json=["not", "a", "problem"])])
+def test_a_body_that_is_not_the_expected_json_is_a_service_error(answer: httpx.Response) -> None:
+    client, _ = _client([answer])
+
+    with pytest.raises(ServiceError) as raised:
+        client.get_deletion_request("r1")
+
+    assert raised.value.status == answer.status_code
+
+
+def test_a_create_a_gateway_timed_out_is_sent_again_with_the_same_key() -> None:
+    client, sent = _client([httpx.Response(504, text="upstream timed out"),
+                            httpx.Response(202, json={"id": "r1", "state": "queued"})])
+
+    created = client.create_deletion_request("m1", [3], idempotency_key="GDPR-7")
+
+    assert created["id"] == "r1"
+    assert [request.headers["Idempotency-Key"] for request in sent] == ["GDPR-7", "GDPR-7"]
+
+
+def test_a_create_that_keeps_meeting_a_gateway_error_names_the_key_to_retry_with() -> None:
+    client, _ = _client([httpx.Response(502, text="bad gateway")] * 2, retries=1)
+
+    with pytest.raises(ServiceError, match="Idempotency-Key GDPR-8") as raised:
+        client.create_deletion_request("m1", [3], idempotency_key="GDPR-8")
+
+    assert raised.value.status == 502 and raised.value.transient
