@@ -135,7 +135,7 @@ def _npz(spec: str, path: Path) -> Dataset:
         raise DataError(f"data file not found: {path}") from None
     except (ValueError, OSError) as exc:
         raise DataError(f"cannot read {path} as .npz: {exc}") from None
-    except (TypeError, AttributeError):  # np.load gave one array: a .npy file, not an archive of them
+    except TypeError:  # np.load gave one array (no context manager): a .npy file, not an archive
         raise DataError(f"{path} is a single .npy array, not an .npz archive of arrays") from None
     missing = {"x_train", "y_train", "x_test", "y_test"} - arrays.keys()
     if missing:

@@ -42,8 +42,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def unlearn_config(params: str, option: str = "--params"):  # noqa: ANN201
-    """UnlearnConfig from the JSON of `option`; a bad one is a UisError naming the field."""
+def unlearn_config(params: str):  # noqa: ANN201
+    """UnlearnConfig from the JSON of --params; a bad one is a UisError naming the field."""
     from pydantic import ValidationError
 
     from core.config import UnlearnConfig
@@ -51,7 +51,7 @@ def unlearn_config(params: str, option: str = "--params"):  # noqa: ANN201
     try:
         return UnlearnConfig.model_validate_json(params)
     except ValidationError as exc:
-        raise _invalid(exc, lambda where: f"{option}: {where}") from None
+        raise _invalid(exc, lambda where: f"--params: {where}") from None
 
 
 def _invalid(exc: Any, name: Callable[[str], str]) -> Exception:
