@@ -22,19 +22,16 @@ TRANSIENT_STATUSES = (502, 503, 504)
 
 
 class ServiceError(Exception):
-    """The service answered with an error (its problem+json detail) or not at all (`status` None).
-    `code` is the problem's code; `retry_after_s` its Retry-After, where it sent one."""
+    """The service answered with an error (its problem+json detail) or not at all. `status` and
+    `code` are the answer's, `retry_after_s` its Retry-After, where it sent them; `transient`: no
+    answer, or a 502/503/504, so the same request may well succeed later."""
 
     def __init__(
-        self, message: str, *, status: int | None = None, code: str | None = None, retry_after_s: float | None = None
+        self, message: str, *, status: int | None = None, code: str | None = None,
+        retry_after_s: float | None = None, transient: bool = False,
     ) -> None:
         super().__init__(message)
-        self.status, self.code, self.retry_after_s = status, code, retry_after_s
-
-    @property
-    def transient(self) -> bool:
-        """No answer, or one that says to try again later: the same request may well succeed."""
-        return self.status is None or self.status in TRANSIENT_STATUSES
+        self.status, self.code, self.retry_after_s, self.transient = status, code, retry_after_s, transient
 
 
 @dataclass(frozen=True)
@@ -46,9 +43,9 @@ class VerifiedCheckpoint:
 class UispsClient:
     """Sends `api_key` as a bearer token, and an Idempotency-Key with every POST that creates.
 
-    A create whose answer was lost (connection dropped, timeout) or that met a 503 is sent again
-    with the same key, up to `retries` times; one that meets its twin still in flight (409
-    idempotency_key_in_use) is sent again until `timeout_s` has passed. The service then answers
+    A create whose answer was lost (connection dropped, timeout) or that met a 502, 503 or 504 is
+    sent again with the same key, up to `retries` times (reads too, without a key); one that meets
+    its twin still in flight (409 idempotency_key_in_use) is sent again until `timeout_s` has passed. The service then answers
     with what the first one did, never a duplicate. When the client gives up, the error names the
     key: pass it as `idempotency_key` to try again safely, from this process or another.
     """
@@ -135,18 +132,24 @@ class UispsClient:
         timeout_s: float = 600.0,
         interval_s: float = 0.25,
         on_update: Callable[[dict[str, Any]], None] = lambda _: None,
+        alive: Callable[[], bool] = lambda: True,
     ) -> dict[str, Any]:
         """Poll a deletion request until it is succeeded, failed or cancelled. The service out of
         reach or answering 502/503/504 (a database restart, a deploy) is waited out until
-        `timeout_s`; other errors end the wait at once."""
+        `timeout_s`, unless `alive()` says the server process is gone; other errors end the wait
+        at once. Each poll is one try, bounded by the time left."""
         deadline = time.monotonic() + timeout_s
+        path = f"/deletion-requests/{request_id}"
         while True:
             try:
-                request = self.get_deletion_request(request_id)
+                request = self._json(self._get(path, retries=0, timeout_s=max(deadline - time.monotonic(), 1.0)), 200)
             except ServiceError as exc:
-                if not exc.transient or time.monotonic() > deadline:
+                left = deadline - time.monotonic()
+                if not exc.transient or left <= 0:
                     raise
-                time.sleep(max(interval_s, exc.retry_after_s or 0.0))
+                if not alive():
+                    raise ServiceError(f"the server process exited while {request_id} was polled ({exc})") from exc
+                time.sleep(min(left, max(interval_s, exc.retry_after_s or 0.0)))
                 continue
             on_update(request)
             if request["state"] in TERMINAL_STATES:
@@ -194,7 +197,8 @@ class UispsClient:
                 if failures > self.retries:
                     raise ServiceError(
                         f"POST {path}: no answer after {failures} tries ({type(exc).__name__}: {exc}); send it again "
-                        f"with idempotency_key={key!r} to get the first one's answer, never a duplicate"
+                        f"with idempotency_key={key!r} to get the first one's answer, never a duplicate",
+                        transient=True,
                     ) from exc
                 time.sleep(_backoff_s(failures))
                 continue
@@ -213,22 +217,24 @@ class UispsClient:
                 raise _error(response, f" (Idempotency-Key {key}: send it again with this key)")
             return self._json(response, expected_status)
 
-    def _get(self, path: str) -> httpx.Response:
+    def _get(self, path: str, retries: int | None = None, timeout_s: float | None = None) -> httpx.Response:
         """A read, sent again (it changes nothing) after a lost answer or a 502/503/504, up to
-        `retries` times."""
+        `retries` times (the client's by default)."""
+        retries = self.retries if retries is None else retries
+        timeout = {} if timeout_s is None else {"timeout": min(timeout_s, self.timeout_s)}
         failures = 0
         while True:
             try:
-                response = self.http.get(path)
+                response = self.http.get(path, **timeout)
             except httpx.TransportError as exc:
                 failures += 1
-                if failures > self.retries:
+                if failures > retries:
                     raise ServiceError(
-                        f"GET {path}: no answer after {failures} tries ({type(exc).__name__}: {exc})"
+                        f"GET {path}: no answer after {failures} tries ({type(exc).__name__}: {exc})", transient=True
                     ) from exc
                 time.sleep(_backoff_s(failures))
                 continue
-            if response.status_code in TRANSIENT_STATUSES and failures < self.retries:
+            if response.status_code in TRANSIENT_STATUSES and failures < retries:
                 failures += 1
                 time.sleep(_retry_after_s(response, failures))
                 continue
@@ -289,5 +295,5 @@ def _error(response: httpx.Response, suffix: str = "") -> ServiceError:
     return ServiceError(
         f"{response.request.method} {response.request.url.path} -> {response.status_code} {detail}{suffix}",
         status=response.status_code, code=code if isinstance(code, str) else None,
-        retry_after_s=_retry_after_header(response),
+        retry_after_s=_retry_after_header(response), transient=response.status_code in TRANSIENT_STATUSES,
     )

@@ -108,7 +108,7 @@ def run_demo(
                 UispsClient(service.url, api_key=admin_key) as admin,
                 UispsClient(service.url, api_key=compliance_key) as compliance,
             ):
-                return _flow(admin, compliance, checkpoint, forget, fast, console, err_console)
+                return _flow(admin, compliance, checkpoint, forget, fast, console, err_console, service.alive)
     finally:
         if temporary and not keep:
             shutil.rmtree(home, ignore_errors=True)
@@ -122,6 +122,7 @@ def _flow(
     fast: bool,
     console: Console,
     err_console: Console,
+    alive: Callable[[], bool],
 ) -> DemoResult:
     model = admin.create_model(model_spec_of(checkpoint, "digits-smallcnn"))
     v1 = admin.upload_version(model["id"], checkpoint, "digits-smallcnn.safetensors")
@@ -134,7 +135,7 @@ def _flow(
         def show(update: dict[str, Any]) -> None:
             bar.update(task, completed=update["progress"], description=update["stage"] or update["state"])
 
-        request = client.wait_for(request["id"], timeout_s=JOB_TIMEOUT_S, on_update=show)
+        request = client.wait_for(request["id"], timeout_s=JOB_TIMEOUT_S, on_update=show, alive=alive)
     if request["state"] != "succeeded":
         error = request.get("error") or {}
         raise ServiceError(f"deletion request {request['state']}: {error.get('code')}: {error.get('message')}")

@@ -44,14 +44,17 @@ class Reconciler(PeriodicPass):
         with self.sessions.begin() as session:
             due = deletion_jobs.due_for_dispatch(session, requeue_after_s=self.settings.requeue_after_s)
             places = priorities(session, due)  # the tenant's requests ahead of each, as when made
-        resent, unsent = [], []
-        for request_id in due:
+        resent: list[str] = []
+        unsent: list[str] = []
+        for i, request_id in enumerate(due):
             try:
                 self.send(request_id, places.get(request_id, 0))
             except Exception:
-                logger.exception("could not re-send deletion request %s", request_id)
-                unsent.append(request_id)
-                continue
+                # The broker is away: the rest would each wait out its connect retries in turn.
+                logger.exception("could not re-send deletion request %s; %d more left for the next pass",
+                                 request_id, len(due) - i - 1)
+                unsent = due[i:]
+                break
             logger.info("re-sent deletion request %s (its message was lost or its worker died)", request_id)
             resent.append(request_id)
         with self.sessions.begin() as session:

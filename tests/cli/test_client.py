@@ -102,3 +102,26 @@ def test_a_create_that_keeps_meeting_a_gateway_error_names_the_key_to_retry_with
         client.create_deletion_request("m1", [3], idempotency_key="GDPR-8")
 
     assert raised.value.status == 502 and raised.value.transient
+
+
+def test_waiting_gives_up_at_once_when_the_server_process_is_gone() -> None:
+    client, sent = _client([_state("running")] + [httpx.ConnectError("refused")] * 5)
+
+    with pytest.raises(ServiceError, match="server process exited") as raised:
+        client.wait_for("r1", interval_s=0.01, alive=lambda: len(sent) < 2)
+
+    assert len(sent) == 2 and raised.value.transient is False
+
+
+def test_waiting_through_an_outage_ends_at_its_own_timeout() -> None:
+    import time
+
+    slow = httpx.Response(503, json={"code": "database_unavailable"}, headers={"Retry-After": "30"})
+    client, _ = _client([_state("running")] + [slow] * 20)
+    start = time.monotonic()
+
+    with pytest.raises(ServiceError) as raised:
+        client.wait_for("r1", timeout_s=0.3, interval_s=0.01)
+
+    assert time.monotonic() - start < 5  # not Retry-After (30 s) per poll, nor inner retries
+    assert raised.value.status == 503

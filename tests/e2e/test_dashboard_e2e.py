@@ -14,7 +14,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ class Service:
     admin: UispsClient
     compliance: UispsClient
     log: Path
+    alive: Callable[[], bool]
 
     def register(self, checkpoint: bytes) -> dict[str, Any]:
         model = self.admin.create_model(model_spec_of(checkpoint, f"digits-{uuid.uuid4().hex[:6]}"))
@@ -70,7 +71,7 @@ class Service:
     def forget(self, model_id: str, labels: list[int], params: dict[str, Any], **extra: Any) -> dict[str, Any]:
         request = self.ask(model_id, labels, params, **extra)
         try:
-            done = self.compliance.wait_for(request["id"], timeout_s=JOB_TIMEOUT_S, interval_s=0.2)
+            done = self.compliance.wait_for(request["id"], timeout_s=JOB_TIMEOUT_S, interval_s=0.2, alive=self.alive)
         except ServiceError as exc:
             pytest.fail(f"{exc}\n{self.log_tail()}")
         assert done["state"] == "succeeded", f"{done['error']}\n{self.log_tail()}"
@@ -100,7 +101,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             UispsClient(local.url, api_key=local.create_api_key("admin")) as admin,
             UispsClient(local.url, api_key=local.create_api_key("compliance")) as compliance,
         ):
-            yield Service(local.url, local.home, reader_key, admin, compliance, log)
+            yield Service(local.url, local.home, reader_key, admin, compliance, log, local.alive)
 
 
 @dataclass

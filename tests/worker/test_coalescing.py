@@ -427,3 +427,27 @@ def test_a_coalesced_job_whose_worker_is_killed_is_finished_by_another(worker_pr
     assert len(versions) == 2 and sorted(versions[1].deletion_request_ids) == sorted(ids)
     with env.sessions() as session:
         assert verify_chain(session, "default") is None
+
+
+def test_on_its_last_attempt_a_failed_group_cancels_who_asked_and_fails_the_rest(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    from sqlalchemy import update
+
+    from worker.jobs import run_job
+
+    model_id = worker_env.new_model(digits_checkpoint)
+    leader, member = worker_env.queue(model_id, [3]), worker_env.queue(model_id, [5])
+
+    def member_cancels_then_it_breaks(_source: str) -> None:
+        with worker_env.sessions.begin() as session:
+            session.execute(update(DeletionRequest).where(DeletionRequest.id == member).values(cancel_requested=True))
+        raise RuntimeError("the data set could not be read")
+
+    monkeypatch.setattr("worker.jobs.load_dataset", member_cancels_then_it_breaks)
+
+    outcome = run_job(leader, worker_env.settings.model_copy(update={"max_attempts": 1, "coalesce_requests": True}))
+
+    led, joined = _requests(worker_env, leader, member)
+    assert outcome.status == "failed" and (led.state, led.error["code"]) == ("failed", "internal_error")
+    assert joined.state == "cancelled" and joined.error is None  # not queued again past its last attempt

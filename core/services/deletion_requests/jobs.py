@@ -385,23 +385,23 @@ class DeletionJobs:
         self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None,
         cancel_wins: bool = False,
     ) -> bool:
-        """running -> failed, with the requests coalesced into it; False where a cancel won.
-        `cancel_wins` (a failure that is no fault of the input): a cancel asked meanwhile is
-        honoured, as `retry_later` honours it; an input error (UisError) fails with its code."""
+        """running -> failed, with the requests coalesced into it; False where this request was
+        cancelled instead. `cancel_wins` (a failure that is no fault of the input): the requests
+        that asked to cancel meanwhile are cancelled, the others fail (their attempts are used
+        up, so none is queued again); an input error (UisError) fails them all with its code."""
         begin_write(session)
         request = deletion_request_repository.get(session, None, request_id, for_update=True)
         if request is None or request.state != JobState.RUNNING.value:
             return True  # finished, or queued again (after a cancel in its group, say): not ours any more
         if attempt is not None and request.attempts != attempt:
             return True  # taken over by a later attempt, which decides the outcome
-        group = [request, *self._members(session, request_id)]
-        if cancel_wins and any(row.cancel_requested for row in group):
-            self._stop_group(session, group, give_back=False)
-            return False
-        for row in group:
-            row.error = {"code": code, "message": message}
-            self._finish(session, row, JobState.FAILED, error=row.error)
-        return True
+        for row in [request, *self._members(session, request_id)]:
+            if cancel_wins and row.cancel_requested:
+                self._finish(session, row, JobState.CANCELLED)
+            else:
+                row.error = {"code": code, "message": message}
+                self._finish(session, row, JobState.FAILED, error=row.error)
+        return request.state == JobState.FAILED.value
 
     def cancelled(self, session: Session, request_id: str, attempt: int | None = None) -> None:
         """The job stopped because a cancel was asked: who asked is cancelled, the rest of a
