@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from core.db import ApiKeyRole
 from core.services.api_keys.service import Principal, api_key_service
-from core.services.errors import Forbidden, Unauthenticated
+from core.services.errors import Forbidden, RateLimited, Unauthenticated
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -65,9 +65,14 @@ async def authenticate(
         principal = await run_in_threadpool(_verify, state.sessions, key_hash)
         state.key_cache.put(key_hash, principal, generation)
     # The key's bucket first: a key past its own limit is refused without spending its tenant's
-    # tokens, which the tenant's other keys share.
+    # tokens, which the tenant's other keys share; a request the tenant's limit refuses gives the
+    # key its token back.
     await state.rate_limiter.take(principal.key_id)
-    await state.tenant_rate_limiter.take(principal.tenant_id)
+    try:
+        await state.tenant_rate_limiter.take(principal.tenant_id)
+    except RateLimited:
+        state.rate_limiter.give_back(principal.key_id)
+        raise
     request.state.principal = principal
     return principal
 

@@ -188,6 +188,29 @@ def test_a_tenants_keys_together_stay_within_the_tenant_rate_limit(
         assert bare.get("/models", headers=other.header("reader")).status_code == 200  # another tenant's own
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_request_the_tenant_limit_refuses_costs_the_key_nothing(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    import time
+
+    broker = request.getfixturevalue("redis_url") if backend == "redis" else None
+    # the key: 2 tokens, next to none coming back; the tenant: 1 token, the next within a second
+    settings = Settings(home=tmp_path, broker_url=broker, rate_limit_backend=backend, rate_limit_per_s=0.001,
+                        rate_limit_burst=2, tenant_rate_limit_per_s=2, tenant_rate_limit_burst=1)
+    with TestClient(create_app(settings)) as client:
+        keys = authorize(client, unique_name("t"))
+        bare = _bare(client)
+        assert bare.get("/models", headers=keys.header("reader")).status_code == 200
+        refused = bare.get("/models", headers=keys.header("reader"))
+        time.sleep(1.1)  # the tenant's bucket has a token again
+
+        again = bare.get("/models", headers=keys.header("reader"))
+
+    assert_problem(refused, 429, "rate_limited", "rate limit of this tenant exceeded")
+    assert again.status_code == 200, again.text  # the key's second token was not spent by the refusal
+
+
 def test_a_tenant_holds_at_most_the_allowed_keys_and_a_revoked_one_frees_its_place(tmp_path: Path) -> None:
     with TestClient(create_app(Settings(home=tmp_path, max_api_keys_per_tenant=4))) as client:
         authorize(client)  # admin, compliance, reader: 3 of 4

@@ -71,6 +71,9 @@ class RateLimiter(Protocol):
     async def take(self, key_id: str) -> None:
         """Take one token from `key_id`'s bucket; raise RateLimited when it is empty."""
 
+    def give_back(self, key_id: str) -> None:
+        """Return the token just taken (the request was refused by another limit after all)."""
+
     async def close(self) -> None: ...
 
 
@@ -87,6 +90,9 @@ class Unlimited:
     """UISPS_RATE_LIMIT_PER_S=0: no limit."""
 
     async def take(self, key_id: str) -> None:
+        return None
+
+    def give_back(self, key_id: str) -> None:
         return None
 
     async def close(self) -> None:
@@ -111,6 +117,11 @@ class MemoryRateLimiter:
         self._buckets[key_id] = (tokens - 1.0, now)
         if len(self._buckets) > 100_000:  # keys come and go: forget the ones that are full again
             self._forget_full(now)
+
+    def give_back(self, key_id: str) -> None:
+        held = self._buckets.get(key_id)
+        if held is not None:
+            self._buckets[key_id] = (min(float(self.burst), held[0] + 1.0), held[1])
 
     def _forget_full(self, now: float) -> None:
         refill_s = self.burst / self.rate_per_s
@@ -163,6 +174,11 @@ class RedisRateLimiter:
             if not self._spend(key_id):
                 raise refusal(self.rate_per_s, self.burst, self._refused_until.get(key_id, 0.0) - self.clock(),
                               self.scope)
+
+    def give_back(self, key_id: str) -> None:
+        lease = self._leases.get(key_id)
+        if lease is not None and self.clock() < lease[1]:  # else the lease went back to Redis already
+            lease[0] += 1
 
     def _spend(self, key_id: str) -> bool:
         now = self.clock()
