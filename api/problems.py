@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.methods import allowed_methods
 from core.certificates import KeyFileError
+from core.db import DATABASE_UNAVAILABLE
 from core.errors import UisError
 from core.services.errors import (
     ArtifactCorrupted,
@@ -272,9 +273,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(IdempotencyKeyInUse, _idempotency_in_use)  # type: ignore[arg-type]
     app.add_exception_handler(UisError, _user_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
-    # OperationalError: cannot connect, connection lost, SQLite busy past its timeout;
-    # InterfaceError: the driver lost its connection; TimeoutError: the pool had no connection.
-    for error in (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
+    for error in DATABASE_UNAVAILABLE:
         app.add_exception_handler(error, _database_unavailable)
     # DataError: the value itself is wrong (PostgreSQL: NUL in text, out of range, bad encoding).
     app.add_exception_handler(sa_exc.DataError, _database_refused_value)  # type: ignore[arg-type]

@@ -45,9 +45,10 @@ class UispsClient:
 
     A create whose answer was lost (connection dropped, timeout) or that met a 502, 503 or 504 is
     sent again with the same key, up to `retries` times (reads too, without a key); one that meets
-    its twin still in flight (409 idempotency_key_in_use) is sent again until `timeout_s` has passed. The service then answers
-    with what the first one did, never a duplicate. When the client gives up, the error names the
-    key: pass it as `idempotency_key` to try again safely, from this process or another.
+    its twin still in flight (409 idempotency_key_in_use) is sent again until `timeout_s` has
+    passed. The service then answers with what the first one did, never a duplicate. When the
+    client gives up, the error names the key: pass it as `idempotency_key` to try again safely,
+    from this process or another.
     """
 
     def __init__(self, base_url: str, timeout_s: float = 60.0, api_key: str | None = None, retries: int = 3) -> None:
@@ -184,60 +185,51 @@ class UispsClient:
 
     def _create(self, path: str, expected_status: int, idempotency_key: str | None, **request: Any) -> dict[str, Any]:
         key = idempotency_key or str(uuid.uuid4())
-        headers = {"Idempotency-Key": key}
-        # A twin still in flight (a large upload being checked) is waited for as long as a request
-        # may take, from the first time it is met; lost answers and 503s are tried `retries` more times.
+        response = self._send("POST", path, key=key, headers={"Idempotency-Key": key}, **request)
+        return self._json(response, expected_status)
+
+    def _get(self, path: str, retries: int | None = None, timeout_s: float | None = None) -> httpx.Response:
+        timeout = {} if timeout_s is None else {"timeout": min(timeout_s, self.timeout_s)}
+        return self._send("GET", path, retries=retries, **timeout)
+
+    def _send(
+        self, method: str, path: str, *, retries: int | None = None, key: str | None = None, **request: Any
+    ) -> httpx.Response:
+        """One request, sent again after a lost answer or a 502/503/504, up to `retries` times
+        (the client's by default). A create (`key`: its Idempotency-Key) that meets its twin still
+        in flight (a large upload being checked) waits for it as long as a request may take, from
+        the first time it is met; when a create gives up, the error names the key."""
+        retries = self.retries if retries is None else retries
+        again = (f"; send it again with idempotency_key={key!r} to get the first one's answer, never a duplicate"
+                 if key is not None else "")
+        send = self.http.post if method == "POST" else self.http.get
         in_flight_until: float | None = None
         failures = 0
         while True:
             try:
-                response = self.http.post(path, headers=headers, **request)
+                response = send(path, **request)
             except httpx.TransportError as exc:
                 failures += 1
-                if failures > self.retries:
+                if failures > retries:
                     raise ServiceError(
-                        f"POST {path}: no answer after {failures} tries ({type(exc).__name__}: {exc}); send it again "
-                        f"with idempotency_key={key!r} to get the first one's answer, never a duplicate",
+                        f"{method} {path}: no answer after {failures} tries ({type(exc).__name__}: {exc}){again}",
                         transient=True,
                     ) from exc
                 time.sleep(_backoff_s(failures))
                 continue
-            in_flight = _in_flight(response)
+            in_flight = key is not None and _in_flight(response)
             if in_flight and in_flight_until is None:
                 in_flight_until = time.monotonic() + self.timeout_s
-            if response.status_code in TRANSIENT_STATUSES and failures < self.retries:
+            if response.status_code in TRANSIENT_STATUSES and failures < retries:
                 failures += 1
                 time.sleep(_retry_after_s(response, failures))
                 continue
             if in_flight and in_flight_until is not None and time.monotonic() < in_flight_until:
                 time.sleep(_retry_after_s(response, 1))
                 continue
-            if in_flight or response.status_code in TRANSIENT_STATUSES:
+            if key is not None and (in_flight or response.status_code in TRANSIENT_STATUSES):
                 # (a 502/504 may have come from a gateway after the service did create it)
                 raise _error(response, f" (Idempotency-Key {key}: send it again with this key)")
-            return self._json(response, expected_status)
-
-    def _get(self, path: str, retries: int | None = None, timeout_s: float | None = None) -> httpx.Response:
-        """A read, sent again (it changes nothing) after a lost answer or a 502/503/504, up to
-        `retries` times (the client's by default)."""
-        retries = self.retries if retries is None else retries
-        timeout = {} if timeout_s is None else {"timeout": min(timeout_s, self.timeout_s)}
-        failures = 0
-        while True:
-            try:
-                response = self.http.get(path, **timeout)
-            except httpx.TransportError as exc:
-                failures += 1
-                if failures > retries:
-                    raise ServiceError(
-                        f"GET {path}: no answer after {failures} tries ({type(exc).__name__}: {exc})", transient=True
-                    ) from exc
-                time.sleep(_backoff_s(failures))
-                continue
-            if response.status_code in TRANSIENT_STATUSES and failures < retries:
-                failures += 1
-                time.sleep(_retry_after_s(response, failures))
-                continue
             return response
 
     def _json(self, response: httpx.Response, expected_status: int) -> dict[str, Any]:

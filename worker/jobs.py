@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
 from core.config import UnlearnConfig
 from core.data import load_dataset
-from core.db import utcnow
+from core.db import DATABASE_UNAVAILABLE, utcnow
 from core.device import pick_device
 from core.errors import DeviceUnavailable, UisError
 from core.logs import deletion_request_context
@@ -248,7 +247,7 @@ def _commit_result(
                     attempt=attempt, store=store,
                 )
                 return request.state
-        except (OperationalError, InterfaceError) as exc:
+        except DATABASE_UNAVAILABLE as exc:
             delay = next(delays, None)
             if delay is None:
                 raise
@@ -265,7 +264,7 @@ def _progress_writer(
                 return deletion_jobs.report_progress(
                     session, request_id, stage, progress, lease_s, attempt, members=members
                 )
-        except (OperationalError, InterfaceError) as exc:
+        except DATABASE_UNAVAILABLE as exc:
             # The database is away for a moment (a restart, a failover, a dropped connection).
             # One progress report is not worth the job's work: it goes on, the lease heartbeat
             # keeps trying, and a cancel asked meanwhile is found by the next report that lands.

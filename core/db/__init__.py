@@ -2,7 +2,7 @@
 
 from core.db.audit import GENESIS_HASH, BrokenLink, record_event, verify_chain
 from core.db.base import DEFAULT_TENANT, Base, UTCDateTime, new_id, utcnow
-from core.db.session import make_engine, make_sessionmaker
+from core.db.session import DATABASE_UNAVAILABLE, make_engine, make_sessionmaker
 from core.db.tables import (
     TERMINAL_STATES,
     ApiKey,
@@ -22,6 +22,7 @@ from core.db.tables import (
 )
 
 __all__ = [
+    "DATABASE_UNAVAILABLE",
     "DEFAULT_TENANT",
     "GENESIS_HASH",
     "TERMINAL_STATES",

@@ -8,10 +8,15 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# The database is away or busy for now, not refusing what was asked: the same statement may well
+# succeed shortly. OperationalError: cannot connect, connection lost, SQLite busy past its
+# timeout; InterfaceError: the driver lost its connection; PoolTimeout: the pool had no connection.
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
 # A pooled connection that sat unused for longer than this is pinged (one round trip) before it is
 # handed out, and replaced if the server dropped it (a restart, an idle timeout); one returned
 # moments ago is not: under load almost no checkout pays for a ping. (SQLAlchemy's pool_pre_ping

@@ -144,14 +144,17 @@ def test_an_admin_manages_its_tenants_keys_and_a_revoked_key_is_refused_at_once(
     assert_problem(bare.post("/api-keys", json={"role": "owner", "name": "x"}, headers=admin), 422, "validation_error")
 
 
+def _limited(tmp_path: Path, backend: str, request: pytest.FixtureRequest, **limits: float) -> Settings:
+    """Settings with these rate limits, their buckets in memory or in the run's Redis."""
+    broker = request.getfixturevalue("redis_url") if backend == "redis" else None
+    return Settings(home=tmp_path, broker_url=broker, rate_limit_backend=backend, **limits)
+
+
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_past_the_rate_limit_a_key_gets_429_with_retry_after(
     tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    broker = request.getfixturevalue("redis_url") if backend == "redis" else None
-    settings = Settings(
-        home=tmp_path, broker_url=broker, rate_limit_backend=backend, rate_limit_per_s=0.5, rate_limit_burst=3
-    )
+    settings = _limited(tmp_path, backend, request, rate_limit_per_s=0.5, rate_limit_burst=3)
     with TestClient(create_app(settings)) as client:
         keys = authorize(client)
         bare = _bare(client)
@@ -171,9 +174,8 @@ def test_past_the_rate_limit_a_key_gets_429_with_retry_after(
 def test_a_tenants_keys_together_stay_within_the_tenant_rate_limit(
     tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    broker = request.getfixturevalue("redis_url") if backend == "redis" else None
-    settings = Settings(home=tmp_path, broker_url=broker, rate_limit_backend=backend, rate_limit_per_s=10,
-                        rate_limit_burst=10, tenant_rate_limit_per_s=0.5, tenant_rate_limit_burst=4)
+    settings = _limited(tmp_path, backend, request, rate_limit_per_s=10, rate_limit_burst=10,
+                        tenant_rate_limit_per_s=0.5, tenant_rate_limit_burst=4)
     with TestClient(create_app(settings)) as client:
         keys = authorize(client, unique_name("t"))  # its own buckets in the run's shared Redis
         other = make_keys(client.app.state.sessions, unique_name("t"))
@@ -194,10 +196,9 @@ def test_a_request_the_tenant_limit_refuses_costs_the_key_nothing(
 ) -> None:
     import time
 
-    broker = request.getfixturevalue("redis_url") if backend == "redis" else None
     # the key: 2 tokens, next to none coming back; the tenant: 1 token, the next within a second
-    settings = Settings(home=tmp_path, broker_url=broker, rate_limit_backend=backend, rate_limit_per_s=0.001,
-                        rate_limit_burst=2, tenant_rate_limit_per_s=2, tenant_rate_limit_burst=1)
+    settings = _limited(tmp_path, backend, request, rate_limit_per_s=0.001, rate_limit_burst=2,
+                        tenant_rate_limit_per_s=2, tenant_rate_limit_burst=1)
     with TestClient(create_app(settings)) as client:
         keys = authorize(client, unique_name("t"))
         bare = _bare(client)
