@@ -237,8 +237,9 @@ def _commit_result(
 ) -> str:
     """Record the new version; the request's state after. Tried again through a short database
     outage: what it records took the whole job to compute, and the stored file is already there.
-    A commit that landed but whose answer was lost finds the request finished (JobLost)."""
+    A commit that landed but whose answer was lost is recognised by its version's bytes."""
     delays = iter(COMMIT_RETRY_DELAYS_S)
+    retried = False
     while True:
         try:
             with sessions.begin() as session:
@@ -247,7 +248,17 @@ def _commit_result(
                     attempt=attempt, store=store,
                 )
                 return request.state
+        except JobLost:
+            # The request left `running`: after a lost answer, most likely by our own commit.
+            if not retried:
+                raise
+            with sessions.begin() as session:
+                state = deletion_jobs.recorded_state(session, request_id, artifact.sha256)
+            if state is None:
+                raise
+            return state
         except DATABASE_UNAVAILABLE as exc:
+            retried = True
             delay = next(delays, None)
             if delay is None:
                 raise

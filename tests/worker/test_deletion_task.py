@@ -287,6 +287,37 @@ def test_a_database_blip_as_the_result_is_committed_does_not_throw_the_job_away(
     assert (request.state, request.attempts, request.result_version) == ("succeeded", 1, 2)
 
 
+def test_a_result_commit_whose_answer_was_lost_counts_as_succeeded(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from worker.jobs import run_job
+
+    complete = deletion_jobs.complete
+    tries = 0
+
+    def commit_then_lose_the_answer(session, request_id, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            with worker_env.sessions.begin() as own:  # the commit lands ...
+                complete(own, request_id, **kwargs)
+            # ... and the connection drops before its answer comes back
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+        return complete(session, request_id, **kwargs)
+
+    monkeypatch.setattr(deletion_jobs, "complete", commit_then_lose_the_answer)
+    monkeypatch.setattr("worker.jobs.COMMIT_RETRY_DELAYS_S", (0.01,))
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+
+    outcome = run_job(request_id, worker_env.settings.model_copy(update={"max_attempts": 1}))
+
+    request = _request(worker_env, request_id)
+    assert tries == 2 and outcome.status == "succeeded"
+    assert (request.state, request.attempts, request.result_version) == ("succeeded", 1, 2)
+
+
 def test_a_cancel_asked_before_the_last_attempt_fails_is_honoured(
     worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
 ) -> None:

@@ -451,6 +451,14 @@ class DeletionJobs:
                           **given_back)
         return True
 
+    def recorded_state(self, session: Session, request_id: str, sha256: str) -> str | None:
+        """The request's state when a version holding exactly these bytes was made for it (a
+        commit that landed although its answer was lost); None when no such version exists."""
+        version = model_repository.version_for_request(session, request_id)
+        if version is None or version.sha256 != sha256:
+            return None
+        return session.scalar(select(DeletionRequest.state).where(DeletionRequest.id == request_id))
+
     def outage_since(self, session: Session, request_id: str, code: str) -> datetime | None:
         """When the request's current run of retries for `code` began: the first of the
         `retry_scheduled` events with that code that follow each other (its runs in between
