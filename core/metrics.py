@@ -31,9 +31,9 @@ MIA_DEFINITION = (
 @dataclass
 class Evaluation:
     acc_retain: float  # percent, test split, retained classes
-    acc_forget: float | None  # percent, test split, forgotten classes (None when nothing forgotten)
-    mia: float | None  # percent of forgotten training samples called "member"
-    forget_histogram: list[int]  # predicted-class counts on forgotten test samples
+    acc_forget: float | None  # percent, test split, forgotten classes (None: nothing forgotten, or no such sample)
+    mia: float | None  # percent of forgotten training samples called "member" (None: likewise)
+    forget_histogram: list[int]  # predicted-class counts on forgotten test samples ([]: none)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,9 +70,17 @@ def evaluate(
     acc_r = accuracy(logits_r, test_r.y)
     if not forget_labels:
         return Evaluation(acc_r, None, None, [])
-    logits_f = predict_logits(model, test_f.x, normalize)
-    train_r = dataset.train.without_labels(gone)
+    # A data source whose owner already deleted the forgotten samples (the case zero-glance
+    # unlearning is for) has none of them to measure: those figures are None, not an error.
+    acc_f, hist = None, []
+    if len(test_f):
+        logits_f = predict_logits(model, test_f.x, normalize)
+        acc_f = accuracy(logits_f, test_f.y)
+        hist = torch.bincount(logits_f.argmax(1).cpu(), minlength=dataset.num_classes).tolist()
     train_f = dataset.train.with_labels(forget_labels)
+    if not len(train_f):
+        return Evaluation(acc_r, acc_f, None, hist)
+    train_r = dataset.train.without_labels(gone)
     # as many members as non-members, picked by a fixed seed, so the attack is not skewed by size
     pick = torch.randperm(len(train_r), generator=torch.Generator().manual_seed(0))[: len(test_r)]
     mia = mia_score(
@@ -80,5 +88,4 @@ def evaluate(
         logits_r,
         predict_logits(model, train_f.x, normalize),
     )
-    hist = torch.bincount(logits_f.argmax(1).cpu(), minlength=dataset.num_classes).tolist()
-    return Evaluation(acc_r, accuracy(logits_f, test_f.y), mia, hist)
+    return Evaluation(acc_r, acc_f, mia, hist)

@@ -7,6 +7,7 @@ import torch
 from core.config import InversionConfig, UnlearnConfig
 from core.data import retained_data
 from core.device import Normalizer
+from core.metrics import evaluate
 from core.errors import ArchitectureError
 from core.uisps import (
     RESET_BLOCKS_STREAM,
@@ -296,3 +297,23 @@ def test_resetting_every_feature_block_is_refused_before_any_work(trained_digits
     with pytest.raises(ArchitectureError, match="the model has 3 feature blocks"):
         run_uisps(digits_copy, "smallcnn", retained_data(trained_digits.dataset, [3]), [3], m.mean, m.std, cfg,
                   torch.device("cpu"), progress=lambda *a: pytest.fail("work started"))
+
+
+def test_a_class_the_data_no_longer_holds_is_forgotten_and_reported_unmeasured(trained_digits, digits_copy):
+    # the owner already deleted digit 3's samples: the case zero-glance unlearning is for
+    from dataclasses import replace
+
+    from core.workflow import unlearn_model
+
+    full = trained_digits.dataset
+    without_3 = replace(full, train=full.train.without_labels([3]), test=full.test.without_labels([3]))
+
+    result = unlearn_model(digits_copy, trained_digits.manifest, without_3, [3], FAST, torch.device("cpu"))
+
+    after = result.report["after"]
+    assert (after["acc_forget"], after["mia"], after["forget_histogram"]) == (None, None, [])
+    assert after["acc_retain"] >= result.report["before"]["acc_retain"] - 3.0
+    assert result.manifest.forgotten_labels == [3]
+    # measured on the full data, the unlearned model has forgotten digit 3 all the same
+    assert evaluate(result.model, full, [3], trained_digits.manifest.mean, trained_digits.manifest.std,
+                    torch.device("cpu")).acc_forget <= 1.0
