@@ -12,6 +12,7 @@ import functools
 import threading
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -143,6 +144,26 @@ def unlearning_lr(arch: str, paper: bool = False) -> float:
     if paper:
         return PAPER_UNLEARN_LR.get(arch, PAPER_DEFAULT_UNLEARN_LR)
     return UNLEARN_LR.get(arch, DEFAULT_UNLEARN_LR)
+
+
+# One seed, several fresh models: training starts from the seed's own stream; every other fresh
+# model of that seed (the relabelling teacher, the bad teacher's incompetent one, re-initialised
+# blocks) draws from a stream of its own, else it would be the Original's own starting weights
+# whenever both use the same seed (TrainConfig's and UnlearnConfig's defaults are both 0).
+TRAINING_STREAM = None
+RESET_BLOCKS_STREAM = 1
+RELABEL_STREAM = 2
+INCOMPETENT_TEACHER_STREAM = 3
+
+
+def seeded_model(arch: str, in_channels: int, num_classes: int, seed: int, stream: int | None = TRAINING_STREAM) -> nn.Module:
+    """A fresh model of `arch` drawn from `seed` (and `stream`); every global random state, CUDA's
+    included, is left as it was (only the CPU generator builds a model, and it is restored)."""
+    if stream is not None:
+        seed = int(np.random.SeedSequence([seed % 2**64, stream]).generate_state(1)[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return build_model(arch, in_channels, num_classes)
 
 
 def build_model(arch: str, in_channels: int, num_classes: int) -> nn.Module:

@@ -27,14 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.architectures import PAPER_DEFAULT_UNLEARN_LR, PAPER_UNLEARN_LR, build_model, penultimate_features
+from core.architectures import (
+    INCOMPETENT_TEACHER_STREAM,
+    penultimate_features,
+    seeded_model,
+    unlearning_lr,
+)
 from core.config import InversionConfig, TrainConfig, UnlearnConfig
 from core.data import RetainedData, Split
 from core.device import Normalizer, augment, autocast, use_bf16
 from core.fisher import fisher_diagonal, frozen_fraction, suppression_mask
 from core.inversion import Synthetic, invert
 from core.training import train
-from core.uisps import MaskedSGD, run_uisps, stratified_subset
+from core.uisps import MaskedSGD, run_uisps, scheduled_lr, stratified_subset
 
 Info = dict
 
@@ -62,11 +67,8 @@ def to_device(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def random_model(arch: str, in_channels: int, num_classes: int, seed: int, device: torch.device) -> nn.Module:
-    """A freshly initialised model of `arch`, seeded, leaving the global random state alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(arch, in_channels, num_classes)
-    return to_device(model, device).eval()
+    """A freshly initialised model of `arch`, seeded (not the Original's start: its own stream)."""
+    return to_device(seeded_model(arch, in_channels, num_classes, seed, INCOMPETENT_TEACHER_STREAM), device).eval()
 
 
 class Shuffler:
@@ -160,9 +162,7 @@ def retrain(
     require_retained(retained, forget_labels)
     cfg = (cfg or TrainConfig()).model_copy(update={"seed": seed})
     in_channels = int(retained.train.x.shape[1])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        fresh = build_model(arch, in_channels, retained.num_classes)
+    fresh = seeded_model(arch, in_channels, retained.num_classes, cfg.seed)
     train(fresh, retained.train, Normalizer(mean, std, device), cfg, retained.flip)
     if info is not None:
         info["epochs"] = cfg.epochs
@@ -455,10 +455,12 @@ class BadTeacherConfig:
     initialised model of the same architecture, seeded) on forget samples; KL at temperature T.
     Zero-glance: the forget side is the UISPS inversion D_g (core.inversion.invert), never D_f.
 
-    The pass is the UISPS pass's shape: one epoch of D_r (floored at `min_steps`), batches of 128
-    with `synthetic_per_batch` samples of D_g cycling through, MaskedSGD (SGD, momentum 0.9, the
-    architecture's unlearning lr). So `bad_teacher` differs from UISPS only in its targets, and
-    `sps=True` (App. D, Table VIII: freeze the SPS mask of eq. 12) changes nothing else. Their
+    The pass is the default UISPS pass's: one epoch of D_r floored at `min_steps` (350), batches
+    of 128 with `synthetic_per_batch` samples of D_g cycling through, MaskedSGD (SGD, momentum 0.9)
+    at the architecture's default unlearning rate (core.architectures.unlearning_lr) decaying on a
+    cosine. So `bad_teacher` differs from the `uisps` row only in its targets, with the same budget
+    of steps, and `sps=True` (App. D, Table VIII: freeze the SPS mask of eq. 12) changes nothing
+    else. Their
     paper distils on a 30 % subset of D_r, about 117 steps on CIFAR-10's 45,000 retained images;
     on a small data set 30 % is a handful of steps, so `retain_fraction` defaults to all of D_r.
     KL uses `batchmean`, which equals cross-entropy to the soft targets up to a constant, so the
@@ -467,10 +469,11 @@ class BadTeacherConfig:
     inversion: InversionConfig | None = None  # None: InversionConfig() (UISPS's defaults)
     retain_fraction: float = 1.0
     epochs: float = 1.0
-    min_steps: int = 20
+    min_steps: int = 350
     synthetic_per_batch: int = 16
     batch_size: int = 128
-    lr: float | None = None  # None: PAPER_UNLEARN_LR of the architecture (paper Sec. V-A, App. D)
+    lr: float | None = None  # None: the default pass's rate of the architecture (unlearning_lr)
+    lr_schedule: str = "cosine"  # or "constant", as UnlearnConfig.lr_schedule
     momentum: float = 0.9
     weight_decay: float = 5e-4
     temperature: float = 1.0
@@ -538,7 +541,7 @@ def bad_teacher(
     syn_perm = torch.randperm(n_g, generator=gen).to(device)
     syn_offsets = torch.arange(k, device=device)
     aug_gen = torch.Generator(device=device).manual_seed(seed)
-    lr = cfg.lr or PAPER_UNLEARN_LR.get(arch, PAPER_DEFAULT_UNLEARN_LR)
+    lr = cfg.lr or unlearning_lr(arch)
     opt = MaskedSGD(model, frozen, lr, cfg.momentum, cfg.weight_decay)
     t = cfg.temperature
     with torch.no_grad(), autocast(bf16, device):
@@ -549,6 +552,7 @@ def bad_teacher(
         if cfg.augment:
             real = augment(real, retained.flip, aug_gen)
         syn = syn_perm[(syn_offsets + step * k) % n_g]
+        opt.set_lr(scheduled_lr(cfg.lr_schedule, lr, step, steps))
         with torch.no_grad(), autocast(bf16, device):
             good_targets = F.softmax(competent(real).float() / t, dim=1)
         with autocast(bf16, device):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import json
 import math
 import os
@@ -84,7 +85,8 @@ MAIN_METHODS = (
 )
 ROW_KEYS = (
     "experiment", "arch", "forget", "method", "setting", "seeds", "acc_retain", "acc_retain_std",
-    "acc_forget", "acc_forget_std", "mia", "mia_std", "probe", "relearn_steps", "seconds", "zero_glance",
+    "acc_forget", "acc_forget_std", "mia", "mia_std", "probe", "probe_std", "relearn_steps", "relearn_steps_std",
+    "seconds", "seconds_std", "zero_glance",
 )
 
 
@@ -216,7 +218,7 @@ def _unit_name(u: Unit) -> str:
 
 
 # what a resumed run must share with the run whose rows it keeps (seeds and budget may differ)
-_RESUME_MUST_MATCH = ("preset", "data", "experiments", "unlearn_config", "bf16")
+_RESUME_MUST_MATCH = ("preset", "data", "experiments", "unlearn_config", "bf16", "method_code")
 
 
 def _unit_key(u: Unit) -> tuple:
@@ -245,6 +247,15 @@ def _training_code() -> str:
     from core import architectures, device, training, workflow
 
     return code_digest(architectures, B, device, training, workflow)
+
+
+@functools.cache
+def _method_code() -> str:
+    """The digest of the code that computes a row (the methods, their data and the measures): a
+    row of other code is another measurement, which a resume must not average with these."""
+    names = ("architectures", "baselines", "config", "data", "device", "fisher", "forgetting_probes", "inversion",
+             "metrics", "training", "uisps", "workflow")
+    return code_digest(*(importlib.import_module(f"core.{name}") for name in names))
 
 
 def _timed(train_fn: Callable[[], nn.Module], device: torch.device) -> tuple[nn.Module, float]:
@@ -479,9 +490,12 @@ class PaperBench:
 
     # --- one unit -----------------------------------------------------------------------------
 
-    def measure(self, model: nn.Module, forget: tuple[int, ...], seed: int, relearn: bool) -> dict:
+    def measure(
+        self, model: nn.Module, forget: tuple[int, ...], seed: int, relearn: bool, members: Split | None = None
+    ) -> dict:
+        """`members`: the retained training samples `model` was trained on, where not all of D_r."""
         ds, dev = self.dataset, self.device
-        ev = evaluate(model, ds, list(forget), self.mean, self.std, dev)
+        ev = evaluate(model, ds, list(forget), self.mean, self.std, dev, members=members)
         probe = feature_probe(model, ds.test, list(forget), self.mean, self.std, dev, seed, self.preset.probe)
         row = {
             "acc_retain": ev.acc_retain, "acc_forget": ev.acc_forget, "mia": ev.mia,
@@ -523,7 +537,11 @@ class PaperBench:
                 model, seconds = self.retrain(unit.arch, unit.seed, unit.forget, unit.retain_fraction)
                 mkey = ("retrain", unit.arch, unit.seed, unit.forget, unit.retain_fraction)
             if mkey not in self._measured or (relearn and self._measured[mkey]["relearn_steps"] is None):
-                self._measured[mkey] = self.measure(model, unit.forget, unit.seed, relearn)
+                # a Retrain on a fraction of D_r: its MIA members are that fraction, not all of D_r
+                members = None
+                if unit.kind == "retrain" and unit.retain_fraction < 1:
+                    members = self.retained(unit.forget, unit.retain_fraction, unit.seed).train
+                self._measured[mkey] = self.measure(model, unit.forget, unit.seed, relearn, members)
             metrics = dict(self._measured[mkey])
             if not relearn:
                 metrics.update(relearn_steps=None, relearn_reached=None)
@@ -611,6 +629,10 @@ class PaperBench:
             raise ValueError(f"nothing to resume in {self.out} (no paper-run.json and paper-raw.jsonl)")
         earlier, now = json.loads(earlier_meta.read_text()), self._meta(0)
         differs = [k for k in _RESUME_MUST_MATCH if _jsonable_roundtrip(earlier.get(k)) != _jsonable_roundtrip(now[k])]
+        if differs == ["method_code"]:
+            raise ValueError(f"cannot resume {self.out}: the code that computes its rows (methods, data, measures) "
+                             "changed since its earlier run, and its rows would be averaged with other code's; "
+                             "give another --out")
         if differs:
             raise ValueError(f"cannot resume {self.out}: its earlier run used other {', '.join(differs)}")
         # rows of the seeds below this run's first are kept, not run again
@@ -688,6 +710,7 @@ class PaperBench:
             "unlearn_config": self.base_unlearn.model_dump(),
             "unlearn_lr_by_arch": per_arch,
             "mia_definition": MIA_DEFINITION,
+            "method_code": _method_code(),
         }
 
     def _finish(self, start: float, units: list[Unit], skipped: list[Unit], plots: bool) -> None:
@@ -730,9 +753,9 @@ def aggregate(raw: list[dict]) -> list[dict]:
     for (experiment, arch, forget, method, setting), rs in groups.items():
         row: dict = {"experiment": experiment, "arch": arch, "forget": list(forget), "method": method,
                      "setting": setting, "seeds": len(rs)}
-        for k in ("acc_retain", "acc_forget", "mia"):
-            row[k], row[f"{k}_std"] = _mean_std([r[k] for r in rs])
-        for k in ("probe", "probe_balanced", "relearn_steps", "seconds", "steps", "frozen_fraction"):
+        for k in ("acc_retain", "acc_forget", "mia", "probe", "probe_balanced", "relearn_steps", "seconds"):
+            row[k], row[f"{k}_std"] = _mean_std([r.get(k) for r in rs])
+        for k in ("steps", "frozen_fraction"):
             row[k] = _mean_std([r.get(k) for r in rs])[0]
         reached = [r["relearn_reached"] for r in rs if r.get("relearn_reached") is not None]
         row["relearn_capped"] = sum(not x for x in reached) if reached else None
@@ -810,7 +833,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "passes 50 % (a trailing `*` marks seeds that hit the cap; `head_mask` is fine-tuned without its mask, "
         "which is not a weight); seconds is the method's wall time (for methods that use the inversion, including "
         "it; for Original and Retrain, their training, the run's first one with CUDA start-up and cuDNN tuning). "
-        "Values are means over seeds, ± the standard deviation where there are several. zero-glance: the method "
+        "Values are means over seeds, ± the sample standard deviation (ddof=1) where there are several; a "
+        "probe that always answered 'the rest' would score 90 % with one forgotten class of ten and 70 % with "
+        "three (its balanced accuracy, in paper.json, would be 50 %). zero-glance: the method "
         "reads no forgotten sample (Amnesiac reads the forgotten training samples). `bad_teacher` and "
         "`bad_teacher_sps` use UISPS's inversion D_g as their forget side.",
         "",
@@ -825,12 +850,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
                   "| arch | forget | method | setting | A_Dr | A_Df | MIA | probe | relearn | seconds | zero-glance | seeds |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in exp_rows:
-            relearn = "-" if r["relearn_steps"] is None else f"{r['relearn_steps']:.0f}" + ("*" if r.get("relearn_capped") else "")
+            relearn = _fmt(r["relearn_steps"], r.get("relearn_steps_std"), r["seeds"], digits=0)
+            relearn += "*" if r["relearn_steps"] is not None and r.get("relearn_capped") else ""
             lines.append(
                 f"| {r['arch']} | {','.join(map(str, r['forget']))} | {r['method']} | {r['setting']} | "
                 f"{_fmt(r['acc_retain'], r['acc_retain_std'], r['seeds'])} | "
                 f"{_fmt(r['acc_forget'], r['acc_forget_std'], r['seeds'])} | {_fmt(r['mia'], r['mia_std'], r['seeds'])} | "
-                f"{_fmt(r['probe'])} | {relearn} | {_fmt(r['seconds'], digits=1)} | "
+                f"{_fmt(r['probe'], r.get('probe_std'), r['seeds'])} | {relearn} | "
+                f"{_fmt(r['seconds'], r.get('seconds_std'), r['seeds'], digits=1)} | "
                 f"{'yes' if r['zero_glance'] else 'no'} | {r['seeds']} |"
             )
         lines.append("")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from core.data import Dataset
+from core.data import Dataset, Split
 from core.device import Normalizer, predict_logits
 from core.inversion import entropy
 
@@ -60,8 +60,11 @@ def evaluate(
     std: list[float],
     device: torch.device,
     ignore_labels: list[int] = (),  # type: ignore[assignment]
+    members: Split | None = None,
 ) -> Evaluation:
-    """`ignore_labels` (forgotten by an earlier version) count in neither A_Dr nor A_Df."""
+    """`ignore_labels` (forgotten by an earlier version) count in neither A_Dr nor A_Df.
+    `members`: the retained-class training samples the model was trained on, the MIA's members
+    (default: all of them; a model trained on part of D_r never saw the rest)."""
     normalize = Normalizer(mean, std, device)
     gone = set(forget_labels) | set(ignore_labels)
     test_r = dataset.test.without_labels(gone)
@@ -80,7 +83,7 @@ def evaluate(
     train_f = dataset.train.with_labels(forget_labels)
     if not len(train_f):
         return Evaluation(acc_r, acc_f, None, hist)
-    train_r = dataset.train.without_labels(gone)
+    train_r = members if members is not None else dataset.train.without_labels(gone)
     # as many members as non-members, picked by a fixed seed, so the attack is not skewed by size
     pick = torch.randperm(len(train_r), generator=torch.Generator().manual_seed(0))[: len(test_r)]
     mia = mia_score(

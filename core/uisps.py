@@ -10,12 +10,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.architectures import build_model, feature_blocks, unlearning_lr
+from core.architectures import RELABEL_STREAM, RESET_BLOCKS_STREAM, feature_blocks, seeded_model, unlearning_lr
 from core.config import UnlearnConfig
 from core.data import RetainedData, Split
 from core.errors import ArchitectureError, UnlearningDiverged
@@ -25,7 +24,6 @@ from core.inversion import Synthetic, invert
 from core.progress import ProgressFn, no_progress
 
 
-RESET_BLOCKS_STREAM = 1  # tells reset_blocks' random stream apart from training's for the same seed
 
 
 @dataclass
@@ -57,9 +55,7 @@ def random_model_soft_labels(
     arch: str, in_channels: int, num_classes: int, x: torch.Tensor, seed: int
 ) -> torch.Tensor:
     """Eq. 13: soft labels from a freshly initialised model of the same architecture, seeded."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        teacher = build_model(arch, in_channels, num_classes)
+    teacher = seeded_model(arch, in_channels, num_classes, seed, RELABEL_STREAM)
     teacher.to(x.device).eval()
     with torch.no_grad():
         return F.softmax(teacher(x).float(), dim=1)
@@ -73,8 +69,8 @@ def without_labels(soft: torch.Tensor, labels: set[int]) -> torch.Tensor:
     return kept / kept.sum(dim=1, keepdim=True)
 
 
-def scheduled_lr(cfg: UnlearnConfig, lr: float, step: int, steps: int) -> float:
-    if cfg.lr_schedule == "cosine":
+def scheduled_lr(schedule: str, lr: float, step: int, steps: int) -> float:
+    if schedule == "cosine":
         return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
     return lr
 
@@ -146,7 +142,7 @@ def reset_output_rows(model: nn.Module, labels: list[int], num_classes: int, see
     parameter name, a mask of the elements reset."""
     name, head = output_layer(model, num_classes)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's alone: fork_rng restores only it
         fresh = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
     rows = torch.tensor(sorted(labels))
     reset: dict[str, torch.Tensor] = {}
@@ -177,11 +173,7 @@ def blocks_to_reset(model: nn.Module, cfg: UnlearnConfig) -> int:
 def reset_feature_blocks(model: nn.Module, arch: str, in_channels: int, num_classes: int, n: int, seed: int) -> set[str]:
     """Give the last `n` feature blocks a fresh (seeded) model's parameters and BatchNorm
     statistics; returns the names of the parameters reset."""
-    with torch.random.fork_rng(devices=[]):
-        # not `seed` itself: a model trained with that seed (TrainConfig.seed's default is 0, as is
-        # this one's) would get back its own starting weights, not fresh ones
-        torch.manual_seed(int(np.random.SeedSequence([seed, RESET_BLOCKS_STREAM]).generate_state(1)[0]))
-        fresh = dict(feature_blocks(build_model(arch, in_channels, num_classes)))
+    fresh = dict(feature_blocks(seeded_model(arch, in_channels, num_classes, seed, RESET_BLOCKS_STREAM)))
     reset: set[str] = set()
     for name, block in feature_blocks(model)[-n:]:
         block.load_state_dict(fresh[name].state_dict())
@@ -193,6 +185,14 @@ def resolve_steps(cfg: UnlearnConfig, n_retained: int) -> int:
     if cfg.steps is not None:
         return cfg.steps
     return max(cfg.min_steps, math.ceil(cfg.epochs * n_retained / cfg.batch_size))
+
+
+def epochs_of_retained(cfg: UnlearnConfig, steps: int, n_retained: int, n_synthetic: int) -> float:
+    """How many epochs of the retained data `steps` batches hold: a batch carrying k synthetic
+    samples holds batch_size - k retained ones; a pool shuffled together, its retained share."""
+    k = min(cfg.synthetic_per_batch, n_synthetic)
+    per_batch = cfg.batch_size - k if k else cfg.batch_size * n_retained / max(1, n_retained + n_synthetic)
+    return steps * per_batch / max(1, n_retained)
 
 
 def feature_scrub_loss(feats: torch.Tensor, n_real: int) -> torch.Tensor:
@@ -262,7 +262,7 @@ def unlearning_pass(
         loss = F.cross_entropy(logits.float(), targets)
         if feats is not None:
             loss = loss + cfg.feature_scrub * feature_scrub_loss(feats.float(), len(real))
-        opt.set_lr(scheduled_lr(cfg, lr, step, steps))
+        opt.set_lr(scheduled_lr(cfg.lr_schedule, lr, step, steps))
         opt.step(loss)
         progress("unlearning", step + 1, steps)
     return steps
@@ -363,7 +363,7 @@ def run_uisps(
         blocks_reset=reset_blocks,
         timings=timings,
         steps=steps,  # type: ignore[arg-type]
-        epochs_equivalent=steps * cfg.batch_size / max(1, len(retained.train)),  # type: ignore[operator]
+        epochs_equivalent=epochs_of_retained(cfg, steps, len(retained.train), len(synthetic.x)),  # type: ignore[arg-type]
         inversion_losses=synthetic.final_losses,
         synthetic=synthetic,
     )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.architectures import build_model, validate_arch_name
+from core.architectures import seeded_model, validate_arch_name
 from core.checkpoint import Manifest
 from core.config import TrainConfig, UnlearnConfig
 from core.data import Dataset, retained_data
@@ -35,9 +35,7 @@ def train_model(
         check_labels(exclude, dataset.num_classes)
     c = dataset.input_shape[0]
     mean, std = dataset.channel_stats()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = build_model(arch, c, dataset.num_classes)
+    model = seeded_model(arch, c, dataset.num_classes, config.seed)
     data = dataset.train.without_labels(exclude) if exclude else dataset.train
     train(model, data, Normalizer(mean, std, device), config, dataset.flip, progress)
     manifest = Manifest(

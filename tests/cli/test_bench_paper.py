@@ -125,6 +125,21 @@ def test_resume_refuses_an_earlier_run_with_other_settings(tmp_path, args, messa
     assert (tmp_path / "r" / "paper-raw.jsonl").read_text() == earlier
 
 
+def test_resume_refuses_rows_that_other_code_computed(tmp_path):
+    first = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--experiments", "tune",
+                  cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    meta_file = tmp_path / "r" / "paper-run.json"
+    meta = json.loads(meta_file.read_text())
+    assert len(meta["method_code"]) == 64
+    meta_file.write_text(json.dumps(meta | {"method_code": "0" * 64}))  # as if a method changed since
+    earlier = (tmp_path / "r" / "paper-raw.jsonl").read_text()
+    run = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--experiments", "tune",
+                "--resume", cwd=tmp_path)
+    assert run.returncode == 2 and "the code that computes its rows" in run.stderr and "Traceback" not in run.stderr
+    assert (tmp_path / "r" / "paper-raw.jsonl").read_text() == earlier
+
+
 def test_resume_never_drops_finished_rows(tmp_path):
     first = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--experiments", "tune",
                   "--seeds", "2", cwd=tmp_path)
@@ -292,15 +307,40 @@ def test_the_benchmark_hands_zero_glance_methods_only_retained_data(trained_digi
             assert len(data) == 1 and isinstance(data[0], Split) and torch.isin(data[0].y, forget).all()
 
 
+def test_a_retrain_on_part_of_d_r_is_attacked_with_that_part_as_its_members(trained_digits, tmp_path, monkeypatch):
+    import core.bench_paper
+
+    preset = make_preset("quick", {"relearn_experiments": [], "train": {"epochs": 1}})
+    bench = PaperBench(preset, trained_digits.dataset, CPU, tmp_path, experiments=["retain_fraction"], log=lambda line: None)
+    members_seen = []
+    evaluate = core.bench_paper.evaluate
+
+    def recording(*args, members=None, **kwargs):
+        members_seen.append(members)
+        return evaluate(*args, members=members, **kwargs)
+
+    monkeypatch.setattr(core.bench_paper, "evaluate", recording)
+    (unit,) = [u for u in bench.units("retain_fraction", 0) if u.kind == "retrain" and u.retain_fraction < 1]
+    bench.run_unit(unit)
+    trained_on = bench.retained(unit.forget, unit.retain_fraction, 0).train
+    (members,) = members_seen
+    assert members is not None and torch.equal(members.x, trained_on.x)
+    assert len(members) < len(trained_digits.dataset.train.without_labels(unit.forget))
+
+
 def test_aggregate_means_over_seeds():
     base = {"experiment": "main", "arch": "a", "forget": [0], "method": "m", "setting": "s", "zero_glance": True,
             "probe": 50.0, "probe_balanced": 50.0, "relearn_steps": 10, "relearn_reached": True, "seconds": 1.0,
             "forget_histogram": [1, 2]}
     rows = aggregate([{**base, "seed": 0, "acc_retain": 90.0, "acc_forget": 0.0, "mia": 10.0},
-                      {**base, "seed": 1, "acc_retain": 80.0, "acc_forget": 2.0, "mia": 30.0, "relearn_reached": False}])
+                      {**base, "seed": 1, "acc_retain": 80.0, "acc_forget": 2.0, "mia": 30.0, "relearn_reached": False,
+                       "probe": 60.0, "relearn_steps": 14, "seconds": 3.0}])
     (row,) = rows
     assert row["seeds"] == 2 and row["acc_retain"] == 85.0 and row["mia"] == 20.0
     assert row["acc_retain_std"] == pytest.approx(7.0711, abs=1e-3)
+    assert (row["probe"], row["relearn_steps"], row["seconds"]) == (55.0, 12.0, 2.0)
+    assert row["probe_std"] == pytest.approx(7.0711, abs=1e-3) and row["seconds_std"] == pytest.approx(1.4142, abs=1e-3)
+    assert row["relearn_steps_std"] == pytest.approx(2.8284, abs=1e-3)
     assert row["forget_histogram"] == [2, 4] and row["relearn_capped"] == 1
 
 

@@ -161,3 +161,14 @@ def test_run_uisps_reuses_a_handed_in_inversion_exactly(trained_digits):
     with pytest.raises(ValueError, match="not inverted for these forget labels"):
         run_uisps(copy.deepcopy(trained_digits.model), "smallcnn", retained_data(ds, [3, 5, 7]), [3, 5, 7],
                   m.mean, m.std, cfg, CPU, synthetic=a.synthetic)
+
+
+def test_bad_teacher_gets_the_default_uisps_pass_budget(trained_digits):
+    # a baseline held to a tenth of UISPS's steps would make UISPS look better than it is
+    from core.uisps import resolve_steps
+
+    ds, m = trained_digits.dataset, trained_digits.manifest
+    retained, info = retained_data(ds, FORGET), {}
+    B.bad_teacher(copy.deepcopy(trained_digits.model), "smallcnn", retained, FORGET, m.mean, m.std, CPU, 0,
+                  B.BadTeacherConfig(inversion=TINY_INVERSION, precision="fp32"), info=info)
+    assert info["steps"] == resolve_steps(UnlearnConfig(), len(retained.train)) == 350

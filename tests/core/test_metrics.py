@@ -71,3 +71,33 @@ def test_the_mia_score_is_the_share_of_targets_that_look_like_members() -> None:
     flat = torch.tensor([[0.1, 0.0, 0.0]]).repeat(20, 1)
 
     assert mia_score(sharp, flat, torch.cat([sharp[:3], flat[:1]])) == 75.0
+
+
+
+class Sureness(torch.nn.Module):
+    """Answers the label in pixel 0, as sure as pixel 1 says (on a continuous scale)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        label = (x[:, 0, 0, 0] * 255 / 20).round()
+        sharpness = 0.05 + 10 * x[:, 0, 0, 1].unsqueeze(1)
+        return -sharpness * (label.unsqueeze(1) - torch.arange(CLASSES)).square()
+
+
+def test_the_mia_takes_its_members_from_the_samples_the_model_was_trained_on() -> None:
+    # a Retrain on a fifth of D_r: sure on that fifth, unsure on the rest of D_r (never seen) and on
+    # the test split; the forgotten class's training samples are barely surer than unseen ones
+    retained = torch.arange(4).repeat_interleave(PER_CLASS)
+    labels = torch.cat([retained, torch.full((PER_CLASS,), 4)])
+    seen = torch.cat([torch.arange(len(retained)) % 5 == 0, torch.zeros(PER_CLASS, dtype=torch.bool)])
+    x = torch.zeros(len(labels), 1, 1, 2, dtype=torch.uint8)
+    x[:, 0, 0, 0] = (labels * 20).to(torch.uint8)
+    train = Split(x.clone(), labels)
+    train.x[:, 0, 0, 1] = torch.where(seen, 255, 0)
+    train.x[labels == 4, 0, 0, 1] = 10
+    dataset = Dataset("known", train, Split(x, labels), [str(c) for c in range(CLASSES)], flip=False)
+
+    def mia(members: Split | None) -> float | None:
+        return evaluate(Sureness(), dataset, [4], [0.0], [1.0], torch.device("cpu"), members=members).mia
+
+    assert mia(train.select(seen)) == 0.0  # against what it was trained on, they look unseen
+    assert mia(None) == 100.0  # the unseen part of D_r taught as members drags the attack along

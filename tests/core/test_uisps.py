@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from core.architectures import RELABEL_STREAM, RESET_BLOCKS_STREAM, seeded_model
 from core.config import InversionConfig, UnlearnConfig
 from core.data import retained_data
 from core.device import Normalizer
-from core.metrics import evaluate
 from core.errors import ArchitectureError
+from core.metrics import evaluate
 from core.uisps import (
-    RESET_BLOCKS_STREAM,
     dampen_parameters,
     feature_scrub_loss,
     random_model_soft_labels,
@@ -61,11 +61,10 @@ def test_relabel_without_forgotten_labels_puts_no_mass_on_them_and_keeps_the_res
 
 
 def test_cosine_schedule_starts_at_the_rate_and_decays_to_near_zero_while_constant_stays():
-    cosine = UnlearnConfig(lr_schedule="cosine")
-    rates = [scheduled_lr(cosine, 0.03, step, 100) for step in range(100)]
+    rates = [scheduled_lr("cosine", 0.03, step, 100) for step in range(100)]
     assert rates[0] == 0.03 and rates[-1] < 1e-4
     assert all(a > b for a, b in zip(rates, rates[1:]))
-    assert {scheduled_lr(UnlearnConfig(lr_schedule="constant"), 0.03, step, 100) for step in range(100)} == {0.03}
+    assert {scheduled_lr("constant", 0.03, step, 100) for step in range(100)} == {0.03}
 
 
 def test_the_paper_preset_is_the_literal_pass_and_fields_given_beside_it_win():
@@ -99,6 +98,27 @@ def test_the_pass_follows_the_cosine_schedule_so_its_last_step_barely_moves_the_
         unlearning_pass(model, retained_data(ds, [3]), syn_x, soft, {}, norm, cfg, lr=0.1, progress=snapshot)
         last_move[schedule] = (weights[-1] - weights[-2]).norm().item()
     assert 0 < last_move["cosine"] < 0.1 * last_move["constant"]
+
+
+def test_fresh_models_of_one_seed_are_not_the_originals_starting_weights():
+    # the Original trained with seed 0 starts from seeded_model(seed=0); the relabelling teacher and
+    # the bad teacher's incompetent one, built with the same seed, must be other models
+    from core.baselines import random_model
+
+    x = torch.randn(4, 1, 8, 8)
+    start = seeded_model("smallcnn", 1, 10, seed=0).eval()
+    with torch.no_grad():
+        as_if_start = torch.softmax(start(x), dim=1)
+    assert not torch.allclose(random_model_soft_labels("smallcnn", 1, 10, x, seed=0), as_if_start)
+    incompetent = random_model("smallcnn", 1, 10, 0, torch.device("cpu"))
+    assert not torch.equal(incompetent.body[0][0].weight, start.body[0][0].weight)
+    teacher = seeded_model("smallcnn", 1, 10, 0, RELABEL_STREAM)
+    assert not torch.equal(incompetent.body[0][0].weight, teacher.body[0][0].weight)
+
+
+def test_a_negative_seed_draws_its_streams_too():
+    a, b = (seeded_model("smallcnn", 1, 10, seed=-3, stream=s).body[0][0].weight for s in (None, RESET_BLOCKS_STREAM))
+    assert not torch.equal(a, b)
 
 
 def test_relabel_leaves_the_global_random_state_alone():
@@ -258,8 +278,7 @@ def test_reset_blocks_gives_the_last_blocks_a_fresh_models_weights_and_statistic
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(np.random.SeedSequence([4, RESET_BLOCKS_STREAM]).generate_state(1)[0]))
         fresh = build_model("smallcnn", 1, 10).state_dict()
-        torch.manual_seed(4)
-        initial = build_model("smallcnn", 1, 10).state_dict()
+    initial = seeded_model("smallcnn", 1, 10, seed=4).state_dict()  # what training with seed 4 starts from
     assert not torch.equal(fresh["body.2.0.weight"], initial["body.2.0.weight"])  # not the seed's own init
     assert reset == {"body.2.0.weight", "body.2.1.weight", "body.2.1.bias"}
     for k, v in digits_copy.state_dict().items():
@@ -317,3 +336,12 @@ def test_a_class_the_data_no_longer_holds_is_forgotten_and_reported_unmeasured(t
     # measured on the full data, the unlearned model has forgotten digit 3 all the same
     assert evaluate(result.model, full, [3], trained_digits.manifest.mean, trained_digits.manifest.std,
                     torch.device("cpu")).acc_forget <= 1.0
+
+
+def test_epochs_equivalent_counts_the_retained_samples_a_pass_holds():
+    from core.uisps import epochs_of_retained
+
+    mixed = UnlearnConfig()  # 16 synthetic samples in every batch of 128: 112 retained ones
+    assert epochs_of_retained(mixed, 350, 45_000, 32) == pytest.approx(350 * 112 / 45_000)
+    shuffled_in = UnlearnConfig(preset="paper")  # one pool of retained and synthetic samples
+    assert epochs_of_retained(shuffled_in, 352, 45_000, 32) == pytest.approx(352 * 128 / 45_032)
