@@ -364,7 +364,8 @@ def bench_paper(
         "--order", help="seed: every experiment (in priority order) per seed; experiment: all seeds of one first")] = "seed",
     preset_json: Annotated[str, typer.Option("--preset-json", help="JSON overrides of the preset's fields")] = "{}",
     resume: Annotated[bool, typer.Option(
-        "--resume", help="keep the finished rows of an earlier run with the same settings in --out; run the rest")] = False,
+        "--resume",
+        help="keep the finished rows of an earlier run with the same settings and code in --out; run the rest")] = False,
     model_cache: Annotated[Path | None, typer.Option(
         "--model-cache", help="folder of trained Originals/Retrains reused across runs "
         "(default: $XDG_CACHE_HOME/uisps/bench-models)")] = None,
