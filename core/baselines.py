@@ -541,6 +541,8 @@ def bad_teacher(
     syn_perm = torch.randperm(n_g, generator=gen).to(device)
     syn_offsets = torch.arange(k, device=device)
     aug_gen = torch.Generator(device=device).manual_seed(seed)
+    if cfg.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {cfg.lr_schedule!r}")
     lr = cfg.lr or unlearning_lr(arch)
     opt = MaskedSGD(model, frozen, lr, cfg.momentum, cfg.weight_decay)
     t = cfg.temperature

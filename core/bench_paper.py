@@ -253,8 +253,8 @@ def _training_code() -> str:
 def _method_code() -> str:
     """The digest of the code that computes a row (the methods, their data and the measures): a
     row of other code is another measurement, which a resume must not average with these."""
-    names = ("architectures", "baselines", "config", "data", "device", "fisher", "forgetting_probes", "inversion",
-             "metrics", "training", "uisps", "workflow")
+    names = ("architectures", "baselines", "bench_paper", "config", "data", "device", "fisher", "forgetting_probes",
+             "inversion", "metrics", "training", "uisps", "workflow")
     return code_digest(*(importlib.import_module(f"core.{name}") for name in names))
 
 
@@ -629,10 +629,11 @@ class PaperBench:
             raise ValueError(f"nothing to resume in {self.out} (no paper-run.json and paper-raw.jsonl)")
         earlier, now = json.loads(earlier_meta.read_text()), self._meta(0)
         differs = [k for k in _RESUME_MUST_MATCH if _jsonable_roundtrip(earlier.get(k)) != _jsonable_roundtrip(now[k])]
-        if differs == ["method_code"]:
+        if "method_code" in differs:
+            also = [k for k in differs if k != "method_code"]
             raise ValueError(f"cannot resume {self.out}: the code that computes its rows (methods, data, measures) "
-                             "changed since its earlier run, and its rows would be averaged with other code's; "
-                             "give another --out")
+                             "changed since its earlier run, and its rows would be averaged with other code's"
+                             + (f" (it also used other {', '.join(also)})" if also else "") + "; give another --out")
         if differs:
             raise ValueError(f"cannot resume {self.out}: its earlier run used other {', '.join(differs)}")
         # rows of the seeds below this run's first are kept, not run again

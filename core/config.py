@@ -67,11 +67,12 @@ class UnlearnConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(128, ge=2, le=4096)
-    epochs: float = Field(1.0, gt=0, le=100, description="length of the pass in epochs of the retained data")
+    epochs: float = Field(1.0, gt=0, le=100, description="length of the pass in epochs of the retained data, "
+                          "counted in batches of batch_size (epochs_equivalent reports the retained share)")
     steps: int | None = Field(None, ge=1, le=1_000_000, description="length of the pass in optimiser steps; overrides epochs")
     # A floor under `epochs`: 350 steps, the paper's one epoch of CIFAR-10's 45,000 retained
     # images. Smaller retained sets (the 5,085-image subset's epoch is ~36 steps, digits' 10) do
-    # not forget in one of their epochs; full CIFAR-10 gets its one epoch.
+    # not forget in one of their epochs; full CIFAR-10 gets the paper's 352 steps.
     min_steps: int = Field(350, ge=1, le=1_000_000)
     # How D'_g enters the epoch. 0: shuffled into D_r once (the paper's loop read literally; with
     # 32 synthetic samples among thousands, most batches carry none). k > 0: every batch carries

@@ -84,6 +84,20 @@ def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.d
         yield perm[start : start + batch_size]
 
 
+@contextlib.contextmanager
+def seeded_randomness(seed: int, device: torch.device) -> Iterator[None]:
+    """The global random state (the CPU's, and `device`'s on CUDA) seeded for a block and restored
+    after it: what draws from it (dropout in torchvision models) is reproducible by seed, on the
+    CPU and on CUDA alike, and the caller's state is left alone."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, x: torch.Tensor, normalize: Normalizer, batch_size: int = 512) -> torch.Tensor:
     device = normalize.mean.device

@@ -10,7 +10,7 @@ from torch import nn
 
 from core.config import TrainConfig
 from core.data import Split
-from core.device import Normalizer, augment, autocast, batches, use_bf16
+from core.device import Normalizer, augment, autocast, batches, seeded_randomness, use_bf16
 from core.progress import ProgressFn, no_progress
 
 
@@ -38,19 +38,20 @@ def train(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.15)
     bf16 = use_bf16(config.precision, device)
     step = 0
-    for _ in range(config.epochs):
-        for idx in batches(len(y), config.batch_size, gen, device):
-            if len(idx) < 2:  # BatchNorm cannot train on a single sample
-                continue
-            inputs = normalize(x[idx])
-            if config.augment:
-                inputs = augment(inputs, flip, aug_gen)
-            with autocast(bf16, device):
-                loss = F.cross_entropy(model(inputs), y[idx], label_smoothing=config.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            progress("training", step, total)
+    with seeded_randomness(config.seed, device):  # dropout, in the models that have it
+        for _ in range(config.epochs):
+            for idx in batches(len(y), config.batch_size, gen, device):
+                if len(idx) < 2:  # BatchNorm cannot train on a single sample
+                    continue
+                inputs = normalize(x[idx])
+                if config.augment:
+                    inputs = augment(inputs, flip, aug_gen)
+                with autocast(bf16, device):
+                    loss = F.cross_entropy(model(inputs), y[idx], label_smoothing=config.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                progress("training", step, total)
     return model.eval()

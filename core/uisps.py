@@ -18,7 +18,7 @@ from core.architectures import RELABEL_STREAM, RESET_BLOCKS_STREAM, feature_bloc
 from core.config import UnlearnConfig
 from core.data import RetainedData, Split
 from core.errors import ArchitectureError, UnlearningDiverged
-from core.device import Normalizer, augment, autocast, use_bf16
+from core.device import Normalizer, augment, autocast, seeded_randomness, use_bf16
 from core.fisher import FisherDiag, dampening_scale, fisher_diagonal, frozen_fraction, suppression_mask
 from core.inversion import Synthetic, invert
 from core.progress import ProgressFn, no_progress
@@ -192,7 +192,7 @@ def epochs_of_retained(cfg: UnlearnConfig, steps: int, n_retained: int, n_synthe
     samples holds batch_size - k retained ones; a pool shuffled together, its retained share."""
     k = min(cfg.synthetic_per_batch, n_synthetic)
     per_batch = cfg.batch_size - k if k else cfg.batch_size * n_retained / max(1, n_retained + n_synthetic)
-    return steps * per_batch / max(1, n_retained)
+    return steps * min(per_batch, n_retained) / max(1, n_retained)
 
 
 def feature_scrub_loss(feats: torch.Tensor, n_real: int) -> torch.Tensor:
@@ -240,31 +240,32 @@ def unlearning_pass(
     perm, pos = torch.randperm(pool, generator=gen).to(device), 0
     syn_perm = torch.randperm(n_g, generator=gen).to(device)
     syn_offsets = torch.arange(k, device=device)
-    for step in range(steps):
-        if pos + per_real > pool:
-            perm, pos = torch.randperm(pool, generator=gen).to(device), 0
-        idx = perm[pos : pos + per_real]
-        pos += per_real
-        if k:
-            real, syn = idx, syn_perm[(syn_offsets + step * k) % n_g]
-        else:
-            real, syn = idx[idx < n_r], idx[idx >= n_r] - n_r
-        inputs = normalize(x_r[real])
-        if cfg.augment:
-            inputs = augment(inputs, retained.flip, aug_gen)
-        # scatter, not F.one_hot, which checks its input range with a host sync on CUDA
-        targets = torch.zeros(len(real), retained.num_classes, device=device).scatter_(1, y_r[real, None], 1.0)
-        inputs = torch.cat([inputs, synthetic_x[syn]])
-        targets = torch.cat([targets, synthetic_targets[syn]])
-        with autocast(bf16, device):
-            feats = model.features(inputs) if cfg.feature_scrub else None
-            logits = model(inputs) if feats is None else model.head(feats)
-        loss = F.cross_entropy(logits.float(), targets)
-        if feats is not None:
-            loss = loss + cfg.feature_scrub * feature_scrub_loss(feats.float(), len(real))
-        opt.set_lr(scheduled_lr(cfg.lr_schedule, lr, step, steps))
-        opt.step(loss)
-        progress("unlearning", step + 1, steps)
+    with seeded_randomness(cfg.seed, device):  # dropout, in the models that have it
+        for step in range(steps):
+            if pos + per_real > pool:
+                perm, pos = torch.randperm(pool, generator=gen).to(device), 0
+            idx = perm[pos : pos + per_real]
+            pos += per_real
+            if k:
+                real, syn = idx, syn_perm[(syn_offsets + step * k) % n_g]
+            else:
+                real, syn = idx[idx < n_r], idx[idx >= n_r] - n_r
+            inputs = normalize(x_r[real])
+            if cfg.augment:
+                inputs = augment(inputs, retained.flip, aug_gen)
+            # scatter, not F.one_hot, which checks its input range with a host sync on CUDA
+            targets = torch.zeros(len(real), retained.num_classes, device=device).scatter_(1, y_r[real, None], 1.0)
+            inputs = torch.cat([inputs, synthetic_x[syn]])
+            targets = torch.cat([targets, synthetic_targets[syn]])
+            with autocast(bf16, device):
+                feats = model.features(inputs) if cfg.feature_scrub else None
+                logits = model(inputs) if feats is None else model.head(feats)
+            loss = F.cross_entropy(logits.float(), targets)
+            if feats is not None:
+                loss = loss + cfg.feature_scrub * feature_scrub_loss(feats.float(), len(real))
+            opt.set_lr(scheduled_lr(cfg.lr_schedule, lr, step, steps))
+            opt.step(loss)
+            progress("unlearning", step + 1, steps)
     return steps
 
 

@@ -163,12 +163,17 @@ def test_run_uisps_reuses_a_handed_in_inversion_exactly(trained_digits):
                   m.mean, m.std, cfg, CPU, synthetic=a.synthetic)
 
 
-def test_bad_teacher_gets_the_default_uisps_pass_budget(trained_digits):
-    # a baseline held to a tenth of UISPS's steps would make UISPS look better than it is
+def test_bad_teacher_gets_the_default_uisps_pass_budget(trained_digits, monkeypatch):
+    # a baseline held to a tenth of UISPS's steps, or its rate, would make UISPS look better than it is
+    from core.architectures import unlearning_lr
     from core.uisps import resolve_steps
 
+    rates = []
+    set_lr = B.MaskedSGD.set_lr
+    monkeypatch.setattr(B.MaskedSGD, "set_lr", lambda opt, lr: (rates.append(lr), set_lr(opt, lr))[1])
     ds, m = trained_digits.dataset, trained_digits.manifest
     retained, info = retained_data(ds, FORGET), {}
     B.bad_teacher(copy.deepcopy(trained_digits.model), "smallcnn", retained, FORGET, m.mean, m.std, CPU, 0,
                   B.BadTeacherConfig(inversion=TINY_INVERSION, precision="fp32"), info=info)
-    assert info["steps"] == resolve_steps(UnlearnConfig(), len(retained.train)) == 350
+    assert info["steps"] == resolve_steps(UnlearnConfig(), len(retained.train)) == 350 == len(rates)
+    assert rates[0] == unlearning_lr("smallcnn") and rates[-1] < 1e-3 * rates[0]  # the default pass's cosine

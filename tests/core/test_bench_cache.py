@@ -85,3 +85,20 @@ def test_storing_removes_what_a_killed_run_left_half_written(tmp_path) -> None: 
     TrainedModels(tmp_path, log=lambda _: None).store(RECIPE, _model(1), 1.0)
 
     assert not old.exists() and recent.exists()  # a run storing right now may own the recent one
+
+
+def test_the_code_digest_ignores_comments_and_docstrings_but_not_code(tmp_path) -> None:
+    import importlib.util
+
+    def module(name: str, source: str):  # noqa: ANN202
+        path = tmp_path / f"{name}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("m", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    plain = module("a", 'def f(x):\n    return x + 1\n')
+    annotated = module("b", '"""A module."""\n\ndef f(x):\n    """Adds one."""\n    # why: ...\n    return x + 1  # one\n')
+    changed = module("c", 'def f(x):\n    return x + 2\n')
+    assert code_digest(plain) == code_digest(annotated) != code_digest(changed)

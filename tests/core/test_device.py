@@ -25,3 +25,26 @@ def test_a_gpu_this_machine_lacks_is_a_clear_error() -> None:
 def test_other_names_are_refused(name: str, message: str) -> None:
     with pytest.raises(DeviceUnavailable, match=message):
         pick_device(name)
+
+
+def test_training_with_dropout_is_reproducible_by_its_seed_whatever_the_callers_random_state() -> None:
+    # torchvision models (VGG, MobileNet, EfficientNet) draw their dropout from the global state
+    from core.config import TrainConfig
+    from core.data import Split
+    from core.device import Normalizer
+    from core.training import train
+
+    data = Split(torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8), torch.arange(64) % 2)
+    config = TrainConfig(epochs=2, batch_size=16, precision="fp32", augment=False)
+
+    def trained(caller_seed: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 2))
+        torch.manual_seed(caller_seed)
+        train(model, data, Normalizer([0.5], [0.25], torch.device("cpu")), config, flip=False)
+        after = torch.rand(1)  # the caller's state goes on as if training had drawn nothing
+        torch.manual_seed(caller_seed)
+        assert torch.equal(after, torch.rand(1))
+        return model[2].weight.detach().clone()
+
+    assert torch.equal(trained(1), trained(2))
