@@ -243,20 +243,15 @@ def _commit_result(
     while True:
         try:
             with sessions.begin() as session:
+                # after a lost answer, the earlier commit may have landed: then it is the result
+                landed = deletion_jobs.recorded_state(session, request_id, artifact.sha256) if retried else None
+                if landed is not None:
+                    return landed
                 request = deletion_jobs.complete(
                     session, request_id, artifact=artifact, forgotten_labels=forgotten, metrics=report,
                     attempt=attempt, store=store,
                 )
                 return request.state
-        except JobLost:
-            # The request left `running`: after a lost answer, most likely by our own commit.
-            if not retried:
-                raise
-            with sessions.begin() as session:
-                state = deletion_jobs.recorded_state(session, request_id, artifact.sha256)
-            if state is None:
-                raise
-            return state
         except DATABASE_UNAVAILABLE as exc:
             retried = True
             delay = next(delays, None)
