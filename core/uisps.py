@@ -24,8 +24,6 @@ from core.inversion import Synthetic, invert
 from core.progress import ProgressFn, no_progress
 
 
-
-
 @dataclass
 class UnlearnOutcome:
     model: nn.Module

@@ -73,7 +73,6 @@ def test_the_mia_score_is_the_share_of_targets_that_look_like_members() -> None:
     assert mia_score(sharp, flat, torch.cat([sharp[:3], flat[:1]])) == 75.0
 
 
-
 class Sureness(torch.nn.Module):
     """Answers the label in pixel 0, as sure as pixel 1 says (on a continuous scale)."""
 
