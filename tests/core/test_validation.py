@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core.data import load_dataset
@@ -83,6 +84,25 @@ def test_the_fixed_shape_of_digits_is_what_its_loader_gives() -> None:
     digits = load_dataset("digits")
 
     assert FIXED_DATA_SHAPES["digits"] == (digits.input_shape, digits.num_classes)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """MNIST's idx format: a magic number naming the element type (ubyte) and rank, then each size."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_the_fixed_shape_of_mnist_is_what_its_loader_gives(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"  # where torchvision looks for the files under a root
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+
+    mnist = load_dataset(f"mnist:{tmp_path}")
+
+    assert FIXED_DATA_SHAPES["mnist"] == (mnist.input_shape, mnist.num_classes)
 
 
 @pytest.mark.parametrize(
