@@ -1,13 +1,15 @@
 """Data specs: digits, npz (colour and grayscale), clear errors for the rest."""
 
+import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from core.data import load_dataset
-from core.validation import check_labels
 from core.errors import DataError, InvalidLabels
+from core.validation import check_labels
 
 
 def test_digits_is_a_stratified_uint8_split():
@@ -32,6 +34,35 @@ def test_npz_with_pickled_objects_is_refused(tmp_path):
     np.savez(path, x_train=np.array([object()], dtype=object))
     with pytest.raises(DataError):
         load_dataset(f"npz:{path}")
+
+
+class _WritesAMarker:
+    """Unpickling this runs code: it writes the file it names (what a hostile pickle could do)."""
+
+    def __init__(self, marker):  # noqa: ANN001
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("kind, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+def test_a_cifar_root_of_other_bytes_is_refused_unloaded(tmp_path, kind, folder):
+    """cifar10/cifar100 batches are pickles: a tenant's folder holding its own files under their
+    names must fail the job, not run them (torchvision checks the official md5s before it loads)."""
+    import torchvision.datasets as tvd
+
+    cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
+    root, marker = tmp_path / "data", tmp_path / "ran"
+    (root / folder).mkdir(parents=True)
+    for name, _ in cls.train_list + cls.test_list + [(cls.meta["filename"], None)]:
+        (root / folder / name).write_bytes(pickle.dumps(_WritesAMarker(marker)))
+
+    with pytest.raises(DataError, match="not found"):
+        load_dataset(f"{kind}:{root}")
+    assert not marker.exists()
+    pickle.loads((root / folder / cls.train_list[0][0]).read_bytes())  # the files would have run
+    assert marker.exists()
 
 
 def _npz(path, x_train, y_train, x_test, y_test, classes=("a", "b")):  # noqa: ANN001, ANN202
