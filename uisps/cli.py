@@ -324,7 +324,7 @@ def demo(
     home: Annotated[Path | None, typer.Option("--home", help="UISPS_HOME to use (default: a fresh temporary folder)")] = None,
     forget: Annotated[int, typer.Option("--forget", help="the digit to forget")] = 3,
     fast: Annotated[bool, typer.Option("--fast", help="tiny hyperparameters instead of the defaults")] = False,
-    keep: Annotated[bool, typer.Option("--keep", help="keep the temporary UISPS_HOME")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="keep the temporary UISPS_HOME (a failed run keeps it anyway)")] = False,
 ) -> None:
     """Train, register, forget one digit over HTTP, download, verify and evaluate; then stop."""
     from uisps.demo import run_demo

@@ -92,6 +92,7 @@ def run_demo(
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "demo-server.log"
     err_console.print(f"[dim]UISPS_HOME={home} (server log: {log_path})[/dim]")
+    succeeded = False
     try:
         with log_path.open("ab") as log, LocalService(home, log=log) as service:
             # Train while the API and the worker start.
@@ -108,10 +109,14 @@ def run_demo(
                 UispsClient(service.url, api_key=admin_key) as admin,
                 UispsClient(service.url, api_key=compliance_key) as compliance,
             ):
-                return _flow(admin, compliance, checkpoint, forget, fast, console, err_console, service.alive)
+                result = _flow(admin, compliance, checkpoint, forget, fast, console, err_console, service.alive)
+                succeeded = True
+                return result
     finally:
-        if temporary and not keep:
+        if temporary and not keep and succeeded:
             shutil.rmtree(home, ignore_errors=True)
+        elif temporary and not keep:  # the error is one line; the log with the rest must outlive the run
+            err_console.print(f"kept UISPS_HOME={home} for its server log {log_path}")
 
 
 def _flow(

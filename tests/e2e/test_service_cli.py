@@ -67,3 +67,16 @@ def test_the_demo_forgets_a_digit_end_to_end(tmp_path: Path) -> None:
     assert "version 1 checkpoint purged at" in result.stdout  # v1 still knew digit 7
     kept = [path for path in (home / "artifacts").rglob("*") if path.is_file()]
     assert len(kept) == 1 and result.stdout.count(kept[0].name) == 1  # --home keeps version 2 only
+
+
+def test_a_failed_demo_keeps_its_temporary_home_for_the_server_log(tmp_path: Path) -> None:
+    # An operator's setting the flow cannot work under: the checkpoint upload is refused (413).
+    env = service_env(tmp_path / "unused", SINGLE_THREAD_ENV) | {"UISPS_MAX_UPLOAD_BYTES": "1024", "TMPDIR": str(tmp_path)}
+    env.pop("UISPS_HOME")
+    result = subprocess.run([sys.executable, "-m", "uisps", "demo", "--fast"], env=env, capture_output=True, text=True,
+                            timeout=300)
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    kept = [path for path in tmp_path.iterdir() if path.name.startswith("uisps-demo-")]
+    assert len(kept) == 1 and f"kept UISPS_HOME={kept[0]}" in result.stderr.replace("\n", "")
+    assert (kept[0] / "demo-server.log").is_file()
