@@ -7,6 +7,8 @@ torchvision loaders read a local root only.
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +135,7 @@ def _npz(spec: str, path: Path) -> Dataset:
             arrays = {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise DataError(f"data file not found: {path}") from None
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # a damaged or truncated archive
         raise DataError(f"cannot read {path} as .npz: {exc}") from None
     except TypeError:  # np.load gave one array (no context manager): a .npy file, not an archive
         raise DataError(f"{path} is a single .npy array, not an .npz archive of arrays") from None
@@ -179,11 +181,21 @@ def _imagefolder(spec: str, root: Path) -> Dataset:
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
+    def rgb(path: str) -> np.ndarray:
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))
+        except (OSError, Image.DecompressionBombError) as exc:  # not an image, a truncated one, a bomb
+            raise DataError(f"cannot read {path} as an image: {exc}") from None
+
     def load(sub: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if not (root / sub).is_dir():
             raise DataError(f"imagefolder needs {root / sub}/<class>/<image> folders")
-        folder = ImageFolder(str(root / sub))
-        images = [np.asarray(Image.open(p).convert("RGB")) for p, _ in folder.samples]
+        try:
+            folder = ImageFolder(str(root / sub))
+        except FileNotFoundError as exc:  # a class folder without images, or no class folder
+            raise DataError(f"{root / sub}: {exc}") from None
+        images = [rgb(path) for path, _ in folder.samples]
         if len({im.shape for im in images}) > 1:
             raise DataError(f"images under {root / sub} differ in size; resize them to one size first")
         return np.stack(images), np.asarray(folder.targets), folder.classes

@@ -80,6 +80,10 @@ def test_npz_files_that_cannot_make_a_dataset_are_clear_errors(tmp_path):
         "labels from 0 to 2": _npz(tmp_path / "many.npz", images, labels, images, np.array([0, 1, 2, 1])),
         "labels from -1 to 1": _npz(tmp_path / "negative.npz", images, np.array([-1, 1, 0, 1]), images, labels),
     }
+    whole = Path(_npz(tmp_path / "whole.npz", images, labels, images, labels)[4:]).read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])  # a copy that stopped half-way
+    (tmp_path / "damaged.npz").write_bytes(b"PK\x03\x04" + bytes(100))  # a zip's signature, no zip
+    cases |= {"cannot read " + str(tmp_path / name): "npz:" + str(tmp_path / name) for name in ("cut.npz", "damaged.npz")}
     for message, spec in cases.items():
         with pytest.raises(DataError, match=re.escape(message)):
             load_dataset(spec)
@@ -112,6 +116,30 @@ def test_imagefolder_reads_train_and_test_class_folders(tmp_path):
     ds = load_dataset(f"imagefolder:{tmp_path}")
     assert ds.classes == ["cat", "dog"] and ds.input_shape == (3, 5, 6)
     assert len(ds.train) == 6 and ds.train.y.tolist().count(1) == 3
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("a class folder without images", "Found no valid file for the classes dog"),
+    ("a file that is not an image", "cannot read {bad} as an image"),
+    ("an image cut short", "cannot read {bad} as an image"),
+])
+def test_imagefolder_files_that_cannot_make_a_dataset_are_clear_errors(tmp_path, damage, message):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (6, 5)).save(tmp_path / split / cls / "0.png")
+    bad = tmp_path / "train" / "dog" / "0.png"
+    if damage == "a class folder without images":
+        bad.unlink()
+    elif damage == "a file that is not an image":
+        bad.write_bytes(b"not a picture")
+    else:
+        bad.write_bytes(bad.read_bytes()[:40])
+
+    with pytest.raises(DataError, match=re.escape(message.format(bad=bad))):
+        load_dataset(f"imagefolder:{tmp_path}")
 
 
 def test_the_shared_cifar10_subset_loads_as_colour_images():

@@ -143,6 +143,18 @@ def test_bad_input_fails_at_once_with_its_code(worker_env, digits_checkpoint: by
     assert _actions(worker_env, request_id)[-1] == "deletion_request.failed"
 
 
+def test_a_damaged_data_file_fails_at_once_as_bad_data_not_after_retries(worker_env, digits_checkpoint: bytes, tmp_path) -> None:  # noqa: ANN001
+    damaged = tmp_path / "cut.npz"
+    damaged.write_bytes(b"PK\x03\x04" + bytes(100))  # what a copy that stopped early can leave
+    request_id = worker_env.new_request(digits_checkpoint, [1], data_source=f"npz:{damaged}")
+
+    assert _run(request_id) == "failed"
+
+    request = _request(worker_env, request_id)
+    assert request.attempts == 1 and request.error["code"] == "invalid_data"
+    assert request.error["message"].startswith(f"cannot read {damaged} as .npz")
+
+
 def test_a_data_source_outside_the_workers_roots_is_not_read(
     worker_env, digits_checkpoint: bytes, tmp_path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
 ) -> None:
