@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from api.models.schemas import ModelCreate
 from api_helpers import assert_problem, make_keys, unique_name
 from core.db import IdempotencyKey, utcnow
+from core.services.errors import IdempotencyKeyInUse
 from core.services.idempotency.service import fingerprint, idempotency_service
 
 
@@ -64,6 +65,29 @@ def test_a_duplicate_while_the_first_is_in_flight_is_409(client: TestClient, mod
     assert_problem(duplicate, 409, "idempotency_key_in_use", "still being processed")
     assert duplicate.headers["retry-after"] == "1"
     assert _models_named(client, model_spec["name"]) == []
+
+
+def test_a_request_whose_key_was_taken_over_cannot_store_its_response(
+    client: TestClient, model_spec: dict[str, Any]
+) -> None:
+    app = client.app
+    keys = make_keys(app.state.sessions)
+    claim = {
+        "tenant_id": "default", "api_key_id": keys.ids["admin"], "key": "slow", "ttl_s": 3600,
+        "fingerprint": fingerprint("POST", "/models", ModelCreate(**model_spec).model_dump(mode="json")),
+    }
+    first = idempotency_service.begin(app.state.sessions, **claim, lock_s=600)  # a request still running...
+    with app.state.sessions.begin() as session:  # ...past the lock, so the client's retry takes the key over
+        session.execute(update(IdempotencyKey).where(IdempotencyKey.id == first).values(
+            created_at=utcnow() - timedelta(seconds=601)))
+    retry = client.post("/models", json=model_spec, headers={**keys.header("admin"), **_key("slow")})
+    assert retry.status_code == 201
+
+    with app.state.sessions() as session, pytest.raises(IdempotencyKeyInUse, match="took it over"):
+        idempotency_service.complete(session, first, status=201, body={"id": "a second model"}, headers={})
+
+    replayed = client.post("/models", json=model_spec, headers={**keys.header("admin"), **_key("slow")})
+    assert replayed.json() == retry.json() and replayed.headers["idempotent-replayed"] == "true"
 
 
 def test_a_failed_request_releases_its_key(client: TestClient, registered_model) -> None:  # noqa: ANN001

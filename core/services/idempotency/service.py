@@ -4,7 +4,8 @@ The first request with a key records it as *in flight* in a transaction of its o
 concurrent duplicate sees it at once (409). The request's result is written into the same record
 inside the request's own transaction, so the resource and the response to replay commit together:
 either both exist or neither does. A request that fails releases its key (the client may retry
-with it); a key whose request died without releasing it is taken over after `lock_s`.
+with it); a key whose request died without releasing it is taken over after `lock_s`, and a
+request that was only slow then finds its claim gone and must not commit (`complete` raises).
 
 Keys are scoped to a tenant and an API key, kept `ttl_s` (24 h by default) and purged after.
 """
@@ -113,10 +114,15 @@ class IdempotencyService:
     def complete(
         self, session: Session, record_id: str, *, status: int, body: dict[str, Any], headers: dict[str, str]
     ) -> None:
-        """Store the response, in the transaction that made the resource (the caller commits)."""
-        session.execute(
+        """Store the response, in the transaction that made the resource (the caller commits).
+
+        Raises IdempotencyKeyInUse when this request's claim is gone: it ran past `lock_s` and a
+        retry with the same key took the key over. The caller's transaction must then roll back,
+        or the key would have made two resources (the retry's response is the one to replay).
+        """
+        stored = session.execute(
             update(IdempotencyKey)
-            .where(IdempotencyKey.id == record_id)
+            .where(IdempotencyKey.id == record_id, IdempotencyKey.state == IdempotencyState.IN_FLIGHT.value)
             .values(
                 state=IdempotencyState.COMPLETED.value,
                 response_status=status,
@@ -124,6 +130,11 @@ class IdempotencyService:
                 response_headers=headers,
             )
         )
+        if stored.rowcount != 1:
+            raise IdempotencyKeyInUse(
+                "this request ran longer than its Idempotency-Key is held, and a retry with the same key took "
+                "it over; nothing was created by this one: retry shortly to get that request's response"
+            )
 
     def release(self, sessions: sessionmaker[Session], record_id: str) -> None:
         """Forget an in-flight key whose request failed, so the client can retry with it."""
