@@ -14,7 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import torch
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.5
 MAX_RETRY_DELAY_S = 300
 COMMIT_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)  # 15 s in all, well inside the lease the heartbeat keeps
+T = TypeVar("T")
 ERROR_MESSAGE_LIMIT = 1000
 
 # Share of the overall progress each phase takes (roughly its share of the wall time on a GPU).
@@ -188,77 +190,100 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
         logger.info("deletion request %s %s", request_id, status)
         return RunOutcome(status)
     except JobCancelled:
-        with sessions.begin() as session:
-            deletion_jobs.cancelled(session, request_id, attempt=job.attempt)
+        try:
+            _record_through_outage(sessions, request_id, "cancel",
+                                   partial(deletion_jobs.cancelled, request_id=request_id, attempt=job.attempt))
+        except JobLost:  # taken over meanwhile, or an earlier try's answer was lost
+            return RunOutcome("lost")
         return RunOutcome("cancelled")
     except JobLost:
         logger.warning("deletion request %s was finished or re-claimed elsewhere; dropping this run", request_id)
         return RunOutcome("lost")
     except UisError as exc:
         # The input is at fault (labels, checkpoint, data): running it again cannot help.
-        with sessions.begin() as session:
-            deletion_jobs.fail(session, request_id, code=exc.code, message=str(exc), attempt=job.attempt)
+        _record_through_outage(sessions, request_id, "failure", partial(
+            deletion_jobs.fail, request_id=request_id, code=exc.code, message=str(exc), attempt=job.attempt))
         return RunOutcome("failed")
     except Exception as exc:
         logger.exception("deletion request %s, attempt %d, failed", request_id, job.attempt)
-        outage = is_store_outage(exc)
-        # retried all the same (a missing file may come back with a restore), but named for the
-        # operator who must act
-        code = ArtifactMissing.code if isinstance(exc, ArtifactNotFound) else "internal_error"
-        code = STORE_UNAVAILABLE if outage else code
-        message = client_message(exc, code, request_id, job.attempt)
         try:
-            with sessions.begin() as session:
-                if outage:
-                    since = deletion_jobs.outage_since(session, request_id, STORE_UNAVAILABLE)
-                    if since is not None and (utcnow() - since).total_seconds() > settings.store_outage_max_s:
-                        outage = False  # long enough: now it counts, and the request fails in the end
-                # An outage never uses up the request's attempts (a MinIO restart would otherwise
-                # fail every request running through it): it is retried, paced, until it is over.
-                if outage or job.attempt < settings.max_attempts:
-                    if not deletion_jobs.retry_later(
-                        session, request_id, code=code, message=message, attempt=job.attempt, give_back=outage
-                    ):
-                        return RunOutcome("cancelled")
-                    step = retries if outage else job.attempt - 1
-                    return RunOutcome("retrying", retry_in_s=min(MAX_RETRY_DELAY_S, 5.0 * 2 ** min(step, 10)))
-                if not deletion_jobs.fail(
-                    session, request_id, code=code, message=message, attempt=job.attempt, cancel_wins=True
-                ):
-                    return RunOutcome("cancelled")
+            return _record_through_outage(sessions, request_id, "failure", partial(
+                _record_failure, request_id=request_id, job=job, exc=exc, settings=settings, retries=retries))
         except JobLost:
             return RunOutcome("lost")
-        return RunOutcome("failed")
+
+
+def _record_failure(
+    session: Session, request_id: str, job: JobInput, exc: Exception, settings: Settings, retries: int
+) -> RunOutcome:
+    """Queue the request again, or fail it once its attempts are used up; an outage of the
+    artifact store is retried, paced, without using them up."""
+    outage = is_store_outage(exc)
+    # retried all the same (a missing file may come back with a restore), but named for the
+    # operator who must act
+    code = ArtifactMissing.code if isinstance(exc, ArtifactNotFound) else "internal_error"
+    code = STORE_UNAVAILABLE if outage else code
+    message = client_message(exc, code, request_id, job.attempt)
+    if outage:
+        since = deletion_jobs.outage_since(session, request_id, STORE_UNAVAILABLE)
+        if since is not None and (utcnow() - since).total_seconds() > settings.store_outage_max_s:
+            outage = False  # long enough: now it counts, and the request fails in the end
+    # An outage never uses up the request's attempts (a MinIO restart would otherwise fail every
+    # request running through it): it is retried, paced, until it is over.
+    if outage or job.attempt < settings.max_attempts:
+        if not deletion_jobs.retry_later(
+            session, request_id, code=code, message=message, attempt=job.attempt, give_back=outage
+        ):
+            return RunOutcome("cancelled")
+        step = retries if outage else job.attempt - 1
+        return RunOutcome("retrying", retry_in_s=min(MAX_RETRY_DELAY_S, 5.0 * 2 ** min(step, 10)))
+    if not deletion_jobs.fail(session, request_id, code=code, message=message, attempt=job.attempt, cancel_wins=True):
+        return RunOutcome("cancelled")
+    return RunOutcome("failed")
+
+
+def _record_through_outage(
+    sessions: sessionmaker[Session], request_id: str, what: str, write: Callable[[Session], T]
+) -> T:
+    """`write` in a transaction of its own, tried again through a short database outage: what a
+    job's end records took the job to learn, and without it the request would wait out its lease
+    to be run again. A try whose commit landed but whose answer was lost is followed by another:
+    each `write` must see that and not record twice."""
+    delays = iter(COMMIT_RETRY_DELAYS_S)
+    while True:
+        try:
+            with sessions.begin() as session:
+                return write(session)
+        except DATABASE_UNAVAILABLE as exc:
+            delay = next(delays, None)
+            if delay is None:
+                raise
+            logger.warning("%s of %s not recorded (%s); trying again in %g s", what, request_id, type(exc).__name__, delay)
+            time.sleep(delay)
 
 
 def _commit_result(
     sessions: sessionmaker[Session], request_id: str, attempt: int, artifact: StoredArtifact,
     forgotten: list[int], report: dict[str, Any], store: ArtifactStore,
 ) -> str:
-    """Record the new version; the request's state after. Tried again through a short database
-    outage: what it records took the whole job to compute, and the stored file is already there.
-    A commit that landed but whose answer was lost is recognised by its version's bytes."""
-    delays = iter(COMMIT_RETRY_DELAYS_S)
-    retried = False
-    while True:
-        try:
-            with sessions.begin() as session:
-                # after a lost answer, the earlier commit may have landed: then it is the result
-                landed = deletion_jobs.recorded_state(session, request_id, artifact.sha256) if retried else None
-                if landed is not None:
-                    return landed
-                request = deletion_jobs.complete(
-                    session, request_id, artifact=artifact, forgotten_labels=forgotten, metrics=report,
-                    attempt=attempt, store=store,
-                )
-                return request.state
-        except DATABASE_UNAVAILABLE as exc:
-            retried = True
-            delay = next(delays, None)
-            if delay is None:
-                raise
-            logger.warning("result of %s not recorded (%s); trying again in %g s", request_id, type(exc).__name__, delay)
-            time.sleep(delay)
+    """Record the new version; the request's state after. The stored file is already there; a
+    commit that landed but whose answer was lost is recognised by its version's bytes."""
+    tried = False
+
+    def record(session: Session) -> str:
+        nonlocal tried
+        # after a lost answer, the earlier commit may have landed: then it is the result
+        landed = deletion_jobs.recorded_state(session, request_id, artifact.sha256) if tried else None
+        tried = True
+        if landed is not None:
+            return landed
+        request = deletion_jobs.complete(
+            session, request_id, artifact=artifact, forgotten_labels=forgotten, metrics=report,
+            attempt=attempt, store=store,
+        )
+        return request.state
+
+    return _record_through_outage(sessions, request_id, "result", record)
 
 
 def _progress_writer(

@@ -330,6 +330,39 @@ def test_a_result_commit_whose_answer_was_lost_counts_as_succeeded(
     assert (request.state, request.attempts, request.result_version) == ("succeeded", 1, 2)
 
 
+@pytest.mark.parametrize("landed", [False, True], ids=["lost before the commit", "answer lost after it"])
+def test_a_failure_recorded_through_a_database_blip_is_recorded_once(
+    worker_env, digits_checkpoint: bytes, tmp_path, monkeypatch: pytest.MonkeyPatch, landed: bool  # noqa: ANN001
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from worker.jobs import run_job
+
+    fail = deletion_jobs.fail
+    tries = 0
+
+    def blip_once(session, request_id, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            if landed:
+                with worker_env.sessions.begin() as own:
+                    fail(own, request_id, **kwargs)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+        return fail(session, request_id, **kwargs)
+
+    monkeypatch.setattr(deletion_jobs, "fail", blip_once)
+    monkeypatch.setattr("worker.jobs.COMMIT_RETRY_DELAYS_S", (0.01,))
+    request_id = worker_env.new_request(digits_checkpoint, [1], data_source=f"npz:{tmp_path / 'gone.npz'}")
+
+    outcome = run_job(request_id, worker_env.settings)
+
+    request = _request(worker_env, request_id)
+    assert tries == 2 and outcome.status == "failed"  # not left running until its lease runs out
+    assert (request.state, request.attempts, request.error["code"]) == ("failed", 1, "invalid_data")
+    assert _actions(worker_env, request_id).count("deletion_request.failed") == 1
+
+
 def test_a_cancel_asked_before_the_last_attempt_fails_is_honoured(
     worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
 ) -> None:
