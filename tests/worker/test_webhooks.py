@@ -328,6 +328,34 @@ def test_an_attempt_whose_sender_died_is_closed_and_tried_again(webhook_env, rec
     assert attempts[0].error.startswith("sender_lost") and attempts[0].finished_at is not None
 
 
+def test_a_delivery_another_sender_claims_meanwhile_is_left_to_it(
+    webhook_env, receiver, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    if webhook_env.settings.effective_database_url.startswith("sqlite"):
+        pytest.skip("SQLite lets one writer in at a time (begin_write): two senders cannot interleave there")
+    from core.services.webhooks.service import WebhookService, webhook_service
+
+    request_id = webhook_env.new_request(digits_checkpoint, [2], callback_url=receiver.url())
+    _cancel(webhook_env, request_id)
+    candidates, other = WebhookService._candidates, []
+
+    def another_sender_claims_between(self, session, query):  # noqa: ANN001, ANN202
+        ids = candidates(self, session, query)  # this sender has seen the delivery due...
+        if not other:
+            other.append("running")
+            with webhook_env.sessions.begin() as own:  # ...and another sender claims it first
+                other[:] = webhook_service.claim_due(own, settings=webhook_env.settings)
+        return ids
+
+    monkeypatch.setattr(WebhookService, "_candidates", another_sender_claims_between)
+    with webhook_env.sessions.begin() as session:
+        mine = webhook_service.claim_due(session, settings=webhook_env.settings)
+
+    delivery, attempts = _delivery(webhook_env, request_id)
+    assert [d.id for d in other] == [delivery.id] and mine == []
+    assert delivery.attempts == 1 and [(a.attempt, a.finished_at, a.error) for a in attempts] == [(1, None, None)]
+
+
 def _running_sender(env, monkeypatch: pytest.MonkeyPatch, timeout_s: float) -> WebhookSender:  # noqa: ANN001
     """The sender's thread, polling every 50 ms, with attempts of `timeout_s` at most."""
     monkeypatch.setenv("UISPS_WEBHOOK_TIMEOUT_S", str(timeout_s))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.db import (
@@ -109,35 +109,36 @@ class WebhookService:
             .subquery()
         )
         place = candidates.c.turn + func.coalesce(in_flight.c.n, 0)
-        rows = session.execute(
-            select(candidates.c.id, candidates.c.attempts)
-            .outerjoin(in_flight, in_flight.c.tenant_id == candidates.c.tenant_id)
-            .order_by(place, candidates.c.next_attempt_at)
-            .limit(limit)
-        ).all()
+        ids = self._candidates(session, select(candidates.c.id)
+                               .outerjoin(in_flight, in_flight.c.tenant_id == candidates.c.tenant_id)
+                               .order_by(place, candidates.c.next_attempt_at)
+                               .limit(limit))
         claimed: list[DueDelivery] = []
-        for row in rows:
-            self._close_lost_attempts(session, row.id, now)
-            if row.attempts >= settings.webhook_max_attempts:
-                delivery = session.get(WebhookDelivery, row.id, populate_existing=True)
-                assert delivery is not None
+        for delivery_id in ids:
+            # Locked, and due still: another sender may have claimed or finished it since the
+            # query above (then it is skipped, its attempt left alone, its end recorded once).
+            delivery = session.scalar(
+                select(WebhookDelivery).where(WebhookDelivery.id == delivery_id, due)
+                .with_for_update(skip_locked=True).execution_options(populate_existing=True)
+            )
+            if delivery is None:
+                continue
+            self._close_lost_attempts(session, delivery.id, now)
+            if delivery.attempts >= settings.webhook_max_attempts:
                 self._finish(session, delivery, WebhookDeliveryState.FAILED, now)
                 continue
-            won = session.execute(
-                update(_deliveries)
-                .where(_deliveries.c.id == row.id, _deliveries.c.attempts == row.attempts, due)
-                .values(attempts=row.attempts + 1, lease_expires_at=lease_until, last_attempt_at=now)
-            ).rowcount
-            if won != 1:
-                continue
-            session.add(WebhookDeliveryAttempt(delivery_id=row.id, attempt=row.attempts + 1, started_at=now))
-            delivery = session.get(WebhookDelivery, row.id, populate_existing=True)
-            assert delivery is not None
+            delivery.attempts += 1
+            delivery.lease_expires_at, delivery.last_attempt_at = lease_until, now
+            session.add(WebhookDeliveryAttempt(delivery_id=delivery.id, attempt=delivery.attempts, started_at=now))
             claimed.append(DueDelivery(delivery.id, delivery.tenant_id, delivery.url, delivery.payload, delivery.attempts))
         session.flush()
         states = secret_states(session, {delivery.tenant_id for delivery in claimed})
         return [replace(delivery, secret_generations=states[delivery.tenant_id].signing_generations(now))
                 for delivery in claimed]
+
+    def _candidates(self, session: Session, query: Select[tuple[str]]) -> list[str]:
+        """The ids of the deliveries to try to claim, best first."""
+        return list(session.scalars(query))
 
     def record_result(self, session: Session, due: DueDelivery, result: AttemptResult, *, settings: Settings) -> None:
         """Record what attempt `due.attempt` got, and decide: delivered, try again later, or failed."""
