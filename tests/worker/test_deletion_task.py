@@ -299,34 +299,39 @@ def test_a_database_blip_as_the_result_is_committed_does_not_throw_the_job_away(
     assert (request.state, request.attempts, request.result_version) == ("succeeded", 1, 2)
 
 
+def _database_blip_once(env, monkeypatch: pytest.MonkeyPatch, method: str, *, landed: bool) -> list[int]:  # noqa: ANN001
+    """`deletion_jobs.<method>`'s first call fails as a dropped connection does: before its commit,
+    or (`landed`) after it, its answer lost. The list counts the calls."""
+    from sqlalchemy.exc import OperationalError
+
+    real, calls = getattr(deletion_jobs, method), [0]
+
+    def blip_once(session, request_id, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        calls[0] += 1
+        if calls[0] > 1:
+            return real(session, request_id, **kwargs)
+        if landed:
+            with env.sessions.begin() as own:
+                real(own, request_id, **kwargs)
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(deletion_jobs, method, blip_once)
+    monkeypatch.setattr("worker.jobs.COMMIT_RETRY_DELAYS_S", (0.01,))
+    return calls
+
+
 def test_a_result_commit_whose_answer_was_lost_counts_as_succeeded(
     worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
 ) -> None:
-    from sqlalchemy.exc import OperationalError
-
     from worker.jobs import run_job
 
-    complete = deletion_jobs.complete
-    tries = 0
-
-    def commit_then_lose_the_answer(session, request_id, **kwargs):  # noqa: ANN001, ANN003, ANN202
-        nonlocal tries
-        tries += 1
-        if tries == 1:
-            with worker_env.sessions.begin() as own:  # the commit lands ...
-                complete(own, request_id, **kwargs)
-            # ... and the connection drops before its answer comes back
-            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
-        return complete(session, request_id, **kwargs)
-
-    monkeypatch.setattr(deletion_jobs, "complete", commit_then_lose_the_answer)
-    monkeypatch.setattr("worker.jobs.COMMIT_RETRY_DELAYS_S", (0.01,))
+    calls = _database_blip_once(worker_env, monkeypatch, "complete", landed=True)
     request_id = worker_env.new_request(digits_checkpoint, [1])
 
     outcome = run_job(request_id, worker_env.settings.model_copy(update={"max_attempts": 1}))
 
     request = _request(worker_env, request_id)
-    assert tries == 1 and outcome.status == "succeeded"  # recognised, not committed twice
+    assert calls == [1] and outcome.status == "succeeded"  # recognised, not committed twice
     assert (request.state, request.attempts, request.result_version) == ("succeeded", 1, 2)
 
 
@@ -334,31 +339,15 @@ def test_a_result_commit_whose_answer_was_lost_counts_as_succeeded(
 def test_a_failure_recorded_through_a_database_blip_is_recorded_once(
     worker_env, digits_checkpoint: bytes, tmp_path, monkeypatch: pytest.MonkeyPatch, landed: bool  # noqa: ANN001
 ) -> None:
-    from sqlalchemy.exc import OperationalError
-
     from worker.jobs import run_job
 
-    fail = deletion_jobs.fail
-    tries = 0
-
-    def blip_once(session, request_id, **kwargs):  # noqa: ANN001, ANN003, ANN202
-        nonlocal tries
-        tries += 1
-        if tries == 1:
-            if landed:
-                with worker_env.sessions.begin() as own:
-                    fail(own, request_id, **kwargs)
-            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
-        return fail(session, request_id, **kwargs)
-
-    monkeypatch.setattr(deletion_jobs, "fail", blip_once)
-    monkeypatch.setattr("worker.jobs.COMMIT_RETRY_DELAYS_S", (0.01,))
+    calls = _database_blip_once(worker_env, monkeypatch, "fail", landed=landed)
     request_id = worker_env.new_request(digits_checkpoint, [1], data_source=f"npz:{tmp_path / 'gone.npz'}")
 
     outcome = run_job(request_id, worker_env.settings)
 
     request = _request(worker_env, request_id)
-    assert tries == 2 and outcome.status == "failed"  # not left running until its lease runs out
+    assert calls == [2] and outcome.status == "failed"  # not left running until its lease runs out
     assert (request.state, request.attempts, request.error["code"]) == ("failed", 1, "invalid_data")
     assert _actions(worker_env, request_id).count("deletion_request.failed") == 1
 
