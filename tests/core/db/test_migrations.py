@@ -184,6 +184,45 @@ def test_a_purge_survives_a_downgrade_past_0006_and_an_upgrade_again(empty_db: s
         downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
 
 
+def test_a_coalesced_request_keeps_its_version_through_a_downgrade_past_0004_and_an_upgrade_again(
+    empty_db: str,
+) -> None:
+    upgrade(empty_db)
+    engine = make_engine(empty_db)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            now = {"now": utcnow()}
+            session.execute(text(
+                "INSERT INTO models (id, tenant_id, name, architecture, arch_kwargs, num_classes, class_names,"
+                " input_shape, mean, std, data_source, created_at) VALUES ('m1', 'default', 'm', 'smallcnn',"
+                " '{}', 10, '[]', '[1, 8, 8]', '[0]', '[1]', 'digits', :now)"), now)
+            for request, into in (("r1", None), ("r2", "r1")):  # r2 rode along in r1's job
+                session.execute(text(
+                    "INSERT INTO deletion_requests (id, tenant_id, model_id, forget_labels, base_version, params, state,"
+                    " coalesced_into, created_at, updated_at) VALUES (:id, 'default', 'm1', '[3]', 1, '{}',"
+                    " 'succeeded', :into, :now, :now)"), {"id": request, "into": into, **now})
+            session.execute(text(
+                "INSERT INTO model_versions (id, tenant_id, model_id, version, artifact_key, sha256, size_bytes,"
+                " parent_version, forgotten_labels, deletion_request_id, created_at) VALUES ('v2', 'default', 'm1',"
+                " 2, 'k', :sha, 1, 1, '[3]', 'r1', :now)"), {"sha": "0" * 64, **now})
+            session.execute(text("INSERT INTO model_version_requests (deletion_request_id, model_version_id)"
+                                 " VALUES ('r1', 'v2'), ('r2', 'v2')"))
+            record_event(session, tenant_id="default", actor="worker", action="model_version.created",
+                         subject_type="model_version", subject_id="v2", model_id="m1",
+                         details={"version": 2, "deletion_request_id": "r1", "deletion_request_ids": ["r1", "r2"]})
+
+        downgrade(empty_db, "0003")
+        upgrade(empty_db)
+
+        with engine.connect() as connection:
+            links = dict(connection.execute(text("SELECT deletion_request_id, model_version_id FROM model_version_requests")).all())
+            into = dict(connection.execute(text("SELECT id, coalesced_into FROM deletion_requests")).all())
+        assert links == {"r1": "v2", "r2": "v2"} and into == {"r1": None, "r2": "r1"}
+    finally:
+        engine.dispose()
+        downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
+
+
 def test_an_upgrade_waits_for_one_in_progress(own_pg_database: str) -> None:
     # A migrate job and an API starting together (or two deploys): the second must wait, then
     # find the schema at head. The test holds the lock an upgrade takes, as a first upgrade would.
