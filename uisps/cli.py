@@ -758,7 +758,7 @@ def certificate_verify(
     settings = get_settings()
     try:
         key = load_public_key_pem(public_key.read_bytes()) if public_key is not None else None
-        text = file.read_text()
+        text = file.read_bytes().decode("utf-8")  # what the service sends, whatever this machine's locale
     except UnicodeDecodeError:
         typer.echo(f"error: {file} is not a certificate (not UTF-8 text)", err=True)
         raise typer.Exit(2) from None

@@ -4,6 +4,9 @@ and on a PostgreSQL database of this test's own (the audit test tampers with it)
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -46,7 +49,7 @@ def _sessions(settings: Settings):  # noqa: ANN202
     return make_sessionmaker(make_engine(settings.effective_database_url))
 
 
-def _succeeded_request(settings: Settings, tenant: str = "acme") -> str:
+def _succeeded_request(settings: Settings, tenant: str = "acme", external_ref: str | None = None) -> str:
     """A model, a version 1 and a succeeded deletion request, written straight to the database."""
     sessions = _sessions(settings)
     with sessions.begin() as session:
@@ -60,7 +63,7 @@ def _succeeded_request(settings: Settings, tenant: str = "acme") -> str:
         session.flush()
         request = deletion_request_service.create(
             session, tenant_id=tenant, actor="test", settings=settings, model_id=model.id, forget_labels=[7],
-            dispatch=lambda _id, _priority: None,
+            external_ref=external_ref, dispatch=lambda _id, _priority: None,
         )
         request_id = request.id
     with sessions.begin() as session:
@@ -163,6 +166,21 @@ def _write_signed(signer: Signer, path: Path, request_id: str) -> Path:
                    "labels": {"forgotten": [7]}, "new_checkpoint": {"version": 2, "sha256": "b" * 64}}
     path.write_text(json.dumps(signer.sign(certificate)))
     return path
+
+
+def test_certificate_verify_reads_utf8_whatever_the_locale(home: Settings, tmp_path: Path) -> None:
+    request_id = _succeeded_request(home, external_ref="GDPR-Müller-42")
+    signer = Signer(home.effective_certificate_key_path)
+    with _sessions(home)() as session:
+        document = signer.sign(deletion_request_service.certificate_content(session, "acme", request_id))
+    saved = tmp_path / "certificate.json"
+    saved.write_bytes(json.dumps(document, ensure_ascii=False).encode())  # as the service sends it: UTF-8
+    ascii_locale = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}  # an auditor's bare shell
+
+    verified = subprocess.run([sys.executable, "-m", "uisps", "certificate", "verify", str(saved)],
+                              env=os.environ | ascii_locale, capture_output=True, text=True, timeout=60)
+
+    assert verified.returncode == 0 and verified.stdout.startswith(f"OK: deletion request {request_id}"), verified
 
 
 def test_certificate_rotate_key_keeps_old_certificates_verifiable_until_their_key_is_deleted(
