@@ -357,7 +357,9 @@ class Signer:
                 # before a restore, a half-done copy) must not be replaced by a new one nobody
                 # retires, whose certificates would then check against nothing.
                 self._key = SigningKey.of(load_or_create_private_key(self.path))
-                self._identity = _file_identity(self.path)
+                # the identity from before the read, as below (None for a key created just now,
+                # which the next use therefore reads again: a rotation may follow at once)
+                self._identity = identity
             elif identity is None:
                 raise KeyFileError(f"the signing key {self.path} is missing; restore it (it is not created again)")
             elif identity != self._identity:

@@ -13,6 +13,7 @@ import pytest
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from core import certificates
 from core.certificates import (
     CERTIFICATE_TYPE,
     InvalidCertificate,
@@ -230,6 +231,28 @@ def test_a_signing_key_that_went_missing_is_not_replaced_by_a_new_one(tmp_path: 
 
     signer.path.write_bytes(saved)
     assert signer.sign(_certificate(2))["signature"]["key_id"] == first
+
+
+@pytest.mark.parametrize("existed", [True, False], ids=["key on disk", "key created on first use"])
+def test_a_rotation_during_a_processs_first_read_of_the_key_is_seen_at_its_next_signature(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existed: bool
+) -> None:
+    path, retired = tmp_path / "certificate-key.pem", tmp_path / "retired"
+    if existed:
+        Signer(path).active()
+    read = certificates.load_or_create_private_key
+    rotations: list[str] = []
+
+    def read_then_rotate(key_path: Path) -> Ed25519PrivateKey:
+        key = read(key_path)
+        rotations.append(rotate_signing_key(key_path, retired).new_key_id)  # another process, just after
+        return key
+
+    monkeypatch.setattr(certificates, "load_or_create_private_key", read_then_rotate)
+    signer = Signer(path, retired)
+    signer.active()
+
+    assert signer.sign(_certificate(2))["signature"]["key_id"] == rotations[0]
 
 
 def test_one_bad_retired_key_file_does_not_hide_the_others(tmp_path: Path) -> None:
