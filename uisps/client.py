@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import math
 import time
@@ -177,8 +178,9 @@ class UispsClient:
         return VerifiedCheckpoint(response.content, actual)
 
     def purge_checkpoint(self, model_id: str, version: int) -> dict[str, Any]:
-        """Erase a version's checkpoint for good; returns the version, which records when."""
-        response = self.http.delete(f"/models/{model_id}/versions/{version}/checkpoint")
+        """Erase a version's checkpoint for good; returns the version, which records when. A purge
+        is idempotent (a second one answers 204 too), so it is sent again like a read."""
+        response = self._send("DELETE", f"/models/{model_id}/versions/{version}/checkpoint")
         if response.status_code != 204:
             self._json(response, 204)
         return self.get_version(model_id, version)
@@ -202,7 +204,7 @@ class UispsClient:
         retries = self.retries if retries is None else retries
         again = (f"; send it again with idempotency_key={key!r} to get the first one's answer, never a duplicate"
                  if key is not None else "")
-        send = self.http.post if method == "POST" else self.http.get
+        send = functools.partial(self.http.request, method)
         in_flight_until: float | None = None
         failures = 0
         while True:

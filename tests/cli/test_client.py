@@ -45,6 +45,14 @@ def test_a_poll_rides_out_a_restart_of_the_service() -> None:
     assert len(sent) == 3
 
 
+def test_a_purge_rides_out_a_restart_of_the_service() -> None:
+    version = httpx.Response(200, json={"version": 1, "checkpoint_purged_at": "2026-12-06T19:00:00Z"})
+    client, sent = _client([BUSY, httpx.ConnectError("refused"), httpx.Response(204), version])
+
+    assert client.purge_checkpoint("m1", 1)["checkpoint_purged_at"] is not None
+    assert [request.method for request in sent] == ["DELETE", "DELETE", "DELETE", "GET"]
+
+
 def test_waiting_for_a_request_outlasts_more_failures_than_one_read_retries() -> None:
     client, _ = _client([_state("running"), BUSY, BUSY, BUSY, _state("running"), _state("succeeded")], retries=1)
     seen: list[str] = []
