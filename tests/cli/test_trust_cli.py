@@ -92,6 +92,8 @@ def test_keys_are_created_listed_and_revoked(home: Settings) -> None:
     assert uisps("keys", "revoke", "no-such-key") == (2, "error: API key no-such-key does not exist\n")
     code, out = uisps("keys", "create", "--tenant", "acme", "--role", "owner")
     assert code == 2 and "role must be one of admin, compliance, reader" in out
+    code, out = uisps("keys", "create", "--tenant", "acme", "--role", "reader", "--name", "x" * 201)
+    assert code == 2 and "name must be 1 to 200 characters" in out  # as the API says, on every database
 
 
 def test_audit_verify_names_the_first_changed_row(home: Settings) -> None:

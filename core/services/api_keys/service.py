@@ -76,6 +76,17 @@ def check_tenant(tenant_id: str) -> str:
     return tenant_id
 
 
+MAX_KEY_NAME_LENGTH = 200  # the column's size
+
+
+def check_key_name(name: str) -> str:
+    """The name the API accepts (api/api_keys/schemas.py), also for keys made from the command line."""
+    name = name.strip()
+    if not 1 <= len(name) <= MAX_KEY_NAME_LENGTH or "\x00" in name:
+        raise UisError(f"an API key's name must be 1 to {MAX_KEY_NAME_LENGTH} characters (no NUL); got {len(name)}")
+    return name
+
+
 class ApiKeyService:
     def create(
         self,
@@ -90,6 +101,7 @@ class ApiKeyService:
         """A new key; with `max_keys`, refused (409 `too_many_api_keys`) when the tenant already
         holds that many unrevoked keys."""
         check_tenant(tenant_id)
+        name = check_key_name(name)
         role = ApiKeyRole(role)
         secret = KEY_PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
         begin_write(session)
