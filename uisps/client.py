@@ -137,9 +137,10 @@ class UispsClient:
         alive: Callable[[], bool] = lambda: True,
     ) -> dict[str, Any]:
         """Poll a deletion request until it is succeeded, failed or cancelled. The service out of
-        reach or answering 502/503/504 (a database restart, a deploy) is waited out until
-        `timeout_s`, unless `alive()` says the server process is gone; other errors end the wait
-        at once. Each poll is one try, bounded by the time left."""
+        reach or answering 502/503/504 (a database restart, a deploy), or 429 (polls of many
+        requests on one API key), is waited out until `timeout_s`, as long as its Retry-After says,
+        unless `alive()` says the server process is gone; other errors end the wait at once. Each
+        poll is one try, bounded by the time left."""
         deadline = time.monotonic() + timeout_s
         path = f"/deletion-requests/{request_id}"
         while True:
@@ -147,7 +148,7 @@ class UispsClient:
                 request = self._json(self._get(path, retries=0, timeout_s=max(deadline - time.monotonic(), 1.0)), 200)
             except ServiceError as exc:
                 left = deadline - time.monotonic()
-                if not exc.transient or left <= 0:
+                if not (exc.transient or exc.status == 429) or left <= 0:
                     raise
                 if not alive():
                     raise ServiceError(f"the server process exited while {request_id} was polled ({exc})") from exc

@@ -62,6 +62,13 @@ def test_waiting_for_a_request_outlasts_more_failures_than_one_read_retries() ->
     assert done["state"] == "succeeded" and seen == ["running", "running", "succeeded"]
 
 
+def test_waiting_rides_out_a_rate_limit_as_long_as_it_says() -> None:
+    limited = httpx.Response(429, json={"code": "rate_limited", "detail": "slow down"}, headers={"Retry-After": "0"})
+    client, sent = _client([_state("running"), limited, _state("succeeded")])
+
+    assert client.wait_for("r1", interval_s=0.01)["state"] == "succeeded" and len(sent) == 3
+
+
 def test_waiting_stops_at_an_error_that_waiting_cannot_mend() -> None:
     client, sent = _client([_state("running"), httpx.Response(404, json={"code": "not_found", "detail": "no"})])
 
