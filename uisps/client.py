@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import math
 import time
@@ -205,7 +204,7 @@ class UispsClient:
         retries = self.retries if retries is None else retries
         again = (f"; send it again with idempotency_key={key!r} to get the first one's answer, never a duplicate"
                  if key is not None else "")
-        send = functools.partial(self.http.request, method)
+        send = getattr(self.http, method.lower())  # get, post, delete
         in_flight_until: float | None = None
         failures = 0
         while True:

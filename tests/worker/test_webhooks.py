@@ -328,11 +328,11 @@ def test_an_attempt_whose_sender_died_is_closed_and_tried_again(webhook_env, rec
     assert attempts[0].error.startswith("sender_lost") and attempts[0].finished_at is not None
 
 
+# SQLite lets one writer in at a time (begin_write): two senders cannot interleave there.
+@pytest.mark.parametrize("worker_env", ["postgresql"], indirect=True)
 def test_a_delivery_another_sender_claims_meanwhile_is_left_to_it(
     webhook_env, receiver, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
 ) -> None:
-    if webhook_env.settings.effective_database_url.startswith("sqlite"):
-        pytest.skip("SQLite lets one writer in at a time (begin_write): two senders cannot interleave there")
     from core.services.webhooks.service import WebhookService, webhook_service
 
     request_id = webhook_env.new_request(digits_checkpoint, [2], callback_url=receiver.url())
