@@ -776,6 +776,9 @@ def certificate_verify(
     except json.JSONDecodeError as exc:
         typer.echo(f"INVALID: {file} is not JSON ({exc})")
         raise typer.Exit(1) from None
+    except RecursionError:  # JSON nested thousands deep: no certificate is
+        typer.echo(f"INVALID: {file} is nested too deeply to be a certificate")
+        raise typer.Exit(1) from None
     except InvalidCertificate as exc:
         typer.echo(f"INVALID: {exc}")
         raise typer.Exit(1) from None

@@ -148,6 +148,9 @@ def test_certificate_verify_accepts_the_real_one_and_refuses_a_changed_one(home:
     assert code == 1 and "not by the given public key" in out
     (tmp_path / "junk.json").write_text("{not json")
     assert uisps("certificate", "verify", str(tmp_path / "junk.json"))[0] == 1
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert uisps("certificate", "verify", str(tmp_path / "deep.json")) == (1, f"INVALID: {tmp_path / 'deep.json'} "
+                                                                           "is nested too deeply to be a certificate\n")
     assert uisps("certificate", "verify", str(tmp_path / "missing.json"))[0] == 2
     (tmp_path / "model.safetensors").write_bytes(b"\x80\x04\x95\xff\xfe")  # the wrong file, not text
     code, out = uisps("certificate", "verify", str(tmp_path / "model.safetensors"))
