@@ -135,7 +135,8 @@ def _npz(spec: str, path: Path) -> Dataset:
             arrays = {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise DataError(f"data file not found: {path}") from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # a damaged or truncated archive
+    # a damaged or truncated archive (NotImplementedError: zipfile, for a compression it lacks)
+    except (ValueError, OSError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(f"cannot read {path} as .npz: {exc}") from None
     except TypeError:  # np.load gave one array (no context manager): a .npy file, not an archive
         raise DataError(f"{path} is a single .npy array, not an .npz archive of arrays") from None

@@ -116,7 +116,7 @@ def run_demo(
         if temporary and not keep and succeeded:
             shutil.rmtree(home, ignore_errors=True)
         elif temporary and not keep:  # the error is one line; the log with the rest must outlive the run
-            err_console.print(f"kept UISPS_HOME={home} for its server log {log_path}")
+            err_console.print(f"kept UISPS_HOME={home} for its server log {log_path}", markup=False)
 
 
 def _flow(

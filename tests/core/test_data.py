@@ -83,7 +83,10 @@ def test_npz_files_that_cannot_make_a_dataset_are_clear_errors(tmp_path):
     whole = Path(_npz(tmp_path / "whole.npz", images, labels, images, labels)[4:]).read_bytes()
     (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])  # a copy that stopped half-way
     (tmp_path / "damaged.npz").write_bytes(b"PK\x03\x04" + bytes(100))  # a zip's signature, no zip
-    cases |= {"cannot read " + str(tmp_path / name): "npz:" + str(tmp_path / name) for name in ("cut.npz", "damaged.npz")}
+    central = whole.find(b"PK\x01\x02")  # the first member's central directory entry; +10: its compression
+    (tmp_path / "method.npz").write_bytes(whole[:central + 10] + (99).to_bytes(2, "little") + whole[central + 12:])
+    cases |= {"cannot read " + str(tmp_path / name): "npz:" + str(tmp_path / name)
+              for name in ("cut.npz", "damaged.npz", "method.npz")}
     for message, spec in cases.items():
         with pytest.raises(DataError, match=re.escape(message)):
             load_dataset(spec)
