@@ -61,8 +61,7 @@ def test_a_cifar_root_of_other_bytes_is_refused_unloaded(tmp_path, kind, folder)
     with pytest.raises(DataError, match="not found"):
         load_dataset(f"{kind}:{root}")
     assert not marker.exists()
-    pickle.loads((root / folder / cls.train_list[0][0]).read_bytes())  # the files would have run
-    assert marker.exists()
+    assert b"touch" in (root / folder / cls.train_list[0][0]).read_bytes()  # what loading it would have called
 
 
 def _npz(path, x_train, y_train, x_test, y_test, classes=("a", "b")):  # noqa: ANN001, ANN202
