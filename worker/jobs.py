@@ -190,8 +190,8 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
         logger.info("deletion request %s %s", request_id, status)
         return RunOutcome(status)
     except JobCancelled:
-        with sessions.begin() as session:  # tried once: see _record_through_outage
-            deletion_jobs.cancelled(session, request_id, attempt=job.attempt)
+        _record_through_outage(sessions, request_id, "cancel",
+                               partial(deletion_jobs.cancelled, request_id=request_id, attempt=job.attempt), retry=False)
         return RunOutcome("cancelled")
     except JobLost:
         logger.warning("deletion request %s was finished or re-claimed elsewhere; dropping this run", request_id)
@@ -205,10 +205,8 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
         logger.exception("deletion request %s, attempt %d, failed", request_id, job.attempt)
         record = partial(_record_failure, request_id=request_id, job=job, exc=exc, settings=settings, retries=retries)
         try:
-            if is_store_outage(exc):  # its retry gives the attempt back: tried once
-                with sessions.begin() as session:
-                    return record(session)
-            return _record_through_outage(sessions, request_id, "failure", record)
+            # a store outage's retry gives the attempt back
+            return _record_through_outage(sessions, request_id, "failure", record, retry=not is_store_outage(exc))
         except JobLost:
             return RunOutcome("lost")
 
@@ -243,17 +241,17 @@ def _record_failure(
 
 
 def _record_through_outage(
-    sessions: sessionmaker[Session], request_id: str, what: str, write: Callable[[Session], T]
+    sessions: sessionmaker[Session], request_id: str, what: str, write: Callable[[Session], T], retry: bool = True
 ) -> T:
     """`write` in a transaction of its own, tried again through a short database outage: what a
     job's end records took the job to learn, and without it the request would wait out its lease
     to be run again. A try whose commit landed but whose answer was lost is followed by another,
     which must see that and not record twice: the result (found by its bytes), a failure (the
     request is no longer running) and a retry that uses up the attempt (another claim raises the
-    attempt number). Not a write that gives the attempt back (a cancel, a store outage's retry):
-    another worker's claim in between would bring the number back, and the retry would act on
-    that worker's run."""
-    delays = iter(COMMIT_RETRY_DELAYS_S)
+    attempt number). Not a write that gives the attempt back (a cancel, a store outage's retry:
+    `retry=False`): another worker's claim in between would bring the number back, and the retry
+    would act on that worker's run."""
+    delays = iter(COMMIT_RETRY_DELAYS_S if retry else ())
     while True:
         try:
             with sessions.begin() as session:
