@@ -81,13 +81,21 @@ async def get_signer(request: Request) -> Signer:
 
 async def page_request(
     page_size: Annotated[
-        int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"items per page (default {DEFAULT_PAGE_SIZE})")
-    ] = DEFAULT_PAGE_SIZE,
+        int,
+        Query(
+            ge=0,
+            description=f"items per page: 0 or absent for the default ({DEFAULT_PAGE_SIZE}), "
+            f"more than {MAX_PAGE_SIZE} served as {MAX_PAGE_SIZE}",
+        ),
+    ] = 0,
     page_token: Annotated[
         str | None, Query(max_length=1000, description="next_page_token of the previous page")
     ] = None,
 ) -> PageRequest:
-    return PageRequest(size=page_size, token=page_token or None)
+    # AIP-158: 0 asks for the default and a size above the maximum is lowered to it, so a client
+    # that asks for "as many as you allow" gets a page rather than an error; negative is refused.
+    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    return PageRequest(size=size, token=page_token or None)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -63,7 +63,7 @@ def get_api_key(key_id: KeyId, session: SessionDep, tenant_id: TenantDep) -> Api
     "/{key_id}/revoke",
     response_model=ApiKeyRead,
     responses=problem_responses(404),
-    summary="Revoke an API key (at once; revoking twice is harmless)",
+    summary="Revoke an API key (refused within UISPS_API_KEY_CACHE_TTL_S; revoking twice is harmless)",
 )
 def revoke_api_key(
     key_id: KeyId, request: Request, session: SessionDep, tenant_id: TenantDep, actor: ActorDep

@@ -115,7 +115,7 @@ class DeletionRequestRead(BaseModel):
     callback_url: str | None
     state: JobState
     stage: str | None = Field(
-        description="while running: loading, evaluation, inversion, fisher, unlearning, storing"
+        description="while running: starting, loading, evaluation, inversion, fisher, unlearning, storing"
     )
     progress: float = Field(ge=0, le=1, description="overall progress, 0..1")
     attempts: int

@@ -251,7 +251,8 @@ def download_checkpoint(
     summary="A checkpoint download's headers, without the file",
     description=(
         "What GET would send, less the body: Content-Length, the sha256 (X-Checkpoint-SHA256, "
-        "Repr-Digest), ETag and Accept-Ranges, from the version's record. The file is not hashed "
+        "Repr-Digest) and ETag, from the version's record (with local artifact storage, Accept-Ranges "
+        "and Last-Modified too). The file is not hashed "
         "and no download is recorded, since nothing is served; a Range is ignored (RFC 9110 "
         "sec. 14.2). 410 for a purged checkpoint, 500 for one missing from storage."
     ),

@@ -14,7 +14,7 @@ from safetensors.torch import save as st_save
 from api.app import create_app
 from api_helpers import assert_problem, authorize, unique_name
 from core.checkpoint import MANIFEST_KEY, checkpoint_bytes, load_checkpoint_bytes
-from core.services.pagination import encode_token
+from core.services.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, encode_token
 from core.settings import Settings
 from core.storage import key_for
 
@@ -362,7 +362,20 @@ def test_a_bad_page_token_is_400(client: TestClient, registered_model) -> None: 
     forged = encode_token(["not a version"], {"resource": "model_versions", "tenant": "default", "model_id": model["id"]})
     response = client.get(f"/models/{model['id']}/versions", params={"page_token": forged})
     assert_problem(response, 400, "invalid_page_token", "not a token this service issued")
-    assert_problem(client.get("/models", params={"page_size": 0}), 422, "validation_error", "page_size")
+
+
+def test_a_page_size_of_0_is_the_default_and_one_above_the_maximum_is_lowered(
+    client: TestClient, registered_model  # noqa: ANN001
+) -> None:
+    created = {registered_model(upload=False)["id"] for _ in range(DEFAULT_PAGE_SIZE + 1)}
+
+    unsized = client.get("/models").json()
+    zero = client.get("/models", params={"page_size": 0}).json()
+    assert len(unsized["models"]) == len(zero["models"]) == DEFAULT_PAGE_SIZE  # AIP-158: 0 is the default
+    assert zero["next_page_token"]
+    everything = client.get("/models", params={"page_size": MAX_PAGE_SIZE + 1}).json()
+    assert created <= {m["id"] for m in everything["models"]} and not everything["next_page_token"]
+    assert_problem(client.get("/models", params={"page_size": -1}), 422, "validation_error", "page_size")
 
 
 def test_a_data_source_whose_images_or_classes_the_model_cannot_take_is_422(
