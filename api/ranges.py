@@ -48,11 +48,18 @@ def _byte_range_specs(value: str) -> list[tuple[int | None, int | None]] | None:
         match = _RANGE_SPEC.fullmatch(part.strip())
         if match is None or not any(match.groups()):
             return None
-        first, last = (int(side) if side else None for side in match.groups())
+        first, last = (_position(side) if side else None for side in match.groups())
         if first is not None and last is not None and last < first:
             return None
         specs.append((first, last))
     return specs
+
+
+def _position(digits: str) -> int:
+    """A byte position or suffix length; one of more digits than any file size has (or than
+    Python converts: 4,300) reads as 10**18, which means the same against any real file."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else 10**18
 
 
 def _closed(spec: tuple[int | None, int | None], size: int) -> tuple[int, int] | None:

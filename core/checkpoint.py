@@ -27,6 +27,7 @@ from core.errors import CheckpointError, UisError
 
 MANIFEST_KEY = "uisps.manifest"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_TENSOR_DIMS = 8  # a classifier's tensors have at most 5 (Conv3d weights)
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8}
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
 
@@ -148,7 +149,9 @@ def parse_header(data: bytes, max_parameters: int | None = None) -> dict:
         )
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting fits the size limit
+    # Deep nesting fits the size limit (RecursionError); an integer of more than 4,300 digits is a
+    # plain ValueError (Python's int_max_str_digits), as JSONDecodeError and UnicodeDecodeError are.
+    except (ValueError, RecursionError):
         raise CheckpointError("not a safetensors file: header is not JSON") from None
     if not isinstance(header, dict):
         raise CheckpointError("not a safetensors file: header is not a JSON object")
@@ -166,6 +169,9 @@ def parse_header(data: bytes, max_parameters: int | None = None) -> dict:
             raise CheckpointError(f"tensor {name!r}: malformed header entry")
         if dtype not in DTYPE_BYTES:
             raise CheckpointError(f"tensor {name!r}: dtype {dtype} is not allowed")
+        # A long shape list would make the product below cost time quadratic in the header's size.
+        if len(shape) > MAX_TENSOR_DIMS:
+            raise CheckpointError(f"tensor {name!r}: {len(shape)} dimensions (at most {MAX_TENSOR_DIMS})")
         numel = 1
         for d in shape:
             if type(d) is not int or d < 0:  # not isinstance: JSON's true would pass as 1

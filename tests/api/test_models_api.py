@@ -308,6 +308,23 @@ def test_range_specs_are_clipped_to_the_file_and_suffixes_count_from_its_end(
     assert one_inside.status_code == 206 and one_inside.content == digits_checkpoint[:4]
 
 
+def test_range_positions_of_thousands_of_digits_mean_what_they_say(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model = registered_model()
+    url, huge = f"/models/{model['id']}/versions/1/checkpoint", "9" * 5000  # past Python's int() limit
+
+    to_the_end = client.get(url, headers={"Range": f"bytes=100-{huge}"})
+    whole_as_suffix = client.get(url, headers={"Range": f"bytes=-{huge}"})
+    past = client.get(url, headers={"Range": f"bytes={huge}-"})
+    leading_zeros = client.get(url, headers={"Range": "bytes=" + "0" * 5000 + "5-9"})
+
+    assert to_the_end.status_code == 206 and to_the_end.content == digits_checkpoint[100:]
+    assert whole_as_suffix.status_code == 206 and whole_as_suffix.content == digits_checkpoint
+    assert_problem(past, 416, "range_not_satisfiable")
+    assert leading_zeros.status_code == 206 and leading_zeros.content == digits_checkpoint[5:10]
+
+
 def test_a_checkpoint_lost_from_storage_is_a_500_that_says_so(client: TestClient, registered_model) -> None:  # noqa: ANN001
     model = registered_model()
     version = client.get(f"/models/{model['id']}/versions/1").json()

@@ -58,6 +58,9 @@ def _mutate_header(data: bytes, fn) -> bytes:
         ("shape not a list", lambda good: _mutate_header(good, lambda h: _first_tensor(h).update(shape=5))),
         ("dtype not a string", lambda good: _mutate_header(good, lambda h: _first_tensor(h).update(dtype=["F32"]))),
         ("header nested too deep", lambda good: _raw_header(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")),
+        ("integer beyond Python's digit limit", lambda good: _raw_header(
+            b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 0]}}'
+        )),
     ],
 )
 def test_malformed_or_malicious_checkpoints_are_refused_without_side_effects(name, make, trained_digits, tmp_path, monkeypatch):
@@ -103,6 +106,14 @@ def test_a_boolean_in_a_shape_is_not_read_as_a_dimension(trained_digits):
     parse_header(good)
     bad = _mutate_header(good, lambda h: _first_tensor(h).update(shape=[True, *_first_tensor(h)["shape"]]))
     with pytest.raises(CheckpointError, match="bad shape"):
+        parse_header(bad)
+
+
+def test_a_shape_of_more_dimensions_than_a_tensor_has_is_refused_before_its_size_is_counted(trained_digits):
+    # A shape list of a million entries would take minutes to multiply out, and fits the header limit.
+    good = checkpoint_bytes(trained_digits.model, trained_digits.manifest)
+    bad = _mutate_header(good, lambda h: _first_tensor(h).update(shape=[1] * 9 + _first_tensor(h)["shape"]))
+    with pytest.raises(CheckpointError, match="dimensions"):
         parse_header(bad)
 
 
