@@ -84,6 +84,7 @@ def parse_callback_url(url: str, settings: Settings) -> CallbackTarget:
     if parts.fragment:
         raise InvalidCallbackUrl("callback_url must not have a #fragment")
     host = parts.hostname.rstrip(".")
+    _check_host_form(host)
     if not host_allowed(host, settings.webhook_allowed_host_patterns):
         raise InvalidCallbackUrl(
             f"callback host {host!r} is not one this service may call (UISPS_WEBHOOK_ALLOWED_HOSTS)"
@@ -91,6 +92,20 @@ def parse_callback_url(url: str, settings: Settings) -> CallbackTarget:
     scheme = parts.scheme.lower()
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return CallbackTarget(scheme, host, port or (443 if scheme == "https" else 80), target)
+
+
+def _check_host_form(host: str) -> None:
+    """A name the resolver can take: getaddrinfo raises UnicodeError, not OSError, for an empty
+    label or one of more than 63 characters, and a sender would fail on it at every attempt."""
+    if CallbackTarget("https", host, 443, "/").literal_address is not None:
+        return
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise InvalidCallbackUrl(
+            f"callback host {host[:100]!r} is not a valid host name (an empty label, or one of more "
+            "than 63 characters)"
+        ) from None
 
 
 def host_allowed(host: str, patterns: list[str]) -> bool:

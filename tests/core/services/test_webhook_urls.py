@@ -7,6 +7,7 @@ import ipaddress
 
 import pytest
 
+from core.services.webhooks.delivery import post_event
 from core.services.webhooks.urls import InvalidCallbackUrl, address_kind, check_callback_url, is_public
 from core.settings import Settings
 
@@ -43,3 +44,22 @@ def test_an_address_in_an_older_ipv4_form_is_refused_when_the_request_is_made(ho
     with pytest.raises(InvalidCallbackUrl, match="loopback|link-local"):
         check_callback_url(f"https://{host}/hook", settings)
     assert check_callback_url("https://hooks.example.com/hook", settings)  # a name is resolved at send time
+
+
+@pytest.mark.parametrize("host", ["a..example.com", "x" * 64 + ".example.com"])
+def test_a_host_name_the_resolver_cannot_take_is_refused_when_the_request_is_made(host: str) -> None:
+    settings = Settings(webhook_secret="whsec_" + "QUJD" * 8, webhook_allowed_hosts="*.example.com")
+
+    with pytest.raises(InvalidCallbackUrl, match="not a valid host name"):
+        check_callback_url(f"https://{host}/hook", settings)
+    assert check_callback_url(f"https://{'x' * 63}.example.com/hook", settings)
+
+
+def test_an_event_for_a_host_name_the_resolver_cannot_take_fails_for_good_at_once() -> None:
+    # A request made before the check above may hold such a URL: its event must not raise in the
+    # sender (which would retry it until the lease ran out, ten times over), but be refused.
+    settings = Settings(webhook_secret="whsec_" + "QUJD" * 8, webhook_allowed_hosts="*")
+
+    result = post_event("https://a..example.com/hook", "msg_1", b"{}", settings, "default")
+
+    assert result.permanent and "not a valid host name" in (result.error or "")
