@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-from sqlalchemy import and_, func, or_, select
+from dataclasses import replace
+
+from sqlalchemy import Text, and_, cast, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from core.db import Model, ModelVersion, ModelVersionRequest
 from core.services.pagination import Page, PageRequest, decode_token, integer, make_page, time_and_id
+
+# Class names (as JSON text) one page of models carries at most, past its first model: far above
+# any real page (50 models of 1,000 classes are about 0.4 M), far below what a page could hold.
+MODEL_PAGE_CLASS_NAME_CHARS = 8_000_000
+
+
+def _leading_within(sizes: list[int], budget: int) -> int:
+    """How many of the leading `sizes` fit in `budget`; at least one, so that a page always moves on."""
+    total = 0
+    for count, size in enumerate(sizes):
+        total += size
+        if count and total > budget:
+            return count
+    return len(sizes)
 
 
 class ModelRepository:
@@ -25,17 +41,26 @@ class ModelRepository:
         return session.scalar(select(Model).where(Model.tenant_id == tenant_id, Model.name == name))
 
     def list(self, session: Session, tenant_id: str, page: PageRequest) -> Page[Model]:
-        """Newest first."""
+        """Newest first. A page ends early (AIP-158 allows fewer items than page_size) where its
+        class names would pass MODEL_PAGE_CLASS_NAME_CHARS, so that a tenant's models with a
+        megabyte of class names each cannot make one page a gigabyte of memory."""
         filters = {"resource": "models", "tenant": tenant_id}
-        query = select(Model).where(Model.tenant_id == tenant_id)
+        conditions = [Model.tenant_id == tenant_id]
         position = decode_token(page.token, filters, time_and_id)
         if position is not None:
             created_at, last_id = position
-            query = query.where(
+            conditions.append(
                 or_(Model.created_at < created_at, and_(Model.created_at == created_at, Model.id < last_id))
             )
-        rows = list(session.scalars(query.order_by(Model.created_at.desc(), Model.id.desc()).limit(page.size + 1)))
-        return make_page(rows, page, lambda m: [m.created_at.isoformat(), m.id], filters)
+        order = (Model.created_at.desc(), Model.id.desc())
+        sized = session.execute(
+            select(Model.id, func.length(cast(Model.class_names, Text))).where(*conditions).order_by(*order)
+            .limit(page.size + 1)
+        ).all()
+        fit = _leading_within([chars or 0 for _, chars in sized], MODEL_PAGE_CLASS_NAME_CHARS)
+        ids = [model_id for model_id, _ in sized[: fit + 1]]  # one more says whether a next page exists
+        rows = list(session.scalars(select(Model).where(Model.id.in_(ids)).order_by(*order)))
+        return make_page(rows, replace(page, size=min(page.size, fit)), lambda m: [m.created_at.isoformat(), m.id], filters)
 
     def get_version(self, session: Session, tenant_id: str, model_id: str, version: int) -> ModelVersion | None:
         return session.scalar(
