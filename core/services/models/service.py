@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
@@ -267,7 +267,7 @@ class ModelService:
         found = self.get_version(session, tenant_id, model_id, version)
         _check_not_purged(found)
         if not store.exists(found.artifact_key):
-            raise _missing(found)
+            _vanished(session, found)
         return found
 
     def checkpoint_for_download(
@@ -290,10 +290,10 @@ class ModelService:
         except ArtifactNotFound:
             lost = True  # gone while it was hashed: purged (410 below) or lost
         begin_write(session)
+        if lost:
+            _vanished(session, found)
         session.refresh(found)  # a purge may have committed meanwhile
         _check_not_purged(found)
-        if lost:
-            raise _missing(found)
         record_event(
             session,
             tenant_id=tenant_id,
@@ -384,8 +384,14 @@ def _check_not_purged(version: ModelVersion) -> None:
         )
 
 
-def _missing(version: ModelVersion) -> ArtifactMissing:
-    return ArtifactMissing(
+def _vanished(session: Session, version: ModelVersion) -> NoReturn:
+    """For a checkpoint not in storage: CheckpointPurged (410) if a purge removed it, else
+    ArtifactMissing. A purge deletes the file before it commits, so one in flight is waited for
+    (it holds the artifact's lock) before the version is read again."""
+    lock_artifact(session, version.artifact_key, exclusive=False)
+    session.refresh(version)
+    _check_not_purged(version)
+    raise ArtifactMissing(
         f"the checkpoint of model {version.model_id} version {version.version} is missing from artifact storage"
     )
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import ModelVersion
 from core.services.deletion_requests.service import deletion_request_service
-from core.services.errors import Conflict
+from core.services.errors import CheckpointPurged, Conflict
 from core.services.models.service import ModelSpec, model_service
 from core.services.transactions import begin_write, lock_artifact
 from core.settings import Settings
@@ -124,3 +124,26 @@ def test_a_request_waits_for_a_purge_of_its_base_and_is_then_refused(
 
     assert isinstance(outcome.get("error"), Conflict), outcome
     assert outcome["error"].code == "checkpoint_purged"
+
+
+def test_a_download_during_a_purge_waits_for_it_and_answers_purged_not_missing(
+    pg_sessions: sessionmaker[Session], tmp_path: Path, unique_digits_checkpoint: bytes
+) -> None:
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    model_id = _model_with_version(pg_sessions, store, unique_digits_checkpoint)
+
+    def download() -> ModelVersion:
+        with pg_sessions() as session:
+            return model_service.checkpoint_for_download(
+                session, tenant_id="default", actor="test", model_id=model_id, version=1, store=store
+            )
+
+    with pg_sessions() as purging:  # the file is deleted before the purge commits
+        model_service.purge_checkpoint(purging, tenant_id="default", actor="test", model_id=model_id,
+                                       version=1, store=store)
+        thread, outcome = _in_thread(download)
+        _wait_until_blocked_on_a_lock(pg_sessions)
+        purging.commit()
+    thread.join(10)
+
+    assert isinstance(outcome.get("error"), CheckpointPurged), outcome  # 410, not a 500 artifact_missing
