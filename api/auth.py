@@ -78,8 +78,10 @@ async def authenticate(
 
 
 def _verify(sessions: sessionmaker[Session], key_hash: str) -> Principal:
-    with sessions.begin() as session:
-        return api_key_service.verify(session, key_hash)
+    with sessions() as session:
+        principal = api_key_service.verify(session, key_hash)
+        session.commit()
+        return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]

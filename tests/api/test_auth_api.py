@@ -3,6 +3,7 @@ limit; keys managed by a tenant's admin; the audit log names the key."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -245,3 +246,27 @@ def test_a_key_revoked_by_another_process_is_refused_once_the_cache_ttl_has_pass
 
         assert served_from_cache == 200  # within the TTL this process still trusts the key...
         assert_problem(bare.get("/models", headers=reader), 401, "unauthenticated", "revoked")  # ...then not
+
+
+def test_an_unknown_key_is_refused_while_a_writer_holds_the_sqlite_database(tmp_path: Path) -> None:
+    # Unknown keys cost no rate-limit token: were each to queue for SQLite's one write lock, a
+    # flood of them would hold up the workers' progress writes (and wait up to the busy timeout).
+    settings = Settings(home=tmp_path, api_key_cache_ttl_s=0)
+    with TestClient(create_app(settings)) as client:
+        reader = authorize(client).header("reader")
+        bare = _bare(client)
+        assert bare.get("/models", headers=reader).status_code == 200  # notes its use
+        writer = sqlite3.connect(tmp_path / "uisps.db", isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")  # a worker's write in progress
+            started = time.monotonic()
+            unknown = bare.get("/models", headers={"Authorization": "Bearer uisps_" + "A" * 43})
+            known = bare.get("/models", headers=reader)  # its use was noted under a minute ago
+            waited = time.monotonic() - started
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+
+    assert_problem(unknown, 401, "unauthenticated", "not valid")
+    assert known.status_code == 200
+    assert waited < 10  # the busy timeout is 30 s

@@ -183,8 +183,21 @@ class ApiKeyService:
     def verify(self, session: Session, key_hash: str) -> Principal:
         """The caller behind the key whose hash is `key_hash` (see `hash_of`), and a note of its use
         in last_used_at (at most once a minute). Raises Unauthenticated for an unknown or revoked key.
+
+        Read first, written only when the note is due: a flood of unknown keys, which no rate
+        limit charges, must not queue for SQLite's single write lock beside the workers.
         """
+        key = self._usable(session, key_hash)
+        if key.last_used_at is not None and utcnow() - key.last_used_at < _LAST_USED_RESOLUTION:
+            return _principal(key)
+        session.commit()  # a SQLite writer must not start from this read's snapshot (begin_write)
         begin_write(session)
+        key = self._usable(session, key_hash)  # revoked meanwhile?
+        key.last_used_at = utcnow()
+        return _principal(key)
+
+    @staticmethod
+    def _usable(session: Session, key_hash: str) -> ApiKey:
         key = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
         # The lookup is by hash; comparing again in constant time costs nothing and keeps the
         # check itself free of timing differences.
@@ -192,10 +205,7 @@ class ApiKeyService:
             raise Unauthenticated("the API key is not valid", invalid_token=True)
         if key.revoked_at is not None:
             raise Unauthenticated("the API key has been revoked", invalid_token=True)
-        stamp = utcnow()
-        if key.last_used_at is None or stamp - key.last_used_at >= _LAST_USED_RESOLUTION:
-            key.last_used_at = stamp
-        return Principal(key_id=key.id, tenant_id=key.tenant_id, role=ApiKeyRole(key.role), name=key.name)
+        return key
 
     @staticmethod
     def hash_of(secret: str) -> str:
@@ -203,6 +213,10 @@ class ApiKeyService:
         if not secret.startswith(KEY_PREFIX) or len(secret) != _KEY_LENGTH:
             raise Unauthenticated("the API key is malformed; keys look like uisps_<43 characters>", invalid_token=True)
         return hash_key(secret)
+
+
+def _principal(key: ApiKey) -> Principal:
+    return Principal(key_id=key.id, tenant_id=key.tenant_id, role=ApiKeyRole(key.role), name=key.name)
 
 
 api_key_service = ApiKeyService()
