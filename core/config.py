@@ -114,6 +114,17 @@ class UnlearnConfig(BaseModel):
     seed: int = Field(0, ge=-JSON_SAFE_INTEGER, le=JSON_SAFE_INTEGER)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
+    @model_validator(mode="after")
+    def _room_for_retained_samples(self) -> UnlearnConfig:
+        # A batch is batch_size samples, synthetic_per_batch of them from D'_g: with no room left
+        # for D_r the pass would train on D'_g alone (and slice the retained data backwards).
+        if self.synthetic_per_batch >= self.batch_size:
+            raise ValueError(
+                f"synthetic_per_batch ({self.synthetic_per_batch}) must be below batch_size "
+                f"({self.batch_size}): every batch carries retained samples too"
+            )
+        return self
+
     @model_validator(mode="wrap")
     @classmethod
     def _apply_preset(cls, data: Any, handler: ModelWrapValidatorHandler[UnlearnConfig]) -> UnlearnConfig:

@@ -145,3 +145,14 @@ def test_a_non_finite_parameter_is_a_validation_error(
 
     assert response.status_code == 422, response.text
     assert "finite" in response.text
+
+
+@pytest.mark.parametrize("params", [{"synthetic_per_batch": 16, "batch_size": 16}, {"batch_size": 8}])
+def test_a_batch_with_no_room_for_retained_samples_is_a_validation_error(
+    client: TestClient, registered_model: Any, params: dict[str, Any]
+) -> None:
+    # batch_size 8 with the default 16 synthetic samples per batch: the pass would have put nearly
+    # all of D_r into its first batch and trained on D'_g alone after it.
+    body = {"model_id": registered_model()["id"], "forget_labels": [1], "params": params}
+
+    assert_problem(client.post("/deletion-requests", json=body), 422, "validation_error", "must be below batch_size")
