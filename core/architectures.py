@@ -216,9 +216,16 @@ def _regnet_widths_on_cpu(arch: str) -> Iterator[None]:
 
 
 def check_architecture(arch: str, in_channels: int, num_classes: int, max_parameters: int | None) -> None:
-    """A registered architecture must exist and, with these channels and classes, fit the size
-    limit: every checkpoint of it would otherwise be refused, after the API built the model."""
-    size = sum(t.numel() for t in model_skeleton(arch, in_channels, num_classes).state_dict().values())
+    """A registered architecture must exist, have BatchNorm statistics to invert, and, with these
+    channels and classes, fit the size limit: every checkpoint of it would otherwise be refused,
+    after the API built the model, or every deletion request fail in its job."""
+    skeleton = model_skeleton(arch, in_channels, num_classes)
+    if not inverted_batchnorm_layers(skeleton):
+        raise ArchitectureError(
+            f"{arch} has no BatchNorm layer with running statistics, from which UISPS synthesises the "
+            "forgotten classes (data-free): it cannot unlearn this model (not supported)"
+        )
+    size = sum(t.numel() for t in skeleton.state_dict().values())
     if max_parameters is not None and size > max_parameters:
         raise ArchitectureError(
             f"{arch} with {in_channels} input channels and {num_classes} classes holds {size:,} parameters; "
@@ -252,6 +259,11 @@ def check_input_shape(arch: str, input_shape: list[int], num_classes: int) -> No
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def inverted_batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers whose running statistics the inversion matches (eq. 2)."""
+    return [m for m in batchnorm_layers(model) if m.running_mean is not None and m.running_var is not None]
 
 
 def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

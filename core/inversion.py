@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.architectures import batchnorm_layers
+from core.architectures import inverted_batchnorm_layers
 from core.config import InversionConfig
 from core.device import autocast
+from core.errors import ArchitectureError
 from core.progress import ProgressFn, no_progress
 
 
@@ -35,7 +36,10 @@ class BatchNormStatistics:
     def __init__(self, model: nn.Module, groups: int) -> None:
         self.groups = groups
         self.losses: list[torch.Tensor] = []
-        self.handles = [bn.register_forward_hook(self._hook) for bn in batchnorm_layers(model)]
+        layers = inverted_batchnorm_layers(model)
+        if not layers:  # registration refuses such a model; a checkpoint used directly may still be one
+            raise ArchitectureError("the model has no BatchNorm layer with running statistics to invert")
+        self.handles = [bn.register_forward_hook(self._hook) for bn in layers]
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
         mean, var = group_moments(inputs[0], self.groups)

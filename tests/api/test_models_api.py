@@ -79,12 +79,18 @@ def test_an_unknown_torchvision_classifier_is_422(client: TestClient, model_spec
 
 
 def test_an_architecture_that_cannot_take_the_input_shape_is_422(client: TestClient, model_spec: dict[str, Any]) -> None:
-    spec = {**model_spec, "architecture": "torchvision:vit_b_16"}  # ViT-B/16 takes 224x224 only
+    spec = {**model_spec, "architecture": "torchvision:inception_v3"}  # pools an 8x8 image past 1x1
 
     response = client.post("/models", json=spec)
 
-    assert_problem(response, 422, "invalid_architecture", f"cannot take inputs of shape {spec['input_shape']}", "224")
+    assert_problem(response, 422, "invalid_architecture", f"cannot take inputs of shape {spec['input_shape']}")
     assert spec["name"] not in {m["name"] for m in client.get("/models").json()["models"]}
+
+
+def test_an_architecture_without_batchnorm_statistics_is_422(client: TestClient, model_spec: dict[str, Any]) -> None:
+    response = client.post("/models", json={**model_spec, "architecture": "torchvision:squeezenet1_0"})
+
+    assert_problem(response, 422, "invalid_architecture", "no BatchNorm layer", "cannot unlearn this model")
 
 
 def test_an_architecture_over_the_parameter_limit_is_422(tmp_path, model_spec: dict[str, Any]) -> None:  # noqa: ANN001

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from core.architectures import build_model, check_input_shape, feature_blocks, model_skeleton
+from core.architectures import build_model, check_architecture, check_input_shape, feature_blocks, model_skeleton
 from core.errors import ArchitectureError
 
 
@@ -77,3 +77,11 @@ def test_an_input_the_architecture_takes_passes_the_shape_check(arch, shape):
 def test_an_input_the_architecture_cannot_take_is_refused_before_any_job(arch, shape, message):
     with pytest.raises(ArchitectureError, match=re.escape(message)):
         check_input_shape(arch, shape, 10)
+
+
+@pytest.mark.parametrize("arch", ["torchvision:squeezenet1_0", "torchvision:alexnet"])
+def test_an_architecture_without_batchnorm_statistics_is_refused_at_registration(arch):
+    # UISPS synthesises the forgotten classes from BatchNorm statistics: every job would fail.
+    with pytest.raises(ArchitectureError, match="no BatchNorm layer"):
+        check_architecture(arch, 3, 10, max_parameters=None)
+    check_architecture("torchvision:resnet18", 3, 10, max_parameters=None)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from core.architectures import batchnorm_layers
 from core.config import InversionConfig
+from core.errors import ArchitectureError
 from core.inversion import BatchNormStatistics, entropy, group_moments, invert
 
 
@@ -95,3 +96,9 @@ def test_entropy_of_one_hot_logits_is_finite():
     logits = torch.tensor([[0.0, -1e9, -1e9]])
     assert torch.isfinite(entropy(logits)).all()
     assert F.softmax(logits, 1)[0, 0] == 1
+
+
+def test_a_model_without_batchnorm_statistics_is_a_clear_error():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 10))
+    with pytest.raises(ArchitectureError, match="no BatchNorm layer"):
+        invert(model, [3], (1, 8, 8), InversionConfig(iterations=2, n_per_class=2), 0)
