@@ -28,6 +28,7 @@ from api.metrics import HttpMetrics
 from api.metrics import router as metrics_router
 from api.models.endpoints import router as models_router
 from api.observability import RequestContext
+from api.openapi import install_response_headers
 from api.problems import document_validation_problems, install_problem_handlers
 from api.webhooks.endpoints import router as webhooks_router
 from core.broker import make_celery, send_deletion_request
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_problem_handlers(app)
     document_validation_problems(app)
+    install_response_headers(app)
     app.add_middleware(HeadAsGet)  # innermost: the outer layers log and count the HEAD as such
     app.add_middleware(UploadGate)
     app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes)  # outside the gate: no database for a 413
