@@ -69,7 +69,9 @@ def get_webhook_secret(
         "with the one before, so receivers keep accepting them while you put the new secret in. A receiver "
         "that switched accepts only the new signature, so a leaked old secret forges nothing there; "
         "`overlap_s=0` stops the old signature at once all the same. Rotating again within the overlap "
-        "drops the oldest at once. Recorded in the audit log (`webhook_secret.rotated`)."
+        "drops the oldest at once. Recorded in the audit log (`webhook_secret.rotated`). Takes no "
+        "Idempotency-Key (its answer is a secret, which the service does not store to replay): after "
+        "a lost answer, read `GET /webhook-secret` and its `generation` before rotating again."
     ),
 )
 def rotate_webhook_secret(
