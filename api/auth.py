@@ -78,10 +78,12 @@ async def authenticate(
 
 
 def _verify(sessions: sessionmaker[Session], key_hash: str) -> Principal:
-    with sessions() as session:
-        principal = api_key_service.verify(session, key_hash)
-        session.commit()
+    with sessions.begin() as session:
+        principal, use_due = api_key_service.verify(session, key_hash)
+    if not use_due:
         return principal
+    with sessions.begin() as session:  # a writer's transaction, after the read's (SQLite)
+        return api_key_service.note_use(session, key_hash)
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]

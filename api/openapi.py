@@ -37,7 +37,7 @@ def _headers_for(path: str, method: str, status: str, operation: dict[str, Any])
         headers["Retry-After"] = "seconds to wait before sending the request again"
     if status == "401":
         headers["WWW-Authenticate"] = 'Bearer, with error="invalid_token" for a bad key'
-    if method == "post" and status in ("201", "202"):
+    if method == "post" and (status == "201" or (status == "202" and path == "/deletion-requests")):
         headers["Location"] = "the resource created (poll it for a deletion request)"
         if takes_idempotency_key:
             headers[REPLAYED_HEADER] = "true when this is the stored answer to an earlier request with this key"

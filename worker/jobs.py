@@ -21,13 +21,13 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
-from core.config import UnlearnConfig
 from core.data import load_dataset
 from core.db import DATABASE_UNAVAILABLE, utcnow
 from core.device import pick_device
 from core.errors import DeviceUnavailable, UisError
 from core.logs import deletion_request_context
 from core.services.deletion_requests.jobs import ClaimOutcome, JobInput, JobLost, deletion_jobs
+from core.services.deletion_requests.service import unlearn_config
 from core.services.errors import ArtifactCorrupted, ArtifactMissing
 from core.services.models.service import manifest_for
 from core.settings import Settings
@@ -348,6 +348,7 @@ def _unlearn(
 ) -> tuple[StoredArtifact, list[int], dict[str, Any]]:
     from core.workflow import unlearn_model  # the heaviest import; after the claim succeeded
 
+    config = unlearn_config(job.params)  # before the slow loading: refused overrides fail at once
     tracker.enter("loading")
     # Again here: a model registered before the roots were narrowed, or under other settings,
     # must not make this worker read outside them.
@@ -359,7 +360,6 @@ def _unlearn(
         max_parameters=settings.max_checkpoint_parameters,
     )
     dataset = load_dataset(job.model.data_source)
-    config = UnlearnConfig.model_validate(job.params)
     result = unlearn_model(model, manifest, dataset, job.forget_labels, config, device, tracker)
     tracker.enter("storing")
     new_manifest = result.manifest.model_copy(update={"parent_sha256": job.base.sha256})

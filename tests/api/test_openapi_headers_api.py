@@ -44,3 +44,16 @@ def test_every_response_documents_the_request_id_and_refusals_say_when_to_retry(
                     assert "Retry-After" in response["headers"], (method, path, status)
                 if status == "401":
                     assert "WWW-Authenticate" in response["headers"], (method, path, status)
+
+
+def test_location_is_documented_only_where_a_resource_is_created(document: dict[str, Any]) -> None:
+    documented = {
+        (method, path)
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        for response in operation["responses"].values()
+        if "Location" in response.get("headers", {})
+    }
+
+    assert documented == {("post", "/models"), ("post", "/models/{model_id}/versions"),
+                          ("post", "/deletion-requests"), ("post", "/api-keys")}

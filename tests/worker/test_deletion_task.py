@@ -143,6 +143,20 @@ def test_bad_input_fails_at_once_with_its_code(worker_env, digits_checkpoint: by
     assert _actions(worker_env, request_id)[-1] == "deletion_request.failed"
 
 
+def test_overrides_this_release_refuses_fail_at_once_as_invalid_parameters(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    # A request queued before an upgrade that tightened what params may say: a failure of the
+    # input, not an internal error retried until the attempts run out.
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+    with worker_env.sessions.begin() as session:
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id).values(params={"batch_size": 8}))
+
+    assert _run(request_id) == "failed"
+
+    request = _request(worker_env, request_id)
+    assert request.attempts == 1 and request.error["code"] == "invalid_parameters"
+    assert "must be below batch_size" in request.error["message"]
+
+
 def test_a_damaged_data_file_fails_at_once_as_bad_data_not_after_retries(worker_env, digits_checkpoint: bytes, tmp_path) -> None:  # noqa: ANN001
     damaged = tmp_path / "cut.npz"
     damaged.write_bytes(b"PK\x03\x04" + bytes(100))  # what a copy that stopped early can leave

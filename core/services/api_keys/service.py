@@ -162,7 +162,8 @@ class ApiKeyService:
         return make_page(rows, page, lambda k: [k.created_at.isoformat(), k.id], filters)
 
     def revoke(self, session: Session, *, tenant_id: str | None, key_id: str, actor: str) -> ApiKey:
-        """Revoke a key (at once: the next request with it is a 401). Revoking twice is harmless."""
+        """Revoke a key: refused from the next key check (API processes keep a checked key for
+        UISPS_API_KEY_CACHE_TTL_S; the one that revoked it drops it at once). Revoking twice is harmless."""
         begin_write(session)
         key = self.get(session, tenant_id, key_id)
         if key.revoked_at is not None:
@@ -180,25 +181,33 @@ class ApiKeyService:
         )
         return key
 
-    def verify(self, session: Session, key_hash: str) -> Principal:
-        """The caller behind the key whose hash is `key_hash` (see `hash_of`), and a note of its use
-        in last_used_at (at most once a minute). Raises Unauthenticated for an unknown or revoked key.
+    def verify(self, session: Session, key_hash: str) -> tuple[Principal, bool]:
+        """The caller behind the key whose hash is `key_hash` (see `hash_of`), read only, and
+        whether its use is due to be noted in last_used_at (`note_use`, at most once a minute).
+        Raises Unauthenticated for an unknown or revoked key.
 
-        Read first, written only when the note is due: a flood of unknown keys, which no rate
-        limit charges, must not queue for SQLite's single write lock beside the workers.
+        Only reads: a flood of unknown keys, which no rate limit charges, must not queue for
+        SQLite's single write lock beside the workers.
         """
         key = self._usable(session, key_hash)
-        if key.last_used_at is not None and utcnow() - key.last_used_at < _LAST_USED_RESOLUTION:
-            return _principal(key)
-        session.commit()  # a SQLite writer must not start from this read's snapshot (begin_write)
+        due = key.last_used_at is None or utcnow() - key.last_used_at >= _LAST_USED_RESOLUTION
+        return _principal(key), due
+
+    def note_use(self, session: Session, key_hash: str) -> Principal:
+        """In a write transaction of its own after `verify`: the key checked again (it may have
+        been revoked in between) and its use noted."""
         begin_write(session)
-        key = self._usable(session, key_hash)  # revoked meanwhile?
+        key = self._usable(session, key_hash)
         key.last_used_at = utcnow()
         return _principal(key)
 
     @staticmethod
     def _usable(session: Session, key_hash: str) -> ApiKey:
-        key = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+        # populate_existing: a key this session read before is read again, not taken from its
+        # identity map as it was then (a revocation in between must be seen).
+        key = session.scalar(
+            select(ApiKey).where(ApiKey.key_hash == key_hash).execution_options(populate_existing=True)
+        )
         # The lookup is by hash; comparing again in constant time costs nothing and keeps the
         # check itself free of timing differences.
         if key is None or not hmac.compare_digest(key.key_hash, key_hash):

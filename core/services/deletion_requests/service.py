@@ -317,14 +317,21 @@ def _iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="microseconds") if value is not None else None
 
 
-def _validate_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Check overrides now so a bad one is the caller's 422, not a failed job an hour later."""
+def unlearn_config(params: dict[str, Any]) -> UnlearnConfig:
+    """The configuration of a request's `params` overrides, or InvalidParameters: the caller's 422
+    when the request is made, and in a job (a request queued before an upgrade that refuses its
+    overrides) a failure of the input, not one to retry."""
     try:
-        config = UnlearnConfig.model_validate(params)
+        return UnlearnConfig.model_validate(params)
     except ValidationError as exc:
         errors = [{"loc": ["params", *err["loc"]], "msg": err["msg"], "type": err["type"]} for err in exc.errors()]
         where = ".".join(map(str, errors[0]["loc"]))
         raise InvalidParameters(f"{where}: {errors[0]['msg']}", errors) from None
+
+
+def _validate_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Check overrides now so a bad one is the caller's 422, not a failed job an hour later."""
+    config = unlearn_config(params)
     # Only what the caller set is stored: the defaults may improve before the job runs, and the
     # job's report records the full configuration it used.
     return config.model_dump(mode="json", exclude_unset=True)

@@ -7,14 +7,16 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import ModelVersion
+from core.db import ModelVersion, make_engine, make_sessionmaker
+from core.db.migrate import upgrade
 from core.services.deletion_requests.service import deletion_request_service
 from core.services.errors import CheckpointPurged, Conflict
 from core.services.models.service import ModelSpec, model_service
@@ -126,23 +128,39 @@ def test_a_request_waits_for_a_purge_of_its_base_and_is_then_refused(
     assert outcome["error"].code == "checkpoint_purged"
 
 
-def test_a_download_during_a_purge_waits_for_it_and_answers_purged_not_missing(
-    pg_sessions: sessionmaker[Session], tmp_path: Path, unique_digits_checkpoint: bytes
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    if request.param == "postgresql":
+        yield request.getfixturevalue("pg_sessions")
+        return
+    url = f"sqlite:///{tmp_path / 'uisps.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.mark.parametrize("read", ["download", "head"])
+def test_a_read_during_a_purge_waits_for_it_and_answers_purged_not_missing(
+    any_sessions: sessionmaker[Session], tmp_path: Path, unique_digits_checkpoint: bytes, read: str
 ) -> None:
     store = LocalArtifactStore(tmp_path / "artifacts")
-    model_id = _model_with_version(pg_sessions, store, unique_digits_checkpoint)
+    model_id = _model_with_version(any_sessions, store, unique_digits_checkpoint)
+    where = {"tenant_id": "default", "model_id": model_id, "version": 1, "store": store}
 
-    def download() -> ModelVersion:
-        with pg_sessions() as session:
-            return model_service.checkpoint_for_download(
-                session, tenant_id="default", actor="test", model_id=model_id, version=1, store=store
-            )
+    def reader() -> ModelVersion:
+        with any_sessions() as session:
+            if read == "head":
+                return model_service.stored_checkpoint(session, **where)
+            return model_service.checkpoint_for_download(session, actor="test", **where)
 
-    with pg_sessions() as purging:  # the file is deleted before the purge commits
-        model_service.purge_checkpoint(purging, tenant_id="default", actor="test", model_id=model_id,
-                                       version=1, store=store)
-        thread, outcome = _in_thread(download)
-        _wait_until_blocked_on_a_lock(pg_sessions)
+    with any_sessions() as purging:  # the file is deleted before the purge commits
+        model_service.purge_checkpoint(purging, actor="test", **where)
+        thread, outcome = _in_thread(reader)
+        if any_sessions.kw["bind"].dialect.name == "postgresql":
+            _wait_until_blocked_on_a_lock(any_sessions)
+        else:
+            time.sleep(1)  # the reader finds the file gone at once; then it waits for SQLite's write lock
         purging.commit()
     thread.join(10)
 
