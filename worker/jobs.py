@@ -186,12 +186,13 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
         with LeaseKeeper(sessions, request_id, job.attempt, lease_s):
             store = artifact_store(settings)
             artifact, forgotten, report = _unlearn(job, settings, device, store, tracker)
-            status = _commit_result(sessions, request_id, job.attempt, artifact, forgotten, report, store)
+            status = _commit_result(sessions, request_id, job, artifact, forgotten, report, store)
         logger.info("deletion request %s %s", request_id, status)
         return RunOutcome(status)
     except JobCancelled:
         _record_through_outage(sessions, request_id, "cancel",
-                               partial(deletion_jobs.cancelled, request_id=request_id, attempt=job.attempt), retry=False)
+                               partial(deletion_jobs.cancelled, request_id=request_id, attempt=job.attempt,
+                                       claimed_at=job.claimed_at), retry=False)
         return RunOutcome("cancelled")
     except JobLost:
         logger.warning("deletion request %s was finished or re-claimed elsewhere; dropping this run", request_id)
@@ -199,7 +200,8 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
     except UisError as exc:
         # The input is at fault (labels, checkpoint, data): running it again cannot help.
         _record_through_outage(sessions, request_id, "failure", partial(
-            deletion_jobs.fail, request_id=request_id, code=exc.code, message=str(exc), attempt=job.attempt))
+            deletion_jobs.fail, request_id=request_id, code=exc.code, message=str(exc), attempt=job.attempt,
+            claimed_at=job.claimed_at))
         return RunOutcome("failed")
     except Exception as exc:
         logger.exception("deletion request %s, attempt %d, failed", request_id, job.attempt)
@@ -229,13 +231,24 @@ def _record_failure(
     # An outage never uses up the request's attempts (a MinIO restart would otherwise fail every
     # request running through it): it is retried, paced, until it is over.
     if outage or job.attempt < settings.max_attempts:
-        if not deletion_jobs.retry_later(
-            session, request_id, code=code, message=message, attempt=job.attempt, give_back=outage
-        ):
+        try:
+            requeued = deletion_jobs.retry_later(
+                session, request_id, code=code, message=message, attempt=job.attempt, give_back=outage,
+                claimed_at=job.claimed_at, max_attempts=settings.max_attempts,
+            )
+        except JobLost:
+            # Tried again after a lost answer: if that try landed, the retry is ours to send.
+            if not deletion_jobs.retry_scheduled_by(session, request_id, job.attempt, job.claimed_at):
+                raise
+            requeued = True
+        if not requeued:
             return RunOutcome("cancelled")
         step = retries if outage else job.attempt - 1
         return RunOutcome("retrying", retry_in_s=min(MAX_RETRY_DELAY_S, 5.0 * 2 ** min(step, 10)))
-    if not deletion_jobs.fail(session, request_id, code=code, message=message, attempt=job.attempt, cancel_wins=True):
+    if not deletion_jobs.fail(
+        session, request_id, code=code, message=message, attempt=job.attempt, cancel_wins=True,
+        claimed_at=job.claimed_at,
+    ):
         return RunOutcome("cancelled")
     return RunOutcome("failed")
 
@@ -265,11 +278,14 @@ def _record_through_outage(
 
 
 def _commit_result(
-    sessions: sessionmaker[Session], request_id: str, attempt: int, artifact: StoredArtifact,
+    sessions: sessionmaker[Session], request_id: str, job: JobInput, artifact: StoredArtifact,
     forgotten: list[int], report: dict[str, Any], store: ArtifactStore,
 ) -> str:
     """Record the new version; the request's state after. The stored file is already there; a
-    commit that landed but whose answer was lost is recognised by its version's bytes."""
+    commit that landed but whose answer was lost is recognised by its version's bytes, and one
+    that landed as a give-back (a newer base, a cancel in the group) by the claim's fence: the
+    request is no longer held by this claim, even where another claim took the same attempt
+    number since."""
     tried = False
 
     def record(session: Session) -> str:
@@ -281,7 +297,7 @@ def _commit_result(
             return landed
         request = deletion_jobs.complete(
             session, request_id, artifact=artifact, forgotten_labels=forgotten, metrics=report,
-            attempt=attempt, store=store,
+            attempt=job.attempt, store=store, claimed_at=job.claimed_at,
         )
         return request.state
 

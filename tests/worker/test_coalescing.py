@@ -379,6 +379,53 @@ def _wait(env, ids: list[str], done, timeout_s: float, processes) -> list[Deleti
         time.sleep(0.2)
 
 
+def test_a_member_whose_own_attempts_are_used_up_fails_with_its_group_instead_of_being_queued_again(
+    worker_env, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model_id = worker_env.new_model(digits_checkpoint)
+    member = worker_env.queue(model_id, [5])
+    with worker_env.sessions.begin() as session:  # its own job fails once, in a way that may pass
+        job = deletion_jobs.claim(session, member, lease_s=60, max_attempts=2).job
+        deletion_jobs.retry_later(session, member, code="internal_error", message="x", attempt=job.attempt)
+    lead = worker_env.queue(model_id, [3])
+    with worker_env.sessions.begin() as session:  # it joins another's job: its second attempt, of 2
+        job = deletion_jobs.claim(session, lead, lease_s=60, max_attempts=2, coalesce=True).job
+    assert job.members == (member,)
+
+    with worker_env.sessions.begin() as session:  # the lead's first attempt fails the same way
+        deletion_jobs.retry_later(session, lead, code="internal_error", message="y", attempt=job.attempt, max_attempts=2)
+
+    lead_row, member_row = _requests(worker_env, lead, member)
+    assert (lead_row.state, lead_row.attempts) == ("queued", 1)
+    assert (member_row.state, member_row.attempts, member_row.error["code"]) == ("failed", 2, "internal_error")
+
+
+def test_an_orphaned_group_with_a_cancel_does_not_run_its_lead_past_its_attempts(
+    worker_env, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    from sqlalchemy import update
+
+    model_id = worker_env.new_model(digits_checkpoint)
+    lead = worker_env.queue(model_id, [3])
+    member = worker_env.queue(model_id, [5])
+    with worker_env.sessions.begin() as session:  # two workers lost (max 2): the lead's second attempt
+        deletion_jobs.claim(session, lead, lease_s=-1, max_attempts=2, coalesce=False)
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == lead).values(state="queued"))
+    with worker_env.sessions.begin() as session:
+        job = deletion_jobs.claim(session, lead, lease_s=-1, max_attempts=2, coalesce=True).job  # lease gone at once
+    assert job.attempt == 2 and job.members == (member,)
+    with worker_env.sessions.begin() as session:  # the member asks to cancel; the worker is lost
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == member).values(cancel_requested=True))
+
+    with worker_env.sessions.begin() as session:
+        claim = deletion_jobs.claim(session, lead, lease_s=60, max_attempts=2)
+
+    lead_row, member_row = _requests(worker_env, lead, member)
+    assert claim.outcome is ClaimOutcome.NOT_CLAIMABLE
+    assert (lead_row.state, lead_row.attempts, lead_row.error["code"]) == ("failed", 2, "worker_lost")
+    assert member_row.state == "cancelled"
+
+
 def test_a_worker_process_runs_two_queued_requests_as_one_job(worker_processes, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     env = worker_processes.requests()
     celery = make_celery(worker_processes.settings)

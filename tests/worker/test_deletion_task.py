@@ -9,7 +9,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from core.db import AuditEvent, DeletionRequest, ModelVersion, utcnow, verify_chain
-from core.services.deletion_requests.jobs import deletion_jobs
+from core.services.deletion_requests.jobs import JobLost, deletion_jobs
 from worker.tasks import run_deletion_request
 
 
@@ -322,6 +322,56 @@ def test_a_database_blip_as_the_result_is_committed_does_not_throw_the_job_away(
     assert (request.state, request.attempts, request.result_version) == ("succeeded", 1, 2)
 
 
+@pytest.mark.parametrize("why", ["a newer version was made", "a member asked to cancel"])
+def test_a_result_whose_commit_gave_the_attempt_back_is_not_recorded_by_the_retry_after_a_lost_answer(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch, why: str  # noqa: ANN001
+) -> None:
+    # The give-back lowers the attempt number and worker 2's claim raises it to the same number:
+    # worker 1's retry must see that the request is no longer its claim's, not record its result
+    # (computed from the old base, or with the cancelled member's labels) over worker 2's run.
+    from worker.jobs import _commit_result
+
+    env = worker_env
+    model_id = env.new_model(digits_checkpoint)
+    first = env.queue(model_id, [3])
+    if why == "a newer version was made":
+        other = env.queue(model_id, [5], base_version=1)
+        with env.sessions.begin() as session:
+            job = deletion_jobs.claim(session, first, lease_s=60).job
+        with env.sessions.begin() as session:
+            deletion_jobs.claim(session, other, lease_s=60)
+        with env.sessions.begin() as session:
+            deletion_jobs.complete(session, other, artifact=env.store.put(b"v2", "default"), forgotten_labels=[5],
+                                   metrics={}, attempt=1)
+    else:
+        member = env.queue(model_id, [5])
+        with env.sessions.begin() as session:
+            job = deletion_jobs.claim(session, first, lease_s=60, coalesce=True).job
+        with env.sessions.begin() as session:
+            session.execute(update(DeletionRequest).where(DeletionRequest.id == member).values(cancel_requested=True))
+    real_complete = deletion_jobs.complete
+
+    def landed_then_lost_then_reclaimed(session, request_id, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        monkeypatch.setattr(deletion_jobs, "complete", real_complete)  # the retry is the real one
+        with env.sessions.begin() as own:
+            real_complete(own, request_id, **kwargs)  # gives the attempt back ...
+        with env.sessions.begin() as own:
+            assert deletion_jobs.claim(own, first, lease_s=60).job.attempt == job.attempt  # ... worker 2 takes it
+        from sqlalchemy.exc import OperationalError
+
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(deletion_jobs, "complete", landed_then_lost_then_reclaimed)
+    monkeypatch.setattr("worker.jobs.COMMIT_RETRY_DELAYS_S", (0.01,))
+    versions_before = len(_versions(env, model_id))
+
+    with pytest.raises(JobLost):
+        _commit_result(env.sessions, first, job, env.store.put(b"worker 1's result", "default"), [3], {}, env.store)
+
+    assert len(_versions(env, model_id)) == versions_before  # nothing recorded for worker 1
+    assert _request(env, first).state == "running"  # worker 2's run decides
+
+
 @pytest.mark.parametrize("landed", [False, True], ids=["lost before the commit", "answer lost after it"])
 def test_a_failure_recorded_through_a_database_blip_is_recorded_once(
     worker_env, digits_checkpoint: bytes, tmp_path, monkeypatch: pytest.MonkeyPatch, landed: bool  # noqa: ANN001
@@ -337,6 +387,51 @@ def test_a_failure_recorded_through_a_database_blip_is_recorded_once(
     assert calls == [2] and outcome.status == "failed"  # not left running until its lease runs out
     assert (request.state, request.attempts, request.error["code"]) == ("failed", 1, "invalid_data")
     assert _actions(worker_env, request_id).count("deletion_request.failed") == 1
+
+
+def test_a_retry_whose_answer_was_lost_is_still_sent(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    # The retry landed; its answer did not. The run must still say "retrying" (Celery then sends
+    # the retry's message), not "lost", which sends nothing and leaves the reconciler to notice.
+    from worker.jobs import run_job
+
+    def broken(_source: str) -> None:
+        raise RuntimeError("the data store hiccupped")
+
+    monkeypatch.setattr("worker.jobs.load_dataset", broken)
+    calls = _database_blip_once(worker_env, monkeypatch, "retry_later", landed=True)
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+
+    outcome = run_job(request_id, worker_env.settings.model_copy(update={"max_attempts": 3}))
+
+    request = _request(worker_env, request_id)
+    assert calls == [2] and outcome.status == "retrying" and outcome.retry_in_s is not None
+    assert (request.state, request.attempts) == ("queued", 1)
+    assert _actions(worker_env, request_id).count("deletion_request.retry_scheduled") == 1
+
+
+def test_a_retry_of_an_old_request_is_re_sent_after_the_usual_wait_not_after_its_age(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    # A request that waited two hours for its first run, then failed and was queued to retry: if
+    # the retry's message is lost, it waits the reconciler's period, not another two hours.
+    import core.services.deletion_requests.jobs as jobs_module
+
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+    with worker_env.sessions.begin() as session:
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id)
+                        .values(created_at=utcnow() - timedelta(hours=2), dispatched_at=utcnow() - timedelta(hours=2)))
+    with worker_env.sessions.begin() as session:
+        job = deletion_jobs.claim(session, request_id, lease_s=60).job
+    with worker_env.sessions.begin() as session:
+        deletion_jobs.retry_later(session, request_id, code="internal_error", message="x", attempt=job.attempt)
+
+    monkeypatch.setattr(jobs_module, "utcnow", lambda: utcnow() + timedelta(minutes=6))
+    with worker_env.sessions.begin() as session:
+        due = deletion_jobs.due_for_dispatch(session, requeue_after_s=300)
+
+    assert request_id in due
 
 
 def test_a_cancel_asked_before_the_last_attempt_fails_is_honoured(

@@ -62,6 +62,10 @@ class JobInput:
     model: Model
     base: ModelVersion
     members: tuple[str, ...] = ()  # the other requests this job runs (coalesced into it)
+    # When this claim was made (the request's started_at): with `attempt`, the claim's fence. The
+    # attempt number alone is not one: a job that gives its attempt back (a newer base, a cancel
+    # in its group) lowers it, and the next claim raises it to the same number again.
+    claimed_at: datetime | None = None
 
     @property
     def request_ids(self) -> list[str]:
@@ -118,17 +122,15 @@ class DeletionJobs:
                 # attempt is not given back: its worker was lost (and may still be alive, stalled,
                 # holding this very value of `attempts`, which the claim below moves past).
                 self._stop_group(session, group, give_back=False)
-                if request.state == JobState.CANCELLED.value:
-                    return Claim(ClaimOutcome.NOT_CLAIMABLE, state=JobState.CANCELLED.value)
-                previous_state = request.state  # queued again: claimed afresh below
+                # Who did not ask is queued again, apart, each within its own attempts.
+                queued = [row for row in group if row.state == JobState.QUEUED.value]
+                if max_attempts is not None:
+                    self._worker_lost(session, [row for row in queued if row.attempts >= max_attempts])
+                if request.state != JobState.QUEUED.value:  # cancelled, or out of attempts
+                    return Claim(ClaimOutcome.NOT_CLAIMABLE, state=request.state)
+                previous_state = request.state  # claimed afresh below
             elif max_attempts is not None and request.attempts >= max_attempts:
-                # Every attempt counted ended in a lost worker (this one) or a retried failure.
-                message = (
-                    f"the worker running this request was lost; giving up after {request.attempts} failed attempts"
-                )
-                for row in group:
-                    row.error = {"code": "worker_lost", "message": message}
-                    self._finish(session, row, JobState.FAILED, error=row.error)
+                self._worker_lost(session, group)
                 return Claim(ClaimOutcome.NOT_CLAIMABLE, state=JobState.FAILED.value)
         if not deletion_request_repository.claim(session, request_id, now, now + timedelta(seconds=lease_s)):
             return Claim(ClaimOutcome.NOT_CLAIMABLE, state=previous_state)
@@ -172,8 +174,16 @@ class DeletionJobs:
             model=request.model,
             base=base,
             members=tuple(m.id for m in members),
+            claimed_at=request.started_at,
         )
         return Claim(ClaimOutcome.CLAIMED, job, JobState.RUNNING.value)
+
+    def _worker_lost(self, session: Session, rows: list[DeletionRequest]) -> None:
+        """Fail requests whose every attempt counted ended in a lost worker or a retried failure."""
+        for row in rows:
+            message = f"the worker running this request was lost; giving up after {row.attempts} failed attempts"
+            row.error = {"code": "worker_lost", "message": message}
+            self._finish(session, row, JobState.FAILED, error=row.error)
 
     @staticmethod
     def _newer_base(request: DeletionRequest, latest: ModelVersion | None) -> ModelVersion | None:
@@ -297,6 +307,7 @@ class DeletionJobs:
         metrics: dict[str, Any],
         attempt: int | None = None,
         store: ArtifactStore | None = None,
+        claimed_at: datetime | None = None,
     ) -> DeletionRequest:
         """Create version n+1 and mark the request (and its members) succeeded, in one transaction.
 
@@ -310,7 +321,7 @@ class DeletionJobs:
         (ArtifactNotFound then, and the retried job stores it again).
         """
         begin_write(session)
-        request = self._running(session, request_id, attempt)
+        request = self._running(session, request_id, attempt, claimed_at)
         group = [request, *self._members(session, request_id)]
         existing = model_repository.version_for_request(session, request_id)
         if existing is not None:
@@ -383,7 +394,7 @@ class DeletionJobs:
 
     def fail(
         self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None,
-        cancel_wins: bool = False,
+        cancel_wins: bool = False, claimed_at: datetime | None = None,
     ) -> bool:
         """running -> failed, with the requests coalesced into it; False where this request was
         cancelled instead. `cancel_wins` (a failure that is no fault of the input): the requests
@@ -393,8 +404,8 @@ class DeletionJobs:
         request = deletion_request_repository.get(session, None, request_id, for_update=True)
         if request is None or request.state != JobState.RUNNING.value:
             return True  # finished, or queued again (after a cancel in its group, say): not ours any more
-        if attempt is not None and request.attempts != attempt:
-            return True  # taken over by a later attempt, which decides the outcome
+        if not _same_claim(request, attempt, claimed_at):
+            return True  # taken over by a later claim, which decides the outcome
         for row in [request, *self._members(session, request_id)]:
             if cancel_wins and row.cancel_requested:
                 self._finish(session, row, JobState.CANCELLED)
@@ -403,26 +414,30 @@ class DeletionJobs:
                 self._finish(session, row, JobState.FAILED, error=row.error)
         return request.state == JobState.FAILED.value
 
-    def cancelled(self, session: Session, request_id: str, attempt: int | None = None) -> None:
+    def cancelled(
+        self, session: Session, request_id: str, attempt: int | None = None, claimed_at: datetime | None = None
+    ) -> None:
         """The job stopped because a cancel was asked: who asked is cancelled, the rest of a
         coalesced group is queued again (and runs without them)."""
         begin_write(session)
-        request = self._running(session, request_id, attempt)
+        request = self._running(session, request_id, attempt, claimed_at)
         self._stop_group(session, [request, *self._members(session, request_id)], give_back=True)
 
     def retry_later(
         self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None,
-        give_back: bool = False,
+        give_back: bool = False, claimed_at: datetime | None = None, max_attempts: int | None = None,
     ) -> bool:
         """running -> queued after a failure that may pass (the broker redelivers the task);
         False where a cancel was asked meanwhile: it is honoured instead, nothing is retried.
 
         `give_back`: the attempt does not count (a service the job needs was down, which no run
         of the request can help), so an outage never uses up a request's retries. The worker
-        holding the attempt gives it back as its job ends, as `_stop_group` does.
+        holding the attempt gives it back as its job ends, as `_stop_group` does. The caller
+        decides on the request's own attempts; a coalesced member whose own have reached
+        `max_attempts` fails with the error instead of being queued again.
         """
         begin_write(session)
-        request = self._running(session, request_id, attempt)
+        request = self._running(session, request_id, attempt, claimed_at)
         group = [request, *self._members(session, request_id)]
         if any(row.cancel_requested for row in group):
             # queued again with the flag set, it would cancel whichever job it joined next. The
@@ -447,9 +462,22 @@ class DeletionJobs:
         # Members wait in the queue too, free to join the retry's job (or another); the
         # reconciler sends them, as nothing else holds a message for them.
         for member in group[1:]:
+            if not give_back and max_attempts is not None and member.attempts >= max_attempts:
+                member.error = error
+                self._finish(session, member, JobState.FAILED, error=error)
+                continue
             self._requeue(session, member, "deletion_request.retry_scheduled", attempt=member.attempts, error=error,
                           **given_back)
         return True
+
+    def retry_scheduled_by(self, session: Session, request_id: str, attempt: int, claimed_at: datetime | None) -> bool:
+        """Whether this claim's own `retry_later` landed (its answer lost): the request is queued
+        and no claim, give-back or cancel has touched its attempt since."""
+        request = deletion_request_repository.get(session, None, request_id)
+        return (
+            request is not None and claimed_at is not None and request.state == JobState.QUEUED.value
+            and request.attempts == attempt and request.started_at == claimed_at
+        )
 
     def recorded_state(self, session: Session, request_id: str, sha256: str) -> str | None:
         """The request's state when a version holding exactly these bytes was made for it (a
@@ -484,7 +512,9 @@ class DeletionJobs:
           redelivering); sent once as soon as the lease has run out, then every `requeue_after_s`;
         - queued, not sent for `requeue_after_s`: the broker lost the message (flushed, failed
           over, publish failed after the commit). A queue can also simply be long, so the wait
-          doubles with each re-send (it is at least the request's age at its last send).
+          doubles with each re-send (it is at least the time the request had waited in the queue
+          at its last send: since it was made, or, queued again after an attempt, since that
+          attempt began, so that a retry of an old request is not left for as long as it is old).
 
         Duplicates are harmless: a worker finds the request claimed or finished and skips it.
         Several workers may reconcile at once; the conditional update lets one of them send.
@@ -498,7 +528,8 @@ class DeletionJobs:
             if row.state == JobState.RUNNING.value:
                 is_due = last is None or last < row.lease_expires_at or now - last >= requeue_after
             else:
-                is_due = last is None or now - last >= max(requeue_after, last - row.created_at)
+                queued_since = max(row.created_at, row.started_at or row.created_at)
+                is_due = last is None or now - last >= max(requeue_after, last - queued_since)
             if is_due and deletion_request_repository.mark_dispatched(session, row.id, row.state, last, now):
                 due.append(row.id)
         return due
@@ -512,12 +543,12 @@ class DeletionJobs:
             begin_write(session)
             deletion_request_repository.clear_dispatched(session, request_ids)
 
-    def _running(self, session: Session, request_id: str, attempt: int | None = None) -> DeletionRequest:
+    def _running(
+        self, session: Session, request_id: str, attempt: int | None = None, claimed_at: datetime | None = None
+    ) -> DeletionRequest:
         request = deletion_request_repository.get(session, None, request_id, for_update=True)
-        if request is None or request.state != JobState.RUNNING.value:
-            raise JobLost(request_id)
-        if attempt is not None and request.attempts != attempt:
-            raise JobLost(request_id)  # our lease ran out and another worker took the request over
+        if request is None or request.state != JobState.RUNNING.value or not _same_claim(request, attempt, claimed_at):
+            raise JobLost(request_id)  # finished, queued again, or claimed by another worker since
         return request
 
     def _members(self, session: Session, request_id: str) -> list[DeletionRequest]:
@@ -587,6 +618,13 @@ class DeletionJobs:
             model_id=request.model_id,
             details=details,
         )
+
+
+def _same_claim(request: DeletionRequest, attempt: int | None, claimed_at: datetime | None) -> bool:
+    """Whether the request is still held by the claim of this attempt (and, given, this time)."""
+    if attempt is not None and request.attempts != attempt:
+        return False
+    return claimed_at is None or request.started_at == claimed_at
 
 
 deletion_jobs = DeletionJobs()

@@ -184,6 +184,7 @@ class DeletionRequestRepository:
                 _table.c.id,
                 _table.c.state,
                 _table.c.created_at,
+                _table.c.started_at,
                 _table.c.dispatched_at,
                 _table.c.lease_expires_at,
             )
