@@ -48,6 +48,11 @@ class InvalidArtifactKey(ValueError):
     """The key is not one this store could have produced (for example, it tries to escape)."""
 
 
+class BucketMissing(Exception):
+    """The S3 bucket itself is not there (deleted, or a wrong UISPS_S3_BUCKET): the store is out
+    of order, which no checkpoint is to blame for (artifact_store_unavailable, not artifact_missing)."""
+
+
 class ArtifactNotFound(KeyError):
     pass
 
@@ -301,6 +306,7 @@ class S3ArtifactStore:
             response = self.client.get_object(Bucket=self.bucket, Key=object_key)
         except Exception as error:
             if _is_missing(error):
+                self._check_bucket()
                 raise ArtifactNotFound(key) from None
             raise
         # botocore's StreamingBody is an io.IOBase: read(n), iteration, close, ``with``.
@@ -407,16 +413,26 @@ class S3ArtifactStore:
             return self.client.head_object(Bucket=self.bucket, Key=object_key)  # type: ignore[no-any-return]
         except Exception as error:
             if _is_missing(error):
+                self._check_bucket()
                 return None
+            raise
+
+    def _check_bucket(self) -> None:
+        """After a 404: BucketMissing if the bucket is what is missing. A HEAD's 404 has no body
+        to say which, so the bucket is asked (one request, on misses only)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as error:
+            if _is_missing(error):
+                raise BucketMissing(f"the S3 bucket {self.bucket!r} does not exist (UISPS_S3_BUCKET)") from None
             raise
 
     def _upload(self, body: BinaryIO, stored: StoredArtifact) -> StoredArtifact:
         digest, size = stored.sha256, stored.size
         object_key = self.object_key(stored.key)
-        existing = self._head(object_key)
-        if existing is not None and existing.get("ContentLength") == size:
-            # Same key means same bytes: put is idempotent and stores each content once.
-            return stored
+        # Written even where the key exists: S3 keeps one object per key, so this stores each
+        # content once all the same, and it renews the object's age (`uisps artifacts gc` spares
+        # a file put a moment ago for a commit to come) and replaces an object damaged in place.
         metadata = {"sha256": digest}
         if size <= self.multipart_threshold:
             # The server checks the body against our SHA-256 and refuses a mismatch.
@@ -470,6 +486,8 @@ def is_store_outage(exc: BaseException) -> bool:
         return False
     if isinstance(exc, SSLError):  # a bad CA bundle or certificate: no waiting mends it
         return False
+    if isinstance(exc, BucketMissing):  # the operator's to mend; requests wait for it, as for an outage
+        return True
     if isinstance(exc, (StoreUnreachable, HTTPClientError)):
         return True
     if isinstance(exc, ClientError):

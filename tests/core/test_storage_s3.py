@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,8 +20,10 @@ import pytest
 from core.settings import Settings
 from core.storage import (
     ArtifactNotFound,
+    BucketMissing,
     InvalidArtifactKey,
     S3ArtifactStore,
+    is_store_outage,
     make_artifact_store,
 )
 
@@ -192,6 +195,33 @@ def test_an_unreachable_bucket_is_an_error_not_a_missing_artifact(s3_endpoint: s
         store.put(CONTENT)
 
     assert not isinstance(raised.value, ArtifactNotFound)
+
+
+def test_a_missing_bucket_is_an_outage_of_the_store_not_a_missing_checkpoint(s3_endpoint: str, aws_env: None) -> None:
+    # Else a wrong or deleted bucket answered 500 artifact_missing and failed every job for good.
+    store = S3ArtifactStore("no-such-bucket-" + secrets.token_hex(4), endpoint_url=s3_endpoint, addressing_style="path")
+
+    for read in (store.open, store.exists, store.size):
+        with pytest.raises(BucketMissing) as raised:
+            read(KEY)
+        assert is_store_outage(raised.value)
+
+
+def test_a_put_of_stored_bytes_renews_the_object_and_mends_one_damaged_in_place(store: S3ArtifactStore) -> None:
+    # Renewed: `uisps artifacts gc` judges age by it, and a job's result put again a moment
+    # before its commit must not look as old as its first copy.
+    store.put(CONTENT)
+    client = _raw_client(store.endpoint_url)  # type: ignore[arg-type]
+    object_key = store.object_key(KEY)
+    client.put_object(Bucket=store.bucket, Key=object_key, Body=b"X" * len(CONTENT))  # same size, other bytes
+    before = client.head_object(Bucket=store.bucket, Key=object_key)["LastModified"]
+    time.sleep(1.1)  # S3 dates objects to the second
+
+    store.put(CONTENT)
+
+    assert client.head_object(Bucket=store.bucket, Key=object_key)["LastModified"] > before
+    with store.open(KEY) as stream:
+        assert stream.read() == CONTENT
 
 
 def test_an_upload_abandoned_half_way_is_found_and_aborted(store: S3ArtifactStore) -> None:

@@ -179,20 +179,22 @@ def test_on_s3_the_shared_object_moves_and_goes(
     assert b"".join(store.iter_bytes(own)) == digits_checkpoint and not store.exists(shared)
 
 
-def test_on_s3_a_bad_object_already_at_the_tenants_key_is_not_trusted(
+def test_on_s3_a_bad_object_already_at_the_tenants_key_is_replaced_not_trusted(
     sqlite_url: str, s3_endpoint: str, bucket: str, digits_checkpoint: bytes
 ) -> None:
     sessions, store = _sqlite(sqlite_url), _s3(s3_endpoint, bucket)
     model_id = _legacy_version(sessions, "acme", digits_checkpoint, store)
     shared = _key_of(sessions, "acme", model_id)
     own = key_for(shared.rsplit("/", 1)[1], "acme")
-    # the same size, so the store's put keeps it (same key, same bytes, it assumes)
+    # the same size: a store that took the key for the bytes would keep it
     store.client.put_object(Bucket=bucket, Key=store.object_key(own), Body=b"x" * len(digits_checkpoint))
 
     report = _rekey(sessions, store)
 
-    assert report.moved == [] and "do not hash" in report.problems[0]
-    assert _key_of(sessions, "acme", model_id) == shared and store.exists(shared)
+    assert [moved.new_key for moved in report.moved] == [own] and not report.problems
+    assert _key_of(sessions, "acme", model_id) == own
+    with store.open(own) as stream:
+        assert stream.read() == digits_checkpoint
 
 
 def _sqlite(url: str) -> sessionmaker[Session]:
