@@ -135,7 +135,15 @@ def _repoint(
 ) -> list[RekeyedVersion]:
     begin_write(session)
     lock_artifact(session, old_key, exclusive=True)
-    lock_artifact(session, new_key, exclusive=False)
+    # Exclusive, not shared as a write that adds a version takes it: the copy may have to go.
+    lock_artifact(session, new_key, exclusive=True)
+    if not _unpurged_naming(session, old_key, tenant_id):
+        # Every version it was for was purged while the file was copied: the copy must not
+        # outlive the purge that reported the bytes deleted.
+        if not model_repository.artifact_kept(session, new_key):
+            store.delete(new_key)
+        session.commit()
+        return []
     if not store.exists(new_key):  # a purge of another version with these bytes deleted the copy meanwhile
         with store.open(old_key) as source:
             copied = store.put(source, tenant_id)

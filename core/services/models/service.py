@@ -27,7 +27,7 @@ from core.services.models.repository import model_repository
 from core.services.pagination import Page, PageRequest
 from core.services.text import NulFree
 from core.services.transactions import begin_write, lock_artifact
-from core.storage import ArtifactNotFound, ArtifactStore
+from core.storage import ArtifactNotFound, ArtifactStore, key_for
 
 if TYPE_CHECKING:
     from core.checkpoint import Manifest
@@ -323,8 +323,11 @@ class ModelService:
         found = self.get_version(session, tenant_id, model_id, version)
         if found.checkpoint_purged_at is not None:
             return found
-        # Artifact lock before the tenant's: the order of the writes that add versions.
+        # Artifact locks before the tenant's: the order of the writes that add versions.
         _lock_own_artifact(session, found)
+        tenant_copy = key_for(found.sha256, found.tenant_id)
+        if tenant_copy != found.artifact_key:  # a shared file: `uisps artifacts rekey` may have copied it
+            lock_artifact(session, tenant_copy, exclusive=True)
         lock_tenant(session, tenant_id)  # serialised with request creation, which checks the base
         session.refresh(found)
         if found.checkpoint_purged_at is not None:  # a concurrent purge won
@@ -339,6 +342,10 @@ class ModelService:
         bytes_deleted = not model_repository.artifact_kept(session, found.artifact_key, besides=found.id)
         if bytes_deleted:
             store.delete(found.artifact_key)
+            # A rekey that copied the file and stopped before repointing left a copy no version
+            # names yet: the bytes reported deleted must be gone from it too.
+            if tenant_copy != found.artifact_key and not model_repository.artifact_kept(session, tenant_copy):
+                store.delete(tenant_copy)
         found.checkpoint_purged_at = utcnow()
         record_event(
             session,

@@ -4,6 +4,7 @@ and a purge racing the move on PostgreSQL."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import uuid
@@ -106,6 +107,39 @@ def test_after_the_move_a_purge_deletes_the_tenants_bytes_whatever_another_holds
     # Before the move this said False: globex's version kept the shared file.
     assert details["bytes_deleted"] is True
     assert not store.exists(_key_of(sessions, "acme", first)) and not store.exists(shared)
+
+
+def test_a_purge_after_a_rekey_stopped_between_copy_and_repoint_deletes_the_copy_too(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes
+) -> None:
+    model_id = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    shared = _key_of(sessions, "acme", model_id)
+    copy = store.put(digits_checkpoint, "acme").key  # what the killed rekey had written
+
+    details = _purge(sessions, store, "acme", model_id)
+
+    assert details["bytes_deleted"] is True
+    assert not store.exists(shared) and not store.exists(copy)  # no live copy of purged bytes
+
+
+def test_a_purge_while_a_rekey_copies_leaves_no_copy_behind(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.services.models import rekey
+
+    model_id = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    copy_then_purge = rekey._copy
+
+    def copied_then_purged(*args: Any) -> str | None:  # the purge lands between the copy and the repoint
+        new_key = copy_then_purge(*args)
+        _purge(sessions, store, "acme", model_id)
+        store.put(digits_checkpoint, "acme")  # the copy as the rekey had it, whatever the purge did
+        return new_key
+
+    monkeypatch.setattr(rekey, "_copy", copied_then_purged)
+    report = _rekey(sessions, store)
+
+    assert report.moved == [] and not store.exists(key_for(hashlib.sha256(digits_checkpoint).hexdigest(), "acme"))
 
 
 def test_a_dry_run_names_the_moves_and_writes_nothing(
