@@ -17,8 +17,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import UisError
 
 MIB = 1024 * 1024
 
@@ -283,9 +285,20 @@ def unknown_environment_names(environ: Mapping[str, str] | None = None) -> list[
     return found
 
 
+class SettingsError(UisError):
+    """A UISPS_* variable whose value the settings refuse: one line that names it, not a traceback."""
+
+    code = "invalid_setting"
+
+
 def get_settings() -> Settings:
     """Build settings from the current environment (fresh each call; tests change the env)."""
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = "UISPS_" + "_".join(str(part) for part in error["loc"]).upper() if error["loc"] else "settings"
+        raise SettingsError(f"{where}: {error['msg']}") from None
 
 
 @lru_cache(maxsize=1)

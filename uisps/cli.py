@@ -261,6 +261,7 @@ def _spawn_worker():  # noqa: ANN202
 
 
 @app.command()
+@user_errors
 def worker(
     pool: Annotated[str, typer.Option("--pool", help="prefork (default) or solo")] = "prefork",
     concurrency: Annotated[int, typer.Option("--concurrency", help="jobs at once (each may use a whole GPU)")] = 1,
@@ -281,10 +282,13 @@ def _migration_errors(hint: str = "") -> Iterator[None]:
     """An unknown revision or an unreachable database: one line, not Alembic's traceback. `hint`
     follows a revision the code does not know (a database a newer release migrated)."""
     from alembic.util import CommandError
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
     try:
         yield
+    except (ArgumentError, NoSuchModuleError, ModuleNotFoundError) as exc:  # a malformed or unsupported URL
+        typer.echo(f"error: UISPS_DATABASE_URL is not a database this service can use: {exc}", err=True)
+        raise typer.Exit(2) from None
     except CommandError as exc:
         typer.echo(f"error: {exc}{hint if 'locate revision' in str(exc) else ''}", err=True)
         raise typer.Exit(2) from None
@@ -294,6 +298,7 @@ def _migration_errors(hint: str = "") -> Iterator[None]:
 
 
 @db_app.command("upgrade")
+@user_errors
 def db_upgrade(revision: Annotated[str, typer.Option("--revision")] = "head") -> None:
     """Migrate the database (UISPS_DATABASE_URL, or the embedded SQLite) up to a revision."""
     from core.db.migrate import current_revision, upgrade
@@ -306,6 +311,7 @@ def db_upgrade(revision: Annotated[str, typer.Option("--revision")] = "head") ->
 
 
 @db_app.command("downgrade")
+@user_errors
 def db_downgrade(
     revision: Annotated[str, typer.Option("--revision", help="target; 'base' removes every table")] = "-1",
 ) -> None:
@@ -353,7 +359,7 @@ def bench_paper(
     out: Annotated[Path, typer.Option("--out", help="folder for paper.json, paper.md, paper-raw.jsonl, plots")] = Path("docs/results"),
     preset: Annotated[str, typer.Option("--preset", help="quick (digits smoke run) | full (the paper's settings)")] = "quick",
     device: DeviceOpt = "auto",
-    seeds: Annotated[int | None, typer.Option("--seeds", help="seeds per row (default: the preset's)")] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", min=1, help="seeds per row (default: the preset's)")] = None,
     first_seed: Annotated[int, typer.Option(
         "--first-seed", min=0, help="run seeds FIRST .. FIRST+seeds-1 (with --resume: rows of lower seeds are kept)")] = 0,
     time_budget: Annotated[float | None, typer.Option(
@@ -434,6 +440,7 @@ def bench_perf(
 
 
 @bench_app.command("api")
+@user_errors
 def bench_api(
     duration: Annotated[float, typer.Option("--duration", help="seconds of GET polling (phase 1)")] = 20.0,
     concurrency: Annotated[int, typer.Option("--concurrency", help="concurrent keep-alive connections")] = 32,
@@ -497,10 +504,16 @@ def _session_on(url: Any) -> Iterator[Any]:
 
 @contextmanager
 def _service_database() -> Iterator[Any]:
-    """A session on the service's database (UISPS_DATABASE_URL or the embedded SQLite), migrated."""
+    """A session on the service's database (UISPS_DATABASE_URL or the embedded SQLite), migrated.
+    Refused where a UISPS_* name is unknown: a misspelt UISPS_DATABASE_URL would write a new key
+    into the embedded database, and the service would then answer it 401."""
     from core.db.migrate import upgrade
-    from core.settings import get_settings
+    from core.errors import UisError
+    from core.settings import get_settings, unknown_environment_names
 
+    unknown = unknown_environment_names()
+    if unknown:
+        raise UisError(f"unknown setting {', '.join(unknown)}")
     url = get_settings().effective_database_url
     with _migration_errors():
         upgrade(url)
@@ -651,6 +664,7 @@ def keys_create(
 
 
 @keys_app.command("list")
+@user_errors
 def keys_list(
     tenant: Annotated[str | None, typer.Option("--tenant", help="only this tenant's keys")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
@@ -662,7 +676,7 @@ def keys_list(
     from core.services.pagination import MAX_PAGE_SIZE, PageRequest
 
     rows = []
-    with _service_database() as session:
+    with _existing_service_database() as session:
         token = None
         while True:
             page = api_key_service.list(session, tenant, PageRequest(MAX_PAGE_SIZE, token))
@@ -712,13 +726,14 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id (uisps 
 
 
 @audit_app.command("verify")
+@user_errors
 def audit_verify(
     tenant: Annotated[str | None, typer.Option("--tenant", help="only this tenant's chain")] = None,
 ) -> None:
     """Walk every tenant's hash chain; name the first broken link of each (exit 1), else print OK."""
     from core.db.audit import walk_chains
 
-    with _service_database() as session:
+    with _existing_service_database() as session:  # a wrong UISPS_HOME must not verify an empty new database
         report = walk_chains(session, tenant)
     total = sum(report.events.values())
     if report.intact:

@@ -210,6 +210,8 @@ class UispsClient:
         while True:
             try:
                 response = send(path, **request)
+            except (httpx.UnsupportedProtocol, httpx.ProxyError) as exc:  # the client's setup: no retry mends it
+                raise ServiceError(f"{method} {path}: {type(exc).__name__}: {exc} (is base_url http(s)://host:port?)") from exc
             except httpx.TransportError as exc:
                 failures += 1
                 if failures > retries:

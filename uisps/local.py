@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-# Environment variables that would point a local service away from its embedded defaults.
-SERVICE_ENV_VARS = ("UISPS_DATABASE_URL", "UISPS_BROKER_URL", "UISPS_ARTIFACT_DIR", "UISPS_ARTIFACT_BACKEND")
 
 
 def free_port() -> int:
@@ -22,8 +20,10 @@ def free_port() -> int:
 
 
 def service_env(home: Path, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment with UISPS_HOME set and embedded defaults unless overridden."""
-    env = {k: v for k, v in os.environ.items() if k not in SERVICE_ENV_VARS}
+    """This process's environment with UISPS_HOME set and embedded defaults unless overridden:
+    every UISPS_* setting of this shell is left out (an operator's database, bucket, signing key
+    or GPU must not be used, or written, by a local run)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UISPS_")}
     env["UISPS_HOME"] = str(home)
     env.update(overrides or {})
     return env

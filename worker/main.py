@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from core.broker import QUEUE
 from core.db.migrate import schema_problem
-from core.settings import Settings, get_settings, unknown_environment_names
+from core.settings import Settings, SettingsError, get_settings, unknown_environment_names
 
 
 def worker_argv(*, pool: str = "prefork", concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
@@ -76,7 +76,10 @@ def start_worker(
     *, pool: str = "prefork", concurrency: int = 1, loglevel: str = "INFO", extra_args: Sequence[str] = ()
 ) -> None:
     """Run a Celery worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown)."""
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        raise SystemExit(f"worker not started: {exc}") from None
     check_device(settings.device)
     check_configuration(settings)
     settings.home.mkdir(parents=True, exist_ok=True)  # the embedded broker and database live here

@@ -19,6 +19,19 @@ def unique_name(prefix: str = "digits") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+def all_items(client: Any, path: str, field: str, **request: Any) -> list[dict[str, Any]]:
+    """Every item of a list endpoint, page after page: the run's databases are shared, so a
+    tenant's list may hold more than any one page."""
+    items: list[dict[str, Any]] = []
+    params = dict(request.pop("params", {}))
+    while True:
+        page = client.get(path, params=params, **request).json()
+        items += page[field]
+        if not page["next_page_token"]:
+            return items
+        params["page_token"] = page["next_page_token"]
+
+
 def assert_problem(response: Any, status: int, code: str, *fragments: str) -> dict[str, Any]:
     """An RFC 9457 problem with every required member, whose detail says what is wrong."""
     assert response.status_code == status, response.text

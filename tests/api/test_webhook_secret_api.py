@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+from api_helpers import all_items, assert_problem, authorize, make_keys, unique_name
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from api.app import create_app
-from api_helpers import assert_problem, authorize, make_keys, unique_name
 from core.services.webhooks.signing import tenant_secret
 from core.settings import Settings
 
@@ -32,7 +32,7 @@ def test_a_tenant_reads_its_own_secret_and_the_reading_is_audited(client: TestCl
     assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
     assert response.json() == {"tenant_id": "default", "secret": tenant_secret(SERVICE_SECRET, "default"), "generation": 0,
                                "previous_signs_until": None}
-    events = client.get("/audit-events", params={"page_size": 1000}).json()["audit_events"]
+    events = all_items(client, "/audit-events", "audit_events", params={"page_size": 1000})
     assert events[-1]["action"] == "webhook_secret.revealed" and events[-1]["subject_id"] == "default"
 
 

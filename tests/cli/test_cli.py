@@ -106,3 +106,17 @@ def test_a_written_checkpoint_has_a_new_files_usual_mode(tmp_path):
         os.umask(previous)
     assert run.returncode == 0, run.stderr
     assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644  # readable by others, not 0600
+
+
+def test_a_local_service_uses_none_of_the_shells_uisps_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The demo on an operator's machine must neither sign with the production key nor wait on a
+    # GPU this machine lacks.
+    from uisps.local import service_env
+
+    monkeypatch.setenv("UISPS_CERTIFICATE_KEY_PATH", "/etc/uisps/signing.pem")
+    monkeypatch.setenv("UISPS_DEVICE", "cuda:1")
+
+    env = service_env(tmp_path, {"UISPS_MAX_ATTEMPTS": "1"})
+
+    assert {k for k in env if k.startswith("UISPS_")} == {"UISPS_HOME", "UISPS_MAX_ATTEMPTS"}
+    assert env["UISPS_HOME"] == str(tmp_path)

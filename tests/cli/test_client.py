@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -140,3 +141,13 @@ def test_waiting_through_an_outage_ends_at_its_own_timeout() -> None:
 
     assert time.monotonic() - start < 5  # not Retry-After (30 s) per poll, nor inner retries
     assert raised.value.status == 503
+
+
+def test_a_base_url_without_a_scheme_fails_at_once_and_is_not_retried_as_an_outage() -> None:
+    client = UispsClient("localhost:8000", retries=3)  # http:// forgotten
+
+    started = time.monotonic()
+    with pytest.raises(ServiceError, match="UnsupportedProtocol") as raised:
+        client.wait_for("r1", interval_s=0.01, timeout_s=30)
+
+    assert raised.value.transient is False and time.monotonic() - started < 2

@@ -229,3 +229,40 @@ def test_certificate_rotate_key_needs_a_key_and_honours_the_retired_keys_setting
     assert uisps("certificate", "rotate-key")[0] == 0
 
     assert [p.name for p in (tmp_path / "elsewhere").iterdir()] == [f"{old_id.removeprefix('sha256:')}.pem"]
+
+
+def test_audit_verify_on_a_database_that_does_not_exist_fails_rather_than_reporting_ok(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("UISPS_DATABASE_URL", raising=False)
+    monkeypatch.setenv("UISPS_HOME", str(tmp_path / "typo"))  # a wrong UISPS_HOME
+
+    code, out = uisps("audit", "verify")
+
+    assert code == 2 and "OK" not in out and "UISPS_DATABASE_URL" in out
+    assert not (tmp_path / "typo" / "uisps.db").exists()  # nor is one made
+
+
+def test_a_key_is_not_written_where_a_setting_is_misspelt(home: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # UISPS_DATABASE_URI: the key would go to the embedded database, and production would answer 401.
+    monkeypatch.setenv("UISPS_DATABASE_URI", "postgresql://production/uisps")
+
+    code, out = uisps("keys", "create", "--tenant", "acme", "--role", "admin")
+
+    assert code == 2 and "UISPS_DATABASE_URI (did you mean UISPS_DATABASE_URL?)" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [("UISPS_RATE_LIMIT_PER_S", "abc", "UISPS_RATE_LIMIT_PER_S: Input should be a valid number"),
+     ("UISPS_DATABASE_URL", "foo", "UISPS_DATABASE_URL is not a database this service can use")],
+)
+def test_a_bad_setting_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv("UISPS_HOME", str(tmp_path))
+    monkeypatch.setenv(name, value)
+
+    code, out = uisps("db", "upgrade")
+
+    assert code == 2 and message in out and "Traceback" not in out

@@ -70,8 +70,12 @@ def test_the_demo_forgets_a_digit_end_to_end(tmp_path: Path) -> None:
 
 
 def test_a_failed_demo_keeps_its_temporary_home_for_the_server_log(tmp_path: Path) -> None:
-    # An operator's setting the flow cannot work under: the checkpoint upload is refused (413).
-    env = service_env(tmp_path / "unused", SINGLE_THREAD_ENV) | {"UISPS_MAX_UPLOAD_BYTES": "1024", "TMPDIR": str(tmp_path)}
+    # The demo's server ignores this shell's UISPS_* settings, so the failure is planted in every
+    # Python process at start-up: an upload limit the flow cannot work under (the checkpoint is 413).
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import os\nos.environ['UISPS_MAX_UPLOAD_BYTES'] = '1024'\n")
+    env = service_env(tmp_path / "unused", SINGLE_THREAD_ENV) | {"PYTHONPATH": str(site), "TMPDIR": str(tmp_path)}
     env.pop("UISPS_HOME")
     result = subprocess.run([sys.executable, "-m", "uisps", "demo", "--fast"], env=env, capture_output=True, text=True,
                             timeout=300)
