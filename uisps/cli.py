@@ -248,16 +248,48 @@ def serve(
     with _migration_errors(hint=_ROLLBACK_HINT):
         upgrade(settings.effective_database_url)
     worker = None if no_worker else _spawn_worker()
+    watch = None if worker is None else _WorkerWatch(worker)
     try:
         run_api(host, port, workers=workers, log_level=log_level)
     finally:
+        if watch is not None:
+            watch.stop()
         stop_process(worker, WORKER_STOP_GRACE_S)
+    if watch is not None and watch.exited_on_its_own:
+        raise UisError(f"stopped: the worker exited (status {worker.returncode}); its log above says why")
 
 
 def _spawn_worker():  # noqa: ANN202
     import subprocess
 
     return subprocess.Popen([sys.executable, "-m", "worker", "--loglevel=INFO"])
+
+
+class _WorkerWatch:
+    """Stops the API (as Ctrl+C does) if the worker exits on its own: an API whose worker refused to
+    start (a GPU this machine lacks, say) or died would accept deletion requests that never run."""
+
+    def __init__(self, worker: Any) -> None:
+        import threading
+
+        self.worker = worker
+        self.exited_on_its_own = False
+        self._stopping = threading.Event()
+        threading.Thread(target=self._watch, name="worker-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        import os
+        import signal
+
+        while not self._stopping.wait(0.5):
+            if self.worker.poll() is not None:
+                self.exited_on_its_own = True
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    def stop(self) -> None:
+        """Before the worker is stopped with the API: its exit is then expected."""
+        self._stopping.set()
 
 
 @app.command()

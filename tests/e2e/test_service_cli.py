@@ -38,6 +38,18 @@ def test_serve_refuses_a_misspelt_setting_before_touching_any_database(tmp_path:
     assert not any(tmp_path.iterdir())
 
 
+def test_serve_stops_when_its_worker_cannot_run_rather_than_accept_requests_it_never_runs(tmp_path: Path) -> None:
+    from uisps.local import free_port
+
+    env = service_env(tmp_path, SINGLE_THREAD_ENV) | {"UISPS_DEVICE": "cuda:99"}  # a GPU no machine has
+    served = subprocess.run([sys.executable, "-m", "uisps", "serve", "--port", str(free_port())], env=env,
+                            capture_output=True, text=True, timeout=180)
+
+    assert served.returncode == 2, served.stderr
+    assert "worker not started" in served.stderr and "UISPS_DEVICE=cuda:99" in served.stderr
+    assert "error: stopped: the worker exited (status 1)" in served.stderr
+
+
 @pytest.mark.parametrize("command", [("serve", "--port", "9"), ("db", "upgrade")])
 def test_starting_on_a_database_a_newer_release_migrated_says_how_to_roll_back(
     tmp_path: Path, command: tuple[str, ...]
