@@ -225,13 +225,16 @@ def serve(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8000,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="run the API only")] = False,
-    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    log_level: Annotated[str | None, typer.Option(
+        "--log-level", help="of the API, its worker and uvicorn (default: UISPS_LOG_LEVEL, INFO)")] = None,
     workers: Annotated[int, typer.Option(
         "--workers", min=1, envvar="UISPS_API_WORKERS",
         help="API processes sharing the port (one per core is the usual choice)")] = 1,
 ) -> None:
     """Run the HTTP API (uvloop + httptools) and, unless --no-worker, a local worker process (stopped
     with the API)."""
+    import os
+
     from core.db.migrate import upgrade
     from core.errors import UisError
     from core.settings import get_settings, unknown_environment_names
@@ -241,16 +244,18 @@ def serve(
     unknown = unknown_environment_names()
     if unknown:  # a misspelt UISPS_DATABASE_URL would serve (and migrate) the embedded database
         raise UisError(f"not started: unknown setting {', '.join(unknown)}")
+    if log_level is not None:  # read by the API processes and the worker, which get this environment
+        os.environ["UISPS_LOG_LEVEL"] = log_level.upper()
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     # Migrate before the worker starts: its reconciler reads the deletion_requests table. A schema
     # newer than this code (a rollback to an older image) is one line, not Alembic's traceback.
     with _migration_errors(hint=_ROLLBACK_HINT):
         upgrade(settings.effective_database_url)
-    worker = None if no_worker else _spawn_worker()
+    worker = None if no_worker else _spawn_worker(settings.log_level)
     watch = None if worker is None else _WorkerWatch(worker)
     try:
-        run_api(host, port, workers=workers, log_level=log_level)
+        run_api(host, port, workers=workers, log_level=settings.log_level.lower())
     finally:
         if watch is not None:
             watch.stop()
@@ -259,10 +264,10 @@ def serve(
         raise UisError(f"stopped: the worker exited (status {worker.returncode}); its log above says why")
 
 
-def _spawn_worker():  # noqa: ANN202
+def _spawn_worker(log_level: str):  # noqa: ANN202
     import subprocess
 
-    return subprocess.Popen([sys.executable, "-m", "worker", "--loglevel=INFO"])
+    return subprocess.Popen([sys.executable, "-m", "worker", f"--loglevel={log_level.upper()}"])
 
 
 class _WorkerWatch:

@@ -50,6 +50,18 @@ def test_serve_stops_when_its_worker_cannot_run_rather_than_accept_requests_it_n
     assert "error: stopped: the worker exited (status 1)" in served.stderr
 
 
+def test_serve_log_level_reaches_the_api_and_the_worker(tmp_path: Path) -> None:
+    from uisps.local import free_port
+
+    env = service_env(tmp_path, SINGLE_THREAD_ENV) | {"UISPS_DEVICE": "cuda:99"}  # stops it soon after the start
+    quiet = subprocess.run([sys.executable, "-m", "uisps", "serve", "--port", str(free_port()), "--log-level", "error"],
+                           env=env, capture_output=True, text=True, timeout=180)
+
+    assert "no API keys exist yet" not in quiet.stderr  # the API's start-up warning, below ERROR
+    assert "Started server process" not in quiet.stderr  # uvicorn's INFO
+    assert "worker not started" in quiet.stderr  # what stopped it is still said
+
+
 @pytest.mark.parametrize("command", [("serve", "--port", "9"), ("db", "upgrade")])
 def test_starting_on_a_database_a_newer_release_migrated_says_how_to_roll_back(
     tmp_path: Path, command: tuple[str, ...]
