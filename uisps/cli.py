@@ -315,7 +315,7 @@ _ROLLBACK_HINT = (": a newer release may have migrated this database; downgrade 
 
 
 @contextmanager
-def _migration_errors(hint: str = "") -> Iterator[None]:
+def _migration_errors(hint: str = "", asked: str | None = None) -> Iterator[None]:
     """An unknown revision or an unreachable database: one line, not Alembic's traceback. `hint`
     follows a revision the code does not know (a database a newer release migrated)."""
     from alembic.util import CommandError
@@ -327,7 +327,9 @@ def _migration_errors(hint: str = "") -> Iterator[None]:
         typer.echo(f"error: UISPS_DATABASE_URL is not a database this service can use: {exc}", err=True)
         raise typer.Exit(2) from None
     except CommandError as exc:
-        typer.echo(f"error: {exc}{hint if 'locate revision' in str(exc) else ''}", err=True)
+        # The hint is for a revision the database is at; `asked`, the one the user typed, is not.
+        database_ahead = "locate revision" in str(exc) and (asked is None or repr(asked) not in str(exc))
+        typer.echo(f"error: {exc}{hint if database_ahead else ''}", err=True)
         raise typer.Exit(2) from None
     except OperationalError as exc:
         typer.echo(f"error: cannot reach the database: {str(exc.orig).strip().splitlines()[0]}", err=True)
@@ -342,7 +344,7 @@ def db_upgrade(revision: Annotated[str, typer.Option("--revision")] = "head") ->
     from core.settings import get_settings
 
     url = get_settings().effective_database_url
-    with _migration_errors(hint=_ROLLBACK_HINT):
+    with _migration_errors(hint=_ROLLBACK_HINT, asked=revision):
         upgrade(url, revision)
         typer.echo(f"database at revision {current_revision(url)}")
 

@@ -26,6 +26,8 @@ def test_db_upgrade_and_downgrade(tmp_path: Path) -> None:
     refused = _uisps(tmp_path, "db", "downgrade", "--revision", "nonsense")
     assert refused.returncode == 2
     assert refused.stderr.strip() == "error: Can't locate revision identified by 'nonsense'"
+    typo = _uisps(tmp_path, "db", "upgrade", "--revision", "nonsense")  # the user's typo, not a newer database
+    assert typo.returncode == 2 and typo.stderr.strip() == "error: Can't locate revision identified by 'nonsense'"
 
 
 def test_serve_refuses_a_misspelt_setting_before_touching_any_database(tmp_path: Path) -> None:
