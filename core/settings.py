@@ -28,6 +28,9 @@ MIB = 1024 * 1024
 MAX_WEBHOOK_SECRET_OVERLAP_S = 30 * 24 * 60 * 60
 
 
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a malformed secret (UISPS_WEBHOOK_SECRET, say) must not reach the logs
     # in the error that refuses it.
@@ -164,6 +167,16 @@ class Settings(BaseSettings):
     # for this long (Standard Webhooks allows several): receivers switch without refusing events.
     # Fixed at each rotation (a rotation may ask for less). At most 30 days.
     webhook_secret_overlap_s: float = Field(default=86400.0, ge=0, le=MAX_WEBHOOK_SECRET_OVERLAP_S)
+
+    @field_validator("log_level", mode="after")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        # One name that Python's logging, Celery and uvicorn all take (they differ on WARN, FATAL
+        # and TRACE): a name only some of them know would fail the service as it starts.
+        level = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(value.upper(), value.upper())
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+        return level
 
     @field_validator("webhook_secret", "webhook_secret_previous", mode="after")
     @classmethod

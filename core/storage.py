@@ -491,6 +491,8 @@ def is_store_outage(exc: BaseException) -> bool:
     if isinstance(exc, (StoreUnreachable, HTTPClientError)):
         return True
     if isinstance(exc, ClientError):
+        if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":  # a put or delete: as BucketMissing
+            return True
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         return status in (500, 502, 503, 504)
     return False

@@ -267,7 +267,9 @@ def serve(
 def _spawn_worker(log_level: str):  # noqa: ANN202
     import subprocess
 
-    return subprocess.Popen([sys.executable, "-m", "worker", f"--loglevel={log_level.upper()}"])
+    # A session of its own: a terminal's Ctrl+C reaches `serve` only, which stops the worker after
+    # the API has drained (and the worker's exit is then not taken for a crash).
+    return subprocess.Popen([sys.executable, "-m", "worker", f"--loglevel={log_level.upper()}"], start_new_session=True)
 
 
 class _WorkerWatch:
@@ -571,8 +573,8 @@ def _existing_service_database() -> Iterator[Any]:
     from core.errors import UisError
     from core.settings import get_settings
 
-    url = make_url(get_settings().effective_database_url)
     with _migration_errors():
+        url = make_url(get_settings().effective_database_url)
         problem = schema_problem(url)
     if problem:
         raise UisError(f"{problem}: is it the service's database (UISPS_DATABASE_URL)? `uisps db upgrade` migrates it")
@@ -789,6 +791,7 @@ def audit_verify(
 
 
 @certificate_app.command("verify")
+@user_errors
 def certificate_verify(
     file: Annotated[Path, typer.Argument(help="a certificate downloaded from GET /deletion-requests/{id}/certificate")],
     public_key: Annotated[

@@ -263,6 +263,9 @@ def test_a_bad_setting_is_one_line_and_exit_2(
     monkeypatch.setenv("UISPS_HOME", str(tmp_path))
     monkeypatch.setenv(name, value)
 
-    code, out = uisps("db", "upgrade")
-
-    assert code == 2 and message in out and "Traceback" not in out
+    commands = [("db", "upgrade"), ("keys", "list"), ("audit", "verify")]
+    if name != "UISPS_DATABASE_URL":  # it reads no database
+        commands.append(("certificate", "verify", "c.json"))
+    for command in commands:
+        code, out = uisps(*command)
+        assert code == 2 and message in out and "Traceback" not in out, command

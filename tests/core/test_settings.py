@@ -143,3 +143,16 @@ def test_a_previous_webhook_secret_is_checked_and_needs_a_current_one(clean_env:
     clean_env.setenv("UISPS_WEBHOOK_SECRET_PREVIOUS", "changeme")
     with pytest.raises(ValueError, match="UISPS_WEBHOOK_SECRET_PREVIOUS must be 'whsec_'"):
         Settings()
+
+
+@pytest.mark.parametrize(("given", "level"), [("warn", "WARNING"), ("Fatal", "CRITICAL"), ("debug", "DEBUG")])
+def test_a_log_level_is_one_that_logging_celery_and_uvicorn_all_take(given: str, level: str) -> None:
+    assert Settings(log_level=given).log_level == level
+
+
+def test_a_log_level_only_some_of_them_know_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.settings import SettingsError
+
+    monkeypatch.setenv("UISPS_LOG_LEVEL", "trace")  # uvicorn's, not Python's
+    with pytest.raises(SettingsError, match="UISPS_LOG_LEVEL: .*must be one of CRITICAL, ERROR, WARNING, INFO, DEBUG"):
+        get_settings()

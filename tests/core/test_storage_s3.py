@@ -205,6 +205,10 @@ def test_a_missing_bucket_is_an_outage_of_the_store_not_a_missing_checkpoint(s3_
         with pytest.raises(BucketMissing) as raised:
             read(KEY)
         assert is_store_outage(raised.value)
+    for write in (store.put, store.delete):  # the store's own NoSuchBucket answer
+        with pytest.raises(Exception) as raised:
+            write(CONTENT if write == store.put else KEY)
+        assert is_store_outage(raised.value), raised.value
 
 
 def test_a_put_of_stored_bytes_renews_the_object_and_mends_one_damaged_in_place(store: S3ArtifactStore) -> None:

@@ -400,6 +400,32 @@ def test_a_member_whose_own_attempts_are_used_up_fails_with_its_group_instead_of
     assert (member_row.state, member_row.attempts, member_row.error["code"]) == ("failed", 2, "internal_error")
 
 
+def test_a_member_out_of_its_attempts_fails_when_a_cancel_in_its_group_stops_a_retry(
+    worker_env, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    from sqlalchemy import update
+
+    model_id = worker_env.new_model(digits_checkpoint)
+    member = worker_env.queue(model_id, [5])
+    with worker_env.sessions.begin() as session:
+        job = deletion_jobs.claim(session, member, lease_s=60, max_attempts=2).job
+        deletion_jobs.retry_later(session, member, code="internal_error", message="x", attempt=job.attempt)
+    lead = worker_env.queue(model_id, [3])
+    asker = worker_env.queue(model_id, [7])
+    with worker_env.sessions.begin() as session:  # the member's second attempt, of 2
+        job = deletion_jobs.claim(session, lead, lease_s=60, max_attempts=2, coalesce=True).job
+    assert set(job.members) == {member, asker}
+    with worker_env.sessions.begin() as session:
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == asker).values(cancel_requested=True))
+
+    with worker_env.sessions.begin() as session:  # the job fails in a way that may pass
+        deletion_jobs.retry_later(session, lead, code="internal_error", message="y", attempt=job.attempt, max_attempts=2)
+
+    lead_row, member_row, asker_row = _requests(worker_env, lead, member, asker)
+    assert (lead_row.state, asker_row.state) == ("queued", "cancelled")
+    assert (member_row.state, member_row.attempts) == ("failed", 2)
+
+
 def test_an_orphaned_group_with_a_cancel_does_not_run_its_lead_past_its_attempts(
     worker_env, digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:

@@ -441,8 +441,14 @@ class DeletionJobs:
         group = [request, *self._members(session, request_id)]
         if any(row.cancel_requested for row in group):
             # queued again with the flag set, it would cancel whichever job it joined next. The
-            # failed attempt still counts for the requests queued again: it failed, cancel or not.
+            # failed attempt still counts for the requests queued again: it failed, cancel or not,
+            # and one whose attempts it used up fails with the error instead.
             self._stop_group(session, group, give_back=False)
+            if max_attempts is not None:
+                for row in group:
+                    if row.state == JobState.QUEUED.value and row.attempts >= max_attempts:
+                        row.error = {"code": code, "message": message}
+                        self._finish(session, row, JobState.FAILED, error=row.error)
             return False
         if give_back:
             for row in group:

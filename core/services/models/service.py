@@ -342,9 +342,13 @@ class ModelService:
         bytes_deleted = not model_repository.artifact_kept(session, found.artifact_key, besides=found.id)
         if bytes_deleted:
             store.delete(found.artifact_key)
+        if tenant_copy != found.artifact_key:
             # A rekey that copied the file and stopped before repointing left a copy no version
-            # names yet: the bytes reported deleted must be gone from it too.
-            if tenant_copy != found.artifact_key and not model_repository.artifact_kept(session, tenant_copy):
+            # names yet: purged bytes must be gone from it too. One a version of the tenant names
+            # (the same bytes uploaded again) stays, and the bytes are then not deleted.
+            if model_repository.artifact_kept(session, tenant_copy):
+                bytes_deleted = False
+            else:
                 store.delete(tenant_copy)
         found.checkpoint_purged_at = utcnow()
         record_event(
