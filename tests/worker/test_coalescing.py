@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core.checkpoint import load_checkpoint_bytes
 from core.db import AuditEvent, DeletionRequest, ModelVersion, verify_chain
@@ -403,8 +403,6 @@ def test_a_member_whose_own_attempts_are_used_up_fails_with_its_group_instead_of
 def test_a_member_out_of_its_attempts_fails_when_a_cancel_in_its_group_stops_a_retry(
     worker_env, digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:
-    from sqlalchemy import update
-
     model_id = worker_env.new_model(digits_checkpoint)
     member = worker_env.queue(model_id, [5])
     with worker_env.sessions.begin() as session:
@@ -429,8 +427,6 @@ def test_a_member_out_of_its_attempts_fails_when_a_cancel_in_its_group_stops_a_r
 def test_an_orphaned_group_with_a_cancel_does_not_run_its_lead_past_its_attempts(
     worker_env, digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:
-    from sqlalchemy import update
-
     model_id = worker_env.new_model(digits_checkpoint)
     lead = worker_env.queue(model_id, [3])
     member = worker_env.queue(model_id, [5])
@@ -505,8 +501,6 @@ def test_a_coalesced_job_whose_worker_is_killed_is_finished_by_another(worker_pr
 def test_on_its_last_attempt_a_failed_group_cancels_who_asked_and_fails_the_rest(
     worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
 ) -> None:
-    from sqlalchemy import update
-
     from worker.jobs import run_job
 
     model_id = worker_env.new_model(digits_checkpoint)
