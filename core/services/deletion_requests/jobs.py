@@ -124,8 +124,7 @@ class DeletionJobs:
                 self._stop_group(session, group, give_back=False)
                 # Who did not ask is queued again, apart, each within its own attempts.
                 queued = [row for row in group if row.state == JobState.QUEUED.value]
-                if max_attempts is not None:
-                    self._worker_lost(session, [row for row in queued if row.attempts >= max_attempts])
+                self._worker_lost(session, _out_of_attempts(queued, max_attempts))
                 if request.state != JobState.QUEUED.value:  # cancelled, or out of attempts
                     return Claim(ClaimOutcome.NOT_CLAIMABLE, state=request.state)
                 previous_state = request.state  # claimed afresh below
@@ -182,8 +181,12 @@ class DeletionJobs:
         """Fail requests whose every attempt counted ended in a lost worker or a retried failure."""
         for row in rows:
             message = f"the worker running this request was lost; giving up after {row.attempts} failed attempts"
-            row.error = {"code": "worker_lost", "message": message}
-            self._finish(session, row, JobState.FAILED, error=row.error)
+            self._fail(session, [row], {"code": "worker_lost", "message": message})
+
+    def _fail(self, session: Session, rows: list[DeletionRequest], error: dict[str, str]) -> None:
+        for row in rows:
+            row.error = error
+            self._finish(session, row, JobState.FAILED, error=error)
 
     @staticmethod
     def _newer_base(request: DeletionRequest, latest: ModelVersion | None) -> ModelVersion | None:
@@ -444,11 +447,8 @@ class DeletionJobs:
             # failed attempt still counts for the requests queued again: it failed, cancel or not,
             # and one whose attempts it used up fails with the error instead.
             self._stop_group(session, group, give_back=False)
-            if max_attempts is not None:
-                for row in group:
-                    if row.state == JobState.QUEUED.value and row.attempts >= max_attempts:
-                        row.error = {"code": code, "message": message}
-                        self._finish(session, row, JobState.FAILED, error=row.error)
+            queued = [row for row in group if row.state == JobState.QUEUED.value]
+            self._fail(session, _out_of_attempts(queued, max_attempts), {"code": code, "message": message})
             return False
         if give_back:
             for row in group:
@@ -467,13 +467,12 @@ class DeletionJobs:
         )
         # Members wait in the queue too, free to join the retry's job (or another); the
         # reconciler sends them, as nothing else holds a message for them.
+        spent = [] if give_back else _out_of_attempts(group[1:], max_attempts)
+        self._fail(session, spent, error)
         for member in group[1:]:
-            if not give_back and max_attempts is not None and member.attempts >= max_attempts:
-                member.error = error
-                self._finish(session, member, JobState.FAILED, error=error)
-                continue
-            self._requeue(session, member, "deletion_request.retry_scheduled", attempt=member.attempts, error=error,
-                          **given_back)
+            if member not in spent:
+                self._requeue(session, member, "deletion_request.retry_scheduled", attempt=member.attempts,
+                              error=error, **given_back)
         return True
 
     def retry_scheduled_by(self, session: Session, request_id: str, attempt: int, claimed_at: datetime | None) -> bool:
@@ -624,6 +623,10 @@ class DeletionJobs:
             model_id=request.model_id,
             details=details,
         )
+
+
+def _out_of_attempts(rows: list[DeletionRequest], max_attempts: int | None) -> list[DeletionRequest]:
+    return [] if max_attempts is None else [row for row in rows if row.attempts >= max_attempts]
 
 
 def _same_claim(request: DeletionRequest, attempt: int | None, claimed_at: datetime | None) -> bool:
