@@ -261,9 +261,9 @@ def _record_through_outage(
     to be run again. A try whose commit landed but whose answer was lost is followed by another,
     which must see that and not record twice: the result (found by its bytes), a failure (the
     request is no longer running) and a retry that uses up the attempt (another claim raises the
-    attempt number). Not a write that gives the attempt back (a cancel, a store outage's retry:
-    `retry=False`): another worker's claim in between would bring the number back, and the retry
-    would act on that worker's run."""
+    attempt number; a give-back lowers it, and the claim's start time then tells the next claim
+    apart, `JobInput.claimed_at`). A cancel and a store outage's retry are still tried once
+    (`retry=False`): after a lost answer their request is queued again, and the reconciler sends it."""
     delays = iter(COMMIT_RETRY_DELAYS_S if retry else ())
     while True:
         try:
