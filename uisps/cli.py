@@ -237,13 +237,11 @@ def serve(
 
     from core.db.migrate import upgrade
     from core.errors import UisError
-    from core.settings import get_settings, unknown_environment_names
+    from core.settings import get_settings
     from uisps.local import stop_process
     from uisps.serving import run_api
 
-    unknown = unknown_environment_names()
-    if unknown:  # a misspelt UISPS_DATABASE_URL would serve (and migrate) the embedded database
-        raise UisError(f"not started: unknown setting {', '.join(unknown)}")
+    _refuse_unknown_settings("not started: ")  # a misspelt UISPS_DATABASE_URL would serve the embedded database
     if log_level is not None:  # read by the API processes and the worker, which get this environment
         os.environ["UISPS_LOG_LEVEL"] = log_level.upper()
     settings = get_settings()
@@ -543,18 +541,25 @@ def _session_on(url: Any) -> Iterator[Any]:
         engine.dispose()
 
 
+def _refuse_unknown_settings(prefix: str = "") -> None:
+    """UisError naming each UISPS_* variable no setting has (with the likely intended name)."""
+    from core.errors import UisError
+    from core.settings import unknown_environment_names
+
+    unknown = unknown_environment_names()
+    if unknown:
+        raise UisError(f"{prefix}unknown setting {', '.join(unknown)}")
+
+
 @contextmanager
 def _service_database() -> Iterator[Any]:
     """A session on the service's database (UISPS_DATABASE_URL or the embedded SQLite), migrated.
     Refused where a UISPS_* name is unknown: a misspelt UISPS_DATABASE_URL would write a new key
     into the embedded database, and the service would then answer it 401."""
     from core.db.migrate import upgrade
-    from core.errors import UisError
-    from core.settings import get_settings, unknown_environment_names
+    from core.settings import get_settings
 
-    unknown = unknown_environment_names()
-    if unknown:
-        raise UisError(f"unknown setting {', '.join(unknown)}")
+    _refuse_unknown_settings()
     url = get_settings().effective_database_url
     with _migration_errors():
         upgrade(url)

@@ -37,16 +37,21 @@ class CallbackTarget:
 
     @property
     def literal_address(self) -> IPAddress | None:
-        try:
-            return ipaddress.ip_address(self.host)
-        except ValueError:
-            pass
-        try:
-            # The older IPv4 forms the system resolver also takes as an address, not a name:
-            # 2130706433, 0x7f000001, 0177.0.0.1, 127.1 (all 127.0.0.1).
-            return ipaddress.IPv4Address(socket.inet_aton(self.host))
-        except OSError:
-            return None
+        return literal_address(self.host)
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address `host` is written as, or None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        # The older IPv4 forms the system resolver also takes as an address, not a name:
+        # 2130706433, 0x7f000001, 0177.0.0.1, 127.1 (all 127.0.0.1).
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 def check_callback_url(url: str, settings: Settings) -> str:
@@ -97,7 +102,7 @@ def parse_callback_url(url: str, settings: Settings) -> CallbackTarget:
 def _check_host_form(host: str) -> None:
     """A name the resolver can take: getaddrinfo raises UnicodeError, not OSError, for an empty
     label or one of more than 63 characters, and a sender would fail on it at every attempt."""
-    if CallbackTarget("https", host, 443, "/").literal_address is not None:
+    if literal_address(host) is not None:
         return
     try:
         host.encode("idna")
