@@ -32,6 +32,8 @@ LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
 class Settings(BaseSettings):
+    # Every number has its bounds: a 0 or negative interval, lease or pool size is accepted by
+    # Python and then spins a thread, expires every lease as it is written, or fails each job.
     # hide_input_in_errors: a malformed secret (UISPS_WEBHOOK_SECRET, say) must not reach the logs
     # in the error that refuses it.
     model_config = SettingsConfigDict(env_prefix="UISPS_", extra="ignore", hide_input_in_errors=True)
@@ -40,24 +42,24 @@ class Settings(BaseSettings):
     database_url: str | None = None
     broker_url: str | None = None
     artifact_dir: Path | None = None
-    artifact_backend: str = "local"
+    artifact_backend: Literal["local", "s3"] = "local"
     device: str = "auto"
-    max_upload_bytes: int = 512 * MIB
+    max_upload_bytes: int = Field(512 * MIB, ge=1)
     # Checkpoint uploads one API process checks at once: each holds the file and its tensors in
     # memory (about twice its size), so this bounds that memory. Others wait up to
     # upload_wait_s, then get 503 with Retry-After.
-    max_concurrent_uploads: int = 2
-    upload_wait_s: float = 10.0
+    max_concurrent_uploads: int = Field(2, ge=1)
+    upload_wait_s: float = Field(10.0, ge=0)
     # A job whose lease ran out is presumed dead (worker crashed) and may be re-queued.
-    job_visibility_timeout_s: int = 6 * 60 * 60
+    job_visibility_timeout_s: int = Field(6 * 60 * 60, gt=0)
     # A job still running after this long (its parameters asked for more work than the fleet
     # gives one request) fails with time_limit_exceeded at its next progress report, not retried.
     job_time_limit_s: float = Field(6 * 60 * 60, gt=0)
-    max_attempts: int = 3
+    max_attempts: int = Field(3, ge=1)
     # An artifact-store outage is retried without using up attempts for this long (from the first
     # of its retries in a row); then the request fails as any other error does.
-    store_outage_max_s: float = 24 * 60 * 60
-    max_labels_per_request: int = 100
+    store_outage_max_s: float = Field(24 * 60 * 60, ge=0)
+    max_labels_per_request: int = Field(100, ge=1)
     # Folders a model's data source may lie under, comma-separated (`/data`, or `/data/{tenant}`
     # for a folder per tenant: `{tenant}` stands for the tenant's id). Checked when a model is
     # registered and again by the worker before it reads. Empty, the default: no data files at
@@ -67,16 +69,16 @@ class Settings(BaseSettings):
     # --- Trust (issue #5): API keys, limits, crash-safe jobs, certificates ----------------------
     # A running job renews its lease while it works (progress writes and a heartbeat every third
     # of it); a job whose lease ran out lost its worker and is taken over by the next one.
-    job_lease_s: float = 120.0
+    job_lease_s: float = Field(120.0, gt=0)
     # The worker's reconciler: how often it looks for lost work, and how long a queued request
     # may wait unclaimed before its message is presumed lost and sent again (the wait doubles
     # with each re-send, so a long backlog is not flooded with duplicates).
-    reconcile_interval_s: float = 30.0
-    requeue_after_s: float = 300.0
+    reconcile_interval_s: float = Field(30.0, gt=0)
+    requeue_after_s: float = Field(300.0, gt=0)
     # Idempotency-Key records are kept at least this long (then purged by the reconciler); a
     # record still "in flight" after idempotency_lock_s belongs to a request that died.
-    idempotency_ttl_s: int = 24 * 60 * 60
-    idempotency_lock_s: float = 600.0
+    idempotency_ttl_s: int = Field(24 * 60 * 60, gt=0)
+    idempotency_lock_s: float = Field(600.0, gt=0)
     # Token bucket per API key: `rate_limit_per_s` requests per second on average, bursts of up
     # to `rate_limit_burst`. 0 turns the limit off.
     rate_limit_per_s: float = Field(20.0, ge=0)
@@ -92,24 +94,24 @@ class Settings(BaseSettings):
     # Each API process trusts a key it verified for this long without reading it again: a key
     # revoked through another process (or `uisps keys revoke`) works here for at most this long.
     # Revoked through this process's API, it is refused at once. 0: read the key every request.
-    api_key_cache_ttl_s: float = 5.0
+    api_key_cache_ttl_s: float = Field(5.0, ge=0)
     # PostgreSQL connections each API process keeps open (its reads never use more, so polling
     # opens no new ones), and how many more it may open for a burst of writes (closed again when
     # returned: PostgreSQL starts a process for each). The server's max_connections must cover
     # every API process's pool_size + max_overflow, plus the workers.
-    db_pool_size: int = 10
-    db_max_overflow: int = 10
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(10, ge=0)
     # Reads (GET /deletion-requests/{id}) one API process runs at once, each in a worker thread:
     # one can compute while another waits for PostgreSQL; more only fight over the GIL (with 10,
     # the p99 under load doubled). Raise it when PostgreSQL is a slow round trip away.
-    api_read_threads: int = 2
+    api_read_threads: int = Field(2, ge=1)
     # Queued + running deletion requests one tenant may have at once (429 beyond).
-    max_active_requests_per_tenant: int = 50
+    max_active_requests_per_tenant: int = Field(50, ge=1)
     # Unrevoked API keys one tenant may hold (409 beyond, over HTTP): each key has its own rate
     # limit, so without a cap a tenant could make itself any rate. `uisps keys create` is not held to it.
     max_api_keys_per_tenant: int = Field(100, ge=1)
     # Largest checkpoint accepted, in parameters (elements of all tensors together).
-    max_checkpoint_parameters: int = 250_000_000
+    max_checkpoint_parameters: int = Field(250_000_000, ge=1)
     # Ed25519 key that signs deletion certificates; created on first use when missing.
     certificate_key_path: Path | None = None
     # The public halves of signing keys that `uisps certificate rotate-key` retired, one
@@ -137,7 +139,7 @@ class Settings(BaseSettings):
     # One INFO line per HTTP request (logger `uisps.access`: method, route, status, duration).
     access_log: bool = True
     # /metrics: job stage timings are averaged over this many most recently finished jobs.
-    metrics_recent_jobs: int = 100
+    metrics_recent_jobs: int = Field(100, ge=1)
     # --- end of the observability settings --------------------------------------------------------
 
     # --- Webhooks (issue #7): a signed event when a deletion request ends ------------------------
@@ -157,12 +159,12 @@ class Settings(BaseSettings):
     webhook_allow_http: bool = False
     webhook_allow_private_addresses: bool = False
     # Attempts per event; the wait after attempt n is base * 2**(n-1) seconds, at most max.
-    webhook_max_attempts: int = 10
-    webhook_retry_base_s: float = 10.0
-    webhook_retry_max_s: float = 3600.0
-    webhook_timeout_s: float = 10.0
+    webhook_max_attempts: int = Field(10, ge=1)
+    webhook_retry_base_s: float = Field(10.0, ge=0)
+    webhook_retry_max_s: float = Field(3600.0, ge=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
     # How often each worker's webhook sender looks for due deliveries.
-    webhook_poll_interval_s: float = 2.0
+    webhook_poll_interval_s: float = Field(2.0, gt=0)
     # After a tenant rotates its secret, its events carry a second signature, by the secret before,
     # for this long (Standard Webhooks allows several): receivers switch without refusing events.
     # Fixed at each rotation (a rotation may ask for less). At most 30 days.
@@ -192,6 +194,18 @@ class Settings(BaseSettings):
             name = f"UISPS_{info.field_name.upper()}"
             raise ValueError(f"{name} must be 'whsec_' followed by base64 of at least 24 random bytes")
         return value
+
+    @field_validator("artifact_backend", mode="before")
+    @classmethod
+    def _backend_name(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        # Refused here, where every process starts, not in the first job that stores a version.
+        if self.artifact_backend == "s3" and not self.s3_bucket:
+            raise ValueError("UISPS_ARTIFACT_BACKEND=s3 needs UISPS_S3_BUCKET")
+        return self
 
     @model_validator(mode="after")
     def _previous_webhook_secret_needs_a_current_one(self) -> Settings:

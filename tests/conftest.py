@@ -48,16 +48,36 @@ def pg_url() -> Iterator[str]:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
+def _idle_redis_db(client: redis.Redis) -> int:
+    """A database number (1-15) no client is connected to, starting from one picked by pid.
+
+    A worker left running by a killed test run (or a run beside this one) still consumes from its
+    database, and would take this run's messages if the two shared a number.
+    """
+    try:
+        busy = {int(entry["db"]) for entry in client.client_list()}
+    except redis.ResponseError:  # CLIENT LIST refused (a managed Redis's ACL): trust the pid
+        busy = set()
+    numbers = [1 + (os.getpid() + step) % 15 for step in range(15)]
+    idle = [number for number in numbers if number not in busy]
+    if not idle:
+        pytest.fail(f"every Redis database 1-15 at {REDIS_BASE_URL} has a client; stop stray `python -m worker` processes")
+    return idle[0]
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """URL of a Redis database number for this run, emptied before and after."""
-    url = f"{REDIS_BASE_URL}/{1 + os.getpid() % 15}"
-    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    """URL of a Redis database number for this run that no one else uses, emptied before and after."""
+    probe = redis.Redis.from_url(REDIS_BASE_URL, socket_connect_timeout=3)
     try:
-        client.flushdb()
+        number = _idle_redis_db(probe)
     except redis.ConnectionError as error:
-        client.close()
         pytest.skip(f"Redis unreachable at {REDIS_BASE_URL} ({error}); see UISPS_TEST_REDIS_URL")
+    finally:
+        probe.close()
+    url = f"{REDIS_BASE_URL}/{number}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    client.flushdb()
     try:
         yield url
     finally:

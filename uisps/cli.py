@@ -343,6 +343,7 @@ def db_upgrade(revision: Annotated[str, typer.Option("--revision")] = "head") ->
     from core.db.migrate import current_revision, upgrade
     from core.settings import get_settings
 
+    _refuse_unknown_settings()  # a misspelt UISPS_DATABASE_URL would migrate the embedded database
     url = get_settings().effective_database_url
     with _migration_errors(hint=_ROLLBACK_HINT, asked=revision):
         upgrade(url, revision)
@@ -358,6 +359,7 @@ def db_downgrade(
     from core.db.migrate import current_revision, downgrade
     from core.settings import get_settings
 
+    _refuse_unknown_settings()
     url = get_settings().effective_database_url
     with _migration_errors():
         downgrade(url, revision)
@@ -578,6 +580,7 @@ def _existing_service_database() -> Iterator[Any]:
     from core.errors import UisError
     from core.settings import get_settings
 
+    _refuse_unknown_settings()  # a misspelt UISPS_DATABASE_URL would open an embedded database that exists
     with _migration_errors():
         url = make_url(get_settings().effective_database_url)
         problem = schema_problem(url)

@@ -90,6 +90,21 @@ def test_gc_against_a_database_without_versions_deletes_nothing(store: LocalArti
     assert store.exists(live.key)
 
 
+def test_gc_with_a_misspelt_database_setting_deletes_nothing(
+    store: LocalArtifactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The embedded database exists and names one file; production's, never read, names the other.
+    named_here = _old(store, b"a checkpoint the embedded database names")
+    _service_database_with_a_version_of(named_here)
+    live = _old(store, b"a live checkpoint of the production database's version")
+    monkeypatch.setenv("UISPS_DATABASE_URI", "postgresql://production/uisps")
+
+    result = runner.invoke(app, ["artifacts", "gc"], catch_exceptions=False)
+
+    assert result.exit_code == 2 and "UISPS_DATABASE_URI (did you mean UISPS_DATABASE_URL?)" in result.output
+    assert store.exists(live.key)
+
+
 def test_verify_passes_a_store_that_holds_every_checkpoint(store: LocalArtifactStore) -> None:
     _service_database_with_a_version_of(store.put(b"version 1"), store.put(b"version 2"))
     store.put(b"a result no version names")

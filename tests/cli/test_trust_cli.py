@@ -252,6 +252,21 @@ def test_a_key_is_not_written_where_a_setting_is_misspelt(home: Settings, monkey
     assert code == 2 and "UISPS_DATABASE_URI (did you mean UISPS_DATABASE_URL?)" in out
 
 
+@pytest.mark.parametrize("command", [("db", "upgrade"), ("db", "downgrade")])
+def test_no_database_is_migrated_where_a_setting_is_misspelt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
+) -> None:
+    # compose's `migrate` would otherwise report success on an embedded database nobody serves.
+    monkeypatch.setenv("UISPS_HOME", str(tmp_path))
+    monkeypatch.delenv("UISPS_DATABASE_URL", raising=False)
+    monkeypatch.setenv("UISPS_DATABASE_URI", "postgresql://production/uisps")
+
+    code, out = uisps(*command)
+
+    assert code == 2 and "UISPS_DATABASE_URI (did you mean UISPS_DATABASE_URL?)" in out
+    assert not (tmp_path / "uisps.db").exists()
+
+
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [("UISPS_RATE_LIMIT_PER_S", "abc", "UISPS_RATE_LIMIT_PER_S: Input should be a valid number"),

@@ -156,3 +156,41 @@ def test_a_log_level_only_some_of_them_know_is_refused_in_one_line(monkeypatch: 
     monkeypatch.setenv("UISPS_LOG_LEVEL", "trace")  # uvicorn's, not Python's
     with pytest.raises(SettingsError, match="UISPS_LOG_LEVEL: .*must be one of CRITICAL, ERROR, WARNING, INFO, DEBUG"):
         get_settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("UISPS_RECONCILE_INTERVAL_S", "0"),  # the reconciler thread would spin on the database
+        ("UISPS_WEBHOOK_POLL_INTERVAL_S", "-1"),
+        ("UISPS_JOB_LEASE_S", "0"),  # every claim's lease over as it is written: jobs taken over
+        ("UISPS_MAX_ATTEMPTS", "0"),
+        ("UISPS_DB_POOL_SIZE", "-5"),
+        ("UISPS_API_READ_THREADS", "0"),
+        ("UISPS_MAX_CONCURRENT_UPLOADS", "0"),
+        ("UISPS_ARTIFACT_BACKEND", "gcs"),
+    ],
+)
+def test_a_value_the_service_cannot_run_with_is_refused_at_start(
+    clean_env: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    from core.settings import SettingsError
+
+    clean_env.setenv(name, value)
+    with pytest.raises(SettingsError, match=f"^{name}: "):
+        get_settings()
+
+
+def test_the_artifact_backend_name_is_read_in_any_case(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("UISPS_ARTIFACT_BACKEND", " S3")
+    clean_env.setenv("UISPS_S3_BUCKET", "checkpoints")
+
+    assert get_settings().artifact_backend == "s3"
+
+
+def test_the_s3_backend_without_a_bucket_is_refused_at_start(clean_env: pytest.MonkeyPatch) -> None:
+    from core.settings import SettingsError
+
+    clean_env.setenv("UISPS_ARTIFACT_BACKEND", "s3")
+    with pytest.raises(SettingsError, match="UISPS_ARTIFACT_BACKEND=s3 needs UISPS_S3_BUCKET"):
+        get_settings()

@@ -331,5 +331,7 @@ def test_empty_s3_variables_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_factory_refuses_s3_without_a_bucket(tmp_path: Path) -> None:
+    # Settings refuse it too; a copy made with model_copy(update=...) skips their validation.
+    settings = Settings(home=tmp_path).model_copy(update={"artifact_backend": "s3"})
     with pytest.raises(ValueError, match="UISPS_S3_BUCKET"):
-        make_artifact_store(Settings(home=tmp_path, artifact_backend="s3", s3_bucket=None))
+        make_artifact_store(settings)
