@@ -240,8 +240,16 @@ def test_an_upgrade_waits_for_one_in_progress(own_pg_database: str) -> None:
     with psycopg.connect(dsn) as first:
         first.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
         second = subprocess.Popen([sys.executable, "-c", code, own_pg_database], stderr=subprocess.PIPE, text=True)
-        time.sleep(3)
-        assert second.poll() is None and current_revision(own_pg_database) is None  # waiting, nothing applied
+        waiting = (
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'advisory'"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        deadline = time.monotonic() + 60
+        with psycopg.connect(dsn, autocommit=True) as probe:
+            while not probe.execute(waiting).fetchone()[0]:
+                assert second.poll() is None and time.monotonic() < deadline, "the second upgrade never waited"
+                time.sleep(0.05)
+        assert current_revision(own_pg_database) is None  # waiting, nothing applied
         first.rollback()  # the first upgrade ends
         _, errors = second.communicate(timeout=120)
 

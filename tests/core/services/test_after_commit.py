@@ -84,18 +84,26 @@ def test_without_begin_write_a_stale_sqlite_snapshot_cannot_write(engine: Engine
 def test_with_begin_write_the_other_writer_waits_its_turn(engine: Engine) -> None:
     sessions = make_sessionmaker(engine)
 
+    writing = threading.Event()
+    committed: list[str] = []
+
     def other_writer() -> None:
+        writing.set()
         with sessions.begin() as other:
             other.add(_model("other"))
+        committed.append("other")
 
     writer = threading.Thread(target=other_writer)
     with sessions() as session:
         begin_write(session)
         session.scalar(select(Model))
         writer.start()
-        time.sleep(0.2)  # the other writer is now waiting on the lock
+        assert writing.wait(10)
+        time.sleep(1)  # time enough to commit, had it not waited for the lock
         session.add(_model("mine"))
         session.commit()
-    writer.join()
+        committed.append("mine")
+    writer.join(30)
 
+    assert committed == ["mine", "other"]  # it waited its turn instead of writing under our snapshot
     assert _visible_elsewhere(sessions, "mine") and _visible_elsewhere(sessions, "other")

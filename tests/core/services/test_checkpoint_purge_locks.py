@@ -148,7 +148,10 @@ def test_a_read_during_a_purge_waits_for_it_and_answers_purged_not_missing(
     model_id = _model_with_version(any_sessions, store, unique_digits_checkpoint)
     where = {"tenant_id": "default", "model_id": model_id, "version": 1, "store": store}
 
+    reading = threading.Event()
+
     def reader() -> ModelVersion:
+        reading.set()
         with any_sessions() as session:
             if read == "head":
                 return model_service.stored_checkpoint(session, **where)
@@ -159,8 +162,10 @@ def test_a_read_during_a_purge_waits_for_it_and_answers_purged_not_missing(
         thread, outcome = _in_thread(reader)
         if any_sessions.kw["bind"].dialect.name == "postgresql":
             _wait_until_blocked_on_a_lock(any_sessions)
-        else:
-            time.sleep(1)  # the reader finds the file gone at once; then it waits for SQLite's write lock
+        else:  # the reader finds the file gone at once; then it waits for SQLite's write lock
+            assert reading.wait(10)
+            time.sleep(1)
+            assert thread.is_alive(), outcome  # it waits for the purge rather than answering first
         purging.commit()
     thread.join(10)
 
