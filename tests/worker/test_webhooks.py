@@ -269,7 +269,8 @@ def test_a_receiver_that_answers_500_gets_the_event_again(webhook_env, digits_ch
 
 
 def test_a_host_that_resolves_to_a_private_address_is_refused(
-    webhook_env, receiver, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+    webhook_env, receiver, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # "localhost" is a name, so the request is accepted; what it resolves to is checked when sending.
     monkeypatch.setenv("UISPS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES", "false")
@@ -282,7 +283,9 @@ def test_a_host_that_resolves_to_a_private_address_is_refused(
     assert receiver.received == []
     delivery, attempts = _delivery(webhook_env, request_id)
     assert delivery.state == "failed" and len(attempts) == 1  # retrying cannot make it allowed
-    assert "localhost resolves to" in attempts[0].error and "loopback" in attempts[0].error
+    # what the name resolved to stays in the worker's log: tenants must not map the operator's DNS
+    assert attempts[0].error == "refused: the host resolves to an address webhooks may not reach"
+    assert "127.0.0.1" in caplog.text and "loopback" in caplog.text
     assert _last_action(webhook_env, request_id) == "deletion_request.webhook_failed"
 
 

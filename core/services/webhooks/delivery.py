@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import http.client
 import io
+import logging
 import socket
 import ssl
 import time
@@ -29,6 +30,8 @@ from core.services.webhooks.urls import (
     resolve,
 )
 from core.settings import Settings
+
+log = logging.getLogger(__name__)
 
 USER_AGENT = "uisps-webhooks/1"
 MAX_ADDRESSES_TRIED = 3
@@ -61,10 +64,16 @@ def post_event(
         # Again at send time: the allowed hosts and schemes may have changed since the request.
         target = parse_callback_url(url, settings)
         addresses = resolve(target, allow_private=settings.webhook_allow_private_addresses)
-    except (InvalidCallbackUrl, RefusedAddress) as exc:
+    except InvalidCallbackUrl as exc:
         return AttemptResult(None, f"refused: {exc}"[:ERROR_LIMIT], permanent=True)
+    # What the host resolved to goes to the worker's log only: the attempt's error is shown to the
+    # tenant's keys, and would tell them what names inside the operator's network resolve to.
+    except RefusedAddress as exc:
+        log.warning("webhook to %s refused: %s", url, exc)
+        return AttemptResult(None, "refused: the host resolves to an address webhooks may not reach", permanent=True)
     except OSError as exc:  # socket.gaierror: the name does not resolve (now)
-        return AttemptResult(None, f"cannot resolve {target.host}: {exc}"[:ERROR_LIMIT])
+        log.warning("webhook host of %s does not resolve: %s", url, exc)
+        return AttemptResult(None, "cannot resolve the host (now)")
     keys = signing_keys(settings.webhook_service_secrets, tenant_id, secret_generations)
     headers = {**webhook_headers(keys, message_id, int(time.time()), body), "user-agent": USER_AGENT}
     try:

@@ -127,9 +127,21 @@ def host_allowed(host: str, patterns: list[str]) -> bool:
 # prefix, the deprecated IPv4-compatible and SIIT IPv4-translated forms); IPv4-mapped and 6to4
 # have attributes of their own.
 _CARRY_IPV4 = tuple(ipaddress.ip_network(net) for net in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96"))
-# Never public, whatever the IPv6 registry Python ships says: site-local (deprecated) and NAT64's
-# local-use prefix, whose translators reach networks of their operator's choosing.
-_NOT_PUBLIC_V6 = tuple(ipaddress.ip_network(net) for net in ("fec0::/10", "64:ff9b:1::/48"))
+# Never public, whatever the tables of the running Python say (before 3.11.10 and 3.12.4, for
+# one, most of 192.0.0.0/24 counted as global, Oracle Cloud's metadata address 192.0.0.192 among
+# them): IANA's special-purpose ranges that are not globally reachable, and cloud services that
+# answer on a public-looking address (Azure's WireServer). Python's `is_global` is asked too.
+_NOT_PUBLIC_V4 = tuple(ipaddress.ip_network(net) for net in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
+    "198.51.100.0/24", "203.0.113.0/24", "240.0.0.0/4", "168.63.129.16/32",
+))
+# The same for IPv6, with site-local (deprecated) and NAT64's local-use prefix, whose translators
+# reach networks of their operator's choosing.
+_NOT_PUBLIC_V6 = tuple(ipaddress.ip_network(net) for net in (
+    "::/127", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20", "5f00::/16", "fc00::/7",
+    "fe80::/10", "fec0::/10", "ff00::/8", "64:ff9b:1::/48",
+))
 
 
 def _effective(address: IPAddress) -> IPAddress:
@@ -150,6 +162,8 @@ def is_public(address: IPAddress) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and any(address in net for net in _NOT_PUBLIC_V6):
         return False
     address = _effective(address)
+    if isinstance(address, ipaddress.IPv4Address) and any(address in net for net in _NOT_PUBLIC_V4):
+        return False
     return address.is_global and not address.is_multicast
 
 

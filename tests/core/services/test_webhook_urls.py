@@ -32,6 +32,19 @@ def test_an_ipv6_form_of_a_private_address_is_not_public(address: str, kind: str
     assert address_kind(parsed) == kind
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "192.0.0.192",  # Oracle Cloud's metadata service; global in Python 3.11.7's own table
+        "168.63.129.16",  # Azure's WireServer: a public-looking address inside every VNet
+        "64:ff9b::c000:c0",  # NAT64 of 192.0.0.192
+        "3fff::1",  # documentation (RFC 9637, 2024); global in Python 3.11.7's own table
+    ],
+)
+def test_special_purpose_and_cloud_addresses_are_not_public_whatever_python_says(address: str) -> None:
+    assert not is_public(ipaddress.ip_address(address))
+
+
 @pytest.mark.parametrize("address", ["8.8.8.8", "2001:4860:4860::8888", "64:ff9b::808:808", "2002:808:808::"])
 def test_public_addresses_and_their_ipv6_forms_are_public(address: str) -> None:
     assert is_public(ipaddress.ip_address(address))
