@@ -51,6 +51,7 @@ class JobState(StrEnum):
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 _STATE_VALUES = ", ".join(f"'{state.value}'" for state in JobState)
+_ACTIVE_STATES = f"state IN ('{JobState.QUEUED.value}', '{JobState.RUNNING.value}')"
 
 
 class Model(Base):
@@ -145,6 +146,13 @@ class DeletionRequest(Base):
             "state",
             "created_at",
         ),
+        # The table only grows; these keep the hot scans off its history (migration 0010).
+        Index(
+            "ix_deletion_requests_active", "tenant_id", "created_at",
+            postgresql_where=text(_ACTIVE_STATES), sqlite_where=text(_ACTIVE_STATES),
+        ),
+        Index("ix_deletion_requests_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_deletion_requests_state_finished", "state", "finished_at"),
     )
 
     id: Mapped[str] = uuid_pk()

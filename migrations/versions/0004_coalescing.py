@@ -10,7 +10,9 @@ request each (``model_versions.deletion_request_id``): the upgrade links them. T
 the links (a version made for several requests then names only the one that ran its job); an
 upgrade after it links the others again from the audit log, whose ``model_version.created``
 event names every request a version was made for (``deletion_request_ids``), so their
-certificates are served again.
+certificates are served again. A request riding along in a job still running is queued again by
+the downgrade: without ``coalesced_into`` nothing would finish it, and it has no lease of its own
+that could run out.
 """
 
 import json
@@ -87,6 +89,10 @@ def _relink_coalesced_requests() -> None:
 
 
 def downgrade() -> None:
+    op.execute(
+        "UPDATE deletion_requests SET state = 'queued', started_at = NULL, lease_expires_at = NULL,"
+        " dispatched_at = NULL WHERE coalesced_into IS NOT NULL AND state = 'running'"
+    )
     with op.batch_alter_table("deletion_requests") as batch_op:
         batch_op.drop_constraint(batch_op.f("fk_deletion_requests_coalesced_into_deletion_requests"), type_="foreignkey")
         batch_op.drop_index(batch_op.f("ix_deletion_requests_coalesced_into"))

@@ -7,10 +7,13 @@ Revises: 0008
 Create Date: 2026-12-06
 
 Rotations made before this column existed get none: the old secret signed nothing after them,
-as the service said then. The downgrade drops the column (events then carry one signature).
+as the service said then. The downgrade drops the column (events then carry one signature); an
+upgrade after it restores each tenant's from its latest rotation's audit event, which records it.
 """
 
+import json
 from collections.abc import Sequence
+from datetime import datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -23,6 +26,26 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column("webhook_secrets", sa.Column("previous_signs_until", sa.DateTime(timezone=True), nullable=True))
+    _restore_overlaps()
+
+
+def _restore_overlaps() -> None:
+    """Found only after a downgrade past this revision: before it, no rotation recorded one."""
+    connection = op.get_bind()
+    events = connection.execute(sa.text(
+        "SELECT tenant_id, details FROM audit_events WHERE action = 'webhook_secret.rotated' ORDER BY id"
+    )).all()
+    latest: dict[str, dict] = {}
+    for tenant_id, details in events:
+        latest[tenant_id] = json.loads(details) if isinstance(details, str) else details
+    for tenant_id, details in latest.items():
+        until = details.get("previous_signs_until")
+        if until:
+            connection.execute(
+                sa.text("UPDATE webhook_secrets SET previous_signs_until = :until"
+                        " WHERE tenant_id = :tenant AND generation = :generation"),
+                {"until": datetime.fromisoformat(until), "tenant": tenant_id, "generation": int(details["generation"])},
+            )
 
 
 def downgrade() -> None:

@@ -19,8 +19,8 @@ def _uisps(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedP
 
 
 def test_db_upgrade_and_downgrade(tmp_path: Path) -> None:
-    assert _uisps(tmp_path, "db", "upgrade").stdout.strip() == "database at revision 0009"
-    assert _uisps(tmp_path, "db", "downgrade").stdout.strip() == "database at revision 0008"
+    assert _uisps(tmp_path, "db", "upgrade").stdout.strip() == "database at revision 0010"
+    assert _uisps(tmp_path, "db", "downgrade").stdout.strip() == "database at revision 0009"
     assert _uisps(tmp_path, "db", "downgrade", "--revision", "base").stdout.strip() == "database at revision None"
 
     refused = _uisps(tmp_path, "db", "downgrade", "--revision", "nonsense")

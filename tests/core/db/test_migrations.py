@@ -64,7 +64,7 @@ def test_upgrade_creates_every_table(empty_db: str) -> None:
     upgrade(empty_db)
 
     assert _tables(empty_db) == TABLES
-    assert current_revision(empty_db) == "0009"
+    assert current_revision(empty_db) == "0010"
 
 
 def test_downgrade_removes_everything(empty_db: str) -> None:
@@ -218,6 +218,62 @@ def test_a_coalesced_request_keeps_its_version_through_a_downgrade_past_0004_and
             links = dict(connection.execute(text("SELECT deletion_request_id, model_version_id FROM model_version_requests")).all())
             into = dict(connection.execute(text("SELECT id, coalesced_into FROM deletion_requests")).all())
         assert links == {"r1": "v2", "r2": "v2"} and into == {"r1": None, "r2": "r1"}
+    finally:
+        engine.dispose()
+        downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
+
+
+def test_a_request_riding_in_a_running_job_is_queued_again_by_a_downgrade_past_0004(empty_db: str) -> None:
+    upgrade(empty_db)
+    engine = make_engine(empty_db)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            now = {"now": utcnow()}
+            session.execute(text(
+                "INSERT INTO models (id, tenant_id, name, architecture, arch_kwargs, num_classes, class_names,"
+                " input_shape, mean, std, data_source, created_at) VALUES ('m1', 'default', 'm', 'smallcnn',"
+                " '{}', 10, '[]', '[1, 8, 8]', '[0]', '[1]', 'digits', :now)"), now)
+            for request, into, lease in (("r1", None, now["now"]), ("r2", "r1", None)):  # r2 rides in r1's job
+                session.execute(text(
+                    "INSERT INTO deletion_requests (id, tenant_id, model_id, forget_labels, base_version, params, state,"
+                    " coalesced_into, started_at, lease_expires_at, dispatched_at, created_at, updated_at) VALUES"
+                    " (:id, 'default', 'm1', '[3]', 1, '{}', 'running', :into, :now, :lease, :now, :now, :now)"),
+                    {"id": request, "into": into, "lease": lease, **now})
+
+        downgrade(empty_db, "0003")
+
+        with engine.connect() as connection:
+            rows = {r.id: r for r in connection.execute(text(
+                "SELECT id, state, started_at, lease_expires_at, dispatched_at FROM deletion_requests"))}
+        # r2, no longer linked to r1, would stay running for good: no lease to run out, no job to end it
+        assert (rows["r2"].state, rows["r2"].started_at, rows["r2"].dispatched_at) == ("queued", None, None)
+        assert rows["r1"].state == "running" and rows["r1"].lease_expires_at is not None
+    finally:
+        engine.dispose()
+        downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
+
+
+def test_a_rotated_webhook_secret_stays_rotated_through_a_downgrade_past_0008(empty_db: str) -> None:
+    from core.services.webhooks.secrets import rotate_tenant_secret, secret_states
+    from core.settings import Settings
+
+    upgrade(empty_db)
+    engine = make_engine(empty_db)
+    settings = Settings(webhook_secret="whsec_" + "QUJD" * 8, webhook_secret_overlap_s=3600)
+    try:
+        sessions = make_sessionmaker(engine)
+        for _ in range(2):  # generation 1 may have leaked: the tenant moved on to 2
+            with sessions.begin() as session:
+                rotate_tenant_secret(session, tenant_id="acme", actor="test", settings=settings)
+        with sessions() as session:
+            before = secret_states(session, ["acme"])["acme"]
+
+        downgrade(empty_db, "0007")
+        upgrade(empty_db)
+
+        with sessions() as session:
+            after = secret_states(session, ["acme"])["acme"]
+        assert before.generation == 2 and after == before
     finally:
         engine.dispose()
         downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
