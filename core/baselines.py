@@ -458,9 +458,10 @@ class BadTeacherConfig:
     The pass is the default UISPS pass's: one epoch of D_r floored at `min_steps` (350), batches
     of 128 with `synthetic_per_batch` samples of D_g cycling through, MaskedSGD (SGD, momentum 0.9)
     at the architecture's default unlearning rate (core.architectures.unlearning_lr) decaying on a
-    cosine. So `bad_teacher` differs from the `uisps` row only in its targets, with the same budget
-    of steps, and `sps=True` (App. D, Table VIII: freeze the SPS mask of eq. 12) changes nothing
-    else. Their paper distils on a 30 % subset of D_r, about 117 steps on CIFAR-10's 45,000
+    cosine. So `bad_teacher` differs from the `uisps` row in its targets, with the same budget of
+    steps, and in one more thing: the `uisps` default first re-initialises the forgotten classes'
+    output rows (`reset_head`), which this pass never does. `sps=True` (App. D, Table VIII: freeze
+    the SPS mask of eq. 12) changes nothing else. Their paper distils on a 30 % subset of D_r, about 117 steps on CIFAR-10's 45,000
     retained images; on a small data set 30 % is a handful of steps, so `retain_fraction` defaults
     to all of D_r.
     KL uses `batchmean`, which equals cross-entropy to the soft targets up to a constant, so the

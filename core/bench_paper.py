@@ -803,6 +803,12 @@ def _dumps(obj: object) -> str:
     return nested.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
 
 
+def _zero_glance_cell(row: dict) -> str:
+    if row["method"] == "original":
+        return "—"  # trained on D: nothing was unlearned, with or without a glance
+    return "yes" if row["zero_glance"] else "no"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     preset = meta.get("preset", {})
     lines = [
@@ -829,15 +835,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         "Columns: A_Dr and A_Df are accuracies (%) on the test split (retained / forgotten classes); "
         "MIA (%) is defined below; probe is the accuracy (%) of a logistic-regression probe on the penultimate "
-        "features telling forgotten classes from the rest (held-out half of the test split; balanced accuracy "
-        "in paper.json); relearn is the number of fine-tuning steps until A_Df on held-out forgotten test samples "
+        "features telling forgotten classes from the rest (held-out half of the test split), and probe (bal.) "
+        "its balanced accuracy, the mean of its recall on the forgotten classes and on the rest: the probe is "
+        "fitted with balanced class weights, so with one forgotten class of ten its plain accuracy mostly "
+        "counts retained samples it took for forgotten ones, and the balanced figure is the one that says how "
+        "well the forgotten classes can still be found; relearn is the number of fine-tuning steps until A_Df on held-out forgotten test samples "
         "passes 50 % (a trailing `*` marks seeds that hit the cap; `head_mask` is fine-tuned without its mask, "
         "which is not a weight); seconds is the method's wall time (for methods that use the inversion, including "
         "it; for Original and Retrain, their training, the run's first one with CUDA start-up and cuDNN tuning). "
         "Values are means over seeds, ± the sample standard deviation (ddof=1) where there are several; a "
         "probe that always answered 'the rest' would score 90 % with one forgotten class of ten and 70 % with "
-        "three (its balanced accuracy, in paper.json, would be 50 %). zero-glance: the method "
-        "reads no forgotten sample (Amnesiac reads the forgotten training samples). `bad_teacher` and "
+        "three (its balanced accuracy would be 50 %). zero-glance: the method "
+        "reads no forgotten sample (Amnesiac reads the forgotten training samples; the Original is no method). `bad_teacher` and "
         "`bad_teacher_sps` use UISPS's inversion D_g as their forget side.",
         "",
         f"**MIA**: {meta.get('mia_definition')}. Retrain's MIA is in every table as the reference.",
@@ -848,8 +857,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         if not exp_rows:
             continue
         lines += [f"## {TITLES[exp]}", "",
-                  "| arch | forget | method | setting | A_Dr | A_Df | MIA | probe | relearn | seconds | zero-glance | seeds |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| arch | forget | method | setting | A_Dr | A_Df | MIA | probe | probe (bal.) | relearn | seconds "
+                  "| zero-glance | seeds |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in exp_rows:
             relearn = _fmt(r["relearn_steps"], r.get("relearn_steps_std"), r["seeds"], digits=0)
             relearn += "*" if r["relearn_steps"] is not None and r.get("relearn_capped") else ""
@@ -857,9 +867,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"| {r['arch']} | {','.join(map(str, r['forget']))} | {r['method']} | {r['setting']} | "
                 f"{_fmt(r['acc_retain'], r['acc_retain_std'], r['seeds'])} | "
                 f"{_fmt(r['acc_forget'], r['acc_forget_std'], r['seeds'])} | {_fmt(r['mia'], r['mia_std'], r['seeds'])} | "
-                f"{_fmt(r['probe'], r.get('probe_std'), r['seeds'])} | {relearn} | "
+                f"{_fmt(r['probe'], r.get('probe_std'), r['seeds'])} | "
+                f"{_fmt(r.get('probe_balanced'), r.get('probe_balanced_std'), r['seeds'])} | {relearn} | "
                 f"{_fmt(r['seconds'], r.get('seconds_std'), r['seeds'], digits=1)} | "
-                f"{'yes' if r['zero_glance'] else 'no'} | {r['seeds']} |"
+                f"{_zero_glance_cell(r)} | {r['seeds']} |"
             )
         lines.append("")
     plots = meta.get("plots") or []

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from core import baselines as B
-from core.bench_paper import EXPERIMENTS, MAIN_METHODS, ROW_KEYS, PaperBench, aggregate, make_preset
+from core.bench_paper import (
+    EXPERIMENTS,
+    MAIN_METHODS,
+    ROW_KEYS,
+    PaperBench,
+    aggregate,
+    make_preset,
+    markdown,
+)
 from core.data import Dataset, RetainedData, Split
 
 CPU = torch.device("cpu")
@@ -326,6 +334,21 @@ def test_a_retrain_on_part_of_d_r_is_attacked_with_that_part_as_its_members(trai
     (members,) = members_seen
     assert members is not None and torch.equal(members.x, trained_on.x)
     assert len(members) < len(trained_digits.dataset.train.without_labels(unit.forget))
+
+
+def test_the_tables_show_the_balanced_probe_beside_the_plain_one():
+    # With one forgotten class of ten, the plain accuracy of a probe fitted with balanced weights
+    # mostly counts false alarms on retained samples; the balanced one says how well it finds the class.
+    base = {"experiment": "main", "arch": "a", "forget": [0], "setting": "s", "seed": 0, "acc_retain": 80.0,
+            "acc_forget": 0.0, "mia": 10.0, "relearn_steps": 10, "relearn_reached": True, "seconds": 1.0}
+    rows = aggregate([{**base, "method": "original", "zero_glance": True, "probe": 91.94, "probe_balanced": 84.67},
+                      {**base, "method": "uisps", "zero_glance": True, "probe": 89.98, "probe_balanced": 86.07}])
+
+    table = [line for line in markdown(rows, {}).splitlines() if line.startswith("| ") and "---" not in line]
+
+    assert table[0].split(" | ")[7:9] == ["probe", "probe (bal.)"]
+    assert table[1].split(" | ")[7:9] == ["91.94", "84.67"] and table[2].split(" | ")[7:9] == ["89.98", "86.07"]
+    assert table[1].split(" | ")[-2] == "—" and table[2].split(" | ")[-2] == "yes"  # the Original is no method
 
 
 def test_aggregate_means_over_seeds():
