@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -135,11 +136,45 @@ def _is_artifact_key(key: str) -> bool:
     return True
 
 
+# A checkpoint file hashed in full is trusted unchanged for this long, while its inode, size and
+# mtime stay the same: each download would otherwise hash the whole file again, so a reader key
+# asking for one byte at its rate limit could keep the disks and cores busy with hashing.
+VERIFIED_FOR_S = 60.0
+_VERIFIED_KEPT = 4096
+
+
 class LocalArtifactStore:
     """Artifacts as files under ``root``; safe for several processes writing at once."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser()
+        self._verified: dict[str, tuple[tuple[int, int, int], float]] = {}
+        self._verified_lock = threading.Lock()
+
+    def identity(self, key: str) -> tuple[int, int, int] | None:
+        """The file's inode, size and mtime, or None where it is gone."""
+        try:
+            stat = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    def verified_recently(self, key: str) -> bool:
+        """Whether `remember_verified` saw this very file less than VERIFIED_FOR_S ago."""
+        with self._verified_lock:
+            seen = self._verified.get(key)
+        return (
+            seen is not None and time.monotonic() - seen[1] < VERIFIED_FOR_S and self.identity(key) == seen[0]
+        )
+
+    def remember_verified(self, key: str, identity: tuple[int, int, int] | None) -> None:
+        """Note that the file of `identity` (taken before it was hashed) hashed to its sha256."""
+        if identity is None:
+            return
+        with self._verified_lock:
+            if len(self._verified) >= _VERIFIED_KEPT:
+                self._verified.pop(next(iter(self._verified)))
+            self._verified[key] = (identity, time.monotonic())
 
     def put(self, source: Source, tenant_id: str | None = None) -> StoredArtifact:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -356,6 +356,21 @@ def test_a_checkpoint_whose_bytes_changed_is_never_served(
     assert _actions(client, model["id"])[-1] != "model_version.downloaded"
 
 
+def test_a_checkpoint_changed_after_a_download_is_caught_at_the_next(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    # A download does not hash a file again within a minute of hashing it, unless the file changed.
+    model = registered_model()
+    version = client.get(f"/models/{model['id']}/versions/1").json()
+    assert client.get(f"/models/{model['id']}/versions/1/checkpoint").status_code == 200
+    path = client.app.state.store.local_path(key_for(version["sha256"], "default"))
+    path.write_bytes(digits_checkpoint[:-4] + b"\0\0\0\0")
+
+    response = client.get(f"/models/{model['id']}/versions/1/checkpoint")
+
+    assert_problem(response, 500, "artifact_corrupted", f"not its recorded {version['sha256']}")
+
+
 def test_models_are_listed_page_by_page(client: TestClient, registered_model) -> None:  # noqa: ANN001
     created = [registered_model(upload=False)["id"] for _ in range(3)]
 

@@ -160,3 +160,18 @@ def test_size_is_the_stored_length_or_none(store: LocalArtifactStore) -> None:
     assert store.size(stored.key) == 12
     store.delete(stored.key)
     assert store.size(stored.key) is None
+
+
+def test_a_verified_file_is_trusted_only_while_it_stays_the_same(
+    store: LocalArtifactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stored = store.put(b"a checkpoint")
+    store.remember_verified(stored.key, store.identity(stored.key))
+    assert store.verified_recently(stored.key)
+
+    store.local_path(stored.key).write_bytes(b"another one")  # new mtime and size
+    assert not store.verified_recently(stored.key)
+
+    store.remember_verified(stored.key, store.identity(stored.key))
+    monkeypatch.setattr("core.storage.VERIFIED_FOR_S", 0.0)  # a minute later
+    assert not store.verified_recently(stored.key)

@@ -27,7 +27,7 @@ from core.services.models.repository import model_repository
 from core.services.pagination import Page, PageRequest
 from core.services.text import NulFree
 from core.services.transactions import begin_write, lock_artifact
-from core.storage import ArtifactNotFound, ArtifactStore, key_for
+from core.storage import ArtifactNotFound, ArtifactStore, LocalArtifactStore, key_for
 
 if TYPE_CHECKING:
     from core.checkpoint import Manifest
@@ -286,7 +286,7 @@ class ModelService:
         lost = False
         try:
             if store.local_path(found.artifact_key) is not None:
-                verify_artifact(store, found.artifact_key, found.sha256)
+                _verify_local(store, found.artifact_key, found.sha256)
         except ArtifactNotFound:
             lost = True  # gone while it was hashed: purged (410 below) or lost
         begin_write(session)
@@ -454,6 +454,18 @@ def verify_artifact(store: ArtifactStore, key: str, sha256: str) -> None:
             f"the stored checkpoint {key} hashes to {digest.hexdigest()}, not its recorded {sha256}; "
             "an operator must restore it"
         )
+
+
+def _verify_local(store: ArtifactStore, key: str, sha256: str) -> None:
+    """verify_artifact, once a minute at most for a file that stays the same (LocalArtifactStore)."""
+    if not isinstance(store, LocalArtifactStore):
+        verify_artifact(store, key, sha256)
+        return
+    if store.verified_recently(key):
+        return
+    identity = store.identity(key)  # before hashing: a file changed meanwhile is not remembered as checked
+    verify_artifact(store, key, sha256)
+    store.remember_verified(key, identity)
 
 
 def verified_chunks(store: ArtifactStore, key: str, sha256: str) -> Iterator[bytes]:
