@@ -218,7 +218,7 @@ def _unit_name(u: Unit) -> str:
 
 
 # what a resumed run must share with the run whose rows it keeps (seeds and budget may differ)
-_RESUME_MUST_MATCH = ("preset", "data", "experiments", "unlearn_config", "bf16", "method_code")
+_RESUME_MUST_MATCH = ("preset", "data", "experiments", "unlearn_config", "bf16", "method_code", "torch")
 
 
 def _unit_key(u: Unit) -> tuple:
@@ -238,7 +238,8 @@ def _jsonable_roundtrip(value: object) -> object:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    # the CPU's model: an AMX, an AVX-512 and an AVX2 machine give other figures and other seconds
+    return f"cpu ({cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 @functools.cache
@@ -573,6 +574,8 @@ class PaperBench:
             **metrics, "seconds": seconds,
             "steps": info.get("steps"), "frozen_fraction": info.get("frozen_fraction"),
             "inversion_seconds": info.get("inversion_seconds"),
+            # a resumed run keeps rows of earlier runs, perhaps on another machine of the same kind
+            "device": device_name(self.device),
         }
 
     # --- the run ------------------------------------------------------------------------------
@@ -677,8 +680,7 @@ class PaperBench:
         self.raw = list(kept)
         # rewritten without a last line cut short, which the next row would otherwise follow
         _write_atomic(self.out / "paper-raw.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
-        self.meta["resumed"] = {"rows_kept": len(kept), "earlier_device": earlier.get("device"),
-                                "earlier_torch": earlier.get("torch")}
+        self.meta["resumed"] = {"rows_kept": len(kept), "earlier_device": earlier.get("device")}
         self.log(f"resuming {self.out}: {len(kept)} finished rows kept, {len(todo)} to run")
         return todo
 
@@ -725,6 +727,7 @@ class PaperBench:
             pass_lengths=pass_lengths(self.raw),
             failures=self.failures,
             models_from_cache=self.models.hits if self.models is not None else 0,
+            rows_by_device=rows_by_device(self.raw),
         )
         images = plot_prediction_distributions(rows, self.out, self.dataset.classes) if plots else self.meta.get("plots", [])
         self.meta["plots"] = images
@@ -734,6 +737,15 @@ class PaperBench:
 
 
 # --- aggregation and reports --------------------------------------------------------------------
+
+
+def rows_by_device(raw: list[dict]) -> dict[str, int]:
+    """How many finished rows each device made (rows written before rows named it: not recorded)."""
+    counts: dict[str, int] = {}
+    for row in raw:
+        device = row.get("device") or "not recorded (an earlier run)"
+        counts[device] = counts.get(device, 0) + 1
+    return counts
 
 
 def _mean_std(values: list) -> tuple[float | None, float | None]:
@@ -805,7 +817,7 @@ def _dumps(obj: object) -> str:
 
 def _zero_glance_cell(row: dict) -> str:
     if row["method"] == "original":
-        return "—"  # trained on D: nothing was unlearned, with or without a glance
+        return "n/a"  # trained on D: nothing was unlearned, with or without a glance
     return "yes" if row["zero_glance"] else "no"
 
 
@@ -820,10 +832,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         + (f" (from seed {meta['first_seed']})" if meta.get("first_seed") else "")
         + f", order: {meta.get('order')}-major",
         f"- Original and Retrain: core.training (SGD, Nesterov, one-cycle), {json.dumps(preset.get('train'))}",
-        f"- rows finished: {meta.get('finished_rows')} of {meta.get('planned_rows')} planned, "
-        f"in {meta.get('elapsed_s', 0):.0f} s"
+        f"- rows finished: {meta.get('finished_rows')} of {meta.get('planned_rows')} planned; "
+        f"this run took {meta.get('elapsed_s', 0):.0f} s"
         + (f" (time budget {meta['time_budget_s']:.0f} s)" if meta.get("time_budget_s") else ""),
     ]
+    by_device = meta.get("rows_by_device") or {}
+    if len(by_device) > 1 or (by_device and meta.get("device") not in by_device):
+        # kept rows of an earlier (resumed) run: their seconds were measured there
+        lines.append("- rows by device: " + "; ".join(f"{device}: {n}" for device, n in by_device.items()))
     if meta.get("models_from_cache"):
         lines.append(f"- Original/Retrain models read from the model cache: {meta['models_from_cache']} "
                      "(their seconds are those measured when they were trained, on the same device)")

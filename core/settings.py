@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     max_concurrent_uploads: int = Field(2, ge=1)
     upload_wait_s: float = Field(10.0, ge=0)
     # A job whose lease ran out is presumed dead (worker crashed) and may be re-queued.
-    job_visibility_timeout_s: int = Field(6 * 60 * 60, gt=0)
+    # Above job_time_limit_s, which is checked at a job's progress reports (so a job may pass it
+    # by a report's interval): below it, the broker would hand a running job's message to a second worker.
+    job_visibility_timeout_s: int = Field(7 * 60 * 60, gt=0)
     # A job still running after this long (its parameters asked for more work than the fleet
     # gives one request) fails with time_limit_exceeded at its next progress report, not retried.
     job_time_limit_s: float = Field(6 * 60 * 60, gt=0)
@@ -99,6 +101,7 @@ class Settings(BaseSettings):
     # opens no new ones), and how many more it may open for a burst of writes (closed again when
     # returned: PostgreSQL starts a process for each). The server's max_connections must cover
     # every API process's pool_size + max_overflow, plus the workers.
+    # (SQLAlchemy's "no limit" values, pool_size 0 and max_overflow -1, are refused: a bound is the point.)
     db_pool_size: int = Field(10, ge=1)
     db_max_overflow: int = Field(10, ge=0)
     # Reads (GET /deletion-requests/{id}) one API process runs at once, each in a worker thread:

@@ -136,8 +136,8 @@ def _is_artifact_key(key: str) -> bool:
     return True
 
 
-# A checkpoint file hashed in full is trusted unchanged for this long, while its inode, size and
-# mtime stay the same: each download would otherwise hash the whole file again, so a reader key
+# A checkpoint file hashed in full is trusted unchanged for this long, while its inode, size,
+# mtime and ctime stay the same: each download would otherwise hash the whole file again, so a reader key
 # asking for one byte at its rate limit could keep the disks and cores busy with hashing.
 VERIFIED_FOR_S = 60.0
 _VERIFIED_KEPT = 4096
@@ -148,16 +148,17 @@ class LocalArtifactStore:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser()
-        self._verified: dict[str, tuple[tuple[int, int, int], float]] = {}
+        self._verified: dict[str, tuple[tuple[int, ...], float]] = {}
         self._verified_lock = threading.Lock()
 
-    def identity(self, key: str) -> tuple[int, int, int] | None:
-        """The file's inode, size and mtime, or None where it is gone."""
+    def identity(self, key: str) -> tuple[int, ...] | None:
+        """The file's inode, size, mtime and ctime, or None where it is gone. The ctime too: anyone
+        who can write the file can set its mtime back (touch -d, cp -p), but not its ctime."""
         try:
             stat = self._path(key).stat()
         except FileNotFoundError:
             return None
-        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
     def verified_recently(self, key: str) -> bool:
         """Whether `remember_verified` saw this very file less than VERIFIED_FOR_S ago."""
@@ -167,11 +168,12 @@ class LocalArtifactStore:
             seen is not None and time.monotonic() - seen[1] < VERIFIED_FOR_S and self.identity(key) == seen[0]
         )
 
-    def remember_verified(self, key: str, identity: tuple[int, int, int] | None) -> None:
+    def remember_verified(self, key: str, identity: tuple[int, ...] | None) -> None:
         """Note that the file of `identity` (taken before it was hashed) hashed to its sha256."""
         if identity is None:
             return
         with self._verified_lock:
+            self._verified.pop(key, None)  # re-inserted last: the oldest check goes first
             if len(self._verified) >= _VERIFIED_KEPT:
                 self._verified.pop(next(iter(self._verified)))
             self._verified[key] = (identity, time.monotonic())

@@ -12,8 +12,9 @@ Revises: 0009
 Create Date: 2026-12-07
 
 On PostgreSQL each index is built with a plain ``CREATE INDEX``, which holds off writes to the
-table while it builds (seconds for a million rows): run the upgrade with the API and workers
-stopped, as deploy.md's upgrade steps do. The downgrade drops the three indexes.
+table while it builds (seconds for a million rows): an API and workers left running through the
+upgrade wait that long for their writes (new requests, progress, lease renewals), well within a
+lease. The downgrade drops the three indexes.
 """
 
 from collections.abc import Sequence

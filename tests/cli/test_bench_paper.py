@@ -18,6 +18,7 @@ from core.bench_paper import (
     aggregate,
     make_preset,
     markdown,
+    rows_by_device,
 )
 from core.data import Dataset, RetainedData, Split
 
@@ -146,6 +147,30 @@ def test_resume_refuses_rows_that_other_code_computed(tmp_path):
                 "--resume", cwd=tmp_path)
     assert run.returncode == 2 and "the code that computes its rows" in run.stderr and "Traceback" not in run.stderr
     assert (tmp_path / "r" / "paper-raw.jsonl").read_text() == earlier
+
+
+def test_resume_refuses_rows_that_another_torch_computed(tmp_path):
+    first = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--experiments", "tune",
+                  cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    meta_file = tmp_path / "r" / "paper-run.json"
+    meta_file.write_text(json.dumps(json.loads(meta_file.read_text()) | {"torch": "2.0.0+cpu"}))
+
+    run = uisps("bench", "paper", "--preset", "quick", "--out", "r", "--device", "cpu", "--experiments", "tune",
+                "--resume", cwd=tmp_path)
+
+    assert run.returncode == 2 and "its earlier run used other torch" in run.stderr
+
+
+def test_a_table_of_rows_from_several_machines_names_each_with_its_rows():
+    raw = [{"device": "cpu (AMD EPYC, x86_64, 2 threads)"}] * 3 + [{"device": "NVIDIA H100 80GB HBM3"}, {}]
+    by_device = rows_by_device(raw)
+
+    header = markdown([], {"device": "NVIDIA H100 80GB HBM3", "rows_by_device": by_device}).splitlines()
+
+    assert ("- rows by device: cpu (AMD EPYC, x86_64, 2 threads): 3; NVIDIA H100 80GB HBM3: 1; "
+            "not recorded (an earlier run): 1") in header
+    assert not any("rows by device" in line for line in markdown([], {"device": "x", "rows_by_device": {"x": 4}}).splitlines())
 
 
 def test_resume_never_drops_finished_rows(tmp_path):
@@ -348,7 +373,7 @@ def test_the_tables_show_the_balanced_probe_beside_the_plain_one():
 
     assert table[0].split(" | ")[7:9] == ["probe", "probe (bal.)"]
     assert table[1].split(" | ")[7:9] == ["91.94", "84.67"] and table[2].split(" | ")[7:9] == ["89.98", "86.07"]
-    assert table[1].split(" | ")[-2] == "—" and table[2].split(" | ")[-2] == "yes"  # the Original is no method
+    assert table[1].split(" | ")[-2] == "n/a" and table[2].split(" | ")[-2] == "yes"  # the Original is no method
 
 
 def test_aggregate_means_over_seeds():

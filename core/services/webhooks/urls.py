@@ -129,8 +129,10 @@ def host_allowed(host: str, patterns: list[str]) -> bool:
 _CARRY_IPV4 = tuple(ipaddress.ip_network(net) for net in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96"))
 # Never public, whatever the tables of the running Python say (before 3.11.10 and 3.12.4, for
 # one, most of 192.0.0.0/24 counted as global, Oracle Cloud's metadata address 192.0.0.192 among
-# them): IANA's special-purpose ranges that are not globally reachable, and cloud services that
-# answer on a public-looking address (Azure's WireServer). Python's `is_global` is asked too.
+# them): IANA's special-purpose ranges that are not globally reachable (whole blocks: the few
+# anycast and infrastructure addresses IANA marks reachable inside them, such as 192.0.0.9 and
+# parts of 2001::/23, are no webhook receivers), and cloud services that answer on a
+# public-looking address (Azure's WireServer). Python's `is_global` is asked too.
 _NOT_PUBLIC_V4 = tuple(ipaddress.ip_network(net) for net in (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
     "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
