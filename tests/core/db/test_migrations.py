@@ -15,6 +15,14 @@ TABLES = {
 }
 
 
+# Model m1 of tenant default, in SQL: these tests write at revisions the ORM classes may not match.
+_MODEL_ROW = text(
+    "INSERT INTO models (id, tenant_id, name, architecture, arch_kwargs, num_classes, class_names, input_shape,"
+    " mean, std, data_source, created_at) VALUES ('m1', 'default', :name, 'smallcnn', '{}', 10, '[]',"
+    " '[1, 8, 8]', '[0]', '[1]', 'digits', :now)"
+)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def empty_db(request: pytest.FixtureRequest) -> Iterator[str]:
     """A database at revision base; the shared PostgreSQL one is left at head for other tests."""
@@ -116,10 +124,7 @@ def test_rows_made_at_0002_survive_upgrade_and_downgrade(empty_db: str) -> None:
     now = "2026-01-01 00:00:00"
     try:
         with engine.begin() as connection:
-            connection.execute(text(
-                "INSERT INTO models (id, tenant_id, name, architecture, arch_kwargs, num_classes, class_names,"
-                " input_shape, mean, std, data_source, created_at) VALUES ('m1', 'default', 'old', 'smallcnn',"
-                " '{}', 10, '[]', '[1, 8, 8]', '[0]', '[1]', 'digits', :now)"), {"now": now})
+            connection.execute(_MODEL_ROW, {"name": "old", "now": now})
             connection.execute(text(
                 "INSERT INTO deletion_requests (id, tenant_id, model_id, forget_labels, base_version, params,"
                 " state, created_at, updated_at) VALUES ('r1', 'default', 'm1', '[3]', 1, '{}', 'succeeded', :now, :now)"),
@@ -157,10 +162,7 @@ def test_a_purge_survives_a_downgrade_past_0006_and_an_upgrade_again(empty_db: s
     engine = make_engine(empty_db)
     try:
         with make_sessionmaker(engine).begin() as session:
-            session.execute(text(
-                "INSERT INTO models (id, tenant_id, name, architecture, arch_kwargs, num_classes, class_names,"
-                " input_shape, mean, std, data_source, created_at) VALUES ('m1', 'default', 'm', 'smallcnn',"
-                " '{}', 10, '[]', '[1, 8, 8]', '[0]', '[1]', 'digits', :now)"), {"now": utcnow()})
+            session.execute(_MODEL_ROW, {"name": "m", "now": utcnow()})
             for version in ("v1", "v2"):
                 session.execute(text(
                     "INSERT INTO model_versions (id, tenant_id, model_id, version, artifact_key, sha256, size_bytes,"
@@ -192,10 +194,7 @@ def test_a_coalesced_request_keeps_its_version_through_a_downgrade_past_0004_and
     try:
         with make_sessionmaker(engine).begin() as session:
             now = {"now": utcnow()}
-            session.execute(text(
-                "INSERT INTO models (id, tenant_id, name, architecture, arch_kwargs, num_classes, class_names,"
-                " input_shape, mean, std, data_source, created_at) VALUES ('m1', 'default', 'm', 'smallcnn',"
-                " '{}', 10, '[]', '[1, 8, 8]', '[0]', '[1]', 'digits', :now)"), now)
+            session.execute(_MODEL_ROW, {"name": "m", "now": now["now"]})
             for request, into in (("r1", None), ("r2", "r1")):  # r2 rode along in r1's job
                 session.execute(text(
                     "INSERT INTO deletion_requests (id, tenant_id, model_id, forget_labels, base_version, params, state,"
@@ -229,10 +228,7 @@ def test_a_request_riding_in_a_running_job_is_queued_again_by_a_downgrade_past_0
     try:
         with make_sessionmaker(engine).begin() as session:
             now = {"now": utcnow()}
-            session.execute(text(
-                "INSERT INTO models (id, tenant_id, name, architecture, arch_kwargs, num_classes, class_names,"
-                " input_shape, mean, std, data_source, created_at) VALUES ('m1', 'default', 'm', 'smallcnn',"
-                " '{}', 10, '[]', '[1, 8, 8]', '[0]', '[1]', 'digits', :now)"), now)
+            session.execute(_MODEL_ROW, {"name": "m", "now": now["now"]})
             for request, into, lease in (("r1", None, now["now"]), ("r2", "r1", None)):  # r2 rides in r1's job
                 session.execute(text(
                     "INSERT INTO deletion_requests (id, tenant_id, model_id, forget_labels, base_version, params, state,"
