@@ -18,6 +18,14 @@ PG_ADMIN_DSN = os.environ.get(
     "UISPS_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_BASE_URL = os.environ.get("UISPS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# CI sets it: there a service that does not answer is a broken run, not hundreds of quiet skips.
+REQUIRE_SERVICES = os.environ.get("UISPS_TEST_REQUIRE_SERVICES") == "1"
+
+
+def _unavailable(reason: str) -> None:
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason} (UISPS_TEST_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(reason)
 
 
 def _pg_admin() -> psycopg.Connection:
@@ -30,7 +38,7 @@ def pg_url() -> Iterator[str]:
     try:
         admin = _pg_admin()
     except psycopg.OperationalError as error:
-        pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN_DSN}: {error} (UISPS_TEST_PG_ADMIN_DSN)")
+        _unavailable(f"PostgreSQL unreachable at {PG_ADMIN_DSN}: {error} (UISPS_TEST_PG_ADMIN_DSN)")
     name = f"uisps_test_{os.getpid()}_{secrets.token_hex(4)}"
     with admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -72,7 +80,7 @@ def redis_url() -> Iterator[str]:
     try:
         number = _idle_redis_db(probe)
     except redis.ConnectionError as error:
-        pytest.skip(f"Redis unreachable at {REDIS_BASE_URL} ({error}); see UISPS_TEST_REDIS_URL")
+        _unavailable(f"Redis unreachable at {REDIS_BASE_URL} ({error}); see UISPS_TEST_REDIS_URL")
     finally:
         probe.close()
     url = f"{REDIS_BASE_URL}/{number}"
