@@ -41,6 +41,7 @@ def engine(empty_db: str) -> Iterator[Engine]:
     engine = make_engine(empty_db)
     yield engine
     engine.dispose()
+    downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
 
 
 def _tables(url: str) -> set[str]:
@@ -157,122 +158,98 @@ def test_rows_made_at_0002_survive_upgrade_and_downgrade(empty_db: str) -> None:
         downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
 
 
-def test_a_purge_survives_a_downgrade_past_0006_and_an_upgrade_again(empty_db: str) -> None:
+def test_a_purge_survives_a_downgrade_past_0006_and_an_upgrade_again(engine: Engine, empty_db: str) -> None:
+    with make_sessionmaker(engine).begin() as session:
+        session.execute(_MODEL_ROW, {"name": "m", "now": utcnow()})
+        for version in ("v1", "v2"):
+            session.execute(text(
+                "INSERT INTO model_versions (id, tenant_id, model_id, version, artifact_key, sha256, size_bytes,"
+                " forgotten_labels, created_at) VALUES (:id, 'default', 'm1', :n, 'k', :sha, 1, '[]', :now)"),
+                {"id": version, "n": int(version[1]), "sha": "0" * 64, "now": utcnow()})
+        session.execute(text("UPDATE model_versions SET checkpoint_purged_at = :now WHERE id = 'v1'"), {"now": utcnow()})
+        record_event(session, tenant_id="default", actor="test", action="model_version.checkpoint_purged",
+                     subject_type="model_version", subject_id="v1", model_id="m1", details={"version": 1})
+    with engine.connect() as connection:
+        purged_at = connection.scalar(text("SELECT occurred_at FROM audit_events WHERE subject_id = 'v1'"))
+
+    downgrade(empty_db, "0005")
     upgrade(empty_db)
-    engine = make_engine(empty_db)
-    try:
-        with make_sessionmaker(engine).begin() as session:
-            session.execute(_MODEL_ROW, {"name": "m", "now": utcnow()})
-            for version in ("v1", "v2"):
-                session.execute(text(
-                    "INSERT INTO model_versions (id, tenant_id, model_id, version, artifact_key, sha256, size_bytes,"
-                    " forgotten_labels, created_at) VALUES (:id, 'default', 'm1', :n, 'k', :sha, 1, '[]', :now)"),
-                    {"id": version, "n": int(version[1]), "sha": "0" * 64, "now": utcnow()})
-            session.execute(text("UPDATE model_versions SET checkpoint_purged_at = :now WHERE id = 'v1'"), {"now": utcnow()})
-            record_event(session, tenant_id="default", actor="test", action="model_version.checkpoint_purged",
-                         subject_type="model_version", subject_id="v1", model_id="m1", details={"version": 1})
-        with engine.connect() as connection:
-            purged_at = connection.scalar(text("SELECT occurred_at FROM audit_events WHERE subject_id = 'v1'"))
 
-        downgrade(empty_db, "0005")
-        upgrade(empty_db)
-
-        with engine.connect() as connection:
-            rows = dict(connection.execute(text("SELECT id, checkpoint_purged_at FROM model_versions")).all())
-        assert rows["v2"] is None and rows["v1"] is not None
-        assert str(rows["v1"])[:19] == str(purged_at)[:19]  # the time of the purge, from its audit event
-    finally:
-        engine.dispose()
-        downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
+    with engine.connect() as connection:
+        rows = dict(connection.execute(text("SELECT id, checkpoint_purged_at FROM model_versions")).all())
+    assert rows["v2"] is None and rows["v1"] is not None
+    assert str(rows["v1"])[:19] == str(purged_at)[:19]  # the time of the purge, from its audit event
 
 
 def test_a_coalesced_request_keeps_its_version_through_a_downgrade_past_0004_and_an_upgrade_again(
-    empty_db: str,
+    engine: Engine, empty_db: str,
 ) -> None:
-    upgrade(empty_db)
-    engine = make_engine(empty_db)
-    try:
-        with make_sessionmaker(engine).begin() as session:
-            now = {"now": utcnow()}
-            session.execute(_MODEL_ROW, {"name": "m", "now": now["now"]})
-            for request, into in (("r1", None), ("r2", "r1")):  # r2 rode along in r1's job
-                session.execute(text(
-                    "INSERT INTO deletion_requests (id, tenant_id, model_id, forget_labels, base_version, params, state,"
-                    " coalesced_into, created_at, updated_at) VALUES (:id, 'default', 'm1', '[3]', 1, '{}',"
-                    " 'succeeded', :into, :now, :now)"), {"id": request, "into": into, **now})
+    with make_sessionmaker(engine).begin() as session:
+        now = {"now": utcnow()}
+        session.execute(_MODEL_ROW, {"name": "m", "now": now["now"]})
+        for request, into in (("r1", None), ("r2", "r1")):  # r2 rode along in r1's job
             session.execute(text(
-                "INSERT INTO model_versions (id, tenant_id, model_id, version, artifact_key, sha256, size_bytes,"
-                " parent_version, forgotten_labels, deletion_request_id, created_at) VALUES ('v2', 'default', 'm1',"
-                " 2, 'k', :sha, 1, 1, '[3]', 'r1', :now)"), {"sha": "0" * 64, **now})
-            session.execute(text("INSERT INTO model_version_requests (deletion_request_id, model_version_id)"
-                                 " VALUES ('r1', 'v2'), ('r2', 'v2')"))
-            record_event(session, tenant_id="default", actor="worker", action="model_version.created",
-                         subject_type="model_version", subject_id="v2", model_id="m1",
-                         details={"version": 2, "deletion_request_id": "r1", "deletion_request_ids": ["r1", "r2"]})
+                "INSERT INTO deletion_requests (id, tenant_id, model_id, forget_labels, base_version, params, state,"
+                " coalesced_into, created_at, updated_at) VALUES (:id, 'default', 'm1', '[3]', 1, '{}',"
+                " 'succeeded', :into, :now, :now)"), {"id": request, "into": into, **now})
+        session.execute(text(
+            "INSERT INTO model_versions (id, tenant_id, model_id, version, artifact_key, sha256, size_bytes,"
+            " parent_version, forgotten_labels, deletion_request_id, created_at) VALUES ('v2', 'default', 'm1',"
+            " 2, 'k', :sha, 1, 1, '[3]', 'r1', :now)"), {"sha": "0" * 64, **now})
+        session.execute(text("INSERT INTO model_version_requests (deletion_request_id, model_version_id)"
+                             " VALUES ('r1', 'v2'), ('r2', 'v2')"))
+        record_event(session, tenant_id="default", actor="worker", action="model_version.created",
+                     subject_type="model_version", subject_id="v2", model_id="m1",
+                     details={"version": 2, "deletion_request_id": "r1", "deletion_request_ids": ["r1", "r2"]})
 
-        downgrade(empty_db, "0003")
-        upgrade(empty_db)
-
-        with engine.connect() as connection:
-            links = dict(connection.execute(text("SELECT deletion_request_id, model_version_id FROM model_version_requests")).all())
-            into = dict(connection.execute(text("SELECT id, coalesced_into FROM deletion_requests")).all())
-        assert links == {"r1": "v2", "r2": "v2"} and into == {"r1": None, "r2": "r1"}
-    finally:
-        engine.dispose()
-        downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
-
-
-def test_a_request_riding_in_a_running_job_is_queued_again_by_a_downgrade_past_0004(empty_db: str) -> None:
+    downgrade(empty_db, "0003")
     upgrade(empty_db)
-    engine = make_engine(empty_db)
-    try:
-        with make_sessionmaker(engine).begin() as session:
-            now = {"now": utcnow()}
-            session.execute(_MODEL_ROW, {"name": "m", "now": now["now"]})
-            for request, into, lease in (("r1", None, now["now"]), ("r2", "r1", None)):  # r2 rides in r1's job
-                session.execute(text(
-                    "INSERT INTO deletion_requests (id, tenant_id, model_id, forget_labels, base_version, params, state,"
-                    " coalesced_into, started_at, lease_expires_at, dispatched_at, created_at, updated_at) VALUES"
-                    " (:id, 'default', 'm1', '[3]', 1, '{}', 'running', :into, :now, :lease, :now, :now, :now)"),
-                    {"id": request, "into": into, "lease": lease, **now})
 
-        downgrade(empty_db, "0003")
-
-        with engine.connect() as connection:
-            rows = {r.id: r for r in connection.execute(text(
-                "SELECT id, state, started_at, lease_expires_at, dispatched_at FROM deletion_requests"))}
-        # r2, no longer linked to r1, would stay running for good: no lease to run out, no job to end it
-        assert (rows["r2"].state, rows["r2"].started_at, rows["r2"].dispatched_at) == ("queued", None, None)
-        assert rows["r1"].state == "running" and rows["r1"].lease_expires_at is not None
-    finally:
-        engine.dispose()
-        downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
+    with engine.connect() as connection:
+        links = dict(connection.execute(text("SELECT deletion_request_id, model_version_id FROM model_version_requests")).all())
+        into = dict(connection.execute(text("SELECT id, coalesced_into FROM deletion_requests")).all())
+    assert links == {"r1": "v2", "r2": "v2"} and into == {"r1": None, "r2": "r1"}
 
 
-def test_a_rotated_webhook_secret_stays_rotated_through_a_downgrade_past_0008(empty_db: str) -> None:
+def test_a_request_riding_in_a_running_job_is_queued_again_by_a_downgrade_past_0004(engine: Engine, empty_db: str) -> None:
+    with make_sessionmaker(engine).begin() as session:
+        now = {"now": utcnow()}
+        session.execute(_MODEL_ROW, {"name": "m", "now": now["now"]})
+        for request, into, lease in (("r1", None, now["now"]), ("r2", "r1", None)):  # r2 rides in r1's job
+            session.execute(text(
+                "INSERT INTO deletion_requests (id, tenant_id, model_id, forget_labels, base_version, params, state,"
+                " coalesced_into, started_at, lease_expires_at, dispatched_at, created_at, updated_at) VALUES"
+                " (:id, 'default', 'm1', '[3]', 1, '{}', 'running', :into, :now, :lease, :now, :now, :now)"),
+                {"id": request, "into": into, "lease": lease, **now})
+
+    downgrade(empty_db, "0003")
+
+    with engine.connect() as connection:
+        rows = {r.id: r for r in connection.execute(text(
+            "SELECT id, state, started_at, lease_expires_at, dispatched_at FROM deletion_requests"))}
+    # r2, no longer linked to r1, would stay running for good: no lease to run out, no job to end it
+    assert (rows["r2"].state, rows["r2"].started_at, rows["r2"].dispatched_at) == ("queued", None, None)
+    assert rows["r1"].state == "running" and rows["r1"].lease_expires_at is not None
+
+
+def test_a_rotated_webhook_secret_stays_rotated_through_a_downgrade_past_0008(engine: Engine, empty_db: str) -> None:
     from core.services.webhooks.secrets import rotate_tenant_secret, secret_states
     from core.settings import Settings
 
-    upgrade(empty_db)
-    engine = make_engine(empty_db)
     settings = Settings(webhook_secret="whsec_" + "QUJD" * 8, webhook_secret_overlap_s=3600)
-    try:
-        sessions = make_sessionmaker(engine)
-        for _ in range(2):  # generation 1 may have leaked: the tenant moved on to 2
-            with sessions.begin() as session:
-                rotate_tenant_secret(session, tenant_id="acme", actor="test", settings=settings)
-        with sessions() as session:
-            before = secret_states(session, ["acme"])["acme"]
+    sessions = make_sessionmaker(engine)
+    for _ in range(2):  # generation 1 may have leaked: the tenant moved on to 2
+        with sessions.begin() as session:
+            rotate_tenant_secret(session, tenant_id="acme", actor="test", settings=settings)
+    with sessions() as session:
+        before = secret_states(session, ["acme"])["acme"]
 
-        downgrade(empty_db, "0007")
-        upgrade(empty_db)
+    downgrade(empty_db, "0007")
+    upgrade(empty_db)
 
-        with sessions() as session:
-            after = secret_states(session, ["acme"])["acme"]
-        assert before.generation == 2 and after == before
-    finally:
-        engine.dispose()
-        downgrade(empty_db, "base")  # the shared PostgreSQL database keeps no rows
+    with sessions() as session:
+        after = secret_states(session, ["acme"])["acme"]
+    assert before.generation == 2 and after == before
 
 
 def test_an_upgrade_waits_for_one_in_progress(own_pg_database: str) -> None:
