@@ -36,11 +36,22 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def use_bf16(precision: str, device: torch.device) -> bool:
     """bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX: 2.7x faster ResNet18
-    training steps on a 2-core AMX machine of this project); fp32 elsewhere (the AVX2-only AMD
-    machines this project has also run on)."""
+    training steps on a 2-core AMX machine of this project); fp32 elsewhere."""
     if precision != "auto":
         return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 itself (the AVX512-BF16 or AMX instructions).
+
+    Not oneDNN's `_is_mkldnn_bf16_supported()`: that is true on any AVX-512 CPU, where oneDNN
+    emulates bf16, and there autocast is about twice as slow as fp32 (a ResNet18 training step of
+    128 images on a 2-core AVX-512 Xeon without either: 17.6 s in bf16 against 8.1 s in fp32;
+    `scripts/cpu_layout_check.py`, its output in `docs/results/cpu-layout-avx512-no-bf16.txt`).
+    """
+    cpu = torch.cpu
+    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
 
 
 def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:

@@ -1,8 +1,11 @@
 """Which memory layout each UISPS stage should use on this CPU: one ResNet18 inversion step (32
 images, BatchNorm-statistics hooks, gradients to the input only) and one training step (128 images,
-as in the unlearning pass), contiguous against channels_last, bf16 autocast where the CPU has it.
+as in the unlearning pass), contiguous against channels_last, in fp32 and under bf16 autocast.
 
     python scripts/cpu_layout_check.py      # prints ms per step; core/uisps.py picks per stage
+
+The bf16 rows show whether `use_bf16("auto")` is right to pick bf16 on this CPU: on a CPU without
+native bf16 (AVX512-BF16 or AMX) oneDNN emulates it, and it is slower than fp32.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from core.architectures import build_model
-from core.device import autocast, use_bf16
+from core.bench_cache import cpu_name
+from core.device import autocast, cpu_has_native_bf16, use_bf16
 from core.inversion import BatchNormStatistics
 
 CPU = torch.device("cpu")
@@ -61,11 +65,12 @@ def training_step_ms(layout: torch.memory_format, bf16: bool) -> float:
 
 
 def main() -> None:
-    bf16 = use_bf16("auto", CPU)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 autocast: {bf16}")
-    for name, layout in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
-        print(f"{name:14s} inversion step {inversion_step_ms(layout, bf16):7.1f} ms   "
-              f"training step {training_step_ms(layout, bf16):7.1f} ms")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; "
+          f"native bf16: {cpu_has_native_bf16()}, so auto precision uses bf16 autocast: {use_bf16('auto', CPU)}")
+    for bf16 in (False, True):
+        for name, layout in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            print(f"{'bf16' if bf16 else 'fp32'} {name:14s} inversion step {inversion_step_ms(layout, bf16):7.1f} ms   "
+                  f"training step {training_step_ms(layout, bf16):7.1f} ms")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,16 @@ def test_training_with_dropout_is_reproducible_by_its_seed_whatever_the_callers_
         return model[2].weight.detach().clone()
 
     assert torch.equal(trained(1), trained(2))
+
+
+def test_auto_precision_on_the_cpu_is_bf16_only_where_the_cpu_computes_in_bf16(monkeypatch) -> None:
+    # an AVX-512 CPU without AVX512-BF16 or AMX emulates bf16, slower than fp32: auto stays fp32 there
+    from core.device import use_bf16
+
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+        assert use_bf16("auto", cpu) is expected
+        assert use_bf16("fp32", cpu) is False and use_bf16("bf16", cpu) is True
