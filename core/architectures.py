@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -181,7 +182,8 @@ def model_skeleton(arch: str, in_channels: int, num_classes: int) -> nn.Module:
     a client names is checked against this before anything of that size is allocated. Shared
     between callers (cached): read it, never change it."""
     try:
-        with _SKELETON_LOCK, _regnet_widths_on_cpu(arch), torch.device("meta"):
+        # torch.device("meta") is a mode of this thread only: builds in other threads go on
+        with _regnet_widths_on_cpu(arch), torch.device("meta"):
             return build_model(arch, in_channels, num_classes)
     except UisError:
         raise
@@ -189,7 +191,12 @@ def model_skeleton(arch: str, in_channels: int, num_classes: int) -> nn.Module:
         raise ArchitectureError(f"{arch} cannot be built with {num_classes} classes: {type(exc).__name__}: {exc}") from None
 
 
-_SKELETON_LOCK = threading.Lock()
+# Held only while torchvision's RegNet module is patched (process-wide): one tenant registering
+# huge architectures must not make every other registration and upload wait behind its builds.
+_REGNET_PATCH_LOCK = threading.Lock()
+# One forward at a time per shared skeleton (train-mode BatchNorm writes its statistics).
+_FORWARD_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_FORWARD_LOCKS_GUARD = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -202,17 +209,23 @@ def _regnet_widths_on_cpu(arch: str) -> Iterator[None]:
         return
     from torchvision.models import regnet
 
-    original = regnet.BlockParams.__dict__["from_init_params"]
+    with _REGNET_PATCH_LOCK:
+        original = regnet.BlockParams.__dict__["from_init_params"]
 
-    def on_cpu(cls: type, *args: object, **kwargs: object) -> object:
-        with torch.device("cpu"):
-            return original.__func__(cls, *args, **kwargs)
+        def on_cpu(cls: type, *args: object, **kwargs: object) -> object:
+            with torch.device("cpu"):
+                return original.__func__(cls, *args, **kwargs)
 
-    regnet.BlockParams.from_init_params = classmethod(on_cpu)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        regnet.BlockParams.from_init_params = original  # type: ignore[assignment]
+        regnet.BlockParams.from_init_params = classmethod(on_cpu)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            regnet.BlockParams.from_init_params = original  # type: ignore[assignment]
+
+
+def _forward_lock(skeleton: nn.Module) -> threading.Lock:
+    with _FORWARD_LOCKS_GUARD:
+        return _FORWARD_LOCKS.setdefault(skeleton, threading.Lock())
 
 
 def check_architecture(arch: str, in_channels: int, num_classes: int, max_parameters: int | None) -> None:
@@ -242,7 +255,7 @@ def check_input_shape(arch: str, input_shape: list[int], num_classes: int) -> No
     skeleton = model_skeleton(arch, input_shape[0], num_classes)
     try:
         # the skeleton is shared: one forward at a time (train-mode BatchNorm writes its statistics)
-        with _SKELETON_LOCK, torch.no_grad():
+        with _forward_lock(skeleton), torch.no_grad():
             out = skeleton(torch.empty(2, *input_shape, device="meta"))
     except Exception as exc:
         raise ArchitectureError(

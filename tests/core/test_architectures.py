@@ -85,3 +85,33 @@ def test_an_architecture_without_batchnorm_statistics_is_refused_at_registration
     with pytest.raises(ArchitectureError, match="no BatchNorm layer"):
         check_architecture(arch, 3, 10, max_parameters=None)
     check_architecture("torchvision:resnet18", 3, 10, max_parameters=None)
+
+
+def test_a_regnet_skeleton_being_built_holds_up_no_other_architecture(monkeypatch):
+    # One tenant registering huge RegNets must not make every other registration wait behind it.
+    import threading
+
+    from torchvision.models import regnet
+
+    inside, release = threading.Event(), threading.Event()
+    real_init = regnet.RegNet.__init__
+
+    def parked_init(self, *args, **kwargs):
+        inside.set()
+        assert release.wait(60)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(regnet.RegNet, "__init__", parked_init)
+    built: dict[str, object] = {}
+    regnet_build = threading.Thread(target=lambda: built.update(regnet=model_skeleton("torchvision:regnet_y_400mf", 3, 13)))
+    regnet_build.start()
+    try:
+        assert inside.wait(60)
+        other = threading.Thread(target=lambda: built.update(resnet=model_skeleton("resnet18", 3, 13)))
+        other.start()
+        other.join(30)
+        assert not other.is_alive() and "resnet" in built  # built while the RegNet was mid-build
+    finally:
+        release.set()
+        regnet_build.join(60)
+    assert {t.device.type for t in built["regnet"].state_dict().values()} == {"meta"}
