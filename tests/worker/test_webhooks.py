@@ -16,13 +16,20 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import select, update
 from standardwebhooks.webhooks import Webhook
+from webhook_receiver import WebhookReceiver
 
-from core.db import AuditEvent, DeletionRequest, WebhookDelivery, WebhookDeliveryAttempt, utcnow
+from core.broker import make_celery, send_deletion_request
+from core.db import (
+    AuditEvent,
+    DeletionRequest,
+    WebhookDelivery,
+    WebhookDeliveryAttempt,
+    utcnow,
+)
 from core.services.deletion_requests.service import deletion_request_service
+from core.services.webhooks.delivery import UNREACHABLE_HOST
 from core.services.webhooks.signing import tenant_secret
 from core.settings import get_settings
-from webhook_receiver import WebhookReceiver
-from core.broker import make_celery, send_deletion_request
 from worker import webhooks
 from worker.tasks import run_deletion_request
 from worker.webhooks import WebhookSender
@@ -274,19 +281,28 @@ def test_a_host_that_resolves_to_a_private_address_is_refused(
 ) -> None:
     # "localhost" is a name, so the request is accepted; what it resolves to is checked when sending.
     monkeypatch.setenv("UISPS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES", "false")
+    monkeypatch.setenv("UISPS_WEBHOOK_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("UISPS_WEBHOOK_ALLOWED_HOSTS", "127.0.0.1, localhost, no-such-host.invalid")
     webhook_env.settings = get_settings()
-    request_id = webhook_env.new_request(digits_checkpoint, [1], callback_url=receiver.url("localhost"))
-    _cancel(webhook_env, request_id)
+    private = webhook_env.new_request(digits_checkpoint, [1], callback_url=receiver.url("localhost"))
+    missing = webhook_env.new_request(digits_checkpoint, [1], callback_url=receiver.url("no-such-host.invalid"))
+    for request_id in (private, missing):
+        _cancel(webhook_env, request_id)
 
+    _send(webhook_env)
+    time.sleep(0.1)  # the retry is due after UISPS_WEBHOOK_RETRY_BASE_S
     _send(webhook_env)
 
     assert receiver.received == []
-    delivery, attempts = _delivery(webhook_env, request_id)
-    assert delivery.state == "failed" and len(attempts) == 1  # retrying cannot make it allowed
-    # what the name resolved to stays in the worker's log: tenants must not map the operator's DNS
-    assert attempts[0].error == "refused: the host resolves to an address webhooks may not reach"
+    # A key must not tell a name inside the operator's network from one that does not exist: the
+    # same error and the same retries for both. What the name resolved to stays in the worker's log.
+    seen = {}
+    for request_id in (private, missing):
+        delivery, attempts = _delivery(webhook_env, request_id)
+        seen[request_id] = (delivery.state, [(a.status_code, a.error) for a in attempts])
+        assert _last_action(webhook_env, request_id) == "deletion_request.webhook_failed"
+    assert seen[private] == seen[missing] == ("failed", [(None, UNREACHABLE_HOST)] * 2)
     assert "127.0.0.1" in caplog.text and "loopback" in caplog.text
-    assert _last_action(webhook_env, request_id) == "deletion_request.webhook_failed"
 
 
 def test_the_job_succeeds_when_the_callback_host_is_down(

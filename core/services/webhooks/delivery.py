@@ -38,6 +38,7 @@ MAX_ADDRESSES_TRIED = 3
 ERROR_LIMIT = 500
 # Only the status matters; a little of the body is read so as not to reset a receiver still writing it.
 RESPONSE_BODY_LIMIT = 1024
+UNREACHABLE_HOST = "the host does not resolve (now) to an address webhooks may reach"
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,14 @@ def post_event(
         addresses = resolve(target, allow_private=settings.webhook_allow_private_addresses)
     except InvalidCallbackUrl as exc:
         return AttemptResult(None, f"refused: {exc}"[:ERROR_LIMIT], permanent=True)
-    # What the host resolved to goes to the worker's log only: the attempt's error is shown to the
-    # tenant's keys, and would tell them what names inside the operator's network resolve to.
-    except RefusedAddress as exc:
-        log.warning("webhook to %s refused: %s", url, exc)
-        return AttemptResult(None, "refused: the host resolves to an address webhooks may not reach", permanent=True)
-    except OSError as exc:  # socket.gaierror: the name does not resolve (now)
-        log.warning("webhook host of %s does not resolve: %s", url, exc)
-        return AttemptResult(None, "cannot resolve the host (now)")
+    # The attempt's error is shown to the tenant's keys. A name that does not resolve and one that
+    # resolves to an address webhooks may not reach get the same words and the same retries, or a
+    # key could learn which names exist inside the operator's network (and, with details, what they
+    # resolve to). The worker's log tells them apart. Both are retried: DNS can fail for a while,
+    # and a name can move to a public address.
+    except (RefusedAddress, OSError) as exc:  # OSError: socket.gaierror, the name does not resolve (now)
+        log.warning("webhook host of %s cannot be used: %s", url, exc)
+        return AttemptResult(None, UNREACHABLE_HOST)
     keys = signing_keys(settings.webhook_service_secrets, tenant_id, secret_generations)
     headers = {**webhook_headers(keys, message_id, int(time.time()), body), "user-agent": USER_AGENT}
     try:
