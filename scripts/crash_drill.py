@@ -43,6 +43,7 @@ from core.services.deletion_requests.service import deletion_request_service  # 
 from core.services.models.service import ModelSpec, model_service  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.storage import make_artifact_store  # noqa: E402
+from uisps.lifeline import tied_to_this_process  # noqa: E402
 from core.broker import make_celery, send_deletion_request  # noqa: E402
 
 TENANT = "crash-drill"
@@ -162,7 +163,7 @@ class Drill:
     def _start_worker(self) -> subprocess.Popen[bytes]:
         with self.worker_logs.open("ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "worker", "--loglevel=INFO"], cwd=ROOT, env=self.env, stdout=log,
+                tied_to_this_process([sys.executable, "-m", "worker", "--loglevel=INFO"]), cwd=ROOT, env=self.env, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,  # its own process group, to kill it whole
             )
 

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from uisps.lifeline import tied_to_this_process
+
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 # Redis database numbers the bench may pick when no broker URL is given (the first empty one).
@@ -614,7 +616,7 @@ class _Server:
 
     def start(self) -> None:
         log = self.log_path.open("wb")
-        self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(tied_to_this_process(self.command), env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
     def log_tail(self, lines: int = 40) -> str:

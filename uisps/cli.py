@@ -265,9 +265,12 @@ def serve(
 def _spawn_worker(log_level: str):  # noqa: ANN202
     import subprocess
 
+    from uisps.lifeline import tied_to_this_process
+
     # A session of its own: a terminal's Ctrl+C reaches `serve` only, which stops the worker after
     # the API has drained (and the worker's exit is then not taken for a crash).
-    return subprocess.Popen([sys.executable, "-m", "worker", f"--loglevel={log_level.upper()}"], start_new_session=True)
+    command = tied_to_this_process([sys.executable, "-m", "worker", f"--loglevel={log_level.upper()}"])
+    return subprocess.Popen(command, start_new_session=True)
 
 
 class _WorkerWatch:

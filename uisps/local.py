@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+from uisps.lifeline import tied_to_this_process
 
 
 def free_port() -> int:
@@ -100,7 +101,7 @@ class LocalService:
         if not self.worker:
             command.append("--no-worker")
         self.process = subprocess.Popen(
-            command, env=self.env, stdout=self.log or subprocess.DEVNULL, stderr=subprocess.STDOUT
+            tied_to_this_process(command), env=self.env, stdout=self.log or subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
         return self
 

@@ -14,12 +14,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api_helpers import SINGLE_THREAD_ENV, authorize, unique_name
 from core.db import DEFAULT_TENANT, utcnow
 from core.services.deletion_requests.service import deletion_request_service
 from core.settings import Settings
 from uisps.demo import FAST_PARAMS, model_spec_of
+from uisps.lifeline import tied_to_this_process
 from uisps.local import service_env, stop_process
+
+from api_helpers import SINGLE_THREAD_ENV, authorize, unique_name
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 TINY_PARAMS = {"inversion": {"iterations": 20, "n_per_class": 8}, "fisher_retain_size": 64, "steps": 5, "precision": "fp32"}
@@ -41,7 +43,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory, digits_checkpoint: bytes) 
         lost_request_id = _lost_request(client, _register(client, digits_checkpoint))
         with (home / "worker.log").open("wb") as log:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "worker", "--loglevel=INFO"],
+                tied_to_this_process([sys.executable, "-m", "worker", "--loglevel=INFO"]),
                 env=service_env(home, SINGLE_THREAD_ENV),
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -19,6 +19,7 @@ from sqlalchemy import delete
 from api.app import create_app
 from core.db import DeletionRequest, Model, utcnow
 from core.settings import Settings
+from uisps.lifeline import tied_to_this_process
 
 from api_helpers import authorize, unique_name
 
@@ -154,8 +155,8 @@ def test_a_scrape_of_any_api_process_counts_the_requests_of_all(tmp_path: Path) 
         port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UISPS_", "PROMETHEUS_"))}
     env |= {"UISPS_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "uisps", "serve", "--no-worker", "--workers", "2",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(tied_to_this_process([sys.executable, "-m", "uisps", "serve", "--no-worker", "--workers", "2",
+                               "--port", str(port)]), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90

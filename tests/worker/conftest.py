@@ -22,6 +22,7 @@ from core.services.models.service import ModelSpec, model_service
 from core.settings import Settings, get_settings
 from core.storage import ArtifactStore, make_artifact_store
 from uisps.demo import model_spec_of
+from uisps.lifeline import tied_to_this_process
 from worker.context import sessions_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,7 +128,7 @@ class WorkerProcesses:
     def start(self, **env: str) -> subprocess.Popen:
         with self.log.open("ab") as log:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "worker", "--loglevel=INFO"], cwd=ROOT, env={**self.env, **env},
+                tied_to_this_process([sys.executable, "-m", "worker", "--loglevel=INFO"]), cwd=ROOT, env={**self.env, **env},
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         self.started.append(worker)

@@ -15,6 +15,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
+from core.broker import make_celery, send_deletion_request
 from core.db import DeletionRequest, ModelVersion, make_engine, make_sessionmaker
 from core.db.migrate import upgrade
 from core.services.deletion_requests.service import deletion_request_service
@@ -22,7 +23,7 @@ from core.services.models.service import ModelSpec, model_service
 from core.settings import Settings
 from core.storage import make_artifact_store
 from uisps.demo import model_spec_of
-from core.broker import make_celery, send_deletion_request
+from uisps.lifeline import tied_to_this_process
 
 ROOT = Path(__file__).resolve().parents[2]
 # Enough to exercise every stage of a job in a second or two (as in conftest.py).
@@ -62,7 +63,7 @@ def worker_process(own_pg_database: str, redis_url: str, tmp_path: Path) -> Iter
     settings = Settings(home=tmp_path, database_url=own_pg_database, broker_url=redis_url)
     upgrade(own_pg_database)
     with (tmp_path / "worker.log").open("wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "worker", "--loglevel=INFO"], cwd=ROOT, env=env,
+        worker = subprocess.Popen(tied_to_this_process([sys.executable, "-m", "worker", "--loglevel=INFO"]), cwd=ROOT, env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield settings, worker
