@@ -64,9 +64,7 @@ def _invalid(exc: Any, name: Callable[[str], str]) -> Exception:
 
 def output_file(path: Path, option: str) -> Path:
     """Refuse, before any work is done, an output path that can never become a file: a folder, a
-    file standing where one of its folders should be, or a folder this user cannot write in."""
-    import os
-
+    file standing where one of its folders should be, or a folder nothing can be made in."""
     from core.errors import UisError
 
     if path.is_dir():
@@ -75,10 +73,25 @@ def output_file(path: Path, option: str) -> Path:
         if parent.exists():
             if not parent.is_dir():
                 raise UisError(f"{option}: {parent} is a file, so {path} cannot be written")
-            if not os.access(parent, os.W_OK | os.X_OK):
+            if not _can_create_in(parent):
                 raise UisError(f"{option}: cannot write in {parent}")
             break
     return path
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be made in `folder`, by making one and removing it: `os.access` says yes
+    to root everywhere, also where writes fail (/proc, a read-only mount, NFS with root squashed)."""
+    import os
+    import tempfile
+
+    try:
+        handle, name = tempfile.mkstemp(prefix=".uisps-write-check-", dir=folder)
+    except OSError:
+        return False
+    os.close(handle)
+    os.unlink(name)
+    return True
 
 
 @contextmanager
