@@ -81,13 +81,22 @@ def post_event(
         status, location = _post(target, addresses, headers, body, settings.webhook_timeout_s)
     except TimeoutError:
         return AttemptResult(None, f"no answer within {settings.webhook_timeout_s:g} s")
-    except (OSError, http.client.HTTPException) as exc:
-        return AttemptResult(None, f"{type(exc).__name__}: {exc}"[:ERROR_LIMIT])
+    except (OSError, http.client.HTTPException) as exc:  # the text can quote what the receiver sent
+        return AttemptResult(None, _stored_text(f"{type(exc).__name__}: {exc}"))
+    except ValueError as exc:  # a URL stored before today's checks (a non-ASCII path): never sendable
+        log.warning("webhook to %s cannot be sent: %r", url, exc)
+        return AttemptResult(None, _stored_text(f"refused: the URL cannot be sent ({type(exc).__name__})"), permanent=True)
     if 200 <= status < 300:
         return AttemptResult(status, None)
     if 300 <= status < 400:
-        return AttemptResult(status, f"HTTP {status}: redirects are not followed (Location: {location})"[:ERROR_LIMIT])
+        return AttemptResult(status, _stored_text(f"HTTP {status}: redirects are not followed (Location: {location})"))
     return AttemptResult(status, f"HTTP {status}")
+
+
+def _stored_text(text: str) -> str:
+    """`text` as an attempt's error can hold it: the receiver chooses some of it (a Location, a
+    status line), and PostgreSQL's text refuses NUL; control characters are written as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)[:ERROR_LIMIT]
 
 
 def _post(

@@ -73,11 +73,17 @@ def parse_callback_url(url: str, settings: Settings) -> CallbackTarget:
         raise InvalidCallbackUrl(f"callback_url is longer than {CALLBACK_URL_LENGTH} characters")
     if any(char.isspace() or ord(char) < 0x20 or ord(char) == 0x7F for char in url):
         raise InvalidCallbackUrl("callback_url contains whitespace or control characters")
+    if not url.isascii():
+        # An HTTP request line is ASCII: such a URL could never be sent (IRIs are not converted,
+        # so what is stored and shown is what is requested).
+        raise InvalidCallbackUrl("callback_url must be ASCII: percent-encode other characters (RFC 3986)")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise InvalidCallbackUrl(f"callback_url is not a valid URL: {exc}") from None
+    if port == 0:
+        raise InvalidCallbackUrl("callback_url names port 0, which no receiver listens on")
     schemes = ("https", "http") if settings.webhook_allow_http else ("https",)
     if parts.scheme.lower() not in schemes:
         allowed = " or ".join(f"{s}://" for s in schemes)
@@ -101,15 +107,18 @@ def parse_callback_url(url: str, settings: Settings) -> CallbackTarget:
 
 def _check_host_form(host: str) -> None:
     """A name the resolver can take: getaddrinfo raises UnicodeError, not OSError, for an empty
-    label or one of more than 63 characters, and a sender would fail on it at every attempt."""
+    label or one of more than 63 characters, and no name of more than 253 resolves; a sender would
+    fail on such a name at every attempt."""
     if literal_address(host) is not None:
         return
     try:
-        host.encode("idna")
+        encoded = host.encode("idna")
     except UnicodeError:
+        encoded = None
+    if encoded is None or len(encoded) > 253:  # DNS's limit for a whole name (RFC 1035)
         raise InvalidCallbackUrl(
-            f"callback host {host[:100]!r} is not a valid host name (an empty label, or one of more "
-            "than 63 characters)"
+            f"callback host {host[:100]!r} is not a valid host name (an empty label, one of more "
+            "than 63 characters, or more than 253 in all)"
         ) from None
 
 

@@ -296,3 +296,26 @@ def test_an_unreachable_address_fails_without_waiting_for_the_deadline() -> None
 
     # refused, not retried until the deadline (which would read "no answer within ...")
     assert not result.delivered and result.status_code is None and "ConnectionRefused" in result.error
+
+
+def test_what_a_receiver_sends_is_stored_without_control_characters(serve) -> None:  # noqa: ANN001
+    # PostgreSQL's text refuses NUL: the attempt's error must be storable, or it is never recorded
+    def redirects_oddly(receiver: Receiver, conn: socket.socket) -> None:
+        receiver.read_request(conn)
+        conn.sendall(b"HTTP/1.1 302 Found\r\nlocation: https://x/\x00y\x1b[31m\r\ncontent-length: 0\r\n\r\n")
+
+    _, result = _timed_post(serve(redirects_oddly).url("http"))
+
+    assert result.status_code == 302 and result.error.startswith("HTTP 302: redirects are not followed")
+    assert result.error.isprintable() and "https://x/\\x00y\\x1b[31m" in result.error
+
+
+def test_an_event_for_a_url_stored_before_the_ascii_check_fails_for_good_at_once(serve) -> None:  # noqa: ANN001
+    # such a URL cannot be sent: the attempt must be recorded as refused, not raise in the sender
+    receiver = serve(_answers_at_once)
+    settings = _settings()
+
+    result = post_event(receiver.url("http") + "/caf\u00e9", "msg_1", BODY, settings, "default")
+
+    assert result.permanent and result.status_code is None and result.error.startswith("refused")
+    assert receiver.requests == []

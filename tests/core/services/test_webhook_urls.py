@@ -59,7 +59,7 @@ def test_an_address_in_an_older_ipv4_form_is_refused_when_the_request_is_made(ho
     assert check_callback_url("https://hooks.example.com/hook", settings)  # a name is resolved at send time
 
 
-@pytest.mark.parametrize("host", ["a..example.com", "x" * 64 + ".example.com"])
+@pytest.mark.parametrize("host", ["a..example.com", "x" * 64 + ".example.com", ("x" * 60 + ".") * 4 + "example.com"])
 def test_a_host_name_the_resolver_cannot_take_is_refused_when_the_request_is_made(host: str) -> None:
     settings = Settings(webhook_secret="whsec_" + "QUJD" * 8, webhook_allowed_hosts="*.example.com")
 
@@ -76,3 +76,16 @@ def test_an_event_for_a_host_name_the_resolver_cannot_take_fails_for_good_at_onc
     result = post_event("https://a..example.com/hook", "msg_1", b"{}", settings, "default")
 
     assert result.permanent and "not a valid host name" in (result.error or "")
+
+
+@pytest.mark.parametrize("url, message", [
+    ("https://hooks.example.com/hooks/caf\u00e9", "must be ASCII"),  # an HTTP request line cannot carry it
+    ("https://hooks.example.com/hook?name=\u00e9t\u00e9", "must be ASCII"),
+    ("https://hooks.example.com:0/hook", "port 0"),  # not quietly the scheme's port
+])
+def test_a_url_that_could_never_be_requested_is_refused_when_the_request_is_made(url: str, message: str) -> None:
+    settings = Settings(webhook_secret="whsec_" + "QUJD" * 8, webhook_allowed_hosts="*.example.com")
+
+    with pytest.raises(InvalidCallbackUrl, match=message):
+        check_callback_url(url, settings)
+    assert check_callback_url("https://hooks.example.com/hooks/caf%C3%A9?name=%C3%A9t%C3%A9", settings)
