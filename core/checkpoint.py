@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import struct
+from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
@@ -293,8 +294,24 @@ def load_checkpoint_bytes(
     check_finite(state)
     if agree and expected is not None:
         check_manifest_agrees(header, expected)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(_with_module_versions(state, model))
+    except (RuntimeError, ValueError) as exc:  # the header matched the skeleton: this is a model's own check
+        raise CheckpointError(f"the tensors do not load into {manifest.architecture}: {exc}"[:1000]) from None
     return model.eval(), manifest
+
+
+def _with_module_versions(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`state` with the module versions a state_dict carries beside its tensors (`_metadata`),
+    which safetensors does not keep: some modules' loaders read them (torchvision's MNASNet
+    refuses a state without its version), and these are the versions of the code that built
+    `model`, the layout the header was checked against."""
+    versions = getattr(model.state_dict(), "_metadata", None)
+    if versions is None:
+        return state
+    with_versions = OrderedDict(state)
+    with_versions._metadata = versions  # type: ignore[attr-defined]
+    return with_versions
 
 
 def load_checkpoint(path: Path, max_bytes: int = 2 << 30) -> tuple[torch.nn.Module, Manifest]:

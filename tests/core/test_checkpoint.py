@@ -227,3 +227,16 @@ def test_a_manifest_that_contradicts_itself_is_refused(trained_digits, change, m
 
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint_bytes(data)
+
+
+def test_a_model_whose_loader_reads_module_versions_loads_from_its_checkpoint() -> None:
+    # safetensors keeps tensors only; torchvision's MNASNet refuses a state without its version
+    from core.architectures import build_model
+
+    manifest = Manifest(architecture="torchvision:mnasnet0_5", in_channels=3, num_classes=3, input_shape=[3, 32, 32],
+                        class_names=["a", "b", "c"], mean=[0.5] * 3, std=[0.25] * 3)
+    model = build_model(manifest.architecture, 3, 3)
+
+    loaded, _ = load_checkpoint_bytes(checkpoint_bytes(model, manifest))
+
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True))
