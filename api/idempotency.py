@@ -50,7 +50,8 @@ class Idempotency:
         self.record_id: str | None = None
 
     def start(self, payload: Any) -> JSONResponse | None:
-        """None to go on with the request, or the first response to replay."""
+        """None to go on with the request, or the first response to replay; `payload` is what the
+        request asks for (for a JSON body, `sent(body)`)."""
         if self.key is None:
             return None
         settings = self._request.app.state.settings
@@ -105,3 +106,11 @@ def idempotency(
 
 
 IdempotencyDep = Annotated[Idempotency, Depends(idempotency, scope="function")]
+
+
+def sent(body: BaseModel) -> dict[str, Any]:
+    """What the client sent in `body` (the fields it set, nested too), not the defaults this
+    release fills in: a retry that comes after a deploy which changed a default is the same
+    request, not "a different request" (which the client would then send again under a new key,
+    making the duplicate the key is there to prevent)."""
+    return body.model_dump(mode="json", exclude_unset=True)

@@ -16,7 +16,7 @@ from api.deletion_requests.schemas import (
     DeletionRequestRead,
 )
 from api.deps import ActorDep, DispatchDep, PageDep, SessionDep, SettingsDep, SignerDep, TenantDep, read_only
-from api.idempotency import IdempotencyDep
+from api.idempotency import IdempotencyDep, sent
 from api.problems import problem_responses
 from core.db import JobState
 from core.services.deletion_requests.service import deletion_request_service
@@ -59,7 +59,7 @@ def create_deletion_request(
     dispatch: DispatchDep,
     idempotency: IdempotencyDep,
 ) -> DeletionRequestRead:
-    replay = idempotency.start(body.model_dump(mode="json"))
+    replay = idempotency.start(sent(body))
     if replay is not None:
         return replay  # type: ignore[return-value]
     request = deletion_request_service.create(

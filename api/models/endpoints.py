@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from api.auth import authenticate, manage_models, purge_checkpoints
 from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, StoreDep, TenantDep
-from api.idempotency import IdempotencyDep
+from api.idempotency import IdempotencyDep, sent
 from api.models.schemas import ModelCreate, ModelList, ModelRead, ModelVersionList, ModelVersionRead
 from api.problems import problem_responses
 from api.ranges import settle_range
@@ -52,7 +52,7 @@ def create_model(
     settings: SettingsDep,
     idempotency: IdempotencyDep,
 ) -> ModelRead:
-    replay = idempotency.start(body.model_dump(mode="json"))
+    replay = idempotency.start(sent(body))
     if replay is not None:
         return replay  # type: ignore[return-value]
     model = model_service.create(

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
+from api.idempotency import sent
 from api.models.schemas import ModelCreate
 from api_helpers import assert_problem, make_keys, unique_name
 from core.db import IdempotencyKey, utcnow
@@ -56,7 +57,7 @@ def test_a_duplicate_while_the_first_is_in_flight_is_409(client: TestClient, mod
     # The first request has claimed the key and is still running (here: claimed by hand).
     idempotency_service.begin(
         app.state.sessions, tenant_id="default", api_key_id=admin_key_id, key="in-flight",
-        fingerprint=fingerprint("POST", "/models", ModelCreate(**model_spec).model_dump(mode="json")),
+        fingerprint=fingerprint("POST", "/models", sent(ModelCreate(**model_spec))),
         ttl_s=3600, lock_s=600,
     )
 
@@ -105,6 +106,30 @@ def test_a_failed_request_releases_its_key(client: TestClient, registered_model)
     assert replay.headers["location"] == f"/deletion-requests/{fixed.json()['id']}"
     requests = client.get("/deletion-requests", params={"model_id": model["id"]}).json()["deletion_requests"]
     assert [r["id"] for r in requests] == [fixed.json()["id"]]
+
+
+def test_what_a_key_fingerprints_is_what_the_client_sent_not_this_releases_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A retry that comes after a deploy which changed a default must replay, not be refused as "a
+    # different request" (and then be sent again under a new key: the duplicate the key prevents).
+    from api.deletion_requests.schemas import DeletionRequestCreate
+    from core.config import UnlearnConfig
+
+    body = {"model_id": "m", "forget_labels": [4], "params": {"lr": 0.05}}
+    before = DeletionRequestCreate.model_validate(body)
+    try:  # the next release's default
+        monkeypatch.setattr(UnlearnConfig.model_fields["alpha"], "default", 2.5)
+        UnlearnConfig.model_rebuild(force=True)
+        DeletionRequestCreate.model_rebuild(force=True)
+        after = DeletionRequestCreate.model_validate(body)
+    finally:
+        monkeypatch.undo()
+        UnlearnConfig.model_rebuild(force=True)
+        DeletionRequestCreate.model_rebuild(force=True)
+
+    assert before.model_dump(mode="json") != after.model_dump(mode="json")  # the releases differ
+    assert sent(before) == sent(after) == body
 
 
 def test_an_upload_retried_with_its_key_makes_one_version(
