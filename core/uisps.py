@@ -120,6 +120,12 @@ def output_layer(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
+def check_feature_scrub(model: nn.Module, cfg: UnlearnConfig) -> None:
+    """The feature scrub reads penultimate features, which only this project's own architectures expose."""
+    if cfg.feature_scrub and not (hasattr(model, "features") and hasattr(model, "head")):
+        raise ArchitectureError("feature_scrub needs one of this project's own architectures (features + head)")
+
+
 def resets_head(model: nn.Module, num_classes: int, cfg: UnlearnConfig) -> bool:
     """Whether this pass resets the forgotten output rows. On by default; a model without a final
     linear layer (torchvision's squeezenet ends in a convolution) skips it unless it was asked for."""
@@ -287,8 +293,7 @@ def run_uisps(
     """
     if set(forget_labels) - retained.forgotten:
         raise ValueError("retained data must exclude the labels being forgotten")
-    if cfg.feature_scrub and not (hasattr(model, "features") and hasattr(model, "head")):
-        raise ArchitectureError("feature_scrub needs one of this project's own architectures (features + head)")
+    check_feature_scrub(model, cfg)
     reset_head = resets_head(model, retained.num_classes, cfg)  # fails before the inversion, not after
     reset_blocks = blocks_to_reset(model, cfg)
     # channels_last gives cuDNN's fastest convolutions, and oneDNN's for the pass's training steps;

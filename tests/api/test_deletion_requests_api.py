@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from api_helpers import assert_problem
+from api_helpers import assert_problem, unique_name
 from core.db import ModelVersion
 from core.services.deletion_requests.jobs import deletion_jobs
 
@@ -219,3 +219,22 @@ def test_cancelling_a_running_request_asks_the_worker(client: TestClient, regist
         assert deletion_jobs.report_progress(session, request_id, "inversion", 0.2, lease_s=60) is True
     actions = [e["action"] for e in client.get("/audit-events", params={"model_id": model["id"]}).json()["audit_events"]]
     assert actions[-3:] == ["deletion_request.created", "deletion_request.running", "deletion_request.cancel_requested"]
+
+
+def test_a_feature_scrub_on_an_architecture_without_features_is_422(client: TestClient, model_spec: dict[str, Any]) -> None:
+    # torchvision's models expose no penultimate features: refused now, not failed in the job
+    from core.architectures import build_model
+    from core.checkpoint import Manifest, checkpoint_bytes
+
+    spec = {**model_spec, "name": unique_name(), "architecture": "torchvision:mobilenet_v3_small"}
+    model = client.post("/models", json=spec).json()
+    shape, classes = spec["input_shape"], len(spec["class_names"])
+    manifest = Manifest(**{k: spec[k] for k in Manifest.model_fields if k in spec}, in_channels=shape[0], num_classes=classes)
+    weights = checkpoint_bytes(build_model(spec["architecture"], shape[0], classes), manifest)
+    files = {"file": ("m.safetensors", weights, "application/octet-stream")}
+    assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201
+
+    response = _request(client, model["id"], [1], params={"feature_scrub": 0.5})
+
+    problem = assert_problem(response, 422, "invalid_parameters", "feature_scrub needs one of this project's own")
+    assert problem["errors"][0]["loc"] == ["body", "params", "feature_scrub"]

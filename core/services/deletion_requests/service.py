@@ -339,17 +339,19 @@ def _validate_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def _check_params_fit_model(params: dict[str, Any], architecture: str, in_channels: int, num_classes: int) -> None:
     """Overrides that depend on the architecture (how many feature blocks to regrow, a head to
-    reset) are checked against it now: the job would fail on them after loading checkpoint and data."""
-    if not params.get("reset_blocks") and not params.get("reset_head"):
+    reset, features to scrub) are checked against it now: the job would fail on them after loading
+    checkpoint and data."""
+    if not any(params.get(field) for field in ("reset_blocks", "reset_head", "feature_scrub")):
         return
     from core.architectures import model_skeleton  # torch: only for these overrides
     from core.errors import ArchitectureError
-    from core.uisps import blocks_to_reset, resets_head
+    from core.uisps import blocks_to_reset, check_feature_scrub, resets_head
 
     config = UnlearnConfig.model_validate(params)
     skeleton = model_skeleton(architecture, in_channels, num_classes)
     for field, check in (("reset_blocks", lambda: blocks_to_reset(skeleton, config)),
-                         ("reset_head", lambda: resets_head(skeleton, num_classes, config))):
+                         ("reset_head", lambda: resets_head(skeleton, num_classes, config)),
+                         ("feature_scrub", lambda: check_feature_scrub(skeleton, config))):
         try:
             check()
         except ArchitectureError as exc:
