@@ -228,10 +228,13 @@ def _forward_lock(skeleton: nn.Module) -> threading.Lock:
         return _FORWARD_LOCKS.setdefault(skeleton, threading.Lock())
 
 
-def check_architecture(arch: str, in_channels: int, num_classes: int, max_parameters: int | None) -> None:
+def check_architecture(
+    arch: str, in_channels: int, num_classes: int, max_parameters: int | None, max_bytes: int | None = None
+) -> None:
     """A registered architecture must exist, have BatchNorm statistics to invert, and, with these
-    channels and classes, fit the size limit: every checkpoint of it would otherwise be refused,
-    after the API built the model, or every deletion request fail in its job."""
+    channels and classes, fit the size limits (of parameters, and of an upload's bytes): every
+    checkpoint of it would otherwise be refused, after the API built the model, or every deletion
+    request fail in its job."""
     skeleton = model_skeleton(arch, in_channels, num_classes)
     if not inverted_batchnorm_layers(skeleton):
         raise ArchitectureError(
@@ -243,6 +246,12 @@ def check_architecture(arch: str, in_channels: int, num_classes: int, max_parame
         raise ArchitectureError(
             f"{arch} with {in_channels} input channels and {num_classes} classes holds {size:,} parameters; "
             f"this service accepts at most {max_parameters:,} (UISPS_MAX_CHECKPOINT_PARAMETERS)"
+        )
+    tensor_bytes = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+    if max_bytes is not None and tensor_bytes > max_bytes:
+        raise ArchitectureError(
+            f"{arch} with {in_channels} input channels and {num_classes} classes is {tensor_bytes:,} bytes of "
+            f"tensors, so no checkpoint of it can be uploaded: the limit is {max_bytes:,} (UISPS_MAX_UPLOAD_BYTES)"
         )
 
 

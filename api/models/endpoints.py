@@ -57,7 +57,7 @@ def create_model(
         return replay  # type: ignore[return-value]
     model = model_service.create(
         session, tenant_id=tenant_id, actor=actor, spec=body, data_roots=settings.data_root_list,
-        max_parameters=settings.max_checkpoint_parameters,
+        max_parameters=settings.max_checkpoint_parameters, max_upload_bytes=settings.max_upload_bytes,
     )
     location = f"/models/{model.id}"
     response.headers["Location"] = location

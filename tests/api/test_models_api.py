@@ -102,6 +102,16 @@ def test_an_architecture_over_the_parameter_limit_is_422(tmp_path, model_spec: d
         assert client.post("/models", json={**model_spec, "name": unique_name()}).status_code == 201  # smallcnn fits
 
 
+def test_an_architecture_whose_checkpoints_are_over_the_upload_limit_is_422(tmp_path, model_spec: dict[str, Any]) -> None:  # noqa: ANN001
+    # registered, it could never be given a version: every upload would be a 413
+    with TestClient(create_app(Settings(home=tmp_path, max_upload_bytes=4 << 20))) as client:
+        authorize(client)
+        response = client.post("/models", json={**model_spec, "architecture": "resnet18"})  # 44 MB of fp32
+
+        assert_problem(response, 422, "invalid_architecture", "no checkpoint of it can be uploaded", "(UISPS_MAX_UPLOAD_BYTES)")
+        assert client.post("/models", json={**model_spec, "name": unique_name()}).status_code == 201  # smallcnn fits
+
+
 def test_a_body_that_is_not_json_is_422(client: TestClient) -> None:
     response = client.post("/models", content=b"{not json", headers={"content-type": "application/json"})
 

@@ -125,10 +125,14 @@ class ModelService:
         spec: ModelSpec,
         data_roots: Sequence[str] = (),
         max_parameters: int | None = None,
+        max_upload_bytes: int | None = None,
     ) -> Model:
         """Register a model. `data_roots` (Settings.data_root_list) bound where its data may lie,
-        `max_parameters` the size of its architecture (as of every checkpoint uploaded later)."""
-        _check_architecture(spec.architecture, spec.input_shape, len(spec.resolved_class_names), max_parameters)
+        `max_parameters` and `max_upload_bytes` the size of its architecture (as of every checkpoint
+        uploaded later)."""
+        _check_architecture(
+            spec.architecture, spec.input_shape, len(spec.resolved_class_names), max_parameters, max_upload_bytes
+        )
         _check_data_source(spec, data_roots, tenant_id)
         begin_write(session)
         if model_repository.get_by_name(session, tenant_id, spec.name) is not None:
@@ -412,7 +416,7 @@ def _vanished(session: Session, version: ModelVersion) -> NoReturn:
 
 
 def _check_architecture(
-    architecture: str, input_shape: list[int], num_classes: int, max_parameters: int | None
+    architecture: str, input_shape: list[int], num_classes: int, max_parameters: int | None, max_bytes: int | None
 ) -> None:
     # Raises core.errors.ArchitectureError for an unknown name (naming the known ones), one too
     # large to accept, or one that cannot take this input. Builds a meta-device skeleton, so the
@@ -421,7 +425,7 @@ def _check_architecture(
     from core.validation import validate_arch_name
 
     validate_arch_name(architecture)
-    check_architecture(architecture, input_shape[0], num_classes, max_parameters)
+    check_architecture(architecture, input_shape[0], num_classes, max_parameters, max_bytes)
     check_input_shape(architecture, input_shape, num_classes)
 
 
