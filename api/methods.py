@@ -6,16 +6,25 @@ first route whose path matched, although a path such as `/models/{id}/versions` 
 route per method. So HEAD on a GET route is served here as that GET without its body (same status
 and headers, Content-Length included), and Allow is gathered from every route of the path. A route
 that declares HEAD itself (the checkpoint download, which must neither hash the file nor record a
-download for it) answers its own HEAD.
+download for it) answers its own HEAD; a GET that records a reading in the audit log (a
+certificate's download, the webhook secret's reveal) asks `served_for_head` and records none.
 """
 
 from __future__ import annotations
 
+from starlette.requests import Request
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # What the API's routes may declare (no route answers OPTIONS, TRACE or CONNECT).
 _METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+_HEAD_AS_GET = "uisps.head_as_get"  # scope key: this GET answers a HEAD, its body is not sent
+
+
+def served_for_head(request: Request) -> bool:
+    """Whether this GET is answering a HEAD: nothing of its body reaches the client, so it must
+    record no reading (a download, a reveal) in the audit log."""
+    return bool(request.scope.get(_HEAD_AS_GET))
 
 
 def declares(scope: Scope, method: str) -> bool:
@@ -44,7 +53,7 @@ class HeadAsGet:
         # Two lookups at most, and only for a HEAD: every other request passes straight through.
         if scope["type"] == "http" and scope["method"] == "HEAD":
             if not declares(scope, "HEAD") and declares(scope, "GET"):
-                as_get = {**scope, "method": "GET"}
+                as_get = {**scope, "method": "GET", _HEAD_AS_GET: True}
                 try:
                     await self.app(as_get, receive, _without_body(send))
                 finally:

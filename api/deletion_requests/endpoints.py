@@ -17,6 +17,7 @@ from api.deletion_requests.schemas import (
 )
 from api.deps import ActorDep, DispatchDep, PageDep, SessionDep, SettingsDep, SignerDep, TenantDep, read_only
 from api.idempotency import IdempotencyDep, sent
+from api.methods import served_for_head
 from api.problems import problem_responses
 from core.db import JobState
 from core.services.deletion_requests.service import deletion_request_service
@@ -152,10 +153,12 @@ def cancel_deletion_request(
     ),
 )
 def get_certificate(
-    request_id: RequestId, session: SessionDep, tenant_id: TenantDep, actor: ActorDep, signer: SignerDep
+    request: Request, request_id: RequestId, session: SessionDep, tenant_id: TenantDep, actor: ActorDep,
+    signer: SignerDep,
 ) -> Any:
     document = deletion_request_service.certificate(
-        session, tenant_id=tenant_id, actor=actor, request_id=request_id, sign=signer.sign
+        session, tenant_id=tenant_id, actor=actor, request_id=request_id, sign=signer.sign,
+        record=not served_for_head(request),
     )
     return JSONResponse(
         document,

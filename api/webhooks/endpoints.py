@@ -6,11 +6,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from api.auth import require
 from api.deps import ActorDep, SessionDep, SettingsDep, TenantDep
+from api.methods import served_for_head
 from api.problems import problem_responses
 from core.db import ApiKeyRole, utcnow
 from core.services.webhooks.secrets import SecretState, reveal_tenant_secret, rotate_tenant_secret
@@ -51,9 +52,13 @@ class WebhookSecret(BaseModel):
     ),
 )
 def get_webhook_secret(
-    response: Response, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep, actor: ActorDep
+    request: Request, response: Response, session: SessionDep, settings: SettingsDep, tenant_id: TenantDep,
+    actor: ActorDep,
 ) -> WebhookSecret:
-    return _shown(response, tenant_id, *reveal_tenant_secret(session, tenant_id=tenant_id, actor=actor, settings=settings))
+    revealed = reveal_tenant_secret(
+        session, tenant_id=tenant_id, actor=actor, settings=settings, record=not served_for_head(request)
+    )
+    return _shown(response, tenant_id, *revealed)
 
 
 @router.post(

@@ -194,3 +194,18 @@ def test_an_integer_a_double_cannot_hold_is_refused_or_kept_exactly(client: Test
 
     certificate = verify_certificate(document, load_public_key_pem(client.get("/certificate-key").content))
     assert certificate["format"] == 1 and certificate["parameters"]["overrides"] == {"seed": 2**60}
+
+
+def test_a_head_of_a_certificate_records_no_download(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    # a HEAD sends no certificate: the audit log must not say one was downloaded
+    request_id = _succeeded_request(client, registered_model()["id"])
+
+    def downloads() -> int:
+        events = client.get("/audit-events", params={"page_size": 1000}).json()["audit_events"]
+        return sum(e["action"] == "deletion_request.certificate_downloaded" and e["subject_id"] == request_id for e in events)
+
+    head = client.head(f"/deletion-requests/{request_id}/certificate")
+
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+    assert downloads() == 0
+    assert client.get(f"/deletion-requests/{request_id}/certificate").status_code == 200 and downloads() == 1

@@ -116,3 +116,16 @@ def test_without_webhooks_there_is_no_secret(settings: Settings) -> None:
         response = test_client.get("/webhook-secret")
 
     assert_problem(response, 409, "webhooks_not_configured", "UISPS_WEBHOOK_SECRET")
+
+
+def test_a_head_of_the_secret_records_no_reading(client: TestClient) -> None:
+    # a HEAD sends no secret: the audit log must not say the secret was revealed
+    def reveals() -> int:
+        events = all_items(client, "/audit-events", "audit_events", params={"page_size": 1000})
+        return sum(event["action"] == "webhook_secret.revealed" for event in events)
+
+    before = reveals()  # the database is the run's: other tests' readings are in it
+    head = client.head("/webhook-secret")
+
+    assert head.status_code == 200 and head.content == b"" and reveals() == before
+    assert client.get("/webhook-secret").status_code == 200 and reveals() == before + 1

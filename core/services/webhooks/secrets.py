@@ -48,16 +48,20 @@ def secret_states(session: Session, tenant_ids: Iterable[str]) -> dict[str, Secr
     return {tenant: found.get(tenant, SecretState()) for tenant in wanted}
 
 
-def reveal_tenant_secret(session: Session, *, tenant_id: str, actor: str, settings: Settings) -> tuple[str, SecretState]:
+def reveal_tenant_secret(
+    session: Session, *, tenant_id: str, actor: str, settings: Settings, record: bool = True
+) -> tuple[str, SecretState]:
     """The tenant's `whsec_` secret and its generation; each reading is recorded in the tenant's
-    audit log, since whoever holds it can make events the tenant's receivers accept."""
+    audit log, since whoever holds it can make events the tenant's receivers accept (`record`: not
+    for a HEAD, which sends none of it)."""
     service_secret = _service_secret(settings)
     begin_write(session)
     state = secret_states(session, [tenant_id])[tenant_id]
-    record_event(
-        session, tenant_id=tenant_id, actor=actor, action="webhook_secret.revealed",
-        subject_type="tenant", subject_id=tenant_id, details={"generation": state.generation},
-    )
+    if record:
+        record_event(
+            session, tenant_id=tenant_id, actor=actor, action="webhook_secret.revealed",
+            subject_type="tenant", subject_id=tenant_id, details={"generation": state.generation},
+        )
     return tenant_secret(service_secret, tenant_id, state.generation), state
 
 
