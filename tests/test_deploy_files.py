@@ -188,7 +188,8 @@ def test_app_services_share_one_image_and_the_production_settings(
     env = _environment(service)
 
     assert service["image"] == services["api"]["image"]
-    assert service["build"] == {"context": ".", "dockerfile": "Dockerfile.gpu"}
+    assert (service["build"]["context"], service["build"]["dockerfile"]) == (".", "Dockerfile.gpu")
+    assert service["build"] == services["api"]["build"]
     assert env["UISPS_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert env["UISPS_DATABASE_URL"].endswith("@postgres:5432/uisps")
     assert env["UISPS_BROKER_URL"].startswith("redis://") and env["UISPS_BROKER_URL"].endswith("@redis:6379/0")
@@ -507,3 +508,13 @@ def test_every_package_is_in_the_build_context(ignore_patterns: list[str]) -> No
 
     for package in packages:
         assert not _ignored(f"{package}/__init__.py", ignore_patterns), f"{package}/ is left out of the image"
+
+
+def test_the_build_can_name_the_commit_that_certificates_carry(services: dict[str, dict[str, Any]]) -> None:
+    # the image has no .git: without this, every certificate names the package version alone
+    instructions = _instructions()
+    assert "UISPS_CODE_VERSION" in _arg_defaults(instructions)
+    assert ("ENV", "UISPS_CODE_VERSION=${UISPS_CODE_VERSION}") in instructions
+    for name in ("api", "worker"):
+        assert services[name]["build"]["args"]["UISPS_CODE_VERSION"] == "${UISPS_CODE_VERSION:-}"
+    assert "--build-arg UISPS_CODE_VERSION" in DEPLOY_DOC.read_text()
