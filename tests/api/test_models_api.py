@@ -485,3 +485,18 @@ def test_an_upload_while_the_artifact_store_is_down_is_a_503_to_retry(
         assert_problem(response, 503, "artifact_store_unavailable", "retry")
         assert response.headers["retry-after"].isdigit()
         assert client.get(f"/models/{model_id}/versions").json()["versions"] == []  # nothing half-recorded
+
+
+def test_the_documented_example_registers_a_model_that_takes_a_digits_checkpoint(
+    client: TestClient, digits_checkpoint: bytes
+) -> None:
+    # what a newcomer copies from the OpenAPI page must accept what `uisps train --dataset digits` wrote
+    from api.models.schemas import DIGITS_EXAMPLE
+
+    model = client.post("/models", json={**DIGITS_EXAMPLE, "name": unique_name()})
+    assert model.status_code == 201, model.text
+
+    files = {"file": ("m.safetensors", digits_checkpoint, "application/octet-stream")}
+    uploaded = client.post(f"/models/{model.json()['id']}/versions", files=files)
+
+    assert uploaded.status_code == 201, uploaded.text
