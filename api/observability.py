@@ -76,7 +76,7 @@ class RequestContext:
             if self.access_log:
                 access_logger.info(
                     "%s %s %d %.1fms", scope["method"], scope["path"], status, seconds * 1000,
-                    extra={"method": scope["method"], "route": route, "status": status,
+                    extra={"method": scope["method"], "path": scope["path"], "route": route, "status": status,
                            "duration_ms": round(seconds * 1000, 3)},
                 )
             request_id_var.reset(token)

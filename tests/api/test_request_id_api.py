@@ -46,6 +46,8 @@ def test_a_client_request_id_round_trips_and_is_in_the_json_log(
     assert {"timestamp", "level", "logger", "message", "request_id"} <= line.keys()
     assert line["level"] == "INFO" and line["route"] == "/models" and line["status"] == 200
     assert line["message"].startswith("GET /models 200")
+    # the fields log queries filter on, as docs/service.md names them
+    assert line["method"] == "GET" and line["path"] == "/models" and isinstance(line["duration_ms"], float)
 
 
 @pytest.mark.parametrize("offered", [None, "", "has space", "x" * 300, "é".encode(), "-leading-dash", "a\"b"])
