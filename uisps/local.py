@@ -52,7 +52,9 @@ def create_api_key(
     from core.settings import Settings
 
     overrides = env or {}
-    settings = Settings(home=Path(home), database_url=overrides.get("UISPS_DATABASE_URL"))
+    # Constructed, not read from this shell: its UISPS_* are the operator's, not the local service's
+    # (an incomplete one, UISPS_ARTIFACT_BACKEND=s3 without a bucket, would stop a demo here).
+    settings = Settings.model_construct(home=Path(home), database_url=overrides.get("UISPS_DATABASE_URL"))
     url = settings.effective_database_url
     upgrade(url)
     engine = make_engine(url)

@@ -122,3 +122,17 @@ def test_a_local_service_uses_none_of_the_shells_uisps_settings(tmp_path: Path, 
 
     assert {k for k in env if k.startswith("UISPS_")} == {"UISPS_HOME", "UISPS_MAX_ATTEMPTS"}
     assert env["UISPS_HOME"] == str(tmp_path)
+
+
+def test_a_local_services_keys_are_made_whatever_the_shells_uisps_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an operator's shell may hold settings that are incomplete on their own: the demo must not stop on them
+    from uisps.local import create_api_key
+
+    monkeypatch.setenv("UISPS_ARTIFACT_BACKEND", "s3")  # without UISPS_S3_BUCKET: invalid as Settings
+    monkeypatch.setenv("UISPS_DATABASE_URL", "postgresql+psycopg://prod.example/uisps")  # never this one
+
+    key = create_api_key(tmp_path, "admin")
+
+    assert key and (tmp_path / "uisps.db").is_file()
