@@ -601,7 +601,7 @@ def _existing_service_database() -> Iterator[Any]:
         url = make_url(get_settings().effective_database_url)
         problem = schema_problem(url)
     if problem:
-        raise UisError(f"{problem}: is it the service's database (UISPS_DATABASE_URL)? `uisps db upgrade` migrates it")
+        raise UisError(f"{problem} (is UISPS_DATABASE_URL the service's database?)")
     with _session_on(url) as session:
         yield session
 

@@ -68,7 +68,7 @@ def check_configuration(settings: Settings) -> None:
         raise SystemExit(f"worker not started: cannot reach the database: {str(exc.orig).strip().splitlines()[0]}") from None
     if problem:
         raise SystemExit(
-            f"worker not started: {problem}; `uisps db upgrade` migrates it (is UISPS_DATABASE_URL the service's database?)"
+            f"worker not started: {problem} (is UISPS_DATABASE_URL the service's database?)"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -48,7 +49,8 @@ def current_revision(url: str | URL) -> str | None:
 
 
 def schema_problem(url: str | URL) -> str | None:
-    """Why the database at `url` is not one the service can run on now (None when it is at head).
+    """Why the database at `url` is not one the service can run on now, and what to do about it
+    (None when it is at head).
 
     Read-only: an embedded SQLite file that does not exist is reported, not created.
     """
@@ -58,9 +60,21 @@ def schema_problem(url: str | URL) -> str | None:
     parsed = make_url(url) if isinstance(url, str) else url
     shown = parsed.render_as_string(hide_password=True)
     if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
-        return f"there is no database at {shown}"
+        return f"there is no database at {shown}; `uisps db upgrade` creates it"
     revision = current_revision(parsed)
-    head = ScriptDirectory.from_config(alembic_config(parsed)).get_current_head()
-    if revision != head:
-        return f"the database {shown} is at revision {revision}, not {head}"
-    return None
+    scripts = ScriptDirectory.from_config(alembic_config(parsed))
+    head = scripts.get_current_head()
+    if revision == head:
+        return None
+    if revision is not None and not _known(scripts, revision):
+        # An upgrade cannot help (and fails): the way back is the newer release's downgrade.
+        return (f"the database {shown} is at revision {revision}, which this release does not know: a newer release "
+                f"migrated it; downgrade it with that release (`uisps db downgrade --revision {head}`) first")
+    return f"the database {shown} is at revision {revision}, not {head}; `uisps db upgrade` migrates it"
+
+
+def _known(scripts: Any, revision: str) -> bool:
+    try:
+        return scripts.get_revision(revision) is not None
+    except Exception:  # alembic's ResolutionError for a revision none of its scripts define
+        return False

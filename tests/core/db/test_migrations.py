@@ -291,3 +291,23 @@ def _head() -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def test_a_database_a_newer_release_migrated_says_to_downgrade_with_it_not_to_upgrade(tmp_path) -> None:  # noqa: ANN001
+    # `uisps db upgrade` fails on a revision this release does not know: the remedy is the newer release's downgrade
+    from core.db.migrate import schema_problem
+
+    url = f"sqlite:///{tmp_path / 'uisps.db'}"
+    upgrade(url)
+    assert schema_problem(url) is None
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = '0999'"))
+    finally:
+        engine.dispose()
+
+    problem = schema_problem(url)
+
+    assert "at revision 0999, which this release does not know" in problem and "uisps db downgrade --revision" in problem
+    assert "db upgrade" not in problem
