@@ -190,13 +190,16 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
         logger.info("deletion request %s %s", request_id, status)
         return RunOutcome(status)
     except JobCancelled:
-        _record_through_outage(sessions, request_id, "cancel",
-                               partial(deletion_jobs.cancelled, request_id=request_id, attempt=job.attempt,
-                                       claimed_at=job.claimed_at), retry=False)
+        # The cancel is recorded only for this run's claim: a later claim took it over? JobLost.
+        try:
+            _record_through_outage(sessions, request_id, "cancel",
+                                   partial(deletion_jobs.cancelled, request_id=request_id, attempt=job.attempt,
+                                           claimed_at=job.claimed_at), retry=False)
+        except JobLost:
+            return _lost(request_id)
         return RunOutcome("cancelled")
     except JobLost:
-        logger.warning("deletion request %s was finished or re-claimed elsewhere; dropping this run", request_id)
-        return RunOutcome("lost")
+        return _lost(request_id)
     except UisError as exc:
         # The input is at fault (labels, checkpoint, data): running it again cannot help.
         _record_through_outage(sessions, request_id, "failure", partial(
@@ -210,7 +213,12 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
             # a store outage's retry gives the attempt back
             return _record_through_outage(sessions, request_id, "failure", record, retry=not is_store_outage(exc))
         except JobLost:
-            return RunOutcome("lost")
+            return _lost(request_id)
+
+
+def _lost(request_id: str) -> RunOutcome:
+    logger.warning("deletion request %s was finished or re-claimed elsewhere; dropping this run", request_id)
+    return RunOutcome("lost")
 
 
 def _record_failure(

@@ -566,3 +566,28 @@ def test_a_result_whose_stored_file_was_purged_meanwhile_is_not_committed(worker
 
     request = _request(worker_env, request_id)
     assert request.state == "running" and len(_versions(worker_env, request.model_id)) == 1
+
+
+def test_a_run_taken_over_before_it_recorded_its_cancel_is_dropped_quietly(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    # This run stalled past its lease and another claimed the request; then this run saw the cancel.
+    # The cancel belongs to the other run: this one must stop, not raise out of the task (a failed
+    # Celery task and a traceback for a normal takeover).
+    import worker.jobs as jobs
+
+    request_id = worker_env.new_request(digits_checkpoint, [3])
+
+    def taken_over(*_args: object, **_kwargs: object) -> None:
+        with worker_env.sessions.begin() as session:
+            session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id)
+                            .values(attempts=DeletionRequest.attempts + 1, started_at=utcnow(), cancel_requested=True))
+        raise jobs.JobCancelled()
+
+    monkeypatch.setattr(jobs, "_unlearn", taken_over)
+
+    outcome = jobs.run_job(request_id, worker_env.settings)
+
+    assert outcome.status == "lost"
+    request = _request(worker_env, request_id)
+    assert (request.state, request.attempts) == ("running", 2)  # the other run's, untouched
