@@ -4,6 +4,7 @@ and the key and role check an upload passes before a byte of its body is read.""
 from __future__ import annotations
 
 import json
+import re
 from http import HTTPStatus
 
 from starlette.datastructures import Headers
@@ -20,8 +21,12 @@ JSON_BODY_LIMIT = 1024 * 1024
 MULTIPART_SLACK = 64 * 1024
 
 
+# The one route that takes a checkpoint (POST /models/{id}/versions); a model id has no slash.
+_UPLOAD_PATH = re.compile(r"/models/[^/]+/versions/?")
+
+
 def is_upload(scope: Scope) -> bool:
-    return scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/versions")
+    return scope["method"] == "POST" and _UPLOAD_PATH.fullmatch(scope["path"]) is not None
 
 
 class BodySizeLimit:

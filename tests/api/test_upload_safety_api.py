@@ -199,3 +199,12 @@ def test_an_upload_without_an_admin_key_is_refused_before_its_body_is_read(
 
     assert_problem(response, status, code)
     assert sent == [] and response.headers["connection"] == "close"
+
+
+def test_a_post_to_a_versions_path_that_is_no_upload_route_is_404_not_403(client: TestClient) -> None:
+    # only POST /models/{id}/versions takes a checkpoint: other paths ending in /versions are no route
+    reader = make_keys(client.app.state.sessions).header("reader")
+
+    response = client.post("/deletion-requests/abc/versions", json={}, headers=reader)
+
+    assert_problem(response, 404, "not_found")
