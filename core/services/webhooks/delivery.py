@@ -83,9 +83,6 @@ def post_event(
         return AttemptResult(None, f"no answer within {settings.webhook_timeout_s:g} s")
     except (OSError, http.client.HTTPException) as exc:  # the text can quote what the receiver sent
         return AttemptResult(None, _stored_text(f"{type(exc).__name__}: {exc}"))
-    except ValueError as exc:  # a URL stored before today's checks (a non-ASCII path): never sendable
-        log.warning("webhook to %s cannot be sent: %r", url, exc)
-        return AttemptResult(None, _stored_text(f"refused: the URL cannot be sent ({type(exc).__name__})"), permanent=True)
     if 200 <= status < 300:
         return AttemptResult(status, None)
     if 300 <= status < 400:

@@ -73,10 +73,6 @@ def parse_callback_url(url: str, settings: Settings) -> CallbackTarget:
         raise InvalidCallbackUrl(f"callback_url is longer than {CALLBACK_URL_LENGTH} characters")
     if any(char.isspace() or ord(char) < 0x20 or ord(char) == 0x7F for char in url):
         raise InvalidCallbackUrl("callback_url contains whitespace or control characters")
-    if not url.isascii():
-        # An HTTP request line is ASCII: such a URL could never be sent (IRIs are not converted,
-        # so what is stored and shown is what is requested).
-        raise InvalidCallbackUrl("callback_url must be ASCII: percent-encode other characters (RFC 3986)")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -102,6 +98,10 @@ def parse_callback_url(url: str, settings: Settings) -> CallbackTarget:
         )
     scheme = parts.scheme.lower()
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if not target.isascii():
+        # An HTTP request line is ASCII: such a path could never be sent (it is not converted, so
+        # what is stored and shown is what is requested). A host may be a Unicode name (IDNA).
+        raise InvalidCallbackUrl("callback_url's path and query must be ASCII: percent-encode other characters (RFC 3986)")
     return CallbackTarget(scheme, host, port or (443 if scheme == "https" else 80), target)
 
 

@@ -79,8 +79,8 @@ def test_an_event_for_a_host_name_the_resolver_cannot_take_fails_for_good_at_onc
 
 
 @pytest.mark.parametrize("url, message", [
-    ("https://hooks.example.com/hooks/caf\u00e9", "must be ASCII"),  # an HTTP request line cannot carry it
-    ("https://hooks.example.com/hook?name=\u00e9t\u00e9", "must be ASCII"),
+    ("https://hooks.example.com/hooks/caf\u00e9", "path and query must be ASCII"),  # a request line cannot carry it
+    ("https://hooks.example.com/hook?name=\u00e9t\u00e9", "path and query must be ASCII"),
     ("https://hooks.example.com:0/hook", "port 0"),  # not quietly the scheme's port
 ])
 def test_a_url_that_could_never_be_requested_is_refused_when_the_request_is_made(url: str, message: str) -> None:
@@ -89,3 +89,5 @@ def test_a_url_that_could_never_be_requested_is_refused_when_the_request_is_made
     with pytest.raises(InvalidCallbackUrl, match=message):
         check_callback_url(url, settings)
     assert check_callback_url("https://hooks.example.com/hooks/caf%C3%A9?name=%C3%A9t%C3%A9", settings)
+    # a Unicode host name is fine: it is sent in its IDNA (xn--) form
+    assert check_callback_url("https://b\u00fccher.example.com/hook", settings)
