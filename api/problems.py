@@ -214,7 +214,7 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         # back, so the same request can simply be sent again.
         logger.warning("artifact store unavailable on %s %s: %s", request.method, request.url.path, exc)
         return problem_response(
-            request, 503, STORE_UNAVAILABLE, "the artifact store is unreachable; retry shortly",
+            request, 503, STORE_UNAVAILABLE, "the artifact store is unavailable (down, out of reach or full); retry shortly",
             headers={"Retry-After": RETRY_AFTER_S},
         )
     logger.exception("unhandled error on %s %s", request.method, request.url.path)

@@ -12,6 +12,7 @@ in a folder and ``S3ArtifactStore`` keeps objects in an S3-compatible bucket (AW
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import os
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 CHUNK_SIZE = 1024 * 1024
 # The problem code of a store that does not answer, for the API and for a job's error alike.
 STORE_UNAVAILABLE = "artifact_store_unavailable"
+# A local artifact disk that cannot take writes now (full, over quota, read-only, failing): the
+# operator's to mend, and requests wait for it as for an object store that is down.
+_LOCAL_STORE_OUTAGES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 # The tenant segment is the tenant id itself (core.services.api_keys.TENANT_PATTERN), so an
 # operator can find, back up or remove one tenant's files by prefix.
 _TENANT_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -229,8 +233,11 @@ class LocalArtifactStore:
             return None
 
     def delete(self, key: str) -> None:
-        """Remove an artifact; deleting a missing one is not an error (retries stay simple)."""
-        self._path(key).unlink(missing_ok=True)
+        """Remove an artifact, durably (a purge records the bytes as gone: after a crash they must
+        not be back); deleting a missing one is not an error (retries stay simple)."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
 
     def list_artifacts(self) -> Iterator[ListedArtifact]:
         paths = chain((self.root / "sha256").glob("*/*"), (self.root / "tenants").glob("*/sha256/*/*"))
@@ -346,8 +353,7 @@ class S3ArtifactStore:
                 self._check_bucket()
                 raise ArtifactNotFound(key) from None
             raise
-        # botocore's StreamingBody is an io.IOBase: read(n), iteration, close, ``with``.
-        return response["Body"]  # type: ignore[no-any-return]
+        return _S3Body(response["Body"])  # type: ignore[return-value]
 
     def iter_bytes(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         with self.open(key) as stream:
@@ -504,6 +510,27 @@ class S3ArtifactStore:
         return stored
 
 
+class _S3Body:
+    """botocore's StreamingBody, read through itself also inside ``with``: its own ``__enter__``
+    gives the raw urllib3 stream, whose errors (a store cut off or stalled mid-body) are not the
+    botocore errors that `is_store_outage` knows, so a job would spend an attempt on an outage."""
+
+    def __init__(self, body: Any) -> None:
+        self._body = body
+
+    def read(self, size: int = -1) -> bytes:
+        return self._body.read(None if size is None or size < 0 else size)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> _S3Body:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
 def _is_missing(error: Exception) -> bool:
     response = getattr(error, "response", None)
     if not isinstance(response, dict):
@@ -514,10 +541,13 @@ def _is_missing(error: Exception) -> bool:
 
 
 def is_store_outage(exc: BaseException) -> bool:
-    """Whether the object store did not answer (down or out of reach, after boto's own retries):
-    no fault of the request, which succeeds once the store is back."""
+    """Whether the artifact store could not serve (down, out of reach or cut off, after boto's own
+    retries; a local disk that is full or read-only): no fault of the request, which succeeds once
+    the store is back."""
+    if isinstance(exc, OSError) and exc.errno in _LOCAL_STORE_OUTAGES:
+        return True
     try:
-        from botocore.exceptions import ClientError, HTTPClientError, SSLError
+        from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError, SSLError
         from botocore.exceptions import ConnectionError as StoreUnreachable
     except ImportError:  # no S3 support installed: no S3 outage either
         return False
@@ -525,7 +555,7 @@ def is_store_outage(exc: BaseException) -> bool:
         return False
     if isinstance(exc, BucketMissing):  # the operator's to mend; requests wait for it, as for an outage
         return True
-    if isinstance(exc, (StoreUnreachable, HTTPClientError)):
+    if isinstance(exc, (StoreUnreachable, HTTPClientError, IncompleteReadError)):  # the last: a body cut short
         return True
     if isinstance(exc, ClientError):
         if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":  # a put or delete: as BucketMissing

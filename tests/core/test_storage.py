@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,3 +177,12 @@ def test_a_verified_file_is_trusted_only_while_it_stays_the_same(
     store.remember_verified(stored.key, store.identity(stored.key))
     monkeypatch.setattr("core.storage.VERIFIED_FOR_S", 0.0)  # a minute later
     assert not store.verified_recently(stored.key)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO])
+def test_a_local_disk_that_cannot_take_writes_now_is_an_outage(code: int) -> None:
+    # a full disk is the operator's to mend: requests wait for it, as for an object store that is down
+    from core.storage import is_store_outage
+
+    assert is_store_outage(OSError(code, os.strerror(code)))
+    assert not is_store_outage(OSError(errno.ENOENT, "no such file"))

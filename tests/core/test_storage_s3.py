@@ -24,6 +24,7 @@ from core.storage import (
     InvalidArtifactKey,
     S3ArtifactStore,
     is_store_outage,
+    key_for,
     make_artifact_store,
 )
 
@@ -335,3 +336,27 @@ def test_factory_refuses_s3_without_a_bucket(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path).model_copy(update={"artifact_backend": "s3"})
     with pytest.raises(ValueError, match="UISPS_S3_BUCKET"):
         make_artifact_store(settings)
+
+
+def test_a_store_cut_off_mid_body_is_an_outage_not_a_failed_read(aws_env: None) -> None:
+    # a MinIO restart during a job's read: the job must wait for the store, not spend an attempt
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def cut_off() -> None:
+        with listener:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+
+    threading.Thread(target=cut_off, daemon=True).start()
+    store = S3ArtifactStore("b", endpoint_url=f"http://127.0.0.1:{port}", addressing_style="path")
+
+    with store.open(key_for("a" * 64, "t")) as body, pytest.raises(Exception) as raised:  # noqa: PT011
+        body.read()  # the headers came; the body stops after 1,000 of its 1,000,000 bytes
+
+    assert is_store_outage(raised.value), repr(raised.value)

@@ -473,14 +473,21 @@ def _verify_local(store: ArtifactStore, key: str, sha256: str) -> None:
 
 
 def verified_chunks(store: ArtifactStore, key: str, sha256: str) -> Iterator[bytes]:
-    """Stream a stored checkpoint, failing at the end (the client sees a broken download) if its
-    bytes do not hash to the recorded sha256: for backends without a local file to check first."""
+    """Stream a stored checkpoint, for backends without a local file to check first. The last
+    chunk is held back until every byte hashed to the recorded sha256: a checkpoint that does not
+    ends short of its Content-Length, which any HTTP client reports as a failed download, instead
+    of arriving complete with the wrong bytes."""
     digest = hashlib.sha256()
+    held: bytes | None = None
     for chunk in store.iter_bytes(key):
         digest.update(chunk)
-        yield chunk
+        if held is not None:
+            yield held
+        held = chunk
     if digest.hexdigest() != sha256:
         raise ArtifactCorrupted(f"the stored checkpoint {key} hashes to {digest.hexdigest()}, not its recorded {sha256}")
+    if held is not None:
+        yield held
 
 
 model_service = ModelService()
