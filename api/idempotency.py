@@ -49,18 +49,23 @@ class Idempotency:
         self.key = key
         self.record_id: str | None = None
 
-    def start(self, payload: Any) -> JSONResponse | None:
+    def start(self, payload: Any, earlier_form: Any = None) -> JSONResponse | None:
         """None to go on with the request, or the first response to replay; `payload` is what the
-        request asks for (for a JSON body, `sent(body)`)."""
+        request asks for (for a JSON body, `sent(body)`). `earlier_form`: the same request in the form the
+        service fingerprinted before `sent` (the whole validated body, defaults included), so that
+        a key claimed before the deploy that brought `sent` still replays. It can go once every such
+        key has expired (UISPS_IDEMPOTENCY_TTL_S after that deploy)."""
         if self.key is None:
             return None
         settings = self._request.app.state.settings
+        method, path = self._request.method, self._request.url.path
         outcome = idempotency_service.begin(
             self._request.app.state.sessions,
             tenant_id=self._principal.tenant_id,
             api_key_id=self._principal.key_id,
             key=self.key,
-            fingerprint=fingerprint(self._request.method, self._request.url.path, payload),
+            fingerprint=fingerprint(method, path, payload),
+            also_matches=() if earlier_form is None else (fingerprint(method, path, earlier_form),),
             ttl_s=settings.idempotency_ttl_s,
             lock_s=settings.idempotency_lock_s,
         )

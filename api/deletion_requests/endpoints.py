@@ -60,7 +60,7 @@ def create_deletion_request(
     dispatch: DispatchDep,
     idempotency: IdempotencyDep,
 ) -> DeletionRequestRead:
-    replay = idempotency.start(sent(body))
+    replay = idempotency.start(sent(body), earlier_form=body.model_dump(mode="json"))
     if replay is not None:
         return replay  # type: ignore[return-value]
     request = deletion_request_service.create(

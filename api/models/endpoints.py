@@ -52,7 +52,7 @@ def create_model(
     settings: SettingsDep,
     idempotency: IdempotencyDep,
 ) -> ModelRead:
-    replay = idempotency.start(sent(body))
+    replay = idempotency.start(sent(body), earlier_form=body.model_dump(mode="json"))
     if replay is not None:
         return replay  # type: ignore[return-value]
     model = model_service.create(

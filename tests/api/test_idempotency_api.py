@@ -132,6 +132,24 @@ def test_what_a_key_fingerprints_is_what_the_client_sent_not_this_releases_defau
     assert sent(before) == sent(after) == body
 
 
+def test_a_key_claimed_before_the_deploy_that_brought_sent_still_replays(
+    client: TestClient, model_spec: dict[str, Any]
+) -> None:
+    # keys stored by the release before: fingerprinted over the whole validated body, defaults included
+    keys = make_keys(client.app.state.sessions)
+    earlier = fingerprint("POST", "/models", ModelCreate(**model_spec).model_dump(mode="json"))
+    assert earlier != fingerprint("POST", "/models", sent(ModelCreate(**model_spec)))
+    sessions = client.app.state.sessions
+    record_id = idempotency_service.begin(sessions, tenant_id="default", api_key_id=keys.ids["admin"], key="before-deploy",
+                                          fingerprint=earlier, ttl_s=3600, lock_s=600)
+    with sessions.begin() as session:
+        idempotency_service.complete(session, record_id, status=201, body={"id": "m-1"}, headers={"Location": "/models/m-1"})
+
+    retry = client.post("/models", json=model_spec, headers={**keys.header("admin"), **_key("before-deploy")})
+
+    assert retry.status_code == 201 and retry.json() == {"id": "m-1"} and retry.headers["idempotent-replayed"] == "true"
+
+
 def test_an_upload_retried_with_its_key_makes_one_version(
     client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:

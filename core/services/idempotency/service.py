@@ -55,8 +55,10 @@ class IdempotencyService:
         fingerprint: str,
         ttl_s: float,
         lock_s: float,
+        also_matches: tuple[str, ...] = (),
     ) -> str | Replay:
         """Claim `key` for this request (returns the record id) or return the response to replay.
+        `also_matches`: other fingerprints of this same request (as an earlier release made them).
 
         Raises IdempotencyKeyReused when the key came with another request, IdempotencyKeyInUse
         when its first request is still running. Commits on its own session.
@@ -64,13 +66,14 @@ class IdempotencyService:
         for _ in range(_INSERT_ATTEMPTS):
             try:
                 with sessions.begin() as session:
-                    return self._begin(session, tenant_id, api_key_id, key, fingerprint, ttl_s, lock_s)
+                    return self._begin(session, tenant_id, api_key_id, key, (fingerprint, *also_matches), ttl_s, lock_s)
             except IntegrityError:
                 continue  # a concurrent request inserted the same key first: look again
         raise IdempotencyKeyInUse(f"Idempotency-Key {key!r} is being used by concurrent requests; retry shortly")
 
     def _begin(
-        self, session: Session, tenant_id: str, api_key_id: str, key: str, fingerprint: str, ttl_s: float, lock_s: float
+        self, session: Session, tenant_id: str, api_key_id: str, key: str, fingerprints: tuple[str, ...], ttl_s: float,
+        lock_s: float,
     ) -> str | Replay:
         begin_write(session)
         now = utcnow()
@@ -92,7 +95,7 @@ class IdempotencyService:
                 tenant_id=tenant_id,
                 api_key_id=api_key_id,
                 key=key,
-                fingerprint=fingerprint,
+                fingerprint=fingerprints[0],
                 state=IdempotencyState.IN_FLIGHT.value,
                 created_at=now,
                 expires_at=now + timedelta(seconds=ttl_s),
@@ -100,7 +103,7 @@ class IdempotencyService:
             session.add(record)
             session.flush()
             return record.id
-        if record.fingerprint != fingerprint:
+        if record.fingerprint not in fingerprints:
             raise IdempotencyKeyReused(
                 f"Idempotency-Key {key!r} was first used with a different request (method, path or body); "
                 "use a new key for a new request"
