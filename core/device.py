@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 from collections.abc import Iterator
 
 import torch
@@ -43,15 +44,18 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bf16 itself (the AVX512-BF16 or AMX instructions).
+    """Whether this CPU computes in bf16 itself: on x86, the AVX512-BF16 or AMX instructions.
 
-    Not oneDNN's `_is_mkldnn_bf16_supported()`: that is true on any AVX-512 CPU, where oneDNN
-    emulates bf16, and there autocast is about twice as slow as fp32 (a ResNet18 training step of
-    128 images on a 2-core AVX-512 Xeon without either: 17.6 s in bf16 against 8.1 s in fp32;
-    `scripts/cpu_layout_check.py`, its output in `docs/results/cpu-layout-avx512-no-bf16.txt`).
+    Not oneDNN's `_is_mkldnn_bf16_supported()` on x86: that is true on any AVX-512 CPU, where
+    oneDNN emulates bf16, and there autocast is about twice as slow as fp32 (a ResNet18 training
+    step of 128 images on a 2-core AVX-512 Xeon without either: 17.6 s in bf16 against 8.1 s in
+    fp32; `scripts/cpu_layout_check.py`, its output in `docs/results/cpu-layout-avx512-no-bf16.txt`).
+    Elsewhere (Arm: its BF16 extension) oneDNN's flag is the CPU's own.
     """
-    cpu = torch.cpu
-    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        cpu = torch.cpu
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:

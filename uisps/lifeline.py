@@ -6,7 +6,7 @@ it would keep its port, its database connections and its share of the CPU, and a
 on taking jobs. `tied_to_this_process(command)` runs `command` through this module, which asks
 Linux to send it SIGTERM, the signal of an orderly stop, when its parent dies
 (prctl PR_SET_PDEATHSIG, kept across exec), then execs the command itself: one process, with the
-command's pid. Elsewhere the command just runs.
+command's pid. Elsewhere the command is run as it is.
 
     python -m uisps.lifeline PARENT_PID COMMAND [ARG ...]
 """
@@ -23,7 +23,10 @@ _PR_SET_PDEATHSIG = 1
 
 def tied_to_this_process(command: list[str]) -> list[str]:
     """`command`, to be run by this process's own thread (Linux signals a child when the thread
-    that started it ends), stopped with SIGTERM when this process dies."""
+    that started it ends), stopped with SIGTERM when this process dies; elsewhere `command` as
+    it is (there `exec` may start a new process, whose pid its parent would not know)."""
+    if not sys.platform.startswith("linux"):
+        return command
     return [sys.executable, "-m", "uisps.lifeline", str(os.getpid()), *command]
 
 

@@ -102,6 +102,7 @@ def test_a_regnet_skeleton_being_built_holds_up_no_other_architecture(monkeypatc
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(regnet.RegNet, "__init__", parked_init)
+    model_skeleton.cache_clear()  # both must be built here, not found in the cache
     built: dict[str, object] = {}
     regnet_build = threading.Thread(target=lambda: built.update(regnet=model_skeleton("torchvision:regnet_y_400mf", 3, 13)))
     regnet_build.start()
@@ -114,4 +115,5 @@ def test_a_regnet_skeleton_being_built_holds_up_no_other_architecture(monkeypatc
     finally:
         release.set()
         regnet_build.join(60)
+        model_skeleton.cache_clear()  # built under this test's patch of RegNet: later tests build their own
     assert {t.device.type for t in built["regnet"].state_dict().values()} == {"meta"}

@@ -61,3 +61,18 @@ def test_auto_precision_on_the_cpu_is_bf16_only_where_the_cpu_computes_in_bf16(m
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
         assert use_bf16("auto", cpu) is expected
         assert use_bf16("fp32", cpu) is False and use_bf16("bf16", cpu) is True
+
+
+@pytest.mark.parametrize("arm_bf16", [True, False])
+def test_auto_precision_on_an_arm_cpu_follows_its_bf16_extension(monkeypatch, arm_bf16: bool) -> None:
+    # the x86 checks say no on Arm; oneDNN's flag there is the CPU's own BF16 extension (Graviton3, Neoverse V1)
+    import platform
+
+    from core.device import use_bf16
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: arm_bf16, raising=False)
+
+    assert use_bf16("auto", torch.device("cpu")) is arm_bf16
