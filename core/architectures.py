@@ -247,11 +247,14 @@ def check_architecture(
             f"{arch} with {in_channels} input channels and {num_classes} classes holds {size:,} parameters; "
             f"this service accepts at most {max_parameters:,} (UISPS_MAX_CHECKPOINT_PARAMETERS)"
         )
-    tensor_bytes = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
-    if max_bytes is not None and tensor_bytes > max_bytes:
+    state = skeleton.state_dict()
+    # A checkpoint is its tensors' bytes plus a header that names each (safetensors: its name,
+    # dtype, shape and offsets, 60 bytes or more besides the name) and the manifest.
+    file_bytes = sum(t.numel() * t.element_size() + len(name) + 60 for name, t in state.items())
+    if max_bytes is not None and file_bytes > max_bytes:
         raise ArchitectureError(
-            f"{arch} with {in_channels} input channels and {num_classes} classes is {tensor_bytes:,} bytes of "
-            f"tensors, so no checkpoint of it can be uploaded: the limit is {max_bytes:,} (UISPS_MAX_UPLOAD_BYTES)"
+            f"{arch} with {in_channels} input channels and {num_classes} classes makes checkpoints of at least "
+            f"{file_bytes:,} bytes, so none can be uploaded: the limit is {max_bytes:,} (UISPS_MAX_UPLOAD_BYTES)"
         )
 
 

@@ -69,6 +69,8 @@ def output_file(path: Path, option: str) -> Path:
 
     if path.is_dir():
         raise UisError(f"{option}: {path} is a folder; name the file to write")
+    if path.exists() and not _can_append_to(path):  # a report is written in place
+        raise UisError(f"{option}: cannot write {path}")
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
@@ -90,8 +92,20 @@ def _can_create_in(folder: Path) -> bool:
     except OSError:
         return False
     os.close(handle)
-    os.unlink(name)
+    try:
+        os.unlink(name)
+    except OSError:  # made but not removable (an append-only folder): the file itself can be written
+        pass
     return True
+
+
+def _can_append_to(path: Path) -> bool:
+    """Whether an existing file can be written, by opening it to append and writing nothing."""
+    try:
+        with path.open("ab"):
+            return True
+    except OSError:
+        return False
 
 
 @contextmanager

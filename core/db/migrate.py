@@ -60,7 +60,7 @@ def schema_problem(url: str | URL) -> str | None:
     parsed = make_url(url) if isinstance(url, str) else url
     shown = parsed.render_as_string(hide_password=True)
     if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
-        return f"there is no database at {shown}; `uisps db upgrade` creates it"
+        return f"there is no database at {shown}"
     revision = current_revision(parsed)
     scripts = ScriptDirectory.from_config(alembic_config(parsed))
     head = scripts.get_current_head()

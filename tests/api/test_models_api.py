@@ -108,7 +108,7 @@ def test_an_architecture_whose_checkpoints_are_over_the_upload_limit_is_422(tmp_
         authorize(client)
         response = client.post("/models", json={**model_spec, "architecture": "resnet18"})  # 44 MB of fp32
 
-        assert_problem(response, 422, "invalid_architecture", "no checkpoint of it can be uploaded", "(UISPS_MAX_UPLOAD_BYTES)")
+        assert_problem(response, 422, "invalid_architecture", "so none can be uploaded", "(UISPS_MAX_UPLOAD_BYTES)")
         assert client.post("/models", json={**model_spec, "name": unique_name()}).status_code == 201  # smallcnn fits
 
 

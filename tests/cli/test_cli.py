@@ -70,7 +70,9 @@ def _write_npz(path: Path, shape: tuple, test_shape: tuple | None = None, labels
         (["--report", "."], "--report: . is a folder"),
         (["--out", "."], "--out: . is a folder"),
         # a folder nothing can be made in, root included (os.access says yes to root everywhere)
-        *([(["--out", "/proc/uisps-none/o.safetensors"], "--out: cannot write in /proc")] if sys.platform == "linux" else []),
+        *([(["--out", "/proc/uisps-none/o.safetensors"], "--out: cannot write in /proc"),
+           (["--report", "/proc/version"], "--report: cannot write /proc/version")]  # an existing file, written in place
+          if sys.platform == "linux" else []),
     ],
 )
 def test_bad_input_is_one_clear_line_and_nothing_is_written(trained, args, message):
