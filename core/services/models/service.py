@@ -327,11 +327,14 @@ class ModelService:
         found = self.get_version(session, tenant_id, model_id, version)
         if found.checkpoint_purged_at is not None:
             return found
-        # Artifact locks before the tenant's: the order of the writes that add versions.
-        _lock_own_artifact(session, found)
-        tenant_copy = key_for(found.sha256, found.tenant_id)
-        if tenant_copy != found.artifact_key:  # a shared file: `uisps artifacts rekey` may have copied it
-            lock_artifact(session, tenant_copy, exclusive=True)
+        # The bytes may be stored under two keys: the tenant's own, and the shared key of a database
+        # from before per-tenant keys (`uisps artifacts rekey` copies one to the other, then
+        # repoints, then deletes). Both are locked, in one order for every purge, before the
+        # tenant's: the order of the writes that add versions. The version names one of the two,
+        # whichever a rekey may have moved it to while this waited.
+        copies = sorted({key_for(found.sha256), key_for(found.sha256, found.tenant_id)})
+        for key in copies:
+            lock_artifact(session, key, exclusive=True)
         lock_tenant(session, tenant_id)  # serialised with request creation, which checks the base
         session.refresh(found)
         if found.checkpoint_purged_at is not None:  # a concurrent purge won
@@ -343,17 +346,16 @@ class ModelService:
                 f"{', '.join(active)}; purge it once they have finished or been cancelled",
                 code="version_in_use",
             )
-        bytes_deleted = not model_repository.artifact_kept(session, found.artifact_key, besides=found.id)
-        if bytes_deleted:
-            store.delete(found.artifact_key)
-        if tenant_copy != found.artifact_key:
-            # A rekey that copied the file and stopped before repointing left a copy no version
-            # names yet: purged bytes must be gone from it too. One a version of the tenant names
-            # (the same bytes uploaded again) stays, and the bytes are then not deleted.
-            if model_repository.artifact_kept(session, tenant_copy):
+        # Every copy no other unpurged version names is deleted (a rekey that stopped between
+        # copy and repoint, or before deleting the shared file, left one no version names). One
+        # that another version names stays (the same bytes uploaded again, or another tenant's
+        # version on the shared key), and the bytes are then not deleted.
+        bytes_deleted = True
+        for key in copies:
+            if model_repository.artifact_kept(session, key, besides=found.id):
                 bytes_deleted = False
             else:
-                store.delete(tenant_copy)
+                store.delete(key)
         found.checkpoint_purged_at = utcnow()
         record_event(
             session,
@@ -378,17 +380,6 @@ class ModelService:
         if model is None:
             raise NotFound("model", model_id)
         return model
-
-
-def _lock_own_artifact(session: Session, version: ModelVersion) -> None:
-    """Lock the file the version names when the lock is held: `uisps artifacts rekey` may have
-    moved it to another key while this waited, and the file deleted must be the one locked."""
-    while True:
-        key = version.artifact_key
-        lock_artifact(session, key, exclusive=True)
-        session.refresh(version)
-        if version.artifact_key == key:
-            return
 
 
 def _check_not_purged(version: ModelVersion) -> None:

@@ -122,6 +122,43 @@ def test_a_purge_after_a_rekey_stopped_between_copy_and_repoint_deletes_the_copy
     assert not store.exists(shared) and not store.exists(copy)  # no live copy of purged bytes
 
 
+def test_a_purge_after_a_rekey_repointed_but_before_it_deleted_the_shared_file_deletes_that_too(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes
+) -> None:
+    # a rekey deletes the shared files only at the end of its run: until then the version names
+    # its own key while the shared file still holds the very bytes being purged
+    model_id = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    shared = _key_of(sessions, "acme", model_id)
+    own = store.put(digits_checkpoint, "acme").key
+    with sessions.begin() as session:
+        session.execute(text("UPDATE model_versions SET artifact_key = :own WHERE artifact_key = :shared"),
+                        {"own": own, "shared": shared})
+
+    details = _purge(sessions, store, "acme", model_id)
+
+    assert details["bytes_deleted"] is True
+    assert not store.exists(own) and not store.exists(shared)  # no live copy of purged bytes
+
+
+def test_a_purge_of_bytes_another_version_keeps_on_the_shared_key_says_they_were_not_deleted(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes
+) -> None:
+    # the tenant uploaded the same bytes again before any rekey: the old version names the shared
+    # key, the new one its own; purging the new one leaves the bytes with the old
+    old = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    shared = _key_of(sessions, "acme", old)
+    new = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    own = store.put(digits_checkpoint, "acme").key
+    with sessions.begin() as session:
+        session.execute(text("UPDATE model_versions SET artifact_key = :own WHERE model_id = :model"),
+                        {"own": own, "model": new})
+
+    details = _purge(sessions, store, "acme", new)
+
+    assert details["bytes_deleted"] is False
+    assert not store.exists(own) and store.exists(shared) and _key_of(sessions, "acme", old) == shared
+
+
 def test_a_purge_while_a_rekey_copies_leaves_no_copy_behind(
     sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
