@@ -248,14 +248,17 @@ def test_an_upload_without_a_file_is_422(client: TestClient, registered_model) -
 
 
 def test_an_upload_over_the_size_limit_is_413(tmp_path, digits_checkpoint: bytes) -> None:  # noqa: ANN001
-    limit = len(digits_checkpoint) // 2
-    with TestClient(create_app(Settings(home=tmp_path, max_upload_bytes=limit))) as client:
+    # Registered under a limit its checkpoints fit; the operator lowered the limit since.
+    with TestClient(create_app(Settings(home=tmp_path))) as client:
         authorize(client)
         model_id = client.post(
             "/models",
             json={"name": unique_name(), "architecture": "smallcnn", "num_classes": 10, "input_shape": [1, 8, 8],
                   "mean": [0.3], "std": [0.4], "data_source": "digits"},
         ).json()["id"]
+    limit = len(digits_checkpoint) // 2
+    with TestClient(create_app(Settings(home=tmp_path, max_upload_bytes=limit))) as client:
+        authorize(client)
 
         # Within the multipart slack: the handler measures the file itself.
         assert_problem(_upload(client, model_id, digits_checkpoint), 413, "checkpoint_too_large", f"the limit is {limit}")
