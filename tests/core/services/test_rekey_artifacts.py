@@ -60,6 +60,13 @@ def _key_of(sessions: sessionmaker[Session], tenant_id: str, model_id: str) -> s
         return model_service.get_version(session, tenant_id, model_id, 1).artifact_key
 
 
+def _point_at(sessions: sessionmaker[Session], model_id: str, key: str) -> None:
+    """Make the model's versions name `key`, as a rekey's repoint does."""
+    with sessions.begin() as session:
+        session.execute(text("UPDATE model_versions SET artifact_key = :key WHERE model_id = :model"),
+                        {"key": key, "model": model_id})
+
+
 def _rekey(sessions: sessionmaker[Session], store: ArtifactStore, *, dry_run: bool = False) -> Any:
     with sessions() as session:
         return rekey_shared_artifacts(session, store, dry_run=dry_run)
@@ -109,35 +116,22 @@ def test_after_the_move_a_purge_deletes_the_tenants_bytes_whatever_another_holds
     assert not store.exists(_key_of(sessions, "acme", first)) and not store.exists(shared)
 
 
-def test_a_purge_after_a_rekey_stopped_between_copy_and_repoint_deletes_the_copy_too(
-    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes
+@pytest.mark.parametrize("repointed", [False, True], ids=["stopped before the repoint", "stopped before the delete"])
+def test_a_purge_after_a_rekey_stopped_half_way_leaves_no_copy(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes, repointed: bool
 ) -> None:
+    # A rekey copies a shared file to the tenant's key, repoints the version, and deletes the shared
+    # files only at the end of its run: killed at either step, a copy of the purged bytes remains.
     model_id = _legacy_version(sessions, "acme", digits_checkpoint, store)
     shared = _key_of(sessions, "acme", model_id)
     copy = store.put(digits_checkpoint, "acme").key  # what the killed rekey had written
+    if repointed:
+        _point_at(sessions, model_id, copy)
 
     details = _purge(sessions, store, "acme", model_id)
 
     assert details["bytes_deleted"] is True
     assert not store.exists(shared) and not store.exists(copy)  # no live copy of purged bytes
-
-
-def test_a_purge_after_a_rekey_repointed_but_before_it_deleted_the_shared_file_deletes_that_too(
-    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes
-) -> None:
-    # a rekey deletes the shared files only at the end of its run: until then the version names
-    # its own key while the shared file still holds the very bytes being purged
-    model_id = _legacy_version(sessions, "acme", digits_checkpoint, store)
-    shared = _key_of(sessions, "acme", model_id)
-    own = store.put(digits_checkpoint, "acme").key
-    with sessions.begin() as session:
-        session.execute(text("UPDATE model_versions SET artifact_key = :own WHERE artifact_key = :shared"),
-                        {"own": own, "shared": shared})
-
-    details = _purge(sessions, store, "acme", model_id)
-
-    assert details["bytes_deleted"] is True
-    assert not store.exists(own) and not store.exists(shared)  # no live copy of purged bytes
 
 
 def test_a_purge_of_bytes_another_version_keeps_on_the_shared_key_says_they_were_not_deleted(
@@ -149,9 +143,7 @@ def test_a_purge_of_bytes_another_version_keeps_on_the_shared_key_says_they_were
     shared = _key_of(sessions, "acme", old)
     new = _legacy_version(sessions, "acme", digits_checkpoint, store)
     own = store.put(digits_checkpoint, "acme").key
-    with sessions.begin() as session:
-        session.execute(text("UPDATE model_versions SET artifact_key = :own WHERE model_id = :model"),
-                        {"own": own, "model": new})
+    _point_at(sessions, new, own)
 
     details = _purge(sessions, store, "acme", new)
 
