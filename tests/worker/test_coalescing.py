@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 
 from core.checkpoint import load_checkpoint_bytes
 from core.db import AuditEvent, DeletionRequest, ModelVersion, verify_chain
-from core.services.deletion_requests.jobs import ClaimOutcome, deletion_jobs
+from core.services.deletion_requests.jobs import ClaimOutcome, JobLost, deletion_jobs
 from core.services.deletion_requests.service import deletion_request_service
 from core.broker import make_celery, send_deletion_request
 from core.storage import StoredArtifact
@@ -358,7 +358,7 @@ def test_a_stalled_worker_cannot_fail_a_request_queued_again_with_its_attempt_ba
         deletion_jobs.cancelled(session, request_id, attempt=job.attempt)
     assert _requests(worker_env, request_id)[0].attempts == 1  # queued again, attempt 2 given back
 
-    with worker_env.sessions.begin() as session:  # the stalled worker wakes up and fails
+    with pytest.raises(JobLost), worker_env.sessions.begin() as session:  # the stalled worker wakes up and fails
         deletion_jobs.fail(session, request_id, code="internal_error", message="late", attempt=stalled.attempt)
 
     request = _requests(worker_env, request_id)[0]

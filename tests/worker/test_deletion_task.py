@@ -9,6 +9,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from core.db import AuditEvent, DeletionRequest, ModelVersion, utcnow, verify_chain
+from core.errors import UisError
 from core.services.deletion_requests.jobs import JobLost, deletion_jobs
 from worker.tasks import run_deletion_request
 
@@ -591,3 +592,29 @@ def test_a_run_taken_over_before_it_recorded_its_cancel_is_dropped_quietly(
     assert outcome.status == "lost"
     request = _request(worker_env, request_id)
     assert (request.state, request.attempts) == ("running", 2)  # the other run's, untouched
+
+
+@pytest.mark.parametrize("failure", ["input", "internal"])
+def test_a_run_taken_over_before_it_recorded_its_failure_is_reported_lost(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch, failure: str  # noqa: ANN001
+) -> None:
+    # The run that took the request over decides its outcome; the stalled one must say it lost
+    # the request, not that it failed (the task result operators count as failures).
+    import worker.jobs as jobs
+
+    request_id = worker_env.new_request(digits_checkpoint, [3])
+    settings = worker_env.settings.model_copy(update={"max_attempts": 1})  # an internal error fails at once
+
+    def taken_over_then_failing(*_args: object, **_kwargs: object) -> None:
+        with worker_env.sessions.begin() as session:
+            session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id)
+                            .values(attempts=DeletionRequest.attempts + 1, started_at=utcnow()))
+        raise UisError("bad input") if failure == "input" else RuntimeError("boom")
+
+    monkeypatch.setattr(jobs, "_unlearn", taken_over_then_failing)
+
+    outcome = jobs.run_job(request_id, settings)
+
+    assert outcome.status == "lost"
+    request = _request(worker_env, request_id)
+    assert (request.state, request.attempts, request.error) == ("running", 2, None)  # the other run's, untouched

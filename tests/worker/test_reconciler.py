@@ -162,8 +162,9 @@ def test_an_attempt_that_was_taken_over_can_neither_report_nor_finish(worker_env
     with pytest.raises(JobLost), worker_env.sessions.begin() as session:
         deletion_jobs.complete(session, request_id, artifact=artifact, forgotten_labels=[1], metrics={},
                                attempt=first.attempt)
-    with worker_env.sessions.begin() as session:
+    with pytest.raises(JobLost), worker_env.sessions.begin() as session:
         deletion_jobs.fail(session, request_id, code="internal_error", message="late", attempt=first.attempt)
+    with worker_env.sessions.begin() as session:
         assert not deletion_jobs.renew_lease(session, request_id, first.attempt, 60)
     assert _request(worker_env, request_id).state == "running"  # the late failure was ignored
     with worker_env.sessions.begin() as session:

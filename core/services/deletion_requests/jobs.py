@@ -38,6 +38,8 @@ from core.services.webhooks.service import webhook_service
 from core.storage import ArtifactNotFound, ArtifactStore, StoredArtifact
 
 WORKER_ACTOR = "worker"
+# the states `fail` leaves a request in: a retried `fail` whose first try landed finds one
+_FINISHED_BY_FAIL = (JobState.FAILED.value, JobState.CANCELLED.value)
 
 
 class JobLost(Exception):
@@ -402,13 +404,21 @@ class DeletionJobs:
         """running -> failed, with the requests coalesced into it; False where this request was
         cancelled instead. `cancel_wins` (a failure that is no fault of the input): the requests
         that asked to cancel meanwhile are cancelled, the others fail (their attempts are used
-        up, so none is queued again); an input error (UisError) fails them all with its code."""
+        up, so none is queued again); an input error (UisError) fails them all with its code.
+
+        JobLost where the request is no longer this claim's (taken over, queued again after a
+        cancel in its group): whoever holds it decides the outcome, and this run reports `lost`."""
         begin_write(session)
         request = deletion_request_repository.get(session, None, request_id, for_update=True)
-        if request is None or request.state != JobState.RUNNING.value:
-            return True  # finished, or queued again (after a cancel in its group, say): not ours any more
+        if request is None:
+            raise JobLost(request_id)
+        if request.state != JobState.RUNNING.value:
+            if request.state in _FINISHED_BY_FAIL and _same_claim(request, attempt, claimed_at):
+                # an earlier try of this very write landed, and its answer was lost
+                return request.state == JobState.FAILED.value
+            raise JobLost(request_id)
         if not _same_claim(request, attempt, claimed_at):
-            return True  # taken over by a later claim, which decides the outcome
+            raise JobLost(request_id)
         for row in [request, *self._members(session, request_id)]:
             if cancel_wins and row.cancel_requested:
                 self._finish(session, row, JobState.CANCELLED)
