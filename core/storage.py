@@ -147,6 +147,12 @@ VERIFIED_FOR_S = 60.0
 _VERIFIED_KEPT = 4096
 
 
+def file_identity(stat: os.stat_result) -> tuple[int, ...]:
+    """A file's inode, size, mtime and ctime. The ctime too: anyone who can write the file can set
+    its mtime back (touch -d, cp -p), but not its ctime."""
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
 class LocalArtifactStore:
     """Artifacts as files under ``root``; safe for several processes writing at once."""
 
@@ -156,21 +162,20 @@ class LocalArtifactStore:
         self._verified_lock = threading.Lock()
 
     def identity(self, key: str) -> tuple[int, ...] | None:
-        """The file's inode, size, mtime and ctime, or None where it is gone. The ctime too: anyone
-        who can write the file can set its mtime back (touch -d, cp -p), but not its ctime."""
+        """The file's `file_identity`, or None where it is gone."""
         try:
-            stat = self._path(key).stat()
+            return file_identity(self._path(key).stat())
         except FileNotFoundError:
             return None
-        return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
-    def verified_recently(self, key: str) -> bool:
-        """Whether `remember_verified` saw this very file less than VERIFIED_FOR_S ago."""
+    def verified_recently(self, key: str, identity: tuple[int, ...] | None = None) -> bool:
+        """Whether `remember_verified` saw this very file (of `identity`, by default the one now
+        at the key's path) less than VERIFIED_FOR_S ago."""
         with self._verified_lock:
             seen = self._verified.get(key)
-        return (
-            seen is not None and time.monotonic() - seen[1] < VERIFIED_FOR_S and self.identity(key) == seen[0]
-        )
+        if seen is None or time.monotonic() - seen[1] >= VERIFIED_FOR_S:
+            return False
+        return (self.identity(key) if identity is None else identity) == seen[0]
 
     def remember_verified(self, key: str, identity: tuple[int, ...] | None) -> None:
         """Note that the file of `identity` (taken before it was hashed) hashed to its sha256."""

@@ -9,12 +9,13 @@ from email.utils import formatdate
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Path, Request, Response, UploadFile, status
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from api.auth import authenticate, manage_models, purge_checkpoints
 from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from api.idempotency import IdempotencyDep, sent
 from api.models.schemas import ModelCreate, ModelList, ModelRead, ModelVersionList, ModelVersionRead
+from api.open_file import OpenFileResponse
 from api.problems import problem_responses
 from api.ranges import settle_range
 from core.db import ModelVersion
@@ -222,13 +223,14 @@ def download_checkpoint(
     )
     if store.local_path(asked.artifact_key) is not None:
         settle_range(request, asked.size_bytes)
-    found = model_service.checkpoint_for_download(
+    download = model_service.checkpoint_for_download(
         session, tenant_id=tenant_id, actor=actor, model_id=model_id, version=version, store=store
     )
+    found = download.version
     headers, filename = _checkpoint_headers(found)
-    path = store.local_path(found.artifact_key)
-    if path is not None:
-        return FileResponse(path, media_type="application/octet-stream", headers=headers, filename=filename)
+    if download.file is not None:
+        return OpenFileResponse(download.file, media_type="application/octet-stream", headers=headers,
+                                filename=filename)
     return StreamingResponse(
         verified_chunks(store, found.artifact_key, found.sha256),
         media_type="application/octet-stream",

@@ -142,7 +142,7 @@ def test_a_purge_while_a_download_hashes_the_file_answers_410(
     model = registered_model(upload=False)
     files = {"file": ("m.safetensors", unique_digits_checkpoint, "application/octet-stream")}
     assert client.post(f"/models/{model['id']}/versions", files=files).status_code == 201
-    hash_file = service.verify_artifact
+    hash_file = service._check_digest
 
     def hash_then_purge(*args: Any) -> None:  # the purge commits while the download hashes
         hash_file(*args)
@@ -150,7 +150,7 @@ def test_a_purge_while_a_download_hashes_the_file_answers_410(
             service.model_service.purge_checkpoint(session, tenant_id="default", actor="test", model_id=model["id"],
                                                    version=1, store=client.app.state.store)
 
-    monkeypatch.setattr(service, "verify_artifact", hash_then_purge)
+    monkeypatch.setattr(service, "_check_digest", hash_then_purge)
 
     response = client.get(f"/models/{model['id']}/versions/1/checkpoint")
 

@@ -64,7 +64,7 @@ def test_head_on_a_checkpoint_gives_the_download_headers_without_hashing_or_reco
     def no_hashing(*_: object) -> None:
         raise AssertionError("the checkpoint was hashed")
 
-    monkeypatch.setattr(model_service_module, "verify_artifact", no_hashing)
+    monkeypatch.setattr(model_service_module, "_check_digest", no_hashing)
     head = client.head(url)
     ranged = client.head(url, headers={"Range": "bytes=100-"})
 

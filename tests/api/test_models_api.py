@@ -384,6 +384,46 @@ def test_a_checkpoint_changed_after_a_download_is_caught_at_the_next(
     assert_problem(response, 500, "artifact_corrupted", f"not its recorded {version['sha256']}")
 
 
+@pytest.mark.parametrize("change", ["deleted", "replaced"])
+@pytest.mark.parametrize("asked", [None, "bytes=10-99", "bytes=0-9,100-109"])
+def test_a_download_serves_the_bytes_it_checked_when_the_file_changes_right_after(
+    client: TestClient, registered_model, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+    change: str, asked: str | None,
+) -> None:
+    # A purge or a rekey deletes the file, a restore replaces it, between the check (and the
+    # audit record) and the send: the download still sends the bytes that were hashed.
+    from core.services.models.service import model_service
+
+    model = registered_model()
+    version = client.get(f"/models/{model['id']}/versions/1").json()
+    path = client.app.state.store.local_path(key_for(version["sha256"], "default"))
+    checked = model_service.checkpoint_for_download
+
+    def then_changed(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        download = checked(*args, **kwargs)
+        if change == "deleted":
+            path.unlink()
+        else:
+            other = path.with_name("other")
+            other.write_bytes(b"\0" * len(digits_checkpoint))
+            other.replace(path)
+        return download
+
+    monkeypatch.setattr(model_service, "checkpoint_for_download", then_changed)
+
+    response = client.get(f"/models/{model['id']}/versions/1/checkpoint",
+                          headers={"Range": asked} if asked else {})
+
+    if asked is None:
+        assert response.status_code == 200 and response.content == digits_checkpoint
+    elif "," not in asked:
+        assert response.status_code == 206 and response.content == digits_checkpoint[10:100]
+    else:
+        assert response.status_code == 206
+        assert digits_checkpoint[:10] in response.content and digits_checkpoint[100:110] in response.content
+        assert b"\0" * 10 not in response.content
+
+
 def test_models_are_listed_page_by_page(client: TestClient, registered_model) -> None:  # noqa: ANN001
     created = [registered_model(upload=False)["id"] for _ in range(3)]
 

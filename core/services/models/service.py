@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Annotated, NoReturn
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Annotated, BinaryIO, NoReturn
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
@@ -27,7 +30,7 @@ from core.services.models.repository import model_repository
 from core.services.pagination import Page, PageRequest
 from core.services.text import NulFree
 from core.services.transactions import begin_write, lock_artifact
-from core.storage import ArtifactNotFound, ArtifactStore, LocalArtifactStore, key_for
+from core.storage import CHUNK_SIZE, ArtifactNotFound, ArtifactStore, LocalArtifactStore, file_identity, key_for
 
 if TYPE_CHECKING:
     from core.checkpoint import Manifest
@@ -113,6 +116,15 @@ def manifest_for(model: Model, forgotten_labels: list[int]) -> Manifest:
         forgotten_labels=sorted(forgotten_labels),
         data_source=model.data_source,
     )
+
+
+@dataclass(frozen=True)
+class CheckpointDownload:
+    """A version about to be downloaded, and its local file, opened and checked (None where the
+    store has no local files): the caller serves it, and closes it."""
+
+    version: ModelVersion
+    file: BinaryIO | None
 
 
 class ModelService:
@@ -276,39 +288,45 @@ class ModelService:
 
     def checkpoint_for_download(
         self, session: Session, *, tenant_id: str, actor: str, model_id: str, version: int, store: ArtifactStore
-    ) -> ModelVersion:
+    ) -> CheckpointDownload:
         """The version whose checkpoint is about to be served; the download is audited first.
 
-        A checkpoint kept as a local file is hashed again first (ArtifactCorrupted if it no longer
-        matches its recorded sha256); other backends are checked while streaming
-        (`verified_chunks`). A purged checkpoint raises CheckpointPurged, also when the purge
-        committed while the file was being hashed; a lost one ArtifactMissing.
+        A checkpoint kept as a local file is opened and hashed again first (ArtifactCorrupted if
+        it no longer matches its recorded sha256), and is to be served from that open file; other
+        backends are checked while streaming (`verified_chunks`). A purged checkpoint raises
+        CheckpointPurged, also when the purge committed while the file was being hashed; a lost
+        one ArtifactMissing.
         """
         found = self.stored_checkpoint(session, tenant_id=tenant_id, model_id=model_id, version=version, store=store)
         # End the read before hashing, so a stale SQLite snapshot cannot block the write below.
         session.commit()
+        file = None
         lost = False
         try:
-            if store.local_path(found.artifact_key) is not None:
-                _verify_local(store, found.artifact_key, found.sha256)
+            file = _open_verified(store, found.artifact_key, found.sha256)
         except ArtifactNotFound:
             lost = True  # gone while it was hashed: purged (410 below) or lost
-        begin_write(session)
-        if lost:
-            _vanished(session, found)
-        session.refresh(found)  # a purge may have committed meanwhile
-        _check_not_purged(found)
-        record_event(
-            session,
-            tenant_id=tenant_id,
-            actor=actor,
-            action="model_version.downloaded",
-            subject_type="model_version",
-            subject_id=found.id,
-            model_id=model_id,
-            details={"version": found.version, "sha256": found.sha256},
-        )
-        return found
+        try:
+            begin_write(session)
+            if lost:
+                _vanished(session, found)
+            session.refresh(found)  # a purge may have committed meanwhile
+            _check_not_purged(found)
+            record_event(
+                session,
+                tenant_id=tenant_id,
+                actor=actor,
+                action="model_version.downloaded",
+                subject_type="model_version",
+                subject_id=found.id,
+                model_id=model_id,
+                details={"version": found.version, "sha256": found.sha256},
+            )
+        except BaseException:
+            if file is not None:
+                file.close()
+            raise
+        return CheckpointDownload(found, file)
 
     def purge_checkpoint(
         self, session: Session, *, tenant_id: str, actor: str, model_id: str, version: int, store: ArtifactStore
@@ -441,8 +459,12 @@ def _validate_checkpoint(checkpoint: bytes, expected: Manifest, max_parameters: 
 
 def verify_artifact(store: ArtifactStore, key: str, sha256: str) -> None:
     """Read a stored checkpoint through and check it still hashes to its recorded sha256."""
+    _check_digest(store.iter_bytes(key), key, sha256)
+
+
+def _check_digest(chunks: Iterable[bytes], key: str, sha256: str) -> None:
     digest = hashlib.sha256()
-    for chunk in store.iter_bytes(key):
+    for chunk in chunks:
         digest.update(chunk)
     if digest.hexdigest() != sha256:
         raise ArtifactCorrupted(
@@ -451,16 +473,25 @@ def verify_artifact(store: ArtifactStore, key: str, sha256: str) -> None:
         )
 
 
-def _verify_local(store: ArtifactStore, key: str, sha256: str) -> None:
-    """verify_artifact, once a minute at most for a file that stays the same (LocalArtifactStore)."""
+def _open_verified(store: ArtifactStore, key: str, sha256: str) -> BinaryIO | None:
+    """A checkpoint's local file, opened and checked against its sha256 (once a minute at most
+    for a file that stays the same); None for a store without local files, which is checked
+    while it streams. The download serves this open file, never its path again: a purge, a rekey
+    or a replaced file between the check and the send cannot change what is served."""
     if not isinstance(store, LocalArtifactStore):
-        verify_artifact(store, key, sha256)
-        return
-    if store.verified_recently(key):
-        return
-    identity = store.identity(key)  # before hashing: a file changed meanwhile is not remembered as checked
-    verify_artifact(store, key, sha256)
-    store.remember_verified(key, identity)
+        return None
+    file = store.open(key)
+    try:
+        # before hashing: a file changed meanwhile is not remembered as checked
+        identity = file_identity(os.fstat(file.fileno()))
+        if not store.verified_recently(key, identity):
+            _check_digest(iter(partial(file.read, CHUNK_SIZE), b""), key, sha256)
+            store.remember_verified(key, identity)
+        file.seek(0)
+    except BaseException:
+        file.close()
+        raise
+    return file
 
 
 def verified_chunks(store: ArtifactStore, key: str, sha256: str) -> Iterator[bytes]:
