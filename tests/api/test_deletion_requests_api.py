@@ -204,6 +204,30 @@ def test_cancelling_a_queued_request_is_immediate(client: TestClient, registered
     assert actions[-2:] == ["deletion_request.created", "deletion_request.cancelled"]
 
 
+@pytest.mark.parametrize("outcome", ["succeeded", "failed"])
+def test_cancelling_a_finished_request_is_409_and_changes_nothing(
+    client: TestClient, registered_model, unique_digits_checkpoint: bytes, outcome: str  # noqa: ANN001
+) -> None:
+    model = registered_model()
+    request_id = _request(client, model["id"], [1]).json()["id"]
+    with client.app.state.sessions.begin() as session:  # what a worker does with the job
+        job = deletion_jobs.claim(session, request_id, lease_s=60).job
+        if outcome == "succeeded":
+            artifact = client.app.state.store.put(unique_digits_checkpoint, "default")
+            deletion_jobs.complete(session, request_id, artifact=artifact, forgotten_labels=[1], metrics={},
+                                   attempt=job.attempt)
+        else:
+            deletion_jobs.fail(session, request_id, code="invalid_input", message="bad", attempt=job.attempt)
+    before = client.get(f"/deletion-requests/{request_id}").json()
+    events_before = client.get("/audit-events", params={"model_id": model["id"]}).json()["audit_events"]
+
+    response = client.post(f"/deletion-requests/{request_id}/cancel")
+
+    assert_problem(response, 409, "request_finished", f"already {outcome}")
+    assert client.get(f"/deletion-requests/{request_id}").json() == before
+    assert client.get("/audit-events", params={"model_id": model["id"]}).json()["audit_events"] == events_before
+
+
 def test_cancelling_a_running_request_asks_the_worker(client: TestClient, registered_model) -> None:  # noqa: ANN001
     model = registered_model()
     request_id = _request(client, model["id"], [1]).json()["id"]

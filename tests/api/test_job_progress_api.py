@@ -44,7 +44,8 @@ def harness(tmp_path_factory: pytest.TempPathFactory, digits_checkpoint: bytes) 
         with (home / "worker.log").open("wb") as log:
             worker = subprocess.Popen(
                 tied_to_this_process([sys.executable, "-m", "worker", "--loglevel=INFO"]),
-                env=service_env(home, SINGLE_THREAD_ENV),
+                # no periodic pass within the tests: only the start-up sweep can send the lost request
+                env=service_env(home, {**SINGLE_THREAD_ENV, "UISPS_RECONCILE_INTERVAL_S": "3600"}),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

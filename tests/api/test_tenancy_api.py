@@ -53,6 +53,11 @@ def _isolated(client: TestClient, me: TenantRows, other: TenantRows, checkpoint:
         _same_as_missing(client, keys, "reader", "GET", path, other.model_id)
     files = {"file": ("m.safetensors", checkpoint, "application/octet-stream")}
     _same_as_missing(client, keys, "admin", "POST", "/models/{}/versions", other.model_id, files=files)
+    _same_as_missing(client, keys, "compliance", "DELETE", "/models/{}/versions/1/checkpoint", other.model_id)
+    heads = [_call(client, keys, "reader", "HEAD", f"/models/{model_id}/versions/1/checkpoint")
+             for model_id in (other.model_id, MISSING)]
+    assert [head.status_code for head in heads] == [404, 404]
+    assert heads[0].headers.get("content-length") == heads[1].headers.get("content-length")
     for path in ("/deletion-requests/{}", "/deletion-requests/{}/certificate"):
         _same_as_missing(client, keys, "reader", "GET", path, other.request_id)
     _same_as_missing(client, keys, "compliance", "POST", "/deletion-requests/{}/cancel", other.request_id)
@@ -81,8 +86,11 @@ def test_two_tenants_see_nothing_of_each_other(client: TestClient, digits_checkp
 
     _isolated(client, a, b, digits_checkpoint)
     _isolated(client, b, a, digits_checkpoint)
-    # Nothing above changed the other tenant's rows (the revoke and cancel were 404s).
+    # Nothing above changed the other tenant's rows (the revoke, cancel and purge were 404s).
     assert _call(client, b.keys, "reader", "GET", f"/deletion-requests/{b.request_id}").json()["state"] == "queued"
+    for rows in (a, b):
+        download = _call(client, rows.keys, "reader", "GET", f"/models/{rows.model_id}/versions/1/checkpoint")
+        assert download.status_code == 200 and download.content == digits_checkpoint
     assert _call(client, a.keys, "reader", "GET", "/models").status_code == 200
 
 
