@@ -343,7 +343,13 @@ class PaperBench:
     def _uisps_cfg(self, steps: int | None = None, **changes: object) -> UnlearnConfig:
         inversion = changes.pop("inversion", None)
         # only the fields the preset set, so that a `preset` among the changes fills in the rest
-        cfg = UnlearnConfig.model_validate({**self.base_unlearn.model_dump(exclude_unset=True), "steps": steps, **changes})
+        fields = self.base_unlearn.model_dump(exclude_unset=True)
+        if changes.get("preset") == "paper":  # the paper's pass read literally: no override of the pass reaches it
+            fields = {name: value for name, value in fields.items() if name not in PAPER_PASS}
+        fields.update(changes)
+        if steps is not None:  # a sweep's length; otherwise the preset's own
+            fields["steps"] = steps
+        cfg = UnlearnConfig.model_validate(fields)
         if inversion:
             cfg = cfg.model_copy(update={"inversion": cfg.inversion.model_copy(update=inversion)})
         return cfg
@@ -695,7 +701,7 @@ class PaperBench:
         per_arch = {}
         for arch in {*self.preset.archs, self.preset.sweep_arch}:
             lr = self.base_unlearn.lr or unlearning_lr(arch, paper=self.base_unlearn.preset == "paper")
-            per_arch[arch] = {"unlearning_lr": lr}
+            per_arch[arch] = {"unlearning_lr": lr, "paper_preset_lr": unlearning_lr(arch, paper=True)}
         return {
             "device": device_name(self.device),
             "torch": torch.__version__,
@@ -909,7 +915,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         _dumps(meta.get("pass_lengths", {})),
         "```",
         "",
-        f"Unlearning learning rate by architecture (UnlearnConfig.lr = None: paper Sec. V-A): "
+        f"Unlearning learning rate by architecture: `unlearning_lr` for the rows of the base UnlearnConfig "
+        f"below, `paper_preset_lr` for the preset=paper rows (paper Sec. V-A): "
         f"{json.dumps(meta.get('unlearn_lr_by_arch'))}. The base UnlearnConfig (ablation/alpha/lambda rows change "
         "only the field their setting names):",
         "",

@@ -310,6 +310,17 @@ def test_full_plan_covers_the_papers_tables(trained_digits, tmp_path):
     assert [u.seed for u in seed_major][: len(units)] == [0] * len(units)
 
 
+def test_the_run_s_pass_overrides_reach_the_default_rows_and_never_the_paper_preset_s(trained_digits, tmp_path):
+    preset = make_preset("full", {"unlearn": {"steps": 500, "lr": 0.05, "inversion": {"iterations": 7}}})
+    units = PaperBench(preset, trained_digits.dataset, CPU, tmp_path, seeds=1).plan()
+
+    default = [u for u in units if u.method == "uisps" and u.experiment in ("main", "alpha")]
+    assert default and all((u.unlearn.steps, u.unlearn.lr) == (500, 0.05) for u in default)
+    paper = [u for u in units if u.unlearn is not None and u.unlearn.preset == "paper"]
+    assert paper and all((u.unlearn.steps, u.unlearn.lr, u.unlearn.min_steps) == (None, None, 1) for u in paper)
+    assert all(u.unlearn.inversion.iterations == 7 for u in default + paper)  # not part of the pass
+
+
 def test_the_benchmark_hands_zero_glance_methods_only_retained_data(trained_digits, tmp_path, monkeypatch):
     """Every method call of a `main` table, recorded: no forgotten sample reaches a zero-glance one."""
     preset = make_preset("quick", {"relearn_experiments": []})
