@@ -104,13 +104,18 @@ class ModelRepository:
         current = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model_id))
         return (current or 0) + 1
 
-    def artifact_kept(self, session: Session, artifact_key: str, *, besides: str | None = None) -> bool:
-        """Whether an unpurged version (other than `besides`), of any tenant, names this stored file."""
+    def artifact_kept(
+        self, session: Session, artifact_key: str, *, besides: str | None = None, tenant_id: str | None = None
+    ) -> bool:
+        """Whether an unpurged version (other than `besides`) of any tenant, or of `tenant_id`
+        given, names this stored file."""
         query = select(ModelVersion.id).where(
             ModelVersion.artifact_key == artifact_key, ModelVersion.checkpoint_purged_at.is_(None)
         )
         if besides is not None:
             query = query.where(ModelVersion.id != besides)
+        if tenant_id is not None:
+            query = query.where(ModelVersion.tenant_id == tenant_id)
         return session.scalar(query.limit(1)) is not None
 
     def purged_with_sha256(self, session: Session, tenant_id: str, sha256: str) -> list[ModelVersion]:

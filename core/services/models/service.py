@@ -366,12 +366,15 @@ class ModelService:
             )
         # Every copy no other unpurged version names is deleted (a rekey that stopped between
         # copy and repoint, or before deleting the shared file, left one no version names). One
-        # that another version names stays (the same bytes uploaded again, or another tenant's
-        # version on the shared key), and the bytes are then not deleted.
+        # that another version names stays: the same bytes uploaded again by this tenant, and the
+        # bytes are then not deleted; or another tenant's version on the shared key of a database
+        # not yet rekeyed, which are that tenant's bytes: telling this one would tell it what
+        # another tenant holds.
         bytes_deleted = True
         for key in copies:
             if model_repository.artifact_kept(session, key, besides=found.id):
-                bytes_deleted = False
+                bytes_deleted = bytes_deleted and not model_repository.artifact_kept(
+                    session, key, besides=found.id, tenant_id=tenant_id)
             else:
                 store.delete(key)
         found.checkpoint_purged_at = utcnow()
@@ -387,7 +390,8 @@ class ModelService:
                 "version": found.version,
                 "sha256": found.sha256,
                 "forgotten_labels": found.forgotten_labels,
-                # False when another version (of any model) has the very same bytes and keeps them.
+                # False when another version of this tenant (of any model) has the very same bytes
+                # and keeps them.
                 "bytes_deleted": bytes_deleted,
             },
         )

@@ -151,6 +151,23 @@ def test_a_purge_of_bytes_another_version_keeps_on_the_shared_key_says_they_were
     assert not store.exists(own) and store.exists(shared) and _key_of(sessions, "acme", old) == shared
 
 
+def test_a_purge_before_the_rekey_does_not_tell_whether_another_tenant_holds_the_same_bytes(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes
+) -> None:
+    # globex's version, from before per-tenant keys, names the shared file; acme uploads the same
+    # bytes under its own key and purges them. The shared file is globex's and stays, but acme's
+    # audit trail must read as if globex held nothing: it would otherwise test what globex holds.
+    shared = _key_of(sessions, "globex", _legacy_version(sessions, "globex", digits_checkpoint, store))
+    mine = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    own = store.put(digits_checkpoint, "acme").key
+    _point_at(sessions, mine, own)
+
+    details = _purge(sessions, store, "acme", mine)
+
+    assert details["bytes_deleted"] is True
+    assert not store.exists(own) and store.exists(shared)
+
+
 def test_a_purge_while_a_rekey_copies_leaves_no_copy_behind(
     sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
