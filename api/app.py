@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from anyio import CapacityLimiter
+from anyio import CapacityLimiter, Semaphore
 from fastapi import FastAPI
 from sqlalchemy import exists, select
 from sqlalchemy.engine import make_url
@@ -88,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.effective_certificate_key_path, settings.effective_certificate_retired_keys_dir
         )
         app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s)
-        app.state.upload_slots = threading.BoundedSemaphore(max(1, settings.max_concurrent_uploads))
+        app.state.upload_slots = Semaphore(max(1, settings.max_concurrent_uploads))
         app.state.rate_limiter = make_rate_limiter(
             settings.rate_limit_backend, settings.rate_limit_per_s, settings.rate_limit_burst,
             settings.effective_broker_url,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections.abc import AsyncIterator
 from email.utils import formatdate
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends, File, Path, Request, Response, UploadFile, status
 from fastapi.responses import StreamingResponse
 
@@ -82,12 +84,32 @@ def get_model(model_id: ModelId, session: SessionDep, tenant_id: TenantDep) -> M
     return ModelRead.of(model, model_service.latest_versions(session, [model]).get(model.id))
 
 
+async def upload_slot(request: Request, settings: SettingsDep) -> AsyncIterator[None]:
+    """One of the process's `max_concurrent_uploads` slots (the body is spooled to disk by now;
+    reading and checking it is what takes memory), or 503 after `upload_wait_s`. Waited for on
+    the event loop: an upload waiting here holds none of the threads every other request needs."""
+    slots: anyio.Semaphore = request.app.state.upload_slots
+    acquired = False
+    with anyio.move_on_after(settings.upload_wait_s):  # the wait only, never the check after it
+        await slots.acquire()
+        acquired = True
+    if not acquired:
+        raise ServerBusy(
+            f"this API process is checking {settings.max_concurrent_uploads} other checkpoint uploads; retry shortly",
+            retry_after_s=UPLOAD_RETRY_AFTER_S,
+        )
+    try:
+        yield
+    finally:
+        slots.release()
+
+
 @router.post(
     "/{model_id}/versions",
     status_code=status.HTTP_201_CREATED,
     response_model=ModelVersionRead,
     responses=problem_responses(400, 403, 404, 409, 413, 422, 503),
-    dependencies=[manage_models],
+    dependencies=[manage_models, Depends(upload_slot)],
     summary="Upload a checkpoint as the next version (role admin)",
     description=(
         "Multipart upload of a safetensors checkpoint (field `file`). It is recognised by its content "
@@ -101,7 +123,6 @@ def get_model(model_id: ModelId, session: SessionDep, tenant_id: TenantDep) -> M
 def upload_version(
     model_id: ModelId,
     file: Annotated[UploadFile, File(description="a .safetensors checkpoint")],
-    request: Request,
     response: Response,
     session: SessionDep,
     tenant_id: TenantDep,
@@ -111,21 +132,11 @@ def upload_version(
     idempotency: IdempotencyDep,
 ) -> ModelVersionRead:
     # A sync handler runs in FastAPI's threadpool, so parsing and checking the tensors (a second
-    # or so for a large model) never blocks the event loop.
+    # or so for a large model) never blocks the event loop. It runs holding an upload slot.
     limit = settings.max_upload_bytes
     if file.size is not None and file.size > limit:
         raise CheckpointTooLarge(f"the checkpoint is {file.size} bytes; the limit is {limit}")
-    # The body is spooled to disk by now; reading and checking it is what takes memory.
-    slots = request.app.state.upload_slots
-    if not slots.acquire(timeout=settings.upload_wait_s):
-        raise ServerBusy(
-            f"this API process is checking {settings.max_concurrent_uploads} other checkpoint uploads; retry shortly",
-            retry_after_s=UPLOAD_RETRY_AFTER_S,
-        )
-    try:
-        return _store_upload(model_id, file, response, session, tenant_id, actor, store, settings, idempotency)
-    finally:
-        slots.release()
+    return _store_upload(model_id, file, response, session, tenant_id, actor, store, settings, idempotency)
 
 
 def _store_upload(

@@ -9,8 +9,10 @@ import pickle
 import struct
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anyio
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -144,16 +146,43 @@ def test_uploads_beyond_what_a_process_checks_at_once_wait_then_get_503(
             return client.post(f"/models/{model_id}/versions", files={"file": ("m.safetensors", digits_checkpoint)})
 
         slots = client.app.state.upload_slots
-        assert slots.acquire(timeout=1)  # another upload (each holds its file in memory) is being checked
+        client.portal.call(slots.acquire)  # another upload (each holds its file in memory) is being checked
         try:
             busy = upload()
         finally:
-            slots.release()
+            client.portal.call(slots.release)
 
         assert_problem(busy, 503, "server_busy", "checking 1 other checkpoint uploads")
         assert busy.headers["retry-after"] == "5"
         assert client.get(f"/models/{model_id}/versions").json()["versions"] == []
         assert upload().status_code == 201  # the slot is free again
+
+
+def test_an_upload_waiting_for_a_slot_holds_no_thread_other_requests_need(
+    tmp_path: Path, digits_checkpoint: bytes, model_spec: dict
+) -> None:
+    # Uploads beyond the slots wait; were they to wait in the threads that run every endpoint, one
+    # tenant's burst of uploads would stall every other tenant's requests until the waits ran out.
+    settings = Settings(home=tmp_path, max_concurrent_uploads=1, upload_wait_s=30)
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(1) as pool:
+        authorize(client)
+        model_id = client.post("/models", json=model_spec).json()["id"]
+        slots = client.app.state.upload_slots
+        client.portal.call(slots.acquire)
+        client.portal.call(lambda: setattr(anyio.to_thread.current_default_thread_limiter(), "total_tokens", 1))
+        try:
+            waiting = pool.submit(client.post, f"/models/{model_id}/versions",
+                                  files={"file": ("m.safetensors", digits_checkpoint)})
+            while client.portal.call(slots.statistics).tasks_waiting == 0:
+                assert not waiting.done(), waiting.result().text
+                time.sleep(0.01)
+
+            listed = client.get("/models")
+
+            assert listed.status_code == 200 and not waiting.done()  # answered while the upload waits
+        finally:
+            client.portal.call(slots.release)
+        assert waiting.result().status_code == 201
 
 
 def test_an_upload_checked_for_longer_than_the_wait_still_completes(
