@@ -79,8 +79,9 @@ def check_data_fits(spec: str, input_shape: Sequence[int], num_classes: int) -> 
         )
 
 
-def check_data_location(spec: str, roots: Sequence[str], tenant_id: str) -> None:
-    """A data source's path must lie under one of the operator's data roots.
+def check_data_location(spec: str, roots: Sequence[str], tenant_id: str) -> str:
+    """A data source's path must lie under one of the operator's data roots; the spec with its
+    path resolved, to be read as checked (a link swapped in after the check is not followed).
 
     A tenant names the path and the worker reads it, so without this check any tenant could make
     a worker train on any file it can read (another tenant's data included) and learn from the
@@ -90,7 +91,7 @@ def check_data_location(spec: str, roots: Sequence[str], tenant_id: str) -> None
     """
     kind, _, arg = spec.partition(":")
     if kind not in DATA_KINDS_WITH_PATH:
-        return  # `digits` ships inside scikit-learn; validate_data_spec refuses unknown kinds
+        return spec  # `digits` ships inside scikit-learn; validate_data_spec refuses unknown kinds
     if not roots:
         raise DataError(
             f"data source {spec!r} names a file, and this service reads none: the operator has set no "
@@ -99,12 +100,14 @@ def check_data_location(spec: str, roots: Sequence[str], tenant_id: str) -> None
     if not Path(arg).is_absolute():
         raise DataError(f"data source {spec!r}: the path must be absolute")
     target = Path(os.path.realpath(arg))
-    allowed = [Path(os.path.realpath(root.replace(TENANT_PLACEHOLDER, tenant_id))) for root in roots]
+    named = [root.replace(TENANT_PLACEHOLDER, tenant_id) for root in roots]
+    allowed = [Path(os.path.realpath(root)) for root in named]
     if not _within(target, allowed) or _link_out_of(target, allowed):
+        # the roots as the operator named them: where they resolve to is the server's business
         raise DataError(
-            f"data source {spec!r} lies outside the folders this service reads data from: "
-            + ", ".join(str(root) for root in allowed)
+            f"data source {spec!r} lies outside the folders this service reads data from: " + ", ".join(named)
         )
+    return f"{kind}:{target}"
 
 
 def _within(path: Path, roots: Sequence[Path]) -> bool:

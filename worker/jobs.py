@@ -379,14 +379,17 @@ def _unlearn(
     tracker.enter("loading")
     # Again here: a model registered before the roots were narrowed, or under other settings,
     # must not make this worker read outside them.
-    check_data_location(job.model.data_source, settings.data_root_list, job.model.tenant_id)
+    roots, tenant_id = settings.data_root_list, job.model.tenant_id
+    data_source = check_data_location(job.model.data_source, roots, tenant_id)
     checkpoint = _read_verified(store, job.base.artifact_key, job.base.sha256)
     model, manifest = load_checkpoint_bytes(
         checkpoint,
         expected=manifest_for(job.model, job.base.forgotten_labels),
         max_parameters=settings.max_checkpoint_parameters,
     )
-    dataset = load_dataset(job.model.data_source)
+    dataset = load_dataset(data_source)
+    # once more after reading: a link out of the roots made inside the folder while the job read it
+    check_data_location(data_source, roots, tenant_id)
     result = unlearn_model(model, manifest, dataset, job.forget_labels, config, device, tracker)
     tracker.enter("storing")
     new_manifest = result.manifest.model_copy(update={"parent_sha256": job.base.sha256})

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from core.db import AuditEvent, DeletionRequest, ModelVersion, utcnow, verify_chain
+from core.db import AuditEvent, DeletionRequest, Model, ModelVersion, utcnow, verify_chain
 from core.errors import UisError
 from core.services.deletion_requests.jobs import JobLost, deletion_jobs
 from worker.tasks import run_deletion_request
@@ -618,3 +618,63 @@ def test_a_run_taken_over_before_it_recorded_its_failure_is_reported_lost(
     assert outcome.status == "lost"
     request = _request(worker_env, request_id)
     assert (request.state, request.attempts, request.error) == ("running", 2, None)  # the other run's, untouched
+
+
+def test_a_data_link_swapped_after_the_check_is_not_followed(
+    worker_env, digits_checkpoint: bytes, tmp_path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    # The tenant's data source is a link inside its root. Repointed outside the root (at another
+    # tenant's file, say) once the worker has checked it, it must not be read: the job reads the
+    # path it checked.
+    import numpy as np
+
+    import worker.jobs as jobs
+    from core.data import load_dataset
+
+    digits = load_dataset("digits")
+    mine = tmp_path / "digits.npz"
+    np.savez(mine, x_train=digits.train.x.numpy(), y_train=digits.train.y.numpy(),
+             x_test=digits.test.x.numpy(), y_test=digits.test.y.numpy())
+    outside = tmp_path.parent / f"{tmp_path.name}-other-tenant.npz"
+    outside.write_bytes(b"another tenant's data")  # not readable as .npz: the job would fail reading it
+    link = tmp_path / "current.npz"
+    link.symlink_to(mine)
+    request_id = worker_env.new_request(digits_checkpoint, [3], data_source=f"npz:{link}")
+    read_checkpoint = jobs._read_verified
+
+    def then_swapped(*args: object, **kwargs: object) -> bytes:
+        link.unlink()
+        link.symlink_to(outside)
+        return read_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "_read_verified", then_swapped)
+    try:
+        assert _run(request_id) == "succeeded", _request(worker_env, request_id).error
+    finally:
+        outside.unlink()
+
+
+def test_a_link_out_of_the_roots_made_while_the_job_read_its_data_fails_the_job(
+    worker_env, digits_checkpoint: bytes, tmp_path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    # A folder data source is walked for links before it is read; one made during the read (the
+    # loaders follow links) is caught by the walk after it, and the data is not used.
+    import worker.jobs as jobs
+    from core.data import load_dataset
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    request_id = worker_env.new_request(digits_checkpoint, [3])
+    with worker_env.sessions.begin() as session:  # the digits, read as if from this folder
+        model_id = session.get(DeletionRequest, request_id).model_id
+        session.execute(update(Model).where(Model.id == model_id).values(data_source=f"imagefolder:{folder}"))
+
+    def reading_while_linked(spec: str) -> object:
+        (folder / "elsewhere").symlink_to(tmp_path.parent)
+        return load_dataset("digits")
+
+    monkeypatch.setattr(jobs, "load_dataset", reading_while_linked)
+
+    assert _run(request_id) == "failed"
+    error = _request(worker_env, request_id).error
+    assert error["code"] == "invalid_data" and "outside the folders this service reads data from" in error["message"]
