@@ -39,6 +39,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Stage names come from the job's report; anything unexpected is not turned into a label.
 STAGE_NAME = re.compile(r"[a-z][a-z0-9_:]{0,47}")
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class JobsCollector:
@@ -140,7 +141,8 @@ class HttpMetrics:
         self.registry.register(self.jobs)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        labels = (method, route, str(status))
+        # The method is whatever the client sent: each new one would be new series, without a key.
+        labels = (method if method in _KNOWN_METHODS else "OTHER", route, str(status))
         self.requests.labels(*labels).inc()
         self.latency.labels(*labels).observe(seconds)
 
