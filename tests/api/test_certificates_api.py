@@ -23,7 +23,6 @@ from core.certificates import (
 )
 from core.db import DeletionRequest
 from core.services.deletion_requests.jobs import deletion_jobs
-from core.storage import StoredArtifact
 
 REPORT: dict[str, Any] = {
     "before": {"acc_retain": 97.1, "acc_forget": 98.0, "mia": 61.5},
@@ -36,13 +35,14 @@ REPORT: dict[str, Any] = {
 
 
 def _succeeded_request(client: TestClient, model_id: str, label: int = 3) -> str:
-    """A request that went through the worker's claim and completion (the result: v1's bytes)."""
+    """A request that went through the worker's claim and completion (the result: bytes of its own,
+    so that the certificate's base and new checkpoints differ)."""
     request_id = client.post(
         "/deletion-requests", json={"model_id": model_id, "forget_labels": [label], "external_ref": "GDPR-7"}
     ).json()["id"]
     with client.app.state.sessions.begin() as session:
         job = deletion_jobs.claim(session, request_id, lease_s=60).job
-        artifact = StoredArtifact(job.base.artifact_key, job.base.sha256, job.base.size_bytes)
+        artifact = client.app.state.store.put(f"the result of {request_id}".encode(), job.model.tenant_id)
         deletion_jobs.complete(
             session, request_id, artifact=artifact, forgotten_labels=[label], metrics=REPORT, attempt=job.attempt
         )
@@ -74,6 +74,7 @@ def test_a_succeeded_request_has_a_signed_certificate(client: TestClient, regist
     assert certificate["labels"] == {
         "forgotten": [3], "class_names": ["3"], "previously_forgotten": [], "forgotten_by_result": [3]
     }
+    assert v1["sha256"] != v2["sha256"]
     assert certificate["base_checkpoint"] == {"version": 1, "sha256": v1["sha256"]}
     assert certificate["new_checkpoint"] == {"version": 2, "sha256": v2["sha256"], "size_bytes": v2["size_bytes"]}
     assert certificate["metrics"]["after"] == REPORT["after"] and certificate["metrics"]["before"] == REPORT["before"]
