@@ -170,6 +170,24 @@ def test_a_succeeded_request_posts_a_signed_event_that_verifies(webhook_env, rec
     assert _last_action(webhook_env, request_id) == "deletion_request.webhook_delivered"
 
 
+def test_a_failed_request_posts_its_event_with_the_error(
+    webhook_env, receiver, digits_checkpoint: bytes, tmp_path  # noqa: ANN001
+) -> None:
+    # A compliance system must hear of a request that failed as surely as of one that succeeded.
+    missing = tmp_path / "gone.npz"
+    request_id = webhook_env.new_request(digits_checkpoint, [3], callback_url=receiver.url(),
+                                         data_source=f"npz:{missing}")
+    assert run_deletion_request.apply(args=[request_id]).result == "failed"
+
+    _send(webhook_env)
+
+    (post,) = receiver.wait_for(1, timeout_s=5)
+    event = Webhook(TENANT_SECRET).verify(post.body, post.headers)
+    assert event["type"] == "deletion_request.failed" and event["data"]["id"] == request_id
+    assert event["data"]["state"] == "failed" and event["data"]["result_version"] is None
+    assert event["data"]["error"]["code"] == "invalid_data" and str(missing) in event["data"]["error"]["message"]
+
+
 def test_a_tampered_body_does_not_verify(webhook_env, receiver, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     request_id = webhook_env.new_request(digits_checkpoint, [3], callback_url=receiver.url())
     _cancel(webhook_env, request_id)
