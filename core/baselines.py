@@ -35,7 +35,7 @@ from core.architectures import (
 )
 from core.config import InversionConfig, TrainConfig, UnlearnConfig
 from core.data import RetainedData, Split
-from core.device import Normalizer, augment, autocast, use_bf16
+from core.device import Normalizer, augment, autocast, seeded_randomness, use_bf16
 from core.fisher import fisher_diagonal, frozen_fraction, suppression_mask
 from core.inversion import Synthetic, invert
 from core.training import train
@@ -121,15 +121,16 @@ def _fit(
     shuffle = Shuffler(len(y), batch_size, seed, device)
     aug_gen = torch.Generator(device=device).manual_seed(seed)
     model.train()
-    for _ in range(steps):
-        idx = shuffle()
-        inputs = augment(x[idx], flip, aug_gen) if do_augment else x[idx]
-        with autocast(bf16, device):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float(), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with seeded_randomness(seed, device):  # dropout, in the models that have it
+        for _ in range(steps):
+            idx = shuffle()
+            inputs = augment(x[idx], flip, aug_gen) if do_augment else x[idx]
+            with autocast(bf16, device):
+                logits = model(inputs)
+            loss = F.cross_entropy(logits.float(), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     model.eval()
     return steps
 
@@ -550,19 +551,20 @@ def bad_teacher(
     with torch.no_grad(), autocast(bf16, device):
         bad_targets = F.softmax(incompetent(synthetic.x).float() / t, dim=1)
     model.train()
-    for step in range(steps):
-        real = x_r[shuffle()]
-        if cfg.augment:
-            real = augment(real, retained.flip, aug_gen)
-        syn = syn_perm[(syn_offsets + step * k) % n_g]
-        opt.set_lr(scheduled_lr(cfg.lr_schedule, lr, step, steps))
-        with torch.no_grad(), autocast(bf16, device):
-            good_targets = F.softmax(competent(real).float() / t, dim=1)
-        with autocast(bf16, device):
-            logits = model(torch.cat([real, synthetic.x[syn]]))
-        targets = torch.cat([good_targets, bad_targets[syn]])
-        loss = F.kl_div(F.log_softmax(logits.float() / t, dim=1), targets, reduction="batchmean")
-        opt.step(loss)
+    with seeded_randomness(seed, device):  # dropout, in the models that have it
+        for step in range(steps):
+            real = x_r[shuffle()]
+            if cfg.augment:
+                real = augment(real, retained.flip, aug_gen)
+            syn = syn_perm[(syn_offsets + step * k) % n_g]
+            opt.set_lr(scheduled_lr(cfg.lr_schedule, lr, step, steps))
+            with torch.no_grad(), autocast(bf16, device):
+                good_targets = F.softmax(competent(real).float() / t, dim=1)
+            with autocast(bf16, device):
+                logits = model(torch.cat([real, synthetic.x[syn]]))
+            targets = torch.cat([good_targets, bad_targets[syn]])
+            loss = F.kl_div(F.log_softmax(logits.float() / t, dim=1), targets, reduction="batchmean")
+            opt.step(loss)
     model.eval()
     if info is not None:
         info.update(steps=steps, frozen_fraction=frozen_fraction(frozen) if frozen else 0.0)

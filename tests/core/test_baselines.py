@@ -177,3 +177,21 @@ def test_bad_teacher_gets_the_default_uisps_pass_budget(trained_digits, monkeypa
                   B.BadTeacherConfig(inversion=TINY_INVERSION, precision="fp32"), info=info)
     assert info["steps"] == resolve_steps(UnlearnConfig(), len(retained.train)) == 350 == len(rates)
     assert rates[0] == unlearning_lr("smallcnn") and rates[-1] < 1e-3 * rates[0]  # the default pass's cosine
+
+
+@pytest.mark.parametrize("name", ["finetune", "bad_teacher"])
+def test_a_model_with_dropout_unlearns_the_same_for_a_seed_whatever_the_callers_random_state(trained_digits, name):
+    # torchvision models draw their dropout from the global random state, which the caller owns
+    ds, m = trained_digits.dataset, trained_digits.manifest
+
+    def unlearned(caller_seed: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.BatchNorm2d(1), torch.nn.Flatten(), torch.nn.Dropout(0.5),
+                                    torch.nn.Linear(64, 10))  # BatchNorm: what the inversion matches
+        model.eval()
+        torch.manual_seed(caller_seed)
+        out = B.METHODS[name].fn(model, "smallcnn", retained_data(ds, FORGET), FORGET, m.mean, m.std, CPU, 0,
+                                 **tiny_kwargs(name, ds))
+        return out[3].weight.detach().clone()
+
+    assert torch.equal(unlearned(1), unlearned(2))
