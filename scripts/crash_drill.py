@@ -216,9 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=300.0, help="per wait")
     parser.add_argument("--json", action="store_true", help="one JSON line per run, then the tally")
     parser.add_argument("--keep", action="store_true", help="keep the temporary UISPS_HOME (kept anyway on failure)")
+    parser.add_argument("--home", type=Path, help="an empty folder for UISPS_HOME instead of a temporary one")
     args = parser.parse_args(argv)
 
-    home = Path(tempfile.mkdtemp(prefix="uisps-crash-drill-"))
+    if args.home is not None:
+        args.home.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="uisps-crash-drill-", dir=args.home))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("UISPS_")},
         "UISPS_HOME": str(home),

@@ -78,10 +78,10 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         os.chown(root, owner.pw_uid, owner.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
     server = PrivatePostgres(binaries, root / "data", free_port(), as_user)
-    subprocess.run([*as_user, str(binaries / "initdb"), "-D", str(server.data), "-A", "trust", "-U", "postgres",
-                    "--no-sync", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
-    server.start()
-    try:
+    try:  # a failed start leaves neither a postmaster nor its folder behind
+        subprocess.run([*as_user, str(binaries / "initdb"), "-D", str(server.data), "-A", "trust", "-U", "postgres",
+                        "--no-sync", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+        server.start()
         yield server
     finally:
         subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(server.data), "-m", "immediate", "stop"],

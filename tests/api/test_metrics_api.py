@@ -20,6 +20,7 @@ from api.app import create_app
 from core.db import DeletionRequest, Model, utcnow
 from core.settings import Settings
 from uisps.lifeline import tied_to_this_process
+from uisps.local import stop_process
 
 from api_helpers import authorize, unique_name
 
@@ -184,8 +185,7 @@ def test_a_scrape_of_any_api_process_counts_the_requests_of_all(tmp_path: Path) 
 
         counts = {_healthz_count(base) for _ in range(8)}  # new connections: either process answers
     finally:
-        server.terminate()
-        server.wait(30)
+        stop_process(server)
 
     assert counts == {before + 30}
 

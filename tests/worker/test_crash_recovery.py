@@ -30,15 +30,22 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_PARAMS = {"inversion": {"iterations": 20, "n_per_class": 8}, "fisher_retain_size": 64, "steps": 5, "precision": "fp32"}
 
 
+@pytest.mark.parametrize("services", ["postgresql+redis", "embedded sqlite"])
 def test_a_worker_killed_mid_job_is_replaced_and_the_job_makes_one_version(
-    own_pg_database: str, redis_url: str, digits_checkpoint: bytes, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, services: str, digits_checkpoint: bytes, tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
+    # also on the embedded defaults (`uisps serve`, the demo), whose broker acknowledges otherwise
     checkpoint = tmp_path_factory.getbasetemp() / "digits-smallcnn.safetensors"  # digits_checkpoint's cache
     assert checkpoint.read_bytes() == digits_checkpoint
+    urls: list[str] = []
+    if services == "postgresql+redis":
+        urls = ["--database-url", request.getfixturevalue("own_pg_database"),
+                "--broker-url", request.getfixturevalue("redis_url")]
 
     drill = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "crash_drill.py"), "--runs", "1", "--checkpoint", str(checkpoint),
-         "--database-url", own_pg_database, "--broker-url", redis_url],
+         "--home", str(tmp_path), *urls],
         capture_output=True, text=True, timeout=400,
     )
 
