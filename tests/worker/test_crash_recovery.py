@@ -136,3 +136,56 @@ def test_flushing_redis_while_jobs_are_queued_loses_none(worker_process, digits_
     finally:
         celery.close()
         engine.dispose()
+
+
+def test_a_failed_attempt_is_retried_by_the_worker_after_its_countdown(worker_processes, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    # The retry goes through the broker as a delayed message (Celery's retry with a countdown), not
+    # through the reconciler, which is kept from re-sending anything here.
+    from core.db import AuditEvent
+
+    env = worker_processes.requests()
+    celery = make_celery(worker_processes.settings)
+    try:
+        model_id = env.new_model(digits_checkpoint)
+        with env.sessions() as session:
+            key = model_service.get_version(session, "default", model_id, 1).artifact_key
+        stored = env.store.local_path(key)
+        aside = stored.with_name("aside")
+        stored.rename(aside)  # the base checkpoint is missing at the first attempt: an internal error, retried
+        worker = worker_processes.start(UISPS_RECONCILE_INTERVAL_S="3600")
+        request_id = env.queue(model_id, [2],
+                               dispatch=lambda request_id, priority: send_deletion_request(celery, request_id, priority))
+
+        def events() -> list[AuditEvent]:
+            with env.sessions() as session:
+                query = select(AuditEvent).where(AuditEvent.subject_id == request_id).order_by(AuditEvent.id)
+                return list(session.scalars(query))
+
+        deadline = time.monotonic() + 120
+        while "deletion_request.retry_scheduled" not in [e.action for e in events()]:
+            assert worker.poll() is None and time.monotonic() < deadline, worker_processes.log_tail()
+            time.sleep(0.1)
+        aside.rename(stored)
+        deadline = time.monotonic() + 120
+        while (request := _request_of(env, request_id)).state != "succeeded":
+            assert request.state in ("queued", "running"), request.error
+            assert worker.poll() is None and time.monotonic() < deadline, worker_processes.log_tail()
+            time.sleep(0.2)
+    finally:
+        celery.close()
+
+    assert request.attempts == 2
+    actions = [e.action for e in events()]
+    retried = next(e for e in events() if e.action == "deletion_request.retry_scheduled")
+    second = [e for e in events() if e.action == "deletion_request.running"][1]
+    assert retried.details["error"]["code"] == "artifact_missing"
+    assert (second.occurred_at - retried.occurred_at).total_seconds() >= 4.5  # the 5 s countdown, not at once
+    assert actions.count("deletion_request.succeeded") == 1
+    with env.sessions() as session:
+        count = select(func.count()).select_from(ModelVersion).where(ModelVersion.deletion_request_id == request_id)
+        assert session.scalar(count) == 1
+
+
+def _request_of(env, request_id: str) -> DeletionRequest:  # noqa: ANN001
+    with env.sessions() as session:
+        return session.get(DeletionRequest, request_id)
