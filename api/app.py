@@ -87,7 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.effective_certificate_key_path, settings.effective_certificate_retired_keys_dir
         )
         app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s)
-        app.state.upload_slots = Semaphore(max(1, settings.max_concurrent_uploads))
+        slots = max(1, settings.max_concurrent_uploads)
+        app.state.upload_slots = Semaphore(slots, max_value=slots)
         app.state.rate_limiter = make_rate_limiter(
             settings.rate_limit_backend, settings.rate_limit_per_s, settings.rate_limit_burst,
             settings.effective_broker_url,

@@ -90,9 +90,13 @@ async def upload_slot(request: Request, settings: SettingsDep) -> AsyncIterator[
     the event loop: an upload waiting here holds none of the threads every other request needs."""
     slots: anyio.Semaphore = request.app.state.upload_slots
     acquired = False
-    with anyio.move_on_after(settings.upload_wait_s):  # the wait only, never the check after it
-        await slots.acquire()
+    try:
+        slots.acquire_nowait()
         acquired = True
+    except anyio.WouldBlock:
+        with anyio.move_on_after(settings.upload_wait_s):  # the wait only, never the check after it
+            await slots.acquire()
+            acquired = True
     if not acquired:
         raise ServerBusy(
             f"this API process is checking {settings.max_concurrent_uploads} other checkpoint uploads; retry shortly",

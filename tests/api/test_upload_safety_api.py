@@ -185,6 +185,16 @@ def test_an_upload_waiting_for_a_slot_holds_no_thread_other_requests_need(
         assert waiting.result().status_code == 201
 
 
+def test_with_no_wait_an_upload_takes_a_free_slot(tmp_path: Path, digits_checkpoint: bytes, model_spec: dict) -> None:
+    with TestClient(create_app(Settings(home=tmp_path, upload_wait_s=0))) as client:
+        authorize(client)
+        model_id = client.post("/models", json=model_spec).json()["id"]
+
+        response = client.post(f"/models/{model_id}/versions", files={"file": ("m.safetensors", digits_checkpoint)})
+
+    assert response.status_code == 201, response.text
+
+
 def test_an_upload_checked_for_longer_than_the_wait_still_completes(
     tmp_path: Path, digits_checkpoint: bytes, model_spec: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
