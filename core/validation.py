@@ -79,9 +79,10 @@ def check_data_fits(spec: str, input_shape: Sequence[int], num_classes: int) -> 
         )
 
 
-def check_data_location(spec: str, roots: Sequence[str], tenant_id: str) -> str:
+def check_data_location(spec: str, roots: Sequence[str], tenant_id: str, shown: str | None = None) -> str:
     """A data source's path must lie under one of the operator's data roots; the spec with its
     path resolved, to be read as checked (a link swapped in after the check is not followed).
+    `shown`: the spec as the tenant named it, for the error (default `spec`).
 
     A tenant names the path and the worker reads it, so without this check any tenant could make
     a worker train on any file it can read (another tenant's data included) and learn from the
@@ -105,7 +106,7 @@ def check_data_location(spec: str, roots: Sequence[str], tenant_id: str) -> str:
     if not _within(target, allowed) or _link_out_of(target, allowed):
         # the roots as the operator named them: where they resolve to is the server's business
         raise DataError(
-            f"data source {spec!r} lies outside the folders this service reads data from: " + ", ".join(named)
+            f"data source {shown or spec!r} lies outside the folders this service reads data from: " + ", ".join(named)
         )
     return f"{kind}:{target}"
 

@@ -13,7 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -21,10 +21,10 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
-from core.data import load_dataset
+from core.data import Dataset, load_dataset
 from core.db import DATABASE_UNAVAILABLE, utcnow
 from core.device import pick_device
-from core.errors import DeviceUnavailable, UisError
+from core.errors import DataError, DeviceUnavailable, UisError
 from core.logs import deletion_request_context
 from core.services.deletion_requests.jobs import ClaimOutcome, JobInput, JobLost, deletion_jobs
 from core.services.deletion_requests.service import unlearn_config
@@ -219,6 +219,17 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
             return _lost(request_id)
 
 
+def _load_as_named(resolved: str, named: str) -> Dataset:
+    """The data read from its resolved path, named (in the dataset and in errors the tenant sees)
+    by the path the tenant gave: where the operator's folders resolve to is the server's business."""
+    resolved_path, named_path = resolved.partition(":")[2], named.partition(":")[2]
+    try:
+        dataset = load_dataset(resolved)
+    except DataError as exc:
+        raise DataError(str(exc).replace(resolved_path, named_path) if resolved_path else str(exc)) from None
+    return replace(dataset, spec=named)
+
+
 def _lost(request_id: str) -> RunOutcome:
     logger.warning("deletion request %s was finished or re-claimed elsewhere; dropping this run", request_id)
     return RunOutcome("lost")
@@ -379,17 +390,17 @@ def _unlearn(
     tracker.enter("loading")
     # Again here: a model registered before the roots were narrowed, or under other settings,
     # must not make this worker read outside them.
-    roots, tenant_id = settings.data_root_list, job.model.tenant_id
-    data_source = check_data_location(job.model.data_source, roots, tenant_id)
+    named, roots, tenant_id = job.model.data_source, settings.data_root_list, job.model.tenant_id
+    data_source = check_data_location(named, roots, tenant_id)
     checkpoint = _read_verified(store, job.base.artifact_key, job.base.sha256)
     model, manifest = load_checkpoint_bytes(
         checkpoint,
         expected=manifest_for(job.model, job.base.forgotten_labels),
         max_parameters=settings.max_checkpoint_parameters,
     )
-    dataset = load_dataset(data_source)
+    dataset = _load_as_named(data_source, named)
     # once more after reading: a link out of the roots made inside the folder while the job read it
-    check_data_location(data_source, roots, tenant_id)
+    check_data_location(data_source, roots, tenant_id, shown=named)
     result = unlearn_model(model, manifest, dataset, job.forget_labels, config, device, tracker)
     tracker.enter("storing")
     new_manifest = result.manifest.model_copy(update={"parent_sha256": job.base.sha256})

@@ -678,3 +678,17 @@ def test_a_link_out_of_the_roots_made_while_the_job_read_its_data_fails_the_job(
     assert _run(request_id) == "failed"
     error = _request(worker_env, request_id).error
     assert error["code"] == "invalid_data" and "outside the folders this service reads data from" in error["message"]
+
+
+def test_a_data_error_names_the_path_the_tenant_gave_not_where_it_resolves(
+    worker_env, digits_checkpoint: bytes, tmp_path  # noqa: ANN001
+) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "real")  # how the operator's folders are laid out
+    named = tmp_path / "data" / "gone.npz"
+    request_id = worker_env.new_request(digits_checkpoint, [1], data_source=f"npz:{named}")
+
+    assert _run(request_id) == "failed"
+
+    error = _request(worker_env, request_id).error
+    assert error["code"] == "invalid_data" and error["message"] == f"data file not found: {named}"
