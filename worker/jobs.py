@@ -203,12 +203,12 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
     except UisError as exc:
         # The input is at fault (labels, checkpoint, data): running it again cannot help.
         try:
-            _record_through_outage(sessions, request_id, "failure", partial(
+            failed = _record_through_outage(sessions, request_id, "failure", partial(
                 deletion_jobs.fail, request_id=request_id, code=exc.code, message=str(exc), attempt=job.attempt,
                 claimed_at=job.claimed_at))
         except JobLost:
             return _lost(request_id)
-        return RunOutcome("failed")
+        return RunOutcome("failed" if failed else "cancelled")
     except Exception as exc:
         logger.exception("deletion request %s, attempt %d, failed", request_id, job.attempt)
         record = partial(_record_failure, request_id=request_id, job=job, exc=exc, settings=settings, retries=retries)

@@ -620,6 +620,34 @@ def test_a_run_taken_over_before_it_recorded_its_failure_is_reported_lost(
     assert (request.state, request.attempts, request.error) == ("running", 2, None)  # the other run's, untouched
 
 
+@pytest.mark.parametrize("failure", ["input", "internal"])
+def test_a_run_whose_request_was_failed_as_lost_meanwhile_is_reported_lost(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch, failure: str  # noqa: ANN001
+) -> None:
+    # A claim found this run's lease expired with no attempts left and failed the request
+    # (worker_lost), keeping its attempt number and start: this run's own failure, coming late,
+    # must not take that for its own earlier write.
+    import worker.jobs as jobs
+
+    request_id = worker_env.new_request(digits_checkpoint, [3])
+    settings = worker_env.settings.model_copy(update={"max_attempts": 1})
+    lost = {"code": "worker_lost", "message": "its worker stopped answering"}
+
+    def failed_meanwhile(*_args: object, **_kwargs: object) -> None:
+        with worker_env.sessions.begin() as session:
+            session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id)
+                            .values(state="failed", error=lost, finished_at=utcnow()))
+        raise UisError("bad input") if failure == "input" else RuntimeError("boom")
+
+    monkeypatch.setattr(jobs, "_unlearn", failed_meanwhile)
+
+    outcome = jobs.run_job(request_id, settings)
+
+    assert outcome.status == "lost"
+    request = _request(worker_env, request_id)
+    assert (request.state, request.error) == ("failed", lost)
+
+
 def test_a_data_link_swapped_after_the_check_is_not_followed(
     worker_env, digits_checkpoint: bytes, tmp_path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
 ) -> None:

@@ -38,8 +38,6 @@ from core.services.webhooks.service import webhook_service
 from core.storage import ArtifactNotFound, ArtifactStore, StoredArtifact
 
 WORKER_ACTOR = "worker"
-# the states `fail` leaves a request in: a retried `fail` whose first try landed finds one
-_FINISHED_BY_FAIL = (JobState.FAILED.value, JobState.CANCELLED.value)
 
 
 class JobLost(Exception):
@@ -413,10 +411,9 @@ class DeletionJobs:
         if request is None:
             raise JobLost(request_id)
         if request.state != JobState.RUNNING.value:
-            if request.state in _FINISHED_BY_FAIL and _same_claim(request, attempt, claimed_at):
-                # an earlier try of this very write landed, and its answer was lost
-                return request.state == JobState.FAILED.value
-            raise JobLost(request_id)
+            if _same_claim(request, attempt, claimed_at) and self._failed_by(request, code, message, cancel_wins):
+                return request.state == JobState.FAILED.value  # an earlier try of this very write landed
+            raise JobLost(request_id)  # finished otherwise (a claim found its worker lost, a cancel, ...)
         if not _same_claim(request, attempt, claimed_at):
             raise JobLost(request_id)
         for row in [request, *self._members(session, request_id)]:
@@ -426,6 +423,13 @@ class DeletionJobs:
                 row.error = {"code": code, "message": message}
                 self._finish(session, row, JobState.FAILED, error=row.error)
         return request.state == JobState.FAILED.value
+
+    @staticmethod
+    def _failed_by(request: DeletionRequest, code: str, message: str, cancel_wins: bool) -> bool:
+        """Whether a finished request is as `fail` with these arguments leaves it."""
+        if request.state == JobState.FAILED.value:
+            return request.error == {"code": code, "message": message}
+        return cancel_wins and request.state == JobState.CANCELLED.value and request.cancel_requested
 
     def cancelled(
         self, session: Session, request_id: str, attempt: int | None = None, claimed_at: datetime | None = None
