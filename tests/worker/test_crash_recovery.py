@@ -174,7 +174,7 @@ def test_a_failed_attempt_is_retried_by_the_worker_after_its_countdown(worker_pr
     finally:
         celery.close()
 
-    assert request.attempts == 2
+    assert request.attempts >= 2  # 2, unless this loop stalled past the countdown and a second retry ran
     actions = [e.action for e in events()]
     retried = next(e for e in events() if e.action == "deletion_request.retry_scheduled")
     second = [e for e in events() if e.action == "deletion_request.running"][1]
