@@ -308,6 +308,10 @@ class ModelService:
             lost = True  # gone while it was hashed: purged (410 below) or lost
         try:
             begin_write(session)
+            # A purge that deleted the file after it was opened here may not have committed yet:
+            # wait for it (PostgreSQL; SQLite's write lock already does), so that what it purged is
+            # never served after it. The purge takes this lock, then the tenant's, as here.
+            lock_artifact(session, found.artifact_key, exclusive=False)
             if lost:
                 _vanished(session, found)
             session.refresh(found)  # a purge may have committed meanwhile

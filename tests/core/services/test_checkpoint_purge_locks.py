@@ -170,3 +170,51 @@ def test_a_read_during_a_purge_waits_for_it_and_answers_purged_not_missing(
     thread.join(10)
 
     assert isinstance(outcome.get("error"), CheckpointPurged), outcome  # 410, not a 500 artifact_missing
+
+
+def test_a_download_that_opened_the_file_before_a_purge_waits_for_it_and_answers_purged(
+    pg_sessions: sessionmaker[Session], tmp_path: Path, unique_digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The download opened and hashed the file; a purge then deleted it and has not committed yet.
+    # PostgreSQL shows the download the version unpurged: unless it waits for the purge's lock, it
+    # records a download after the purge and serves the purged bytes from its open file.
+    from core.services.models import service
+
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    model_id = _model_with_version(pg_sessions, store, unique_digits_checkpoint)
+    where = {"tenant_id": "default", "model_id": model_id, "version": 1, "store": store}
+    purged, release = threading.Event(), threading.Event()
+    purgers: list[threading.Thread] = []
+
+    def purge() -> None:
+        with pg_sessions() as session:
+            model_service.purge_checkpoint(session, actor="test", **where)
+            purged.set()
+            assert release.wait(30)
+            session.commit()
+
+    hash_file = service._check_digest
+
+    def hash_then_purge(*args: Any) -> None:
+        hash_file(*args)
+        purgers.append(_in_thread(purge)[0])
+        assert purged.wait(30)
+
+    monkeypatch.setattr(service, "_check_digest", hash_then_purge)
+
+    def download() -> Any:
+        with pg_sessions() as session:
+            found = model_service.checkpoint_for_download(session, actor="test", **where)
+            session.commit()
+            return found
+
+    reader, outcome = _in_thread(download)
+    try:
+        _wait_until_blocked_on_a_lock(pg_sessions)
+    finally:
+        release.set()
+        reader.join(30)
+        for purger in purgers:
+            purger.join(30)
+
+    assert isinstance(outcome.get("error"), CheckpointPurged), outcome
