@@ -30,6 +30,7 @@ from core.services.deletion_requests.jobs import ClaimOutcome, JobInput, JobLost
 from core.services.deletion_requests.service import unlearn_config
 from core.services.errors import ArtifactCorrupted, ArtifactMissing
 from core.services.models.service import manifest_for
+from core.services.transactions import begin_write
 from core.settings import Settings
 from core.storage import STORE_UNAVAILABLE, ArtifactNotFound, ArtifactStore, StoredArtifact, is_store_outage
 from core.validation import check_data_location
@@ -290,6 +291,9 @@ def _record_through_outage(
     while True:
         try:
             with sessions.begin() as session:
+                # a writer from the start: on SQLite a first read (the outage's start, an earlier
+                # try's result) would fail the write at once if another worker committed between
+                begin_write(session)
                 return write(session)
         except DATABASE_UNAVAILABLE as exc:
             delay = next(delays, None)

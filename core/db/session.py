@@ -34,6 +34,10 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     kwargs.setdefault("hide_parameters", True)
     if url.get_backend_name() == "sqlite":
         return _make_sqlite_engine(url, **kwargs)
+    if url.get_backend_name() == "postgresql":
+        # Set, not assumed: the audit chain's lock-then-read-the-tail (core/db/audit.py) needs
+        # READ COMMITTED, and a role or pooler may default to REPEATABLE READ, which forks it.
+        kwargs.setdefault("isolation_level", "READ COMMITTED")
     engine = create_engine(url, **kwargs)
     if not kwargs.get("pool_pre_ping"):
         _ping_when_idle(engine)

@@ -298,6 +298,7 @@ def _database_blip_once(env, monkeypatch: pytest.MonkeyPatch, method: str, *, la
         if calls[0] > 1:
             return real(session, request_id, **kwargs)
         if landed:
+            session.rollback()  # this try's transaction, whose locks the landed write stands in for
             with env.sessions.begin() as own:
                 real(own, request_id, **kwargs)
         raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
@@ -354,6 +355,7 @@ def test_a_result_whose_commit_gave_the_attempt_back_is_not_recorded_by_the_retr
 
     def landed_then_lost_then_reclaimed(session, request_id, **kwargs):  # noqa: ANN001, ANN003, ANN202
         monkeypatch.setattr(deletion_jobs, "complete", real_complete)  # the retry is the real one
+        session.rollback()  # this try's transaction, whose locks the landed write stands in for
         with env.sessions.begin() as own:
             real_complete(own, request_id, **kwargs)  # gives the attempt back ...
         with env.sessions.begin() as own:
@@ -493,6 +495,41 @@ def test_an_artifact_store_outage_is_retried_without_using_up_attempts(
     assert all(e.details["attempt_given_back"] for e in retried)
 
     assert _run(request_id) == "succeeded"  # the store is back (this worker's own): it runs
+
+
+def test_an_outage_is_recorded_though_another_worker_writes_while_it_is(
+    worker_env, digits_checkpoint: bytes, store_down, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    # Recording the outage reads when it began, then writes the retry. Another worker's write in
+    # between (progress, every half second) must not make SQLite refuse the retry ("database is
+    # locked"): the request would stay running until its lease ran out, and lose an attempt.
+    import threading
+
+    from worker.jobs import run_job
+
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+    other = worker_env.new_request(digits_checkpoint, [2])
+    began = deletion_jobs.outage_since
+
+    def another_worker_writes(*args: object, **kwargs: object) -> object:
+        since = began(*args, **kwargs)
+
+        def write() -> None:
+            with worker_env.sessions.begin() as session:
+                session.execute(update(DeletionRequest).where(DeletionRequest.id == other).values(progress=0.5))
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join(2)  # done at once where nothing holds the write lock; else it waits its turn
+        return since
+
+    monkeypatch.setattr(deletion_jobs, "outage_since", another_worker_writes)
+
+    outcome = run_job(request_id, store_down)
+
+    assert outcome.status == "retrying"
+    request = _request(worker_env, request_id)
+    assert (request.state, request.attempts) == ("queued", 0)
 
 
 def test_an_outage_longer_than_the_limit_uses_up_attempts_like_any_failure(

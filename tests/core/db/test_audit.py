@@ -108,6 +108,34 @@ def test_concurrent_appends_do_not_fork_the_chain(engine: Engine, tenant: str) -
         assert verify_chain(session, tenant) is None
 
 
+def test_the_chain_holds_where_the_server_defaults_to_repeatable_read(pg_url: str, tenant: str) -> None:
+    # A role setting or a pooler can make REPEATABLE READ the default: the chain's lock-then-read
+    # needs READ COMMITTED, which the engine sets.
+    upgrade(pg_url)
+    engine = make_engine(pg_url, connect_args={"options": "-c default_transaction_isolation=repeatable\\ read"})
+    try:
+        sessions = make_sessionmaker(engine)
+        with sessions.begin() as session:
+            assert session.scalar(text("SHOW transaction_isolation")) == "read committed"
+
+        def append_many() -> None:
+            for n in range(10):
+                with sessions.begin() as session:
+                    _record(session, tenant, n)
+
+        threads = [threading.Thread(target=append_many) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        with sessions() as session:
+            assert len(_chain(session, tenant)) == 40
+            assert verify_chain(session, tenant) is None
+    finally:
+        engine.dispose()
+
+
 def _disable_append_only_guard(session: Session) -> None:
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("ALTER TABLE audit_events DISABLE TRIGGER USER"))
