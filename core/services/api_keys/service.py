@@ -136,11 +136,13 @@ class ApiKeyService:
         )
         return NewApiKey(key, secret)
 
-    def get(self, session: Session, tenant_id: str | None, key_id: str) -> ApiKey:
+    def get(self, session: Session, tenant_id: str | None, key_id: str, *, for_update: bool = False) -> ApiKey:
         """`tenant_id=None` is for the operator's command line, which sees every tenant."""
         query = select(ApiKey).where(ApiKey.id == key_id)
         if tenant_id is not None:
             query = query.where(ApiKey.tenant_id == tenant_id)
+        if for_update:
+            query = query.with_for_update().execution_options(populate_existing=True)
         key = session.scalar(query)
         if key is None:
             raise NotFound("API key", key_id)
@@ -165,7 +167,7 @@ class ApiKeyService:
         """Revoke a key: refused from the next key check (API processes keep a checked key for
         UISPS_API_KEY_CACHE_TTL_S; the one that revoked it drops it at once). Revoking twice is harmless."""
         begin_write(session)
-        key = self.get(session, tenant_id, key_id)
+        key = self.get(session, tenant_id, key_id, for_update=True)  # two revokes at once: one event
         if key.revoked_at is not None:
             return key
         key.revoked_at = utcnow()

@@ -114,6 +114,7 @@ class WebhookService:
                                .order_by(place, candidates.c.next_attempt_at)
                                .limit(limit))
         claimed: list[DueDelivery] = []
+        used_up: list[WebhookDelivery] = []
         for delivery_id in ids:
             # Locked, and due still: another sender may have claimed or finished it since the
             # query above (then it is skipped, its attempt left alone, its end recorded once).
@@ -125,12 +126,16 @@ class WebhookService:
                 continue
             self._close_lost_attempts(session, delivery.id, now)
             if delivery.attempts >= settings.webhook_max_attempts:
-                self._finish(session, delivery, WebhookDeliveryState.FAILED, now)
+                used_up.append(delivery)
                 continue
             delivery.attempts += 1
             delivery.lease_expires_at, delivery.last_attempt_at = lease_until, now
             session.add(WebhookDeliveryAttempt(delivery_id=delivery.id, attempt=delivery.attempts, started_at=now))
             claimed.append(DueDelivery(delivery.id, delivery.tenant_id, delivery.url, delivery.payload, delivery.attempts))
+        # Finishing one records an audit event under its tenant's lock: taken in one order by
+        # every sender, so that two finishing deliveries of the same tenants cannot deadlock.
+        for delivery in sorted(used_up, key=lambda d: (d.tenant_id, d.id)):
+            self._finish(session, delivery, WebhookDeliveryState.FAILED, now)
         session.flush()
         states = secret_states(session, {delivery.tenant_id for delivery in claimed})
         return [replace(delivery, secret_generations=states[delivery.tenant_id].signing_generations(now))

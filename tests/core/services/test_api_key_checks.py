@@ -43,3 +43,43 @@ def test_a_key_revoked_between_the_check_and_the_note_of_its_use_is_refused(pg_s
     assert due
     with pg_sessions.begin() as session, pytest.raises(Unauthenticated, match="revoked"):
         api_key_service.note_use(session, key_hash)
+
+
+def test_two_revokes_of_one_key_at_once_record_one_revocation(pg_sessions) -> None:  # noqa: ANN001
+    import threading
+    import time
+
+    from sqlalchemy import func, select, text
+
+    from core.db import AuditEvent
+
+    key_id, _ = _new_key(pg_sessions)
+    outcome: dict[str, object] = {}
+
+    def revoke_too() -> None:
+        try:
+            with pg_sessions.begin() as session:
+                api_key_service.revoke(session, tenant_id=None, key_id=key_id, actor="second")
+        except Exception as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+
+    with pg_sessions() as first:
+        api_key_service.revoke(first, tenant_id=None, key_id=key_id, actor="first")
+        second = threading.Thread(target=revoke_too)
+        second.start()
+        deadline = time.monotonic() + 10
+        with pg_sessions() as probe:  # until the second waits for the first's row lock
+            waiting = text("SELECT count(*) FROM pg_stat_activity"
+                           " WHERE datname = current_database() AND wait_event_type = 'Lock'")
+            while not probe.scalar(waiting):
+                assert second.is_alive() and time.monotonic() < deadline, "the second revoke did not wait"
+                probe.rollback()
+                time.sleep(0.05)
+        first.commit()
+    second.join(30)
+
+    assert "error" not in outcome, outcome
+    with pg_sessions() as session:
+        revoked = session.scalar(select(func.count()).select_from(AuditEvent).where(
+            AuditEvent.subject_id == key_id, AuditEvent.action == "api_key.revoked"))
+    assert revoked == 1
