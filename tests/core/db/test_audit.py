@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import (
     GENESIS_HASH,
@@ -89,8 +89,8 @@ def test_tampered_details_are_found(engine: Engine, tenant: str) -> None:
         session.rollback()
 
 
-def test_concurrent_appends_do_not_fork_the_chain(engine: Engine, tenant: str) -> None:
-    sessions = make_sessionmaker(engine)
+def _append_from_four_threads_at_once(sessions: sessionmaker[Session], tenant: str) -> None:
+    """Ten events from each of four threads, then check the tenant's chain holds all 40, unbroken."""
 
     def append_many() -> None:
         for n in range(10):
@@ -108,6 +108,10 @@ def test_concurrent_appends_do_not_fork_the_chain(engine: Engine, tenant: str) -
         assert verify_chain(session, tenant) is None
 
 
+def test_concurrent_appends_do_not_fork_the_chain(engine: Engine, tenant: str) -> None:
+    _append_from_four_threads_at_once(make_sessionmaker(engine), tenant)
+
+
 def test_the_chain_holds_where_the_server_defaults_to_repeatable_read(pg_url: str, tenant: str) -> None:
     # A role setting or a pooler can make REPEATABLE READ the default: the chain's lock-then-read
     # needs READ COMMITTED, which the engine sets.
@@ -118,20 +122,7 @@ def test_the_chain_holds_where_the_server_defaults_to_repeatable_read(pg_url: st
         with sessions.begin() as session:
             assert session.scalar(text("SHOW transaction_isolation")) == "read committed"
 
-        def append_many() -> None:
-            for n in range(10):
-                with sessions.begin() as session:
-                    _record(session, tenant, n)
-
-        threads = [threading.Thread(target=append_many) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-
-        with sessions() as session:
-            assert len(_chain(session, tenant)) == 40
-            assert verify_chain(session, tenant) is None
+        _append_from_four_threads_at_once(sessions, tenant)
     finally:
         engine.dispose()
 
