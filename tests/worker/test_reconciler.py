@@ -99,6 +99,26 @@ def test_a_dead_workers_request_is_resent_behind_a_backlog_sent_a_moment_ago(wor
     assert orphaned in due and not set(backlog) & set(due)
 
 
+def test_a_lost_message_is_resent_behind_more_old_requests_than_one_pass_takes(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    # Old requests re-sent a day ago wait two days more (the wait doubles); sent longest ago, they
+    # come first, more of them than `limit`. The request behind them whose message was lost is due.
+    backlog = [worker_env.new_request(digits_checkpoint, [label]) for label in (1, 2, 3, 4, 5)]
+    lost = worker_env.new_request(digits_checkpoint, [6])
+    now = utcnow()
+    for request_id in backlog:
+        _set(worker_env, request_id, created_at=now - timedelta(days=3), dispatched_at=now - timedelta(days=1))
+    _set(worker_env, lost, created_at=now - timedelta(hours=1), dispatched_at=now - timedelta(minutes=30))
+
+    sent: set[str] = set()
+    for _ in range(50):  # (on PostgreSQL other tests' due requests may come first: each is sent once)
+        with worker_env.sessions.begin() as session:
+            due = deletion_jobs.due_for_dispatch(session, requeue_after_s=60, limit=3)
+        sent |= set(due)
+        if lost in due or not due:
+            break
+    assert lost in sent and not set(backlog) & sent
+
+
 def test_a_long_queue_is_not_flooded_the_wait_doubles(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     request_id = worker_env.new_request(digits_checkpoint, [1])
     now = utcnow()

@@ -173,7 +173,7 @@ class DeletionRequestRepository:
             )
         )
 
-    def dispatch_candidates(self, session: Session, now: datetime, limit: int) -> list[Any]:
+    def dispatch_candidates(self, session: Session, now: datetime, limit: int, offset: int = 0) -> list[Any]:
         """Running requests whose lease ran out, then queued ones never sent, then the rest of the
         queue, each longest unsent first (all tenants). Not oldest first: a backlog of requests
         sent a moment ago would fill `limit` and hide a dead worker's request behind it."""
@@ -189,8 +189,9 @@ class DeletionRequestRepository:
                 _table.c.lease_expires_at,
             )
             .where(or_(_table.c.state == JobState.QUEUED.value, expired))
-            .order_by(urgency, _table.c.dispatched_at, _table.c.created_at)
+            .order_by(urgency, _table.c.dispatched_at, _table.c.created_at, _table.c.id)
             .limit(limit)
+            .offset(offset)
         )
         return list(session.execute(query))
 
