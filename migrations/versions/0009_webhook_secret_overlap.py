@@ -13,7 +13,7 @@ upgrade after it restores each tenant's from its latest rotation's audit event, 
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -41,10 +41,13 @@ def _restore_overlaps() -> None:
     for tenant_id, details in latest.items():
         until = details.get("previous_signs_until")
         if until:
+            value = datetime.fromisoformat(until).astimezone(UTC)
+            if connection.dialect.name == "sqlite":  # stored naive there, as the ORM's UTCDateTime does
+                value = value.replace(tzinfo=None)
             connection.execute(
                 sa.text("UPDATE webhook_secrets SET previous_signs_until = :until"
                         " WHERE tenant_id = :tenant AND generation = :generation"),
-                {"until": datetime.fromisoformat(until), "tenant": tenant_id, "generation": int(details["generation"])},
+                {"until": value, "tenant": tenant_id, "generation": int(details["generation"])},
             )
 
 
