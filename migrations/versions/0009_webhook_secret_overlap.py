@@ -41,14 +41,15 @@ def _restore_overlaps() -> None:
     for tenant_id, details in latest.items():
         until = details.get("previous_signs_until")
         if until:
-            value = datetime.fromisoformat(until).astimezone(UTC)
+            value = datetime.fromisoformat(until)
+            value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
             if connection.dialect.name == "sqlite":  # stored naive there, as the ORM's UTCDateTime does
                 value = value.replace(tzinfo=None)
-            connection.execute(
-                sa.text("UPDATE webhook_secrets SET previous_signs_until = :until"
-                        " WHERE tenant_id = :tenant AND generation = :generation"),
-                {"until": value, "tenant": tenant_id, "generation": int(details["generation"])},
-            )
+            statement = sa.text(
+                "UPDATE webhook_secrets SET previous_signs_until = :until"
+                " WHERE tenant_id = :tenant AND generation = :generation"
+            ).bindparams(sa.bindparam("until", type_=sa.DateTime(timezone=True)))  # the dialect's own text form
+            connection.execute(statement, {"until": value, "tenant": tenant_id, "generation": int(details["generation"])})
 
 
 def downgrade() -> None:

@@ -38,8 +38,6 @@ from core.services.webhooks.service import webhook_service
 from core.storage import ArtifactNotFound, ArtifactStore, StoredArtifact
 
 WORKER_ACTOR = "worker"
-# How many pages of `limit` candidates one reconciler pass reads at most, looking for due ones.
-DISPATCH_SCAN_PAGES = 20
 
 
 class JobLost(Exception):
@@ -542,33 +540,13 @@ class DeletionJobs:
         """
         begin_write(session)
         now = utcnow()
-        requeue_after = timedelta(seconds=requeue_after_s)
         due: list[str] = []
-        for row in self._dispatch_candidates(session, now, limit):
-            if len(due) >= limit:
-                break
-            last = row.dispatched_at
-            if row.state == JobState.RUNNING.value:
-                is_due = last is None or last < row.lease_expires_at or now - last >= requeue_after
-            else:
-                queued_since = max(row.created_at, row.started_at or row.created_at)
-                is_due = last is None or now - last >= max(requeue_after, last - queued_since)
-            if is_due and deletion_request_repository.mark_dispatched(session, row.id, row.state, last, now):
+        for row in deletion_request_repository.dispatch_candidates(
+            session, now, timedelta(seconds=requeue_after_s), limit
+        ):
+            if deletion_request_repository.mark_dispatched(session, row.id, row.state, row.dispatched_at, now):
                 due.append(row.id)
         return due
-
-    @staticmethod
-    def _dispatch_candidates(session: Session, now: datetime, limit: int) -> list[Any]:
-        """Up to DISPATCH_SCAN_PAGES pages of candidates, all read before any is marked (a mark
-        moves its row to the end). Not one page: a long queue whose waits have doubled would fill
-        it with requests not due, and hide one whose message was lost behind them for as long."""
-        rows: list[Any] = []
-        for page in range(DISPATCH_SCAN_PAGES):
-            found = deletion_request_repository.dispatch_candidates(session, now, limit, offset=page * limit)
-            rows += found
-            if len(found) < limit:
-                break
-        return rows
 
     def dispatch_failed(self, session: Session, request_ids: list[str]) -> None:
         """The sends of `request_ids` that `due_for_dispatch` marked did not reach the broker:
