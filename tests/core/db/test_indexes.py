@@ -4,6 +4,7 @@ PostgreSQL (deletion_requests only grows: a scan of its whole history would slow
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -60,7 +61,8 @@ def _in_session(query: Callable[[Session], Any]) -> Callable[[sessionmaker[Sessi
 
 
 def test_the_reconciler_pass_reads_the_active_requests_index(engine: Engine) -> None:
-    plan = _plans(engine, _in_session(lambda session: repository.dispatch_candidates(session, utcnow(), 100)))
+    plan = _plans(engine, _in_session(
+        lambda session: repository.dispatch_candidates(session, utcnow(), timedelta(seconds=300), 100)))
 
     assert "ix_deletion_requests_active" in plan and "Seq Scan" not in plan
 
