@@ -5,12 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import Float, Row, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.expression import ColumnElement
-from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.types import Float
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.sql.functions import FunctionElement
 
 from core.db import DeletionRequest, JobState, WebhookDelivery
 from core.services.pagination import Page, PageRequest, decode_token, make_page, time_and_id
@@ -24,9 +22,6 @@ class _epoch(FunctionElement[float]):  # noqa: N801 - used like a SQL function
     type = Float()
     inherit_cache = True
 
-    def __init__(self, value: ColumnElement[Any]) -> None:
-        super().__init__(value)
-
 
 @compiles(_epoch, "sqlite")
 def _epoch_sqlite(element: _epoch, compiler: Any, **kw: Any) -> str:
@@ -36,6 +31,8 @@ def _epoch_sqlite(element: _epoch, compiler: Any, **kw: Any) -> str:
 @compiles(_epoch)
 def _epoch_default(element: _epoch, compiler: Any, **kw: Any) -> str:
     return f"EXTRACT(EPOCH FROM {compiler.process(element.clauses, **kw)})"
+
+
 # The polled read (GET /deletion-requests/{id}), built once: each call skips building the statement
 # and its cache key, and a plain row skips the ORM's loading (~0.2 ms of CPU a read together).
 _ROW_BY_ID = select(_table).where(_table.c.id == bindparam("request_id"), _table.c.tenant_id == bindparam("tenant_id"))

@@ -376,10 +376,9 @@ class ModelService:
         # another tenant holds.
         bytes_deleted = True
         for key in copies:
-            if model_repository.artifact_kept(session, key, besides=found.id):
-                bytes_deleted = bytes_deleted and not model_repository.artifact_kept(
-                    session, key, besides=found.id, tenant_id=tenant_id)
-            else:
+            if model_repository.artifact_kept(session, key, besides=found.id, tenant_id=tenant_id):
+                bytes_deleted = False
+            elif not model_repository.artifact_kept(session, key, besides=found.id):
                 store.delete(key)
         found.checkpoint_purged_at = utcnow()
         record_event(
