@@ -176,9 +176,11 @@ def retrain(
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Plain SGD on D_r. 5 epochs at a constant lr 0.02 (momentum 0.9) follows the fine-tune
-    baseline of the UNSIR and bad-teacher papers (their "a few epochs at a moderate lr")."""
+    baseline of the UNSIR and bad-teacher papers (their "a few epochs at a moderate lr").
+    `min_steps` floors the pass like UISPS's default pass (350): rows with equal budgets."""
 
     epochs: float = 5.0
+    min_steps: int = 0
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -202,7 +204,7 @@ def finetune(
     require_retained(retained, forget_labels)
     to_device(model, device)
     x, y = _normalized(retained.train, Normalizer(mean, std, device))
-    steps = _epoch_steps(cfg.epochs, len(y), cfg.batch_size)
+    steps = max(cfg.min_steps, _epoch_steps(cfg.epochs, len(y), cfg.batch_size))
     opt = _sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     _fit(model, x, y, steps, opt, cfg.batch_size, seed, use_bf16(cfg.precision, device), cfg.augment, retained.flip)
     if info is not None:
@@ -217,9 +219,11 @@ def finetune(
 class AmnesiacConfig:
     """Graves et al.'s relabelling variant as the comparison papers run it: the forgotten
     training samples get random *wrong* labels, drawn once (seeded) from the retained classes
-    (never another forgotten class), and the model trains on D_r plus those, for one epoch."""
+    (never another forgotten class), and the model trains on D_r plus those, for one epoch.
+    `min_steps` floors the pass (rows with UISPS's budget of steps)."""
 
     epochs: float = 1.0
+    min_steps: int = 0
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -255,7 +259,7 @@ def amnesiac(
     x_r, y_r = _normalized(retained.train, normalize)
     x_f = normalize(forget_train.x.to(device))
     x, y = torch.cat([x_r, x_f]), torch.cat([y_r, wrong.to(device)])
-    steps = _epoch_steps(cfg.epochs, len(y), cfg.batch_size)
+    steps = max(cfg.min_steps, _epoch_steps(cfg.epochs, len(y), cfg.batch_size))
     opt = _sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     _fit(model, x, y, steps, opt, cfg.batch_size, seed, use_bf16(cfg.precision, device), cfg.augment, retained.flip)
     if info is not None:
@@ -279,7 +283,9 @@ class UNSIRConfig:
     The notebook's impair set is 20 copies of a 256-image noise batch per forget class beside
     1,000 images per retained class (one forgotten CIFAR-10 class: 36 % noise). Here the noise
     share of the impair set is `noise_fraction` whatever the sizes, so that a small or partial
-    D_r is not swamped: the noise batch is repeated to reach it, split evenly over the classes."""
+    D_r is not swamped: the noise batch is repeated to reach it, split evenly over the classes.
+    `min_steps` floors impair + repair together by lengthening the repair (training on D_r),
+    for rows with UISPS's budget of steps; the impair step stays one pass over the noise."""
 
     noise_batch: int = 64
     noise_steps: int = 40  # the notebook's 5 epochs x 8 steps
@@ -291,6 +297,7 @@ class UNSIRConfig:
     repair_lr: float = 0.01
     impair_epochs: float = 1.0
     repair_epochs: float = 1.0
+    min_steps: int = 0
     optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adam"
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -358,7 +365,7 @@ def unsir(
     x_i, y_i = torch.cat([x_n, x_r]), torch.cat([y_n, y_r])
     impair_steps = _epoch_steps(cfg.impair_epochs, len(y_i), cfg.batch_size)
     _fit(model, x_i, y_i, impair_steps, optimiser(cfg.impair_lr), cfg.batch_size, seed, bf16, cfg.augment, retained.flip)
-    repair_steps = _epoch_steps(cfg.repair_epochs, len(y_r), cfg.batch_size)
+    repair_steps = max(cfg.min_steps - impair_steps, _epoch_steps(cfg.repair_epochs, len(y_r), cfg.batch_size))
     _fit(model, x_r, y_r, repair_steps, optimiser(cfg.repair_lr), cfg.batch_size, seed + 1, bf16, cfg.augment, retained.flip)
     if info is not None:
         info.update(steps=impair_steps + repair_steps, noise_samples=len(y_n))

@@ -194,6 +194,19 @@ def make_preset(name: str, overrides: dict | None = None) -> Preset:
     return _override(preset, overrides) if overrides else preset  # type: ignore[return-value]
 
 
+# the Preset field that holds each baseline's settings
+_BASELINE_SETTINGS = {"finetune": "finetune", "amnesiac": "amnesiac", "unsir": "unsir", "fisher": "fisher",
+                      "bad_teacher": "bad_teacher", "bad_teacher_sps": "bad_teacher"}
+
+
+# fields that change the speed or the arithmetic's precision, not the method
+_NOT_A_SETTING = {"precision", "chunk", "fisher_chunk"}
+
+
+def _setting_value(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, dict) else str(value)
+
+
 @dataclass(frozen=True)
 class Unit:
     """One (experiment, arch, forget set, method, setting) at one seed: one raw row."""
@@ -350,8 +363,9 @@ class PaperBench:
         if steps is not None:  # a sweep's length; otherwise the preset's own
             fields["steps"] = steps
         cfg = UnlearnConfig.model_validate(fields)
-        if inversion:
-            cfg = cfg.model_copy(update={"inversion": cfg.inversion.model_copy(update=inversion)})
+        if inversion:  # validated: a negative weight would silently turn a term around
+            cfg = cfg.model_copy(update={"inversion": InversionConfig.model_validate(
+                {**cfg.inversion.model_dump(), **inversion})})
         return cfg
 
     def units(self, experiment: str, seed: int) -> list[Unit]:
@@ -376,7 +390,7 @@ class PaperBench:
                             out.append(Unit(experiment, arch, forget, m, "preset=paper", seed, "uisps",
                                             unlearn=self._uisps_cfg(preset="paper")))
                         else:
-                            out.append(Unit(experiment, arch, forget, m, "default", seed, m))
+                            out.append(Unit(experiment, arch, forget, m, self._baseline_setting(m), seed, m))
         elif experiment == "tune":
             for arch in p.tune_archs or p.archs:
                 for forget in p.main_forget:
@@ -415,6 +429,16 @@ class PaperBench:
                         cfg = self._uisps_cfg(p.sweep_steps) if m == "uisps" else None
                         out.append(Unit(experiment, p.sweep_arch, p.retain_forget, m, setting, seed, m, frac, cfg))
         return out
+
+    def _baseline_setting(self, kind: str) -> str:
+        """A baseline row's setting: "default", or what this run changed of the method's settings
+        (e.g. "min_steps=350"), so that rows run with other budgets never read as the default."""
+        name = _BASELINE_SETTINGS.get(kind)
+        if name is None:
+            return "default"
+        ours, default = asdict(getattr(self.preset, name)), asdict(getattr(Preset(), name))
+        changed = [f"{k}={_setting_value(v)}" for k, v in ours.items() if k not in _NOT_A_SETTING and v != default[k]]
+        return ", ".join(changed) or "default"
 
     def plan(self, seeds: list[int] | None = None) -> list[Unit]:
         seeds = self.seeds if seeds is None else seeds
@@ -787,10 +811,11 @@ def aggregate(raw: list[dict]) -> list[dict]:
 
 
 def pass_lengths(raw: list[dict]) -> dict:
-    """Optimiser steps of the UISPS pass, per (experiment, arch, method): what `epochs=1` meant."""
+    """Optimiser steps of every method that trains, per (experiment, arch, method): what `epochs=1`
+    meant, and how the budgets of UISPS and the baselines compare."""
     out: dict[str, list[int]] = {}
     for r in raw:
-        if r["method"].startswith("uisps") and r.get("steps") is not None:
+        if r.get("steps") is not None:
             out.setdefault(f"{r['experiment']}/{r['arch']}/{r['method']}", []).append(int(r["steps"]))
     return {k: sorted(set(v)) for k, v in out.items()}
 
@@ -819,6 +844,37 @@ def _dumps(obj: object) -> str:
     nested = re.compile(r"\[\s*((?:\[[^\[\]{}\n]*\],?\s*)+)\]")
     text = flat.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
     return nested.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+
+
+def _frozen_cell(row: dict) -> str:
+    """The share of parameters SPS froze (what alpha acts through), for the rows that froze any."""
+    frozen = row.get("frozen_fraction")
+    return "-" if frozen is None else f"{100 * frozen:.1f}"
+
+
+def _experiment_note(exp: str, preset: dict) -> str:
+    """What a reader of a sweep's table must know to compare it with the paper's."""
+    on_default = ("Every UISPS row runs the default pass (forgotten output rows reset, cosine rate, soft labels "
+                  "without the forgotten classes, 16 synthetic samples per batch) with only the setting named "
+                  "changed, not the paper's pass.")
+    if exp == "ablation":
+        return (on_default + " entropy=off sets lambda2 to 0 in the inversion; sps=off freezes nothing. The "
+                "entropy term raises the entropy of its subset's predictions (`entropy_sign` 1, the paper's text "
+                "and Fig. 2; eq. 5 as printed would lower it).")
+    if exp == "alpha":
+        return (on_default + " alpha is the SPS threshold (eq. 12): a parameter is frozen where its normalised "
+                "retained-data Fisher exceeds alpha times its normalised synthetic-data Fisher, so a lower alpha "
+                "freezes more (the frozen % column).")
+    if exp == "lambda":
+        l1, l2 = preset.get("lambda_bn", []), preset.get("lambda_entropy", [])
+        return (on_default + f" lambda1 in {l1} and lambda2 in {l2}: a {len(l1)} x {len(l2)} grid, a subset "
+                "of the paper's 5 x 5 that holds its default (0.01, 0.05).")
+    if exp == "retain_fraction":
+        return (on_default + " Retrain trains on the fraction; Fine-tune, UNSIR and UISPS start from the "
+                "Original and see only the fraction (the same stratified, seeded subset). The budgets differ: "
+                "UISPS's pass is floored at its 350 steps at every fraction, while Fine-tune and UNSIR run epochs "
+                "of the fraction, so at 20 % UISPS takes many times their steps (the pass lengths below).")
+    return ""
 
 
 def _zero_glance_cell(row: dict) -> str:
@@ -878,10 +934,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
         exp_rows = [r for r in rows if r["experiment"] == exp]
         if not exp_rows:
             continue
-        lines += [f"## {TITLES[exp]}", "",
-                  "| arch | forget | method | setting | A_Dr | A_Df | MIA | probe | probe (bal.) | relearn | seconds "
-                  "| zero-glance | seeds |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"## {TITLES[exp]}", ""]
+        note = _experiment_note(exp, preset)
+        lines += [note, ""] if note else []
+        lines += ["| arch | forget | method | setting | A_Dr | A_Df | MIA | probe | probe (bal.) | relearn | seconds "
+                  "| frozen % | zero-glance | seeds |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in exp_rows:
             relearn = _fmt(r["relearn_steps"], r.get("relearn_steps_std"), r["seeds"], digits=0)
             relearn += "*" if r["relearn_steps"] is not None and r.get("relearn_capped") else ""
@@ -891,7 +949,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"{_fmt(r['acc_forget'], r['acc_forget_std'], r['seeds'])} | {_fmt(r['mia'], r['mia_std'], r['seeds'])} | "
                 f"{_fmt(r['probe'], r.get('probe_std'), r['seeds'])} | "
                 f"{_fmt(r.get('probe_balanced'), r.get('probe_balanced_std'), r['seeds'])} | {relearn} | "
-                f"{_fmt(r['seconds'], r.get('seconds_std'), r['seeds'], digits=1)} | "
+                f"{_fmt(r['seconds'], r.get('seconds_std'), r['seeds'], digits=1)} | {_frozen_cell(r)} | "
                 f"{_zero_glance_cell(r)} | {r['seeds']} |"
             )
         lines.append("")
@@ -909,7 +967,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "the forgotten classes; `uisps-paper` rows use `preset=paper`, the paper's pass read literally (one epoch, "
         "the paper's rate held constant). "
         f"Outside `main` and `tune` the pass is {'the default' if preset.get('sweep_steps') is None else str(preset.get('sweep_steps')) + ' steps'}. "
-        "Optimiser steps used, per experiment/arch/method:",
+        "Optimiser steps used, per experiment/arch/method (UISPS and every baseline that trains; Fisher forgetting "
+        "and the head mask take none):",
         "",
         "```json",
         _dumps(meta.get("pass_lengths", {})),

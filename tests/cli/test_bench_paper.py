@@ -18,6 +18,7 @@ from core.bench_paper import (
     aggregate,
     make_preset,
     markdown,
+    pass_lengths,
     rows_by_device,
 )
 from core.data import Dataset, RetainedData, Split
@@ -321,6 +322,22 @@ def test_the_run_s_pass_overrides_reach_the_default_rows_and_never_the_paper_pre
     assert all(u.unlearn.inversion.iterations == 7 for u in default + paper)  # not part of the pass
 
 
+def test_baseline_rows_run_with_other_settings_say_which(trained_digits, tmp_path):
+    # an equal-budget fine-tune must not read as the default one in the tables
+    preset = make_preset("full", {"finetune": {"min_steps": 350}, "unsir": {"min_steps": 350, "impair_lr": 0.05}})
+    units = PaperBench(preset, trained_digits.dataset, CPU, tmp_path, seeds=1).plan()
+    setting = {u.method: u.setting for u in units if u.experiment == "main"}
+    assert setting["finetune"] == "min_steps=350"
+    assert setting["unsir"] == "impair_lr=0.05, min_steps=350"
+    assert setting["amnesiac"] == setting["fisher"] == setting["bad_teacher_sps"] == setting["head_mask"] == "default"
+
+
+def test_pass_lengths_list_every_method_that_trains():
+    raw = [{"experiment": "main", "arch": "a", "method": m, "steps": n}
+           for m, n in (("uisps", 350), ("finetune", 175), ("finetune", 180), ("fisher", None))]
+    assert pass_lengths(raw) == {"main/a/uisps": [350], "main/a/finetune": [175, 180]}
+
+
 def test_the_benchmark_hands_zero_glance_methods_only_retained_data(trained_digits, tmp_path, monkeypatch):
     """Every method call of a `main` table, recorded: no forgotten sample reaches a zero-glance one."""
     preset = make_preset("quick", {"relearn_experiments": []})
@@ -387,6 +404,29 @@ def test_the_tables_show_the_balanced_probe_beside_the_plain_one():
     assert table[1].split(" | ")[-2] == "n/a" and table[2].split(" | ")[-2] == "yes"  # the Original is no method
 
 
+def test_the_sweep_tables_show_how_much_sps_froze_and_what_they_vary():
+    # alpha acts only through the share SPS freezes: a Table X without it cannot be read
+    base = {"experiment": "alpha", "arch": "a", "forget": [0], "seed": 0, "acc_retain": 80.0, "acc_forget": 0.0,
+            "mia": 10.0, "probe": 90.0, "probe_balanced": 80.0, "relearn_steps": 10, "relearn_reached": True,
+            "seconds": 1.0, "zero_glance": True}
+    rows = aggregate([{**base, "method": "retrain", "setting": "trained on D_r"},
+                      {**base, "method": "uisps", "setting": "alpha=0.5", "frozen_fraction": 0.25},
+                      {**base, "method": "uisps", "setting": "alpha=0.5", "frozen_fraction": 0.20, "seed": 1},
+                      {**base, "experiment": "lambda", "method": "uisps", "setting": "lambda1=0.01, lambda2=0.05"}])
+    md = markdown(rows, {"preset": {"lambda_bn": [0.01], "lambda_entropy": [0.05, 0.5]}})
+    table = [line.split(" | ") for line in md.splitlines() if line.startswith("| ") and "---" not in line]
+    assert table[0][11] == "frozen %" and table[1][11] == "-"  # Retrain froze nothing
+    assert table[2][11] == "22.5" and table[2][-1] == "2 |"
+    assert "a 1 x 2 grid, a subset of the paper's 5 x 5" in md and "a lower alpha freezes more" in md
+
+
+def test_a_negative_inversion_weight_in_a_sweep_is_refused(trained_digits, tmp_path):
+    # it would turn the entropy term around without a word
+    preset = make_preset("full", {"lambda_entropy": [-1.0]})
+    with pytest.raises(ValueError, match="lambda_entropy"):
+        PaperBench(preset, trained_digits.dataset, CPU, tmp_path, experiments=["lambda"], seeds=1).plan()
+
+
 def test_aggregate_means_over_seeds():
     base = {"experiment": "main", "arch": "a", "forget": [0], "method": "m", "setting": "s", "zero_glance": True,
             "probe": 50.0, "probe_balanced": 50.0, "relearn_steps": 10, "relearn_reached": True, "seconds": 1.0,
@@ -414,6 +454,6 @@ def test_a_failing_row_is_reported_and_the_run_goes_on(trained_digits, tmp_path,
     monkeypatch.setitem(B.METHODS, "fisher", B.MethodSpec(**{**B.METHODS["fisher"].__dict__, "fn": broken}))
     rows = bench.run()
     assert [r["method"] for r in rows] == ["original", "head_mask"]
-    assert bench.meta["failures"] == [{"unit": "main/smallcnn/forget=[0]/fisher/default/seed=0",
+    assert bench.meta["failures"] == [{"unit": "main/smallcnn/forget=[0]/fisher/samples=64/seed=0",
                                        "error": "RuntimeError: diverged"}]
     assert "**failed**" in (tmp_path / "paper.md").read_text()

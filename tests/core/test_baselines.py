@@ -2,6 +2,7 @@
 
 import copy
 import inspect
+from dataclasses import replace
 
 import pytest
 import torch
@@ -195,3 +196,18 @@ def test_a_model_with_dropout_unlearns_the_same_for_a_seed_whatever_the_callers_
         return out[3].weight.detach().clone()
 
     assert torch.equal(unlearned(1), unlearned(2))
+
+
+@pytest.mark.parametrize("name", ["finetune", "amnesiac", "unsir"])
+def test_min_steps_gives_a_baseline_uisps_s_budget_of_steps(trained_digits, digits_copy, monkeypatch, name):
+    # rows with equal budgets: a baseline floored at UISPS's 350 steps must train that many, no fewer
+    steps = []
+    sgd_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda opt, *a, **k: (steps.append(1), sgd_step(opt, *a, **k))[1])
+    ds, m = trained_digits.dataset, trained_digits.manifest
+    kwargs = tiny_kwargs(name, ds)
+    kwargs["cfg"] = replace(kwargs["cfg"], min_steps=30)
+    info: dict = {}
+    B.METHODS[name].fn(digits_copy, "smallcnn", retained_data(ds, FORGET), FORGET, m.mean, m.std, CPU, 0,
+                       info=info, **kwargs)
+    assert len(steps) == info["steps"] == 30
