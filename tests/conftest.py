@@ -21,6 +21,12 @@ REDIS_BASE_URL = os.environ.get("UISPS_TEST_REDIS_URL", "redis://127.0.0.1:6379"
 # CI sets it: there a service that does not answer is a broken run, not hundreds of quiet skips.
 REQUIRE_SERVICES = os.environ.get("UISPS_TEST_REQUIRE_SERVICES") == "1"
 
+# The service's settings in the caller's shell (UISPS_ARTIFACT_BACKEND=s3, UISPS_DATABASE_URL=...)
+# must not change what the tests test, nor point them at a real deployment: each test names its own.
+for _name in [n for n in os.environ if n.startswith("UISPS_") and not n.startswith("UISPS_TEST_")
+              and n != "UISPS_CIFAR10_SUBSET"]:
+    del os.environ[_name]
+
 
 def _unavailable(reason: str) -> None:
     if REQUIRE_SERVICES:
@@ -56,8 +62,14 @@ def pg_url() -> Iterator[str]:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
+# Marks a Redis database as a test run's: only an empty one, or one an earlier (killed) run marked,
+# is ever emptied, so a developer's own data in another database number survives the tests.
+_TEST_RUN_MARK = "uisps-test-run"
+
+
 def _idle_redis_db(client: redis.Redis) -> int:
-    """A database number (1-15) no client is connected to, starting from one picked by pid.
+    """A database number (1-15) no client is connected to and that holds nothing but a test run's
+    keys, starting from one picked by pid.
 
     A worker left running by a killed test run (or a run beside this one) still consumes from its
     database, and would take this run's messages if the two shared a number.
@@ -67,10 +79,15 @@ def _idle_redis_db(client: redis.Redis) -> int:
     except redis.ResponseError:  # CLIENT LIST refused (a managed Redis's ACL): trust the pid
         busy = set()
     numbers = [1 + (os.getpid() + step) % 15 for step in range(15)]
-    idle = [number for number in numbers if number not in busy]
-    if not idle:
-        pytest.fail(f"every Redis database 1-15 at {REDIS_BASE_URL} has a client; stop stray `python -m worker` processes")
-    return idle[0]
+    for number in (n for n in numbers if n not in busy):
+        probe = redis.Redis.from_url(f"{REDIS_BASE_URL}/{number}", socket_connect_timeout=3)
+        try:
+            if probe.dbsize() == 0 or probe.exists(_TEST_RUN_MARK):
+                return number
+        finally:
+            probe.close()
+    pytest.fail(f"no Redis database 1-15 at {REDIS_BASE_URL} is both free of clients and empty (or a test run's); "
+                "stop stray `python -m worker` processes")
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +103,7 @@ def redis_url() -> Iterator[str]:
     url = f"{REDIS_BASE_URL}/{number}"
     client = redis.Redis.from_url(url, socket_connect_timeout=3)
     client.flushdb()
+    client.set(_TEST_RUN_MARK, os.getpid())
     try:
         yield url
     finally:

@@ -332,7 +332,7 @@ class _WorkerWatch:
 def worker(
     pool: Annotated[str, typer.Option("--pool", help="prefork (default) or solo")] = "prefork",
     concurrency: Annotated[int, typer.Option("--concurrency", help="jobs at once (each may use a whole GPU)")] = 1,
-    loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
+    loglevel: Annotated[str | None, typer.Option("--loglevel", help="default: UISPS_LOG_LEVEL")] = None,
 ) -> None:
     """Run a Celery worker that executes deletion requests (settings from UISPS_* variables)."""
     from worker.main import start_worker

@@ -73,9 +73,10 @@ def check_configuration(settings: Settings) -> None:
 
 
 def start_worker(
-    *, pool: str = "prefork", concurrency: int = 1, loglevel: str = "INFO", extra_args: Sequence[str] = ()
+    *, pool: str = "prefork", concurrency: int = 1, loglevel: str | None = None, extra_args: Sequence[str] = ()
 ) -> None:
-    """Run a Celery worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown)."""
+    """Run a Celery worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown).
+    `loglevel` None: UISPS_LOG_LEVEL's."""
     try:
         settings = get_settings()
     except SettingsError as exc:
@@ -85,4 +86,5 @@ def start_worker(
     settings.home.mkdir(parents=True, exist_ok=True)  # the embedded broker and database live here
     from worker.celery_app import app
 
-    app.worker_main([*worker_argv(pool=pool, concurrency=concurrency, loglevel=loglevel), *extra_args])
+    argv = worker_argv(pool=pool, concurrency=concurrency, loglevel=loglevel or settings.log_level)
+    app.worker_main([*argv, *extra_args])

@@ -50,3 +50,26 @@ def test_a_worker_on_a_database_not_migrated_to_its_schema_does_not_start(own_pg
     assert worker.returncode != 0
     assert "worker not started: the database" in worker.stderr and "is at revision None, not " in worker.stderr
     assert "`uisps db upgrade` migrates it" in worker.stderr
+
+
+def test_a_worker_logs_at_the_level_its_settings_name(tmp_path) -> None:  # noqa: ANN001
+    # an operator's UISPS_LOG_LEVEL=DEBUG (or WARNING) in the workers' environment must reach them
+    import os
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("UISPS_")},
+           "UISPS_HOME": str(tmp_path), "UISPS_LOG_LEVEL": "DEBUG", "UISPS_LOG_FORMAT": "text"}
+    cli = [sys.executable, "-m", "uisps"]
+    subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=120)
+    with subprocess.Popen([*cli, "worker", "--pool", "solo"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as worker:
+        try:
+            lines = []
+            for line in worker.stdout:  # type: ignore[union-attr]
+                lines.append(line)
+                if " ready." in line:
+                    break
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+    assert any(" ready." in line for line in lines), "".join(lines)
+    assert any(" DEBUG celery." in line for line in lines), "".join(lines)
