@@ -854,7 +854,10 @@ def _frozen_cell(row: dict) -> str:
 
 def _experiment_note(exp: str, preset: dict) -> str:
     """What a reader of a sweep's table must know to compare it with the paper's."""
-    on_default = ("Every UISPS row runs the default pass (forgotten output rows reset, cosine rate, soft labels "
+    paper_pass = _runs_paper_pass(preset)
+    on_default = ("Every UISPS row runs the paper's pass (preset=paper: one epoch at the paper's constant rate, "
+                  "no output rows reset) with only the setting named changed." if paper_pass else
+                  "Every UISPS row runs the default pass (forgotten output rows reset, cosine rate, soft labels "
                   "without the forgotten classes, 16 synthetic samples per batch) with only the setting named "
                   "changed, not the paper's pass.")
     if exp == "ablation":
@@ -870,11 +873,19 @@ def _experiment_note(exp: str, preset: dict) -> str:
         return (on_default + f" lambda1 in {l1} and lambda2 in {l2}: a {len(l1)} x {len(l2)} grid, a subset "
                 "of the paper's 5 x 5 that holds its default (0.01, 0.05).")
     if exp == "retain_fraction":
+        budget = ("UISPS's pass is one epoch of the fraction, like the baselines' epochs (the pass lengths below)."
+                  if paper_pass else
+                  "The budgets differ: UISPS's pass is floored at its 350 steps at every fraction, while Fine-tune "
+                  "and UNSIR run epochs of the fraction, so at 20 % UISPS takes many times their steps (the pass "
+                  "lengths below).")
         return (on_default + " Retrain trains on the fraction; Fine-tune, UNSIR and UISPS start from the "
-                "Original and see only the fraction (the same stratified, seeded subset). The budgets differ: "
-                "UISPS's pass is floored at its 350 steps at every fraction, while Fine-tune and UNSIR run epochs "
-                "of the fraction, so at 20 % UISPS takes many times their steps (the pass lengths below).")
+                "Original and see only the fraction (the same stratified, seeded subset). " + budget)
     return ""
+
+
+def _runs_paper_pass(preset: dict) -> bool:
+    """Whether the run's base UISPS pass (its `uisps` and sweep rows) is the paper's."""
+    return (preset.get("unlearn") or {}).get("preset") == "paper"
 
 
 def _zero_glance_cell(row: dict) -> str:
@@ -962,10 +973,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += [
         "## UISPS settings of this run",
         "",
-        "Pass length: `uisps` rows use the default pass, one epoch of the retained data floored at `min_steps` (350, "
-        "the paper's step count for one epoch of full CIFAR-10), with a cosine-decaying rate and soft labels without "
-        "the forgotten classes; `uisps-paper` rows use `preset=paper`, the paper's pass read literally (one epoch, "
-        "the paper's rate held constant). "
+        ("Pass length: this run's base pass is the paper's (`unlearn.preset` = paper), so `uisps` rows, like "
+         "`uisps-paper` rows, run one epoch at the paper's rate held constant. " if _runs_paper_pass(preset) else
+         "Pass length: `uisps` rows use the default pass, one epoch of the retained data floored at `min_steps` (350, "
+         "the paper's step count for one epoch of full CIFAR-10), with a cosine-decaying rate and soft labels without "
+         "the forgotten classes; `uisps-paper` rows use `preset=paper`, the paper's pass read literally (one epoch, "
+         "the paper's rate held constant). ") +
         f"Outside `main` and `tune` the pass is {'the default' if preset.get('sweep_steps') is None else str(preset.get('sweep_steps')) + ' steps'}. "
         "Optimiser steps used, per experiment/arch/method (UISPS and every baseline that trains; Fisher forgetting "
         "and the head mask take none):",

@@ -420,6 +420,17 @@ def test_the_sweep_tables_show_how_much_sps_froze_and_what_they_vary():
     assert "a 1 x 2 grid, a subset of the paper's 5 x 5" in md and "a lower alpha freezes more" in md
 
 
+def test_the_tables_say_which_pass_the_sweeps_ran_on():
+    row = {"experiment": "retain_fraction", "arch": "a", "forget": [0], "method": "uisps", "setting": "retain=20%",
+           "seed": 0, "acc_retain": 80.0, "acc_forget": 0.0, "mia": 10.0, "probe": 90.0, "relearn_steps": 10,
+           "relearn_reached": True, "seconds": 1.0, "zero_glance": True}
+    default = markdown(aggregate([row]), {"preset": {"unlearn": {"fisher_chunk": 64}}})
+    paper = markdown(aggregate([row]), {"preset": {"unlearn": {"fisher_chunk": 64, "preset": "paper"}}})
+    assert "runs the default pass" in default and "floored at its 350 steps at every fraction" in default
+    assert "runs the paper's pass" in paper and "one epoch of the fraction" in paper
+    assert "runs the default pass" not in paper and "this run's base pass is the paper's" in paper
+
+
 def test_a_negative_inversion_weight_in_a_sweep_is_refused(trained_digits, tmp_path):
     # it would turn the entropy term around without a word
     preset = make_preset("full", {"lambda_entropy": [-1.0]})
