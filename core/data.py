@@ -7,6 +7,7 @@ torchvision loaders read a local root only.
 
 from __future__ import annotations
 
+import math
 import zipfile
 import zlib
 from collections.abc import Iterable
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 
 from core.errors import DataError
+
+GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -129,10 +132,40 @@ def _digits() -> Dataset:
     )
 
 
-def _npz(spec: str, path: Path) -> Dataset:
+_NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz_array_bytes(archive: np.lib.npyio.NpzFile, path: Path) -> dict[str, int]:
+    """Bytes each array the loader reads decodes to, from its .npy header alone: a few kilobytes
+    of a compressed archive may decode to gigabytes, so the sizes are known before any is read."""
+    members = set(archive.zip.namelist())
+    sizes = {}
+    for name in (*_NPZ_ARRAYS, "classes"):
+        if f"{name}.npy" not in members:
+            continue
+        with archive.zip.open(f"{name}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            if version not in ((1, 0), (2, 0)):
+                raise DataError(f"{path}: {name} is a .npy file of version {version}; save it with numpy's np.savez")
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = reader(member)
+        sizes[name] = math.prod(shape) * dtype.itemsize
+    return sizes
+
+
+def _check_size(total: int, max_bytes: int | None, what: str) -> None:
+    if max_bytes is not None and total > max_bytes:
+        raise DataError(f"{what} decode to {total / GIB:.2f} GiB, over this service's limit of "
+                        f"{max_bytes / GIB:.2f} GiB a data set (UISPS_MAX_DATASET_BYTES)")
+
+
+def _npz(spec: str, path: Path, max_bytes: int | None = None) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+            sizes = _npz_array_bytes(f, path)
+            _check_size(sum(sizes.values()), max_bytes, f"the arrays of {path}")
+            # only the arrays it uses: a member that is not a .npy would be read whole, as bytes
+            arrays = {k: f[k] for k in sizes}
     except FileNotFoundError:
         raise DataError(f"data file not found: {path}") from None
     # a damaged or truncated archive (NotImplementedError: zipfile, for a compression it lacks)
@@ -140,7 +173,7 @@ def _npz(spec: str, path: Path) -> Dataset:
         raise DataError(f"cannot read {path} as .npz: {exc}") from None
     except TypeError:  # np.load gave one array (no context manager): a .npy file, not an archive
         raise DataError(f"{path} is a single .npy array, not an .npz archive of arrays") from None
-    missing = {"x_train", "y_train", "x_test", "y_test"} - arrays.keys()
+    missing = set(_NPZ_ARRAYS) - arrays.keys()
     if missing:
         raise DataError(f"{path} lacks arrays {sorted(missing)}")
     x_train, x_test = _to_nchw(arrays["x_train"], "x_train"), _to_nchw(arrays["x_test"], "x_test")
@@ -166,6 +199,11 @@ def _npz(spec: str, path: Path) -> Dataset:
 def _torchvision_split(kind: str, root: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
     import torchvision.datasets as tvd
 
+    legacy = [root / "MNIST" / "processed" / name for name in ("training.pt", "test.pt")]
+    if kind == "mnist" and any(file.exists() for file in legacy):
+        # torchvision would torch.load (unpickle) these instead of reading the raw files
+        raise DataError(f"mnist root {root} holds torchvision's legacy MNIST/processed/*.pt files, which are "
+                        "pickles this service does not read; remove MNIST/processed and keep MNIST/raw")
     try:
         if kind == "svhn":
             ds = tvd.SVHN(str(root), split="train" if train else "test", download=False)
@@ -174,19 +212,30 @@ def _torchvision_split(kind: str, root: Path, train: bool) -> tuple[np.ndarray, 
         ds = cls(str(root), train=train, download=False)
     except RuntimeError as exc:  # torchvision says "Dataset not found or corrupted"
         raise DataError(f"{kind} not found under {root}: {exc}") from None
+    except (ValueError, AssertionError, OSError, EOFError, IndexError, KeyError) as exc:  # malformed files
+        raise DataError(f"cannot read {kind} under {root}: {type(exc).__name__}: {exc}") from None
     data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else ds.data
     return data, np.asarray(ds.targets), list(ds.classes)
 
 
-def _imagefolder(spec: str, root: Path) -> Dataset:
+def _imagefolder(spec: str, root: Path, max_bytes: int | None = None) -> Dataset:
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
+    decoded = 0  # bytes of the images decoded so far, both splits
+
     def rgb(path: str) -> np.ndarray:
+        nonlocal decoded
         try:
-            with Image.open(path) as image:
+            with Image.open(path) as image:  # reads the header: the size is known before decoding
+                width, height = image.size
+                if width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
+                    raise DataError(f"{path} is {width}x{height} pixels, more than an image may have here")
+                decoded += width * height * 3
+                _check_size(decoded, max_bytes, f"the images under {root}")
                 return np.asarray(image.convert("RGB"))
-        except (OSError, Image.DecompressionBombError) as exc:  # not an image, a truncated one, a bomb
+        # not an image, a truncated one, a bomb, or a decoder's own complaint
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
             raise DataError(f"cannot read {path} as an image: {exc}") from None
 
     def load(sub: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -214,7 +263,10 @@ def _imagefolder(spec: str, root: Path) -> Dataset:
     )
 
 
-def load_dataset(spec: str) -> Dataset:
+def load_dataset(spec: str, max_bytes: int | None = None) -> Dataset:
+    """The data set a spec names. `max_bytes`: refuse an npz or imagefolder source whose images
+    would decode to more (checked from headers, before decoding); the other kinds are files of
+    known, fixed sizes."""
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         return _digits()
@@ -222,9 +274,9 @@ def load_dataset(spec: str) -> Dataset:
         raise DataError(f"unknown data spec {spec!r} (use digits, npz:<path>, cifar10:<root>, ...)")
     path = Path(arg).expanduser()
     if kind == "npz":
-        return _npz(spec, path)
+        return _npz(spec, path, max_bytes)
     if kind == "imagefolder":
-        return _imagefolder(spec, path)
+        return _imagefolder(spec, path, max_bytes)
     if kind in ("cifar10", "cifar100", "svhn", "mnist"):
         xtr, ytr, classes = _torchvision_split(kind, path, True)
         xte, yte, _ = _torchvision_split(kind, path, False)

@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     max_api_keys_per_tenant: int = Field(100, ge=1)
     # Largest checkpoint accepted, in parameters (elements of all tensors together).
     max_checkpoint_parameters: int = Field(250_000_000, ge=1)
+    # Largest data set a worker decodes (npz and imagefolder sources: checked from their headers
+    # before decoding, since a small compressed file may decode to gigabytes). 4 GiB holds full
+    # CIFAR-10 (184 MB) twenty times over; the worker holds a float copy of D_r on its device too.
+    max_dataset_bytes: int = Field(4096 * MIB, ge=1)
     # Ed25519 key that signs deletion certificates; created on first use when missing.
     certificate_key_path: Path | None = None
     # The public halves of signing keys that `uisps certificate rotate-key` retired, one

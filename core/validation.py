@@ -120,7 +120,10 @@ def _link_out_of(folder: Path, roots: Sequence[Path]) -> bool:
     leads out of the roots. The loaders follow links, into linked folders too, so the walk does
     the same (each real folder once: link cycles end). Nothing where the folder is not visible
     (the API may not mount the data; the worker checks again before it reads)."""
-    if not folder.is_dir():
+    try:
+        if not folder.is_dir():
+            return False
+    except OSError:  # a name the file system refuses (too long): the loader fails on it with a clear error
         return False
     seen: set[tuple[int, int]] = set()
     pending = [folder]

@@ -220,12 +220,12 @@ def _run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcom
             return _lost(request_id)
 
 
-def _load_as_named(resolved: str, named: str) -> Dataset:
+def _load_as_named(resolved: str, named: str, max_bytes: int) -> Dataset:
     """The data read from its resolved path, named (in the dataset and in errors the tenant sees)
     by the path the tenant gave: where the operator's folders resolve to is the server's business."""
     resolved_path, named_path = resolved.partition(":")[2], named.partition(":")[2]
     try:
-        dataset = load_dataset(resolved)
+        dataset = load_dataset(resolved, max_bytes)
     except DataError as exc:
         raise DataError(str(exc).replace(resolved_path, named_path) if resolved_path else str(exc)) from None
     return replace(dataset, spec=named)
@@ -402,7 +402,7 @@ def _unlearn(
         expected=manifest_for(job.model, job.base.forgotten_labels),
         max_parameters=settings.max_checkpoint_parameters,
     )
-    dataset = _load_as_named(data_source, named)
+    dataset = _load_as_named(data_source, named, settings.max_dataset_bytes)
     # once more after reading: a link out of the roots made inside the folder while the job read it
     check_data_location(data_source, roots, tenant_id, shown=named)
     result = unlearn_model(model, manifest, dataset, job.forget_labels, config, device, tracker)

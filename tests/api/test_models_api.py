@@ -493,6 +493,17 @@ def test_a_data_source_outside_the_data_roots_is_422(tmp_path, model_spec: dict[
         assert client.get("/models").json()["models"] == []
 
 
+def test_a_data_path_the_file_system_refuses_is_no_server_error(tmp_path, model_spec: dict[str, Any]) -> None:  # noqa: ANN001
+    # a name too long to look up: whether a file exists is for the worker that reads it to say
+    root = tmp_path / "data"
+    root.mkdir()
+    with TestClient(create_app(Settings(home=tmp_path, data_roots=str(root)))) as client:
+        authorize(client)
+        response = client.post("/models", json={**model_spec, "data_source": f"npz:{root}/{'a' * 300}"})
+
+        assert response.status_code == 201, response.text
+
+
 def test_without_data_roots_only_builtin_data_is_accepted(client: TestClient, model_spec: dict[str, Any]) -> None:
     refused = client.post("/models", json={**model_spec, "data_source": "npz:/data/train.npz"})
 

@@ -154,3 +154,63 @@ def test_the_shared_cifar10_subset_loads_as_colour_images():
     ds = load_dataset(f"npz:{path}")
     assert (len(ds.train), len(ds.test), ds.input_shape) == (5085, 1017, (3, 32, 32))
     assert ds.classes[0] == "airplane" and ds.flip
+
+
+def _classes_of_images(root: Path, size: tuple[int, int]) -> None:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            Image.new("RGB", size).save(root / split / cls / "0.png")
+
+
+def test_a_small_npz_that_decodes_past_the_limit_is_refused_before_decoding(tmp_path):
+    # 61 MB of zeros compress to about 60 KB: the header says how much they decode to
+    path = tmp_path / "bomb.npz"
+    x = np.zeros((20_000, 32, 32, 3), np.uint8)
+    np.savez_compressed(path, x_train=x, y_train=np.zeros(20_000, np.int64), x_test=x[:10], y_test=np.zeros(10, np.int64))
+    assert path.stat().st_size < 1_000_000
+
+    with pytest.raises(DataError, match=r"decode to 0\.06 GiB, over this service's limit of 0\.01 GiB"):
+        load_dataset(f"npz:{path}", max_bytes=10 * 2**20)
+    assert len(load_dataset(f"npz:{path}", max_bytes=100 * 2**20).train) == 20_000
+
+
+def test_imagefolder_images_past_the_limit_are_refused_before_decoding(tmp_path):
+    _classes_of_images(tmp_path, (400, 300))  # 360,000 bytes each as RGB, four of them
+
+    with pytest.raises(DataError, match="UISPS_MAX_DATASET_BYTES"):
+        load_dataset(f"imagefolder:{tmp_path}", max_bytes=1_000_000)
+    assert len(load_dataset(f"imagefolder:{tmp_path}", max_bytes=2_000_000).train) == 2
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_of_more_pixels_than_pillow_allows_is_refused(tmp_path, monkeypatch):
+    # between Pillow's limit and twice it, Pillow only warns and decodes
+    from PIL import Image
+
+    _classes_of_images(tmp_path, (20, 20))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
+    with pytest.raises(DataError, match="is 20x20 pixels, more than an image may have here"):
+        load_dataset(f"imagefolder:{tmp_path}")
+
+
+def test_an_mnist_root_with_torchvision_s_pickled_files_is_refused_unread(tmp_path):
+    processed = tmp_path / "MNIST" / "processed"
+    processed.mkdir(parents=True)
+    for name in ("training.pt", "test.pt"):
+        (processed / name).write_bytes(pickle.dumps({"not": "read"}))
+
+    with pytest.raises(DataError, match="legacy MNIST/processed/\\*.pt files, which are pickles"):
+        load_dataset(f"mnist:{tmp_path}")
+
+
+def test_malformed_mnist_raw_files_are_bad_data(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\x00\x00\x08\x03" + bytes(7))  # a header cut short
+
+    with pytest.raises(DataError, match="cannot read mnist under"):
+        load_dataset(f"mnist:{tmp_path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -168,6 +169,23 @@ def test_a_damaged_data_file_fails_at_once_as_bad_data_not_after_retries(worker_
     request = _request(worker_env, request_id)
     assert request.attempts == 1 and request.error["code"] == "invalid_data"
     assert request.error["message"].startswith(f"cannot read {damaged} as .npz")
+
+
+def test_a_data_set_over_the_workers_size_limit_fails_at_once_unread(
+    worker_env, digits_checkpoint: bytes, tmp_path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    # a small compressed file may decode to more than the worker's memory: refused from its headers
+    big = tmp_path / "big.npz"
+    x = np.zeros((100, 8, 8), np.uint8)
+    np.savez_compressed(big, x_train=x, y_train=np.arange(100) % 10, x_test=x, y_test=np.arange(100) % 10)
+    request_id = worker_env.new_request(digits_checkpoint, [1], data_source=f"npz:{big}")
+    monkeypatch.setenv("UISPS_MAX_DATASET_BYTES", "10000")
+
+    assert _run(request_id) == "failed"
+
+    request = _request(worker_env, request_id)
+    assert request.attempts == 1 and request.error["code"] == "invalid_data"
+    assert "UISPS_MAX_DATASET_BYTES" in request.error["message"]
 
 
 def test_a_data_source_outside_the_workers_roots_is_not_read(
@@ -691,8 +709,6 @@ def test_a_data_link_swapped_after_the_check_is_not_followed(
     # The tenant's data source is a link inside its root. Repointed outside the root (at another
     # tenant's file, say) once the worker has checked it, it must not be read: the job reads the
     # path it checked.
-    import numpy as np
-
     import worker.jobs as jobs
     from core.data import load_dataset
 
