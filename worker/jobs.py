@@ -142,6 +142,9 @@ def run_job(request_id: str, settings: Settings, retries: int = 0) -> RunOutcome
         return _run_job(request_id, settings, retries)
 
 
+OUT_OF_MEMORY = "out_of_memory"
+
+
 def client_message(exc: Exception, code: str, request_id: str, attempt: int) -> str:
     """What the tenant sees of an unexpected error (the request's `error`, its webhook): the kind
     of error, never its text. That text can hold SQL with its parameters, the database's or the
@@ -150,6 +153,9 @@ def client_message(exc: Exception, code: str, request_id: str, attempt: int) -> 
         return f"a stored checkpoint this job reads or wrote is missing ({exc}); an operator must restore it"
     if code == STORE_UNAVAILABLE:
         return f"the artifact store could not be reached ({type(exc).__name__}); retried while the outage lasts"
+    if code == OUT_OF_MEMORY:
+        return ("the job ran out of the worker's GPU memory; smaller params need less (fisher_chunk, "
+                "inversion.n_per_class, batch_size), or ask the operator for a worker with more")
     return (
         f"an internal error ({type(exc).__name__}); the worker's log has the details under deletion request "
         f"{request_id}, attempt {attempt}"
@@ -245,6 +251,8 @@ def _record_failure(
     # retried all the same (a missing file may come back with a restore), but named for the
     # operator who must act
     code = ArtifactMissing.code if isinstance(exc, ArtifactNotFound) else "internal_error"
+    # retried too (another job may have held the GPU's memory), but named so the tenant can act
+    code = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else code
     code = STORE_UNAVAILABLE if outage else code
     message = client_message(exc, code, request_id, job.attempt)
     if outage:

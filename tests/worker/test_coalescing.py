@@ -506,7 +506,7 @@ def test_on_its_last_attempt_a_failed_group_cancels_who_asked_and_fails_the_rest
     model_id = worker_env.new_model(digits_checkpoint)
     leader, member = worker_env.queue(model_id, [3]), worker_env.queue(model_id, [5])
 
-    def member_cancels_then_it_breaks(_source: str) -> None:
+    def member_cancels_then_it_breaks(*_: object) -> None:
         with worker_env.sessions.begin() as session:
             session.execute(update(DeletionRequest).where(DeletionRequest.id == member).values(cancel_requested=True))
         raise RuntimeError("the data set could not be read")

@@ -261,7 +261,7 @@ def test_an_unexpected_errors_text_reaches_the_log_not_the_client(
 ) -> None:
     from worker.jobs import run_job
 
-    def broken(_source: str) -> None:
+    def broken(*_: object) -> None:
         raise RuntimeError("connection to postgresql://uisps:hunter2@db.internal:5432 failed [parameters: ('x',)]")
 
     monkeypatch.setattr("worker.jobs.load_dataset", broken)
@@ -275,6 +275,25 @@ def test_an_unexpected_errors_text_reaches_the_log_not_the_client(
         f"an internal error (RuntimeError); the worker's log has the details under deletion request {request_id}, attempt 1"
     )
     assert "db.internal" in caplog.text  # the operator's log has it all
+
+
+def test_a_job_out_of_gpu_memory_says_so_and_which_params_need_less(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    import torch
+
+    from worker.jobs import run_job
+
+    def out_of_memory(*_: object) -> None:  # what CUDA raises for a fisher_chunk too large for the GPU
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 44.00 GiB")
+
+    monkeypatch.setattr("worker.jobs.load_dataset", out_of_memory)
+    request_id = worker_env.new_request(digits_checkpoint, [1])
+
+    assert run_job(request_id, worker_env.settings.model_copy(update={"max_attempts": 1})).status == "failed"
+
+    error = _request(worker_env, request_id).error
+    assert error["code"] == "out_of_memory" and "fisher_chunk" in error["message"]
 
 
 def test_a_database_blip_during_a_job_costs_neither_its_work_nor_an_attempt(
@@ -417,7 +436,7 @@ def test_a_retry_whose_answer_was_lost_is_still_sent(
     # the retry's message), not "lost", which sends nothing and leaves the reconciler to notice.
     from worker.jobs import run_job
 
-    def broken(_source: str) -> None:
+    def broken(*_: object) -> None:
         raise RuntimeError("the data store hiccupped")
 
     monkeypatch.setattr("worker.jobs.load_dataset", broken)
@@ -462,7 +481,7 @@ def test_a_cancel_asked_before_the_last_attempt_fails_is_honoured(
 
     request_id = worker_env.new_request(digits_checkpoint, [1])
 
-    def cancel_then_break(_source: str) -> None:
+    def cancel_then_break(*_: object) -> None:
         _set_cancel_requested(worker_env, request_id)
         raise RuntimeError("the data set could not be read")
 
@@ -750,7 +769,7 @@ def test_a_link_out_of_the_roots_made_while_the_job_read_its_data_fails_the_job(
         model_id = session.get(DeletionRequest, request_id).model_id
         session.execute(update(Model).where(Model.id == model_id).values(data_source=f"imagefolder:{folder}"))
 
-    def reading_while_linked(spec: str) -> object:
+    def reading_while_linked(spec: str, max_bytes: int | None = None) -> object:
         (folder / "elsewhere").symlink_to(tmp_path.parent)
         return load_dataset("digits")
 
