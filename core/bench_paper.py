@@ -383,8 +383,9 @@ class PaperBench:
                         if m in ("original", "retrain"):
                             out.append(Unit(experiment, arch, forget, m,
                                             "trained on D" if m == "original" else "trained on D_r", seed, m))
-                        elif m == "uisps":
-                            out.append(Unit(experiment, arch, forget, m, "default", seed, "uisps",
+                        elif m == "uisps":  # the run's base pass: the default, unless the run set another
+                            base = "preset=paper" if self.base_unlearn.preset == "paper" else "default"
+                            out.append(Unit(experiment, arch, forget, m, base, seed, "uisps",
                                             unlearn=self._uisps_cfg()))
                         elif m == "uisps-paper":
                             out.append(Unit(experiment, arch, forget, m, "preset=paper", seed, "uisps",
@@ -427,7 +428,9 @@ class PaperBench:
                         out.append(Unit(experiment, p.sweep_arch, p.retain_forget, m, setting, seed, "original"))
                     else:
                         cfg = self._uisps_cfg(p.sweep_steps) if m == "uisps" else None
-                        out.append(Unit(experiment, p.sweep_arch, p.retain_forget, m, setting, seed, m, frac, cfg))
+                        changed = self._baseline_setting(m)
+                        label = setting if changed == "default" else f"{setting}, {changed}"
+                        out.append(Unit(experiment, p.sweep_arch, p.retain_forget, m, label, seed, m, frac, cfg))
         return out
 
     def _baseline_setting(self, kind: str) -> str:
@@ -854,12 +857,12 @@ def _frozen_cell(row: dict) -> str:
 
 def _experiment_note(exp: str, preset: dict) -> str:
     """What a reader of a sweep's table must know to compare it with the paper's."""
-    paper_pass = _runs_paper_pass(preset)
+    paper_pass, steps = _runs_paper_pass(preset), preset.get("sweep_steps")
     on_default = ("Every UISPS row runs the paper's pass (preset=paper: one epoch at the paper's constant rate, "
-                  "no output rows reset) with only the setting named changed." if paper_pass else
+                  "no output rows reset)" if paper_pass else
                   "Every UISPS row runs the default pass (forgotten output rows reset, cosine rate, soft labels "
-                  "without the forgotten classes, 16 synthetic samples per batch) with only the setting named "
-                  "changed, not the paper's pass.")
+                  "without the forgotten classes, 16 synthetic samples per batch), not the paper's,")
+    on_default += (f" for {steps} steps" if steps is not None else "") + " with only the setting named changed."
     if exp == "ablation":
         return (on_default + " entropy=off sets lambda2 to 0 in the inversion; sps=off freezes nothing. The "
                 "entropy term raises the entropy of its subset's predictions (`entropy_sign` 1, the paper's text "
@@ -870,14 +873,14 @@ def _experiment_note(exp: str, preset: dict) -> str:
                 "freezes more (the frozen % column).")
     if exp == "lambda":
         l1, l2 = preset.get("lambda_bn", []), preset.get("lambda_entropy", [])
+        held = "holds" if 0.01 in l1 and 0.05 in l2 else "leaves out"
         return (on_default + f" lambda1 in {l1} and lambda2 in {l2}: a {len(l1)} x {len(l2)} grid, a subset "
-                "of the paper's 5 x 5 that holds its default (0.01, 0.05).")
+                f"of the paper's 5 x 5 that {held} its default (0.01, 0.05).")
     if exp == "retain_fraction":
-        budget = ("UISPS's pass is one epoch of the fraction, like the baselines' epochs (the pass lengths below)."
-                  if paper_pass else
-                  "The budgets differ: UISPS's pass is floored at its 350 steps at every fraction, while Fine-tune "
-                  "and UNSIR run epochs of the fraction, so at 20 % UISPS takes many times their steps (the pass "
-                  "lengths below).")
+        uisps = (f"{steps} steps" if steps is not None else "one epoch of the fraction" if paper_pass
+                 else "floored at 350 steps")
+        budget = (f"UISPS's pass is {uisps} at every fraction; the baselines' steps are in the pass lengths "
+                  "below: where they differ, so do the budgets.")
         return (on_default + " Retrain trains on the fraction; Fine-tune, UNSIR and UISPS start from the "
                 "Original and see only the fraction (the same stratified, seeded subset). " + budget)
     return ""
@@ -979,7 +982,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
          "the paper's step count for one epoch of full CIFAR-10), with a cosine-decaying rate and soft labels without "
          "the forgotten classes; `uisps-paper` rows use `preset=paper`, the paper's pass read literally (one epoch, "
          "the paper's rate held constant). ") +
-        f"Outside `main` and `tune` the pass is {'the default' if preset.get('sweep_steps') is None else str(preset.get('sweep_steps')) + ' steps'}. "
+        f"Outside `main` and `tune` the pass is {'the base pass' if preset.get('sweep_steps') is None else 'the base pass for ' + str(preset.get('sweep_steps')) + ' steps'}. "
         "Optimiser steps used, per experiment/arch/method (UISPS and every baseline that trains; Fisher forgetting "
         "and the head mask take none):",
         "",

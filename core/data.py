@@ -7,10 +7,12 @@ torchvision loaders read a local root only.
 
 from __future__ import annotations
 
+import errno
 import math
 import zipfile
 import zlib
 from collections.abc import Iterable
+from typing import IO
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,24 +135,43 @@ def _digits() -> Dataset:
 
 
 _NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+# Read errors of the disk, the network file system or the machine, not of the data: the job is
+# retried. Any other (a name too long, not there, not a folder, not readable, a seek past the end
+# of a cut file) is the data's fault: `invalid_data`, at once.
+_TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.EAGAIN, errno.EINTR, errno.ENOMEM,
+                     errno.ENFILE, errno.EMFILE}
 
 
-def _npz_array_bytes(archive: np.lib.npyio.NpzFile, path: Path) -> dict[str, int]:
-    """Bytes each array the loader reads decodes to, from its .npy header alone: a few kilobytes
-    of a compressed archive may decode to gigabytes, so the sizes are known before any is read."""
-    members = set(archive.zip.namelist())
-    sizes = {}
+def _data_fault(exc: OSError) -> bool:
+    return exc.errno not in _TRANSIENT_ERRNOS
+
+
+def _npz_members(archive: zipfile.ZipFile, path: Path) -> dict[str, str]:
+    """The member each array is read from: `x_train.npy` as np.savez names it, or a bare `x_train`."""
+    names = set(archive.namelist())
+    members = {}
     for name in (*_NPZ_ARRAYS, "classes"):
-        if f"{name}.npy" not in members:
-            continue
-        with archive.zip.open(f"{name}.npy") as member:
-            version = np.lib.format.read_magic(member)
-            if version not in ((1, 0), (2, 0)):
-                raise DataError(f"{path}: {name} is a .npy file of version {version}; save it with numpy's np.savez")
-            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = reader(member)
-        sizes[name] = math.prod(shape) * dtype.itemsize
-    return sizes
+        found = [member for member in (f"{name}.npy", name) if member in names]
+        if len(found) > 1:
+            raise DataError(f"{path} holds both {name}.npy and {name}; keep one")
+        if found:
+            members[name] = found[0]
+    return members
+
+
+def _npy_bytes(member: IO[bytes], path: Path, name: str) -> int:
+    """Bytes an array decodes to, from its .npy header alone: a few kilobytes of a compressed
+    archive may decode to gigabytes, so the size is known before the array is read."""
+    version = np.lib.format.read_magic(member)
+    if version not in ((1, 0), (2, 0)):
+        raise DataError(f"{path}: {name} is a .npy file of version {version}; save it with numpy's np.savez")
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = reader(member)
+    if any(dim < 0 for dim in shape):  # numpy reads one; a negative size would hide the others'
+        raise DataError(f"{path}: {name} has the shape {shape}")
+    if dtype.hasobject:
+        raise DataError(f"{path}: {name} holds Python objects, which this service never unpickles")
+    return math.prod(shape) * dtype.itemsize
 
 
 def _check_size(total: int, max_bytes: int | None, what: str) -> None:
@@ -159,20 +180,38 @@ def _check_size(total: int, max_bytes: int | None, what: str) -> None:
                         f"{max_bytes / GIB:.2f} GiB a data set (UISPS_MAX_DATASET_BYTES)")
 
 
+def _read_npz(path: Path, max_bytes: int | None) -> dict[str, np.ndarray]:
+    """The arrays the loader uses, each read from the member whose header was sized (no other
+    member is read: one that is not a .npy would be read whole, as bytes)."""
+    with zipfile.ZipFile(path) as archive:
+        members = _npz_members(archive, path)
+        sizes = {}
+        for name, member in members.items():
+            with archive.open(member) as fp:
+                sizes[name] = _npy_bytes(fp, path, name)
+        _check_size(sum(sizes.values()), max_bytes, f"the arrays of {path}")
+        arrays = {}
+        for name, member in members.items():
+            with archive.open(member) as fp:
+                arrays[name] = np.lib.format.read_array(fp, allow_pickle=False)
+        return arrays
+
+
 def _npz(spec: str, path: Path, max_bytes: int | None = None) -> Dataset:
     try:
-        with np.load(path, allow_pickle=False) as f:
-            sizes = _npz_array_bytes(f, path)
-            _check_size(sum(sizes.values()), max_bytes, f"the arrays of {path}")
-            # only the arrays it uses: a member that is not a .npy would be read whole, as bytes
-            arrays = {k: f[k] for k in sizes}
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}") from None
-    # a damaged or truncated archive (NotImplementedError: zipfile, for a compression it lacks)
-    except (ValueError, OSError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as exc:
+        with path.open("rb") as head:
+            if head.read(6) == b"\x93NUMPY":
+                raise DataError(f"{path} is a single .npy array, not an .npz archive of arrays")
+        arrays = _read_npz(path, max_bytes)
+    except OSError as exc:
+        if not _data_fault(exc):
+            raise
+        if exc.errno == errno.ENOENT:
+            raise DataError(f"data file not found: {path}") from None
         raise DataError(f"cannot read {path} as .npz: {exc}") from None
-    except TypeError:  # np.load gave one array (no context manager): a .npy file, not an archive
-        raise DataError(f"{path} is a single .npy array, not an .npz archive of arrays") from None
+    # a damaged or truncated archive (NotImplementedError: zipfile, for a compression it lacks)
+    except (ValueError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"cannot read {path} as .npz: {exc}") from None
     missing = set(_NPZ_ARRAYS) - arrays.keys()
     if missing:
         raise DataError(f"{path} lacks arrays {sorted(missing)}")
@@ -196,14 +235,21 @@ def _npz(spec: str, path: Path, max_bytes: int | None = None) -> Dataset:
     return Dataset(spec, train, test, classes, flip=train.x.shape[1] == 3)
 
 
+def _check_mnist_root(root: Path, max_bytes: int | None) -> None:
+    """torchvision would torch.load (unpickle) legacy processed files instead of the raw ones, and
+    reads raw files of any size (they are not checked against the release's md5s)."""
+    if any((root / "MNIST" / "processed" / name).exists() for name in ("training.pt", "test.pt")):
+        raise DataError(f"mnist root {root} holds torchvision's legacy MNIST/processed/*.pt files, which are "
+                        "pickles this service does not read; remove MNIST/processed and keep MNIST/raw")
+    raw = root / "MNIST" / "raw"
+    files = [raw / name for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+    _check_size(sum(file.stat().st_size for file in files if file.is_file()), max_bytes, f"the raw files under {raw}")
+
+
 def _torchvision_split(kind: str, root: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
     import torchvision.datasets as tvd
 
-    legacy = [root / "MNIST" / "processed" / name for name in ("training.pt", "test.pt")]
-    if kind == "mnist" and any(file.exists() for file in legacy):
-        # torchvision would torch.load (unpickle) these instead of reading the raw files
-        raise DataError(f"mnist root {root} holds torchvision's legacy MNIST/processed/*.pt files, which are "
-                        "pickles this service does not read; remove MNIST/processed and keep MNIST/raw")
     try:
         if kind == "svhn":
             ds = tvd.SVHN(str(root), split="train" if train else "test", download=False)
@@ -212,7 +258,7 @@ def _torchvision_split(kind: str, root: Path, train: bool) -> tuple[np.ndarray, 
         ds = cls(str(root), train=train, download=False)
     except RuntimeError as exc:  # torchvision says "Dataset not found or corrupted"
         raise DataError(f"{kind} not found under {root}: {exc}") from None
-    except (ValueError, AssertionError, OSError, EOFError, IndexError, KeyError) as exc:  # malformed files
+    except (ValueError, AssertionError, EOFError, IndexError, KeyError) as exc:  # malformed files
         raise DataError(f"cannot read {kind} under {root}: {type(exc).__name__}: {exc}") from None
     data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else ds.data
     return data, np.asarray(ds.targets), list(ds.classes)
@@ -234,8 +280,12 @@ def _imagefolder(spec: str, root: Path, max_bytes: int | None = None) -> Dataset
                 decoded += width * height * 3
                 _check_size(decoded, max_bytes, f"the images under {root}")
                 return np.asarray(image.convert("RGB"))
-        # not an image, a truncated one, a bomb, or a decoder's own complaint
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        except OSError as exc:  # not an image, a truncated one; or the disk's error, retried
+            if not _data_fault(exc):
+                raise
+            raise DataError(f"cannot read {path} as an image: {exc}") from None
+        # a bomb, or a decoder's own complaint
+        except (ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
             raise DataError(f"cannot read {path} as an image: {exc}") from None
 
     def load(sub: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -264,20 +314,30 @@ def _imagefolder(spec: str, root: Path, max_bytes: int | None = None) -> Dataset
 
 
 def load_dataset(spec: str, max_bytes: int | None = None) -> Dataset:
-    """The data set a spec names. `max_bytes`: refuse an npz or imagefolder source whose images
-    would decode to more (checked from headers, before decoding); the other kinds are files of
-    known, fixed sizes."""
+    """The data set a spec names. `max_bytes`: refuse a source whose images would decode to more
+    (npz and imagefolder from their headers, mnist from its raw files, before decoding; cifar and
+    svhn files must be the official releases, of fixed sizes)."""
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         return _digits()
     if not arg:
         raise DataError(f"unknown data spec {spec!r} (use digits, npz:<path>, cifar10:<root>, ...)")
-    path = Path(arg).expanduser()
+    try:
+        return _load_path(spec, kind, Path(arg).expanduser(), max_bytes)
+    except OSError as exc:  # what the file system says of the tenant's path (too long, not there, ...)
+        if not _data_fault(exc):
+            raise
+        raise DataError(f"cannot read {spec}: {exc}") from None
+
+
+def _load_path(spec: str, kind: str, path: Path, max_bytes: int | None) -> Dataset:
     if kind == "npz":
         return _npz(spec, path, max_bytes)
     if kind == "imagefolder":
         return _imagefolder(spec, path, max_bytes)
     if kind in ("cifar10", "cifar100", "svhn", "mnist"):
+        if kind == "mnist":
+            _check_mnist_root(path, max_bytes)
         xtr, ytr, classes = _torchvision_split(kind, path, True)
         xte, yte, _ = _torchvision_split(kind, path, False)
         return Dataset(

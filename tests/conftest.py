@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -23,8 +23,10 @@ REQUIRE_SERVICES = os.environ.get("UISPS_TEST_REQUIRE_SERVICES") == "1"
 
 # The service's settings in the caller's shell (UISPS_ARTIFACT_BACKEND=s3, UISPS_DATABASE_URL=...)
 # must not change what the tests test, nor point them at a real deployment: each test names its own.
+# Kept: the knobs of the tests themselves (docs/service.md names them).
+_TEST_KNOBS = {"UISPS_CIFAR10_SUBSET", "UISPS_SCHEMATHESIS_EXAMPLES", "UISPS_SCREENSHOT_DIR"}
 for _name in [n for n in os.environ if n.startswith("UISPS_") and not n.startswith("UISPS_TEST_")
-              and n != "UISPS_CIFAR10_SUBSET"]:
+              and n not in _TEST_KNOBS]:
     del os.environ[_name]
 
 
@@ -109,6 +111,20 @@ def redis_url() -> Iterator[str]:
     finally:
         client.flushdb()
         client.close()
+
+
+@pytest.fixture
+def flush_broker(redis_url: str) -> Iterator[Callable[[], None]]:
+    """Empties this run's Redis database, as a broker that lost every message; it stays marked as
+    this run's, so a run killed after it leaves a database the next run may take."""
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=3)
+
+    def flush() -> None:
+        client.flushdb()
+        client.set(_TEST_RUN_MARK, os.getpid())
+
+    yield flush
+    client.close()
 
 
 @pytest.fixture

@@ -417,7 +417,10 @@ def test_the_sweep_tables_show_how_much_sps_froze_and_what_they_vary():
     table = [line.split(" | ") for line in md.splitlines() if line.startswith("| ") and "---" not in line]
     assert table[0][11] == "frozen %" and table[1][11] == "-"  # Retrain froze nothing
     assert table[2][11] == "22.5" and table[2][-1] == "2 |"
-    assert "a 1 x 2 grid, a subset of the paper's 5 x 5" in md and "a lower alpha freezes more" in md
+    assert "a 1 x 2 grid, a subset of the paper's 5 x 5 that holds its default" in md
+    assert "a lower alpha freezes more" in md
+    other = markdown(rows, {"preset": {"lambda_bn": [0.01], "lambda_entropy": [0.5]}})
+    assert "that leaves out its default (0.01, 0.05)" in other
 
 
 def test_the_tables_say_which_pass_the_sweeps_ran_on():
@@ -426,9 +429,20 @@ def test_the_tables_say_which_pass_the_sweeps_ran_on():
            "relearn_reached": True, "seconds": 1.0, "zero_glance": True}
     default = markdown(aggregate([row]), {"preset": {"unlearn": {"fisher_chunk": 64}}})
     paper = markdown(aggregate([row]), {"preset": {"unlearn": {"fisher_chunk": 64, "preset": "paper"}}})
-    assert "runs the default pass" in default and "floored at its 350 steps at every fraction" in default
+    fixed = markdown(aggregate([row]), {"preset": {"unlearn": {}, "sweep_steps": 100}})
+    assert "runs the default pass" in default and "floored at 350 steps at every fraction" in default
     assert "runs the paper's pass" in paper and "one epoch of the fraction" in paper
     assert "runs the default pass" not in paper and "this run's base pass is the paper's" in paper
+    assert "for 100 steps with only" in fixed and "UISPS's pass is 100 steps at every fraction" in fixed
+
+
+def test_rows_of_a_run_on_the_paper_s_pass_or_other_baseline_settings_say_so(trained_digits, tmp_path):
+    preset = make_preset("full", {"unlearn": {"preset": "paper"}, "finetune": {"min_steps": 350}})
+    units = PaperBench(preset, trained_digits.dataset, CPU, tmp_path, seeds=1).plan()
+    main = {u.method: u.setting for u in units if u.experiment == "main"}
+    assert main["uisps"] == main["uisps-paper"] == "preset=paper"
+    fractions = {u.setting for u in units if u.experiment == "retain_fraction" and u.method == "finetune"}
+    assert "retain=20%, min_steps=350" in fractions
 
 
 def test_a_negative_inversion_weight_in_a_sweep_is_refused(trained_digits, tmp_path):

@@ -2,6 +2,7 @@
 
 import pickle
 import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -172,8 +173,14 @@ def test_a_small_npz_that_decodes_past_the_limit_is_refused_before_decoding(tmp_
     np.savez_compressed(path, x_train=x, y_train=np.zeros(20_000, np.int64), x_test=x[:10], y_test=np.zeros(10, np.int64))
     assert path.stat().st_size < 1_000_000
 
-    with pytest.raises(DataError, match=r"decode to 0\.06 GiB, over this service's limit of 0\.01 GiB"):
-        load_dataset(f"npz:{path}", max_bytes=10 * 2**20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"decode to 0\.06 GiB, over this service's limit of 0\.01 GiB"):
+            load_dataset(f"npz:{path}", max_bytes=10 * 2**20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * 2**20  # x_train (61 MB) was never decoded
     assert len(load_dataset(f"npz:{path}", max_bytes=100 * 2**20).train) == 20_000
 
 
@@ -214,3 +221,65 @@ def test_malformed_mnist_raw_files_are_bad_data(tmp_path):
 
     with pytest.raises(DataError, match="cannot read mnist under"):
         load_dataset(f"mnist:{tmp_path}")
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _archive(path: Path, members: dict[str, bytes]) -> str:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return f"npz:{path}"
+
+
+def _arrays(n: int = 4) -> dict[str, np.ndarray]:
+    return {"x_train": np.zeros((n, 6, 6), np.uint8), "y_train": np.arange(n) % 2,
+            "x_test": np.zeros((n, 6, 6), np.uint8), "y_test": np.arange(n) % 2}
+
+
+def test_npz_members_named_without_npy_load_as_before(tmp_path):
+    spec = _archive(tmp_path / "bare.npz", {name: _npy(a) for name, a in _arrays().items()})
+    assert len(load_dataset(spec).train) == 4
+
+
+def test_an_npz_with_two_members_for_one_array_is_refused(tmp_path):
+    # numpy reads the bare one; a size check of the other would let a bomb through
+    members = {f"{name}.npy": _npy(a) for name, a in _arrays().items()}
+    members["x_train"] = _npy(np.zeros((20_000, 32, 32, 3), np.uint8))
+    with pytest.raises(DataError, match="holds both x_train.npy and x_train"):
+        load_dataset(_archive(tmp_path / "twice.npz", members), max_bytes=10 * 2**20)
+
+
+def test_an_npz_array_of_negative_size_cannot_hide_the_others(tmp_path):
+    import io
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (-10**9,)})
+    members = {f"{name}.npy": _npy(a) for name, a in _arrays().items()}
+    members["classes.npy"] = header.getvalue()
+    with pytest.raises(DataError, match=r"classes has the shape \(-1000000000,\)"):
+        load_dataset(_archive(tmp_path / "negative.npz", members), max_bytes=10 * 2**20)
+
+
+@pytest.mark.parametrize("kind", ["npz", "imagefolder", "mnist", "cifar10"])
+def test_a_path_the_file_system_refuses_is_bad_data(kind):
+    with pytest.raises(DataError):
+        load_dataset(f"{kind}:/tmp/{'a' * 300}")
+
+
+def test_mnist_raw_files_past_the_limit_are_refused_unread(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(bytes(1000))
+
+    with pytest.raises(DataError, match="UISPS_MAX_DATASET_BYTES"):
+        load_dataset(f"mnist:{tmp_path}", max_bytes=3000)

@@ -8,11 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import func, select
 
 from core.broker import make_celery, send_deletion_request
@@ -83,7 +82,9 @@ def worker_process(own_pg_database: str, redis_url: str, tmp_path: Path) -> Iter
                 worker.wait()
 
 
-def test_flushing_redis_while_jobs_are_queued_loses_none(worker_process, digits_checkpoint: bytes, redis_url: str) -> None:  # noqa: ANN001
+def test_flushing_redis_while_jobs_are_queued_loses_none(
+    worker_process, digits_checkpoint: bytes, flush_broker: Callable[[], None]  # noqa: ANN001
+) -> None:
     settings, worker = worker_process
     engine = make_engine(settings.effective_database_url)
     sessions = make_sessionmaker(engine)
@@ -120,7 +121,7 @@ def test_flushing_redis_while_jobs_are_queued_loses_none(worker_process, digits_
         waiting = [i for i, state in states().items() if state == "queued"]
         assert waiting, "every job had already left the queue"
 
-        redis.Redis.from_url(redis_url).flushdb()  # the broker loses every message it held
+        flush_broker()  # the broker loses every message it held
 
         deadline = time.monotonic() + 240
         while set(states().values()) - {"succeeded"}:
