@@ -194,11 +194,6 @@ def make_preset(name: str, overrides: dict | None = None) -> Preset:
     return _override(preset, overrides) if overrides else preset  # type: ignore[return-value]
 
 
-# the Preset field that holds each baseline's settings
-_BASELINE_SETTINGS = {"finetune": "finetune", "amnesiac": "amnesiac", "unsir": "unsir", "fisher": "fisher",
-                      "bad_teacher": "bad_teacher", "bad_teacher_sps": "bad_teacher"}
-
-
 # fields that change the speed or the arithmetic's precision, not the method
 _NOT_A_SETTING = {"precision", "chunk", "fisher_chunk"}
 
@@ -436,9 +431,9 @@ class PaperBench:
     def _baseline_setting(self, kind: str) -> str:
         """A baseline row's setting: "default", or what this run changed of the method's settings
         (e.g. "min_steps=350"), so that rows run with other budgets never read as the default."""
-        name = _BASELINE_SETTINGS.get(kind)
-        if name is None:
-            return "default"
+        name = "bad_teacher" if kind == "bad_teacher_sps" else kind  # the Preset field of its settings
+        if not is_dataclass(getattr(self.preset, name, None)):
+            return "default"  # the head mask has none
         ours, default = asdict(getattr(self.preset, name)), asdict(getattr(Preset(), name))
         changed = [f"{k}={_setting_value(v)}" for k, v in ours.items() if k not in _NOT_A_SETTING and v != default[k]]
         return ", ".join(changed) or "default"

@@ -12,9 +12,9 @@ import math
 import zipfile
 import zlib
 from collections.abc import Iterable
-from typing import IO
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
