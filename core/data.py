@@ -238,12 +238,13 @@ def _npz(spec: str, path: Path, max_bytes: int | None = None) -> Dataset:
 def _check_mnist_root(root: Path, max_bytes: int | None) -> None:
     """torchvision would torch.load (unpickle) legacy processed files instead of the raw ones, and
     reads raw files of any size (they are not checked against the release's md5s)."""
-    if any((root / "MNIST" / "processed" / name).exists() for name in ("training.pt", "test.pt")):
+    from torchvision.datasets import MNIST
+
+    if any((root / "MNIST" / "processed" / name).exists() for name in (MNIST.training_file, MNIST.test_file)):
         raise DataError(f"mnist root {root} holds torchvision's legacy MNIST/processed/*.pt files, which are "
                         "pickles this service does not read; remove MNIST/processed and keep MNIST/raw")
     raw = root / "MNIST" / "raw"
-    files = [raw / name for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                                     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+    files = [raw / Path(name).stem for name, _ in MNIST.resources]  # the files it reads, unpacked
     _check_size(sum(file.stat().st_size for file in files if file.is_file()), max_bytes, f"the raw files under {raw}")
 
 

@@ -92,6 +92,12 @@ def _idle_redis_db(client: redis.Redis) -> int:
                 "stop stray `python -m worker` processes")
 
 
+def _empty(client: redis.Redis) -> None:
+    """Empties this run's database, which stays marked as this run's."""
+    client.flushdb()
+    client.set(_TEST_RUN_MARK, os.getpid())
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """URL of a Redis database number for this run that no one else uses, emptied before and after."""
@@ -104,8 +110,7 @@ def redis_url() -> Iterator[str]:
         probe.close()
     url = f"{REDIS_BASE_URL}/{number}"
     client = redis.Redis.from_url(url, socket_connect_timeout=3)
-    client.flushdb()
-    client.set(_TEST_RUN_MARK, os.getpid())
+    _empty(client)
     try:
         yield url
     finally:
@@ -118,12 +123,7 @@ def flush_broker(redis_url: str) -> Iterator[Callable[[], None]]:
     """Empties this run's Redis database, as a broker that lost every message; it stays marked as
     this run's, so a run killed after it leaves a database the next run may take."""
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=3)
-
-    def flush() -> None:
-        client.flushdb()
-        client.set(_TEST_RUN_MARK, os.getpid())
-
-    yield flush
+    yield lambda: _empty(client)
     client.close()
 
 

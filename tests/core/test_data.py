@@ -1,8 +1,10 @@
 """Data specs: digits, npz (colour and grayscale), clear errors for the rest."""
 
+import io
 import pickle
 import re
 import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -127,12 +129,7 @@ def test_imagefolder_reads_train_and_test_class_folders(tmp_path):
     ("an image cut short", "cannot read {bad} as an image"),
 ])
 def test_imagefolder_files_that_cannot_make_a_dataset_are_clear_errors(tmp_path, damage, message):
-    from PIL import Image
-
-    for split in ("train", "test"):
-        for cls in ("cat", "dog"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            Image.new("RGB", (6, 5)).save(tmp_path / split / cls / "0.png")
+    _classes_of_images(tmp_path, (6, 5))
     bad = tmp_path / "train" / "dog" / "0.png"
     if damage == "a class folder without images":
         bad.unlink()
@@ -155,6 +152,13 @@ def test_the_shared_cifar10_subset_loads_as_colour_images():
     ds = load_dataset(f"npz:{path}")
     assert (len(ds.train), len(ds.test), ds.input_shape) == (5085, 1017, (3, 32, 32))
     assert ds.classes[0] == "airplane" and ds.flip
+
+
+def _mnist_raw_files(root: Path, data: bytes) -> None:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(data)
 
 
 def _classes_of_images(root: Path, size: tuple[int, int]) -> None:
@@ -214,26 +218,19 @@ def test_an_mnist_root_with_torchvision_s_pickled_files_is_refused_unread(tmp_pa
 
 
 def test_malformed_mnist_raw_files_are_bad_data(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        (raw / name).write_bytes(b"\x00\x00\x08\x03" + bytes(7))  # a header cut short
+    _mnist_raw_files(tmp_path, b"\x00\x00\x08\x03" + bytes(7))  # a header cut short
 
     with pytest.raises(DataError, match="cannot read mnist under"):
         load_dataset(f"mnist:{tmp_path}")
 
 
 def _npy(array: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, array, allow_pickle=False)
     return buffer.getvalue()
 
 
 def _archive(path: Path, members: dict[str, bytes]) -> str:
-    import zipfile
-
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in members.items():
             archive.writestr(name, data)
@@ -259,8 +256,6 @@ def test_an_npz_with_two_members_for_one_array_is_refused(tmp_path):
 
 
 def test_an_npz_array_of_negative_size_cannot_hide_the_others(tmp_path):
-    import io
-
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (-10**9,)})
     members = {f"{name}.npy": _npy(a) for name, a in _arrays().items()}
@@ -276,10 +271,7 @@ def test_a_path_the_file_system_refuses_is_bad_data(kind):
 
 
 def test_mnist_raw_files_past_the_limit_are_refused_unread(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        (raw / name).write_bytes(bytes(1000))
+    _mnist_raw_files(tmp_path, bytes(1000))
 
     with pytest.raises(DataError, match="UISPS_MAX_DATASET_BYTES"):
         load_dataset(f"mnist:{tmp_path}", max_bytes=3000)
