@@ -20,7 +20,7 @@ _CHECKPOINT = {
     "X-Checkpoint-SHA256": "the sha256 of the checkpoint's bytes, hex",
     "Repr-Digest": "sha-256=:<base64>: (RFC 9530)",
     "Digest": "sha-256=<base64> (RFC 3230, for older clients)",
-    "Cache-Control": "private, immutable: a version never changes",
+    "Cache-Control": "private, no-cache: a cache asks again before each use, so a purge reaches it",
     "Content-Disposition": "attachment; the file name to save it as",
     "Accept-Ranges": "bytes, with local artifact storage only",
     "Last-Modified": "with local artifact storage only",
@@ -43,6 +43,8 @@ def _headers_for(path: str, method: str, status: str, operation: dict[str, Any])
             headers[REPLAYED_HEADER] = "true when this is the stored answer to an earlier request with this key"
     if path.endswith("/checkpoint") and method in ("get", "head") and status in ("200", "206"):
         headers.update(_CHECKPOINT)
+    if path.endswith("/checkpoint") and method in ("get", "head") and status == "304":
+        headers.update({name: _CHECKPOINT[name] for name in ("ETag", "Cache-Control")})
     if status in ("206", "416"):
         headers["Content-Range"] = "bytes first-last/size, or bytes */size for a 416"
     if path == "/certificate-key" and status == "200":

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import psycopg
 import pytest
 import redis
 from psycopg import sql
+from run_databases import drop_abandoned_test_databases, run_database_name
 from sqlalchemy.engine import make_url
 
 PG_ADMIN_DSN = os.environ.get(
@@ -47,8 +46,9 @@ def pg_url() -> Iterator[str]:
         admin = _pg_admin()
     except psycopg.OperationalError as error:
         _unavailable(f"PostgreSQL unreachable at {PG_ADMIN_DSN}: {error} (UISPS_TEST_PG_ADMIN_DSN)")
-    name = f"uisps_test_{os.getpid()}_{secrets.token_hex(4)}"
+    name = run_database_name("test")
     with admin:
+        drop_abandoned_test_databases(admin)
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = make_url(PG_ADMIN_DSN).set(drivername="postgresql+psycopg", database=name)
     try:
@@ -135,7 +135,7 @@ def own_pg_database(pg_url: str) -> Iterator[str]:
     finds, and the shared database holds requests other tests queued on purpose without a worker.
     """
     admin_url = make_url(pg_url).set(drivername="postgresql", database="postgres")
-    name = f"uisps_own_{uuid.uuid4().hex[:12]}"
+    name = run_database_name("own")
     with psycopg.connect(admin_url.render_as_string(hide_password=False), autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:

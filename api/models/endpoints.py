@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, File, Path, Request, Response, UploadFil
 from fastapi.responses import StreamingResponse
 
 from api.auth import authenticate, manage_models, purge_checkpoints
+from api.conditional import CHECKPOINT_CACHE_CONTROL, none_match
 from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from api.idempotency import IdempotencyDep, sent
 from api.models.schemas import ModelCreate, ModelList, ModelRead, ModelVersionList, ModelVersionRead
@@ -210,6 +211,7 @@ def get_version(model_id: ModelId, version: VersionNumber, session: SessionDep, 
             "description": "the safetensors file; its sha256 is in X-Checkpoint-SHA256 and Repr-Digest",
         },
         206: {"content": {"application/octet-stream": {}}, "description": "the byte ranges asked for (Range)"},
+        304: {"description": "If-None-Match names the ETag: the client holds these bytes"},
         **problem_responses(404, 410, 416, 500),
     },
     summary="Download a version's checkpoint",
@@ -219,7 +221,10 @@ def get_version(model_id: ModelId, version: VersionNumber, session: SessionDep, 
         "(500 `artifact_corrupted`). A purged checkpoint answers 410 `checkpoint_purged`. From "
         "storage with local files, `Range: bytes=...` resumes a download (206); a Range that is not "
         "a valid byte range is ignored (200, the whole file), one wholly past the end is 416 "
-        "`range_not_satisfiable`. Each download served is recorded in the audit log."
+        "`range_not_satisfiable`. Each download served is recorded in the audit log. Sent "
+        "`Cache-Control: private, no-cache`, so a cache asks again before each use: with "
+        "`If-None-Match` naming the ETag, 304 and no body while the checkpoint stands (not recorded, "
+        "nothing is served), 410 once it is purged."
     ),
 )
 def download_checkpoint(
@@ -236,6 +241,8 @@ def download_checkpoint(
     asked = model_service.stored_checkpoint(
         session, tenant_id=tenant_id, model_id=model_id, version=version, store=store
     )
+    if (unchanged := _not_modified(request, asked)) is not None:
+        return unchanged
     if store.local_path(asked.artifact_key) is not None:
         settle_range(request, asked.size_bytes)
     download = model_service.checkpoint_for_download(
@@ -263,6 +270,7 @@ def download_checkpoint(
     response_class=Response,
     responses={
         200: {"description": "the download's headers (size, sha256, ETag), without the file"},
+        304: {"description": "If-None-Match names the ETag, as for GET"},
         **problem_responses(404, 410, 500),
     },
     summary="A checkpoint download's headers, without the file",
@@ -275,11 +283,18 @@ def download_checkpoint(
     ),
 )
 def checkpoint_headers(
-    model_id: ModelId, version: VersionNumber, session: SessionDep, tenant_id: TenantDep, store: StoreDep
+    model_id: ModelId,
+    version: VersionNumber,
+    request: Request,
+    session: SessionDep,
+    tenant_id: TenantDep,
+    store: StoreDep,
 ) -> Response:
     found = model_service.stored_checkpoint(
         session, tenant_id=tenant_id, model_id=model_id, version=version, store=store
     )
+    if (unchanged := _not_modified(request, found)) is not None:
+        return unchanged
     headers, filename = _checkpoint_headers(found)
     headers.update({
         "Content-Disposition": f'attachment; filename="{filename}"',
@@ -300,10 +315,22 @@ def _checkpoint_headers(found: ModelVersion) -> tuple[dict[str, str], str]:
         "X-Checkpoint-SHA256": found.sha256,
         "Repr-Digest": f"sha-256=:{digest}:",  # RFC 9530
         "Digest": f"sha-256={digest}",  # RFC 3230, for older clients
-        "ETag": f'"{found.sha256}"',
-        "Cache-Control": "private, max-age=31536000, immutable",  # versions never change
+        "ETag": _etag(found),
+        "Cache-Control": CHECKPOINT_CACHE_CONTROL,
     }
     return headers, f"{_SAFE_FILENAME.sub('_', found.model.name)}-v{found.version}.safetensors"
+
+
+def _not_modified(request: Request, found: ModelVersion) -> Response | None:
+    """304 when the client already holds this checkpoint (checked before Range, RFC 9110 sec. 13.2.2)."""
+    if not none_match(request, _etag(found)):
+        return None
+    return Response(status_code=status.HTTP_304_NOT_MODIFIED,
+                    headers={"ETag": _etag(found), "Cache-Control": CHECKPOINT_CACHE_CONTROL})
+
+
+def _etag(found: ModelVersion) -> str:
+    return f'"{found.sha256}"'
 
 
 @router.delete(

@@ -46,6 +46,20 @@ def test_a_purged_checkpoint_is_gone_and_its_record_stays(
     assert event["details"] == {"version": 1, "sha256": before["sha256"], "forgotten_labels": [], "bytes_deleted": True}
 
 
+def test_a_cache_asking_again_after_a_purge_is_told_the_checkpoint_is_gone(
+    client: TestClient, registered_model  # noqa: ANN001
+) -> None:
+    model = registered_model()
+    url = f"/models/{model['id']}/versions/1/checkpoint"
+    etag = client.get(url).headers["etag"]
+    assert client.get(url, headers={"If-None-Match": etag}).status_code == 304
+
+    assert _purge(client, model["id"]).status_code == 204
+
+    assert_problem(client.get(url, headers={"If-None-Match": etag}), 410, "checkpoint_purged", "was purged")
+    assert client.head(url, headers={"If-None-Match": etag}).status_code == 410
+
+
 def test_purging_again_answers_204_and_records_nothing_more(client: TestClient, registered_model) -> None:  # noqa: ANN001
     model = registered_model()
     assert _purge(client, model["id"]).status_code == 204

@@ -312,6 +312,29 @@ def test_a_range_resumes_a_download_and_a_refused_one_is_not_recorded(
     assert _actions(client, model["id"]).count("model_version.downloaded") == 4  # not the 416
 
 
+def test_a_client_holding_the_checkpoint_gets_304_and_nothing_is_recorded(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model = registered_model()
+    url = f"/models/{model['id']}/versions/1/checkpoint"
+    first = client.get(url)
+    etag = first.headers["etag"]
+    recorded = _actions(client, model["id"]).count("model_version.downloaded")
+
+    held = [client.get(url, headers={"If-None-Match": value})
+            for value in (etag, f'"0000", W/{etag}', "*")]
+    resumed = client.get(url, headers={"If-None-Match": etag, "Range": "bytes=100-"})
+    head = client.head(url, headers={"If-None-Match": etag})
+    other = client.get(url, headers={"If-None-Match": '"0000"'})
+
+    assert first.headers["cache-control"] == "private, no-cache"  # a cache asks again before each use
+    for response in (*held, resumed, head):
+        assert response.status_code == 304 and response.content == b""
+        assert response.headers["etag"] == etag and response.headers["cache-control"] == "private, no-cache"
+    assert other.status_code == 200 and other.content == digits_checkpoint
+    assert _actions(client, model["id"]).count("model_version.downloaded") == recorded + 1  # `other` only
+
+
 def test_range_specs_are_clipped_to_the_file_and_suffixes_count_from_its_end(
     client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:
