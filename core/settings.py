@@ -212,6 +212,8 @@ class Settings(BaseSettings):
         # Refused here, where every process starts, not in the first job that stores a version.
         if self.artifact_backend == "s3" and not self.s3_bucket:
             raise ValueError("UISPS_ARTIFACT_BACKEND=s3 needs UISPS_S3_BUCKET")
+        if self.s3_sse_kms_key_id and self.s3_sse != "aws:kms":
+            raise ValueError("UISPS_S3_SSE_KMS_KEY_ID needs UISPS_S3_SSE=aws:kms")
         return self
 
     @model_validator(mode="after")
@@ -247,8 +249,13 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None  # MinIO, Ceph, R2...; None means AWS S3
     s3_region: str | None = None
     s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"  # MinIO wants "path"
+    # Encryption at rest asked for on every object written, whatever the bucket's default: "AES256"
+    # (keys the server manages) or "aws:kms" (a KMS key: s3_sse_kms_key_id, or the account's
+    # aws/s3 key). "" leaves it to the bucket (AWS encrypts new objects with AES256 by default).
+    s3_sse: Literal["", "AES256", "aws:kms"] = ""
+    s3_sse_kms_key_id: str | None = None
 
-    @field_validator("s3_bucket", "s3_endpoint_url", "s3_region", mode="after")
+    @field_validator("s3_bucket", "s3_endpoint_url", "s3_region", "s3_sse_kms_key_id", mode="after")
     @classmethod
     def _s3_empty_is_unset(cls, value: str | None) -> str | None:
         return value or None

@@ -322,9 +322,13 @@ class S3ArtifactStore:
         client: BaseClient | None = None,
         multipart_threshold: int = _S3_MULTIPART_THRESHOLD,
         part_size: int = _S3_PART_SIZE,
+        sse: str = "",
+        sse_kms_key_id: str | None = None,
     ) -> None:
         if not bucket:
             raise ValueError("an S3 artifact store needs a bucket (UISPS_S3_BUCKET)")
+        if sse_kms_key_id and sse != "aws:kms":
+            raise ValueError("a KMS key id needs server-side encryption aws:kms")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
@@ -332,6 +336,10 @@ class S3ArtifactStore:
         self.addressing_style = addressing_style
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
+        # what every write asks for (put_object and multipart alike take these arguments)
+        self._encryption = {"ServerSideEncryption": sse} if sse else {}
+        if sse_kms_key_id:
+            self._encryption["SSEKMSKeyId"] = sse_kms_key_id
         self._client = client
         self._client_pid = os.getpid() if client is not None else None
         self._probe: tuple[int, BaseClient] | None = None
@@ -492,6 +500,7 @@ class S3ArtifactStore:
                 ContentType="application/octet-stream",
                 ChecksumSHA256=base64.b64encode(bytes.fromhex(digest)).decode(),
                 Metadata=metadata,
+                **self._encryption,
             )
         else:
             from boto3.s3.transfer import TransferConfig
@@ -505,6 +514,7 @@ class S3ArtifactStore:
                     "ContentType": "application/octet-stream",
                     "ChecksumAlgorithm": "SHA256",  # each part checked by the server
                     "Metadata": metadata,
+                    **self._encryption,
                 },
                 Config=TransferConfig(
                     multipart_threshold=self.multipart_threshold,
@@ -582,6 +592,8 @@ def make_artifact_store(settings: Settings) -> ArtifactStore:
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
             addressing_style=settings.s3_addressing_style,
+            sse=settings.s3_sse,
+            sse_kms_key_id=settings.s3_sse_kms_key_id,
         )
     raise ValueError(f"unknown artifact backend: {settings.artifact_backend!r}")
 

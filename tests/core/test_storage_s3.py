@@ -124,6 +124,46 @@ def test_large_artifacts_go_up_in_parts(s3_endpoint: str, bucket: str) -> None:
     assert hashlib.sha256(b"".join(store.iter_bytes(stored.key))).hexdigest() == digest
 
 
+def _encryption(store: S3ArtifactStore, key: str) -> tuple[str | None, str | None]:
+    head = _raw_client(store.endpoint_url).head_object(Bucket=store.bucket, Key=store.object_key(key))  # type: ignore[arg-type]
+    return head.get("ServerSideEncryption"), head.get("SSEKMSKeyId")
+
+
+def test_objects_are_written_with_the_encryption_the_settings_ask_for(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, s3_endpoint: str, bucket: str
+) -> None:
+    monkeypatch.setenv("UISPS_HOME", str(tmp_path))
+    monkeypatch.setenv("UISPS_ARTIFACT_BACKEND", "s3")
+    monkeypatch.setenv("UISPS_S3_BUCKET", bucket)
+    monkeypatch.setenv("UISPS_S3_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("UISPS_S3_ADDRESSING_STYLE", "path")
+    monkeypatch.setenv("UISPS_S3_SSE", "AES256")
+    store = make_artifact_store(Settings())
+    plain = S3ArtifactStore(bucket, "plain", endpoint_url=s3_endpoint, addressing_style="path")
+
+    assert _encryption(store, store.put(CONTENT).key)[0] == "AES256"  # type: ignore[arg-type]
+    assert _encryption(plain, plain.put(CONTENT).key) == (None, None)  # left to the bucket
+
+
+def test_a_kms_key_is_asked_for_on_multipart_uploads_too(s3_endpoint: str, bucket: str) -> None:
+    store = S3ArtifactStore(bucket, endpoint_url=s3_endpoint, addressing_style="path", multipart_threshold=5 * MIB,
+                            part_size=5 * MIB, sse="aws:kms", sse_kms_key_id="alias/uisps-checkpoints")
+
+    small, large = store.put(CONTENT), store.put(secrets.token_bytes(11 * MIB))
+
+    for stored in (small, large):
+        sse, key_id = _encryption(store, stored.key)
+        assert sse == "aws:kms" and key_id is not None and key_id.endswith("alias/uisps-checkpoints")
+
+
+def test_a_kms_key_without_kms_encryption_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UISPS_S3_SSE_KMS_KEY_ID", "alias/uisps-checkpoints")
+    with pytest.raises(ValueError, match="UISPS_S3_SSE=aws:kms"):
+        Settings()
+    with pytest.raises(ValueError, match="aws:kms"):
+        S3ArtifactStore("b", sse="AES256", sse_kms_key_id="alias/uisps-checkpoints")
+
+
 def test_iter_bytes_streams_the_content(store: S3ArtifactStore) -> None:
     key = store.put(CONTENT).key
 
