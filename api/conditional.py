@@ -7,17 +7,22 @@ This makes the check cheap: a client that holds the current bytes gets 304 and n
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Header
 
 CHECKPOINT_CACHE_CONTROL = "private, no-cache"
 
+# Every field line of the header (a list may be split over several, RFC 9110 sec. 5.3).
+IfNoneMatch = Annotated[
+    list[str] | None,
+    Header(alias="If-None-Match", description="ETags the client holds (or *): 304 if one is this checkpoint's"),
+]
 
-def none_match(request: Request, etag: str) -> bool:
-    """Whether the request's If-None-Match names `etag` (or `*`): the client holds these bytes.
+
+def none_match(values: list[str] | None, etag: str) -> bool:
+    """Whether If-None-Match names `etag` (or `*`): the client holds these bytes.
 
     Weak comparison, as RFC 9110 asks for GET and HEAD: a `W/` prefix is ignored."""
-    value = request.headers.get("if-none-match")
-    if value is None:
-        return False
-    tags = [tag.strip().removeprefix("W/") for tag in value.split(",")]
+    tags = [tag.strip().removeprefix("W/") for value in values or [] for tag in value.split(",")]
     return "*" in tags or etag in tags

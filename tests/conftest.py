@@ -10,7 +10,7 @@ import psycopg
 import pytest
 import redis
 from psycopg import sql
-from run_databases import drop_abandoned_test_databases, run_database_name
+from run_databases import RunDatabases
 from sqlalchemy.engine import make_url
 
 PG_ADMIN_DSN = os.environ.get(
@@ -40,15 +40,24 @@ def _pg_admin() -> psycopg.Connection:
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """SQLAlchemy URL of a fresh, empty PostgreSQL database, dropped after the run."""
+def run_databases() -> Iterator[RunDatabases]:
+    """This run's claim on its PostgreSQL databases, held until the run ends; a killed run's
+    databases are dropped first."""
     try:
         admin = _pg_admin()
     except psycopg.OperationalError as error:
         _unavailable(f"PostgreSQL unreachable at {PG_ADMIN_DSN}: {error} (UISPS_TEST_PG_ADMIN_DSN)")
-    name = run_database_name("test")
     with admin:
-        drop_abandoned_test_databases(admin)
+        run = RunDatabases(admin)
+        run.drop_abandoned()
+        yield run
+
+
+@pytest.fixture(scope="session")
+def pg_url(run_databases: RunDatabases) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh, empty PostgreSQL database, dropped after the run."""
+    name = run_databases.name("test")
+    with _pg_admin() as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = make_url(PG_ADMIN_DSN).set(drivername="postgresql+psycopg", database=name)
     try:
@@ -128,14 +137,14 @@ def flush_broker(redis_url: str) -> Iterator[Callable[[], None]]:
 
 
 @pytest.fixture
-def own_pg_database(pg_url: str) -> Iterator[str]:
+def own_pg_database(pg_url: str, run_databases: RunDatabases) -> Iterator[str]:
     """A PostgreSQL database for one test, on pg_url's server, dropped afterwards.
 
     Not pg_url itself when a worker process runs: its reconciler re-sends every queued request it
     finds, and the shared database holds requests other tests queued on purpose without a worker.
     """
     admin_url = make_url(pg_url).set(drivername="postgresql", database="postgres")
-    name = run_database_name("own")
+    name = run_databases.name("own")
     with psycopg.connect(admin_url.render_as_string(hide_password=False), autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:

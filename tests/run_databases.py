@@ -1,46 +1,66 @@
-"""Names of a test run's PostgreSQL databases, and the sweep of those a killed run left behind."""
+"""A test run's PostgreSQL databases, and the sweep of those a killed run left behind.
+
+Each run holds a PostgreSQL advisory lock, named by its run id, for as long as it lives, and names
+its databases with that id. PostgreSQL releases the lock when the run's connection ends, however
+the run ended, so a later run (from any host or container) knows a database's run is gone when it
+can take that lock. Pids would not do: a container sharing the host's name and network has pids
+of its own.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import os
+import re
 import secrets
-import socket
+import warnings
 
 import psycopg
 from psycopg import sql
 
-# A run's databases are named for its host and pid, so that a later run on the same host can drop
-# the ones a killed run left behind, and never touches another host's (a shared server).
-_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_LOCK_CLASS = 0x5553  # the first key of this project's test-run locks
+_NAME = re.compile(r"^uisps_(?:test|own)_([0-9a-f]{7})_[0-9a-f]+$")
 
 
-def run_database_name(kind: str, pid: int | None = None) -> str:
-    return f"uisps_{kind}_{_HOST_TAG}_{os.getpid() if pid is None else pid}_{secrets.token_hex(4)}"
+class RunDatabases:
+    """This run's claim on the databases it creates; `admin` must stay open while the run lives."""
 
+    def __init__(self, admin: psycopg.Connection) -> None:
+        self.run_id = secrets.token_hex(4)[:7]  # 28 bits: fits the lock's int4 key
+        self._admin = admin
+        admin.execute("SELECT pg_advisory_lock(%s, %s)", (_LOCK_CLASS, int(self.run_id, 16)))
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    def name(self, kind: str) -> str:
+        return f"uisps_{kind}_{self.run_id}_{secrets.token_hex(4)}"
 
-
-def drop_abandoned_test_databases(admin: psycopg.Connection) -> list[str]:
-    """Drops this host's test databases whose run has ended without dropping them (killed), and
-    returns their names. One still connected to is kept: PostgreSQL refuses to drop it."""
-    pattern = rf"^uisps_(test|own)_{_HOST_TAG}_[0-9]+_[0-9a-f]+$"
-    names = [row[0] for row in admin.execute("SELECT datname FROM pg_database WHERE datname ~ %s", (pattern,))]
-    dropped = []
-    for name in names:
-        if _pid_alive(int(name.split("_")[3])):
-            continue
+    def drop_abandoned(self) -> list[str]:
+        """Drops the test databases of runs that have ended without dropping them (killed), and
+        returns their names. Best effort: what cannot be dropped now is left for a later run."""
+        dropped = []
         try:
-            admin.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
-        except (psycopg.errors.ObjectInUse, psycopg.errors.InvalidCatalogName):
-            continue  # someone is connected, or a run beside this one dropped it first
-        dropped.append(name)
-    return dropped
+            # only databases this role may drop: another user's leftovers are theirs to sweep
+            names = [row[0] for row in self._admin.execute(
+                "SELECT datname FROM pg_database WHERE pg_has_role(datdba, 'MEMBER')")]
+            runs: dict[str, list[str]] = {}
+            for name in names:
+                if (match := _NAME.match(name)) and match[1] != self.run_id:
+                    runs.setdefault(match[1], []).append(name)
+            for run_id, databases in runs.items():
+                dropped += self._drop_if_ended(run_id, databases)
+        except psycopg.Error as error:
+            warnings.warn(f"could not sweep the test databases of killed runs: {error}", stacklevel=2)
+        return dropped
+
+    def _drop_if_ended(self, run_id: str, databases: list[str]) -> list[str]:
+        key = (_LOCK_CLASS, int(run_id, 16))
+        if not self._admin.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()[0]:
+            return []  # that run is alive
+        dropped = []
+        try:
+            for name in databases:
+                try:
+                    self._admin.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+                except (psycopg.errors.ObjectInUse, psycopg.errors.InvalidCatalogName):
+                    continue  # a process of that run still connected, or a run beside this one dropped it
+                dropped.append(name)
+        finally:
+            self._admin.execute("SELECT pg_advisory_unlock(%s, %s)", key)
+        return dropped

@@ -2,78 +2,89 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 from psycopg import sql
-from run_databases import drop_abandoned_test_databases, run_database_name
+from run_databases import RunDatabases
 from sqlalchemy.engine import make_url
+
+
+def _admin_dsn(pg_url: str, database: str = "postgres") -> str:
+    return make_url(pg_url).set(drivername="postgresql", database=database).render_as_string(hide_password=False)
 
 
 @pytest.fixture
 def admin(pg_url: str) -> Iterator[psycopg.Connection]:
-    url = make_url(pg_url).set(drivername="postgresql", database="postgres")
-    with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as connection:
+    with psycopg.connect(_admin_dsn(pg_url), autocommit=True) as connection:
         yield connection
 
 
-def _ended_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
+@pytest.fixture
+def other_run(pg_url: str) -> Iterator[tuple[RunDatabases, psycopg.Connection]]:
+    """Another test run: alive while its connection is open, ended (as if killed) once it closes."""
+    connection = psycopg.connect(_admin_dsn(pg_url), autocommit=True)
+    yield RunDatabases(connection), connection
+    connection.close()
 
 
-def _create(admin: psycopg.Connection, name: str) -> None:
+def _create(admin: psycopg.Connection, name: str) -> str:
     admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return name
 
 
 def _exists(admin: psycopg.Connection, name: str) -> bool:
     return admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
 
 
-def _drop(admin: psycopg.Connection, name: str) -> None:
-    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+def _drop(admin: psycopg.Connection, *names: str) -> None:
+    for name in names:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
-def test_a_killed_runs_databases_are_dropped_and_a_live_runs_kept(admin: psycopg.Connection) -> None:
-    abandoned = [run_database_name(kind, pid=_ended_pid()) for kind in ("test", "own")]
-    live = run_database_name("own")
-    for name in (*abandoned, live):
-        _create(admin, name)
+def test_a_killed_runs_databases_are_dropped_by_the_next_run(admin, other_run) -> None:  # noqa: ANN001
+    run, connection = other_run
+    names = [_create(admin, run.name(kind)) for kind in ("test", "own")]
     try:
-        dropped = drop_abandoned_test_databases(admin)
-        assert set(abandoned) <= set(dropped)
-        assert not any(_exists(admin, name) for name in abandoned)
-        assert _exists(admin, live) and live not in dropped
+        connection.close()  # killed: PostgreSQL ends its session and its lock
+
+        dropped = RunDatabases(admin).drop_abandoned()
+
+        assert set(names) <= set(dropped) and not any(_exists(admin, name) for name in names)
     finally:
-        for name in (*abandoned, live):
-            _drop(admin, name)
+        _drop(admin, *names)
 
 
-def test_an_abandoned_database_someone_is_connected_to_is_kept(
-        admin: psycopg.Connection, pg_url: str) -> None:
-    name = run_database_name("own", pid=_ended_pid())
-    _create(admin, name)
-    url = make_url(pg_url).set(drivername="postgresql", database=name)
+def test_a_live_runs_databases_are_kept_even_while_nobody_is_connected_to_them(admin, other_run) -> None:  # noqa: ANN001
+    run, _ = other_run
+    names = [_create(admin, run.name(kind)) for kind in ("test", "own")]
     try:
-        with psycopg.connect(url.render_as_string(hide_password=False)):
-            assert name not in drop_abandoned_test_databases(admin)
+        dropped = RunDatabases(admin).drop_abandoned()
+
+        assert all(_exists(admin, name) for name in names) and not set(names) & set(dropped)
+    finally:
+        _drop(admin, *names)
+
+
+def test_a_killed_runs_database_a_process_is_still_connected_to_is_kept(admin, other_run, pg_url) -> None:  # noqa: ANN001
+    run, connection = other_run
+    name = _create(admin, run.name("own"))
+    try:
+        connection.close()
+        with psycopg.connect(_admin_dsn(pg_url, name)):  # e.g. a worker the killed run started
+            assert name not in RunDatabases(admin).drop_abandoned()
             assert _exists(admin, name)
     finally:
         _drop(admin, name)
 
 
-def test_other_databases_on_the_server_are_never_dropped(admin: psycopg.Connection) -> None:
-    # another host's run, and a developer's database that merely looks like a test run's
-    others = [f"uisps_test_00000000_{_ended_pid()}_abcd1234", f"uisps_own_{_ended_pid()}_abcd1234"]
-    for name in others:
-        _create(admin, name)
+def test_databases_not_named_as_a_test_runs_are_never_dropped(admin) -> None:  # noqa: ANN001
+    # a developer's database, and names from before runs held locks
+    names = [_create(admin, name) for name in ("uisps_test_dev", "uisps_own_1234_abcd1234", "uisps_test_zzzzzzz_ab")]
     try:
-        drop_abandoned_test_databases(admin)
-        assert all(_exists(admin, name) for name in others)
+        RunDatabases(admin).drop_abandoned()
+
+        assert all(_exists(admin, name) for name in names)
     finally:
-        for name in others:
-            _drop(admin, name)
+        _drop(admin, *names)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, File, Path, Request, Response, UploadFil
 from fastapi.responses import StreamingResponse
 
 from api.auth import authenticate, manage_models, purge_checkpoints
-from api.conditional import CHECKPOINT_CACHE_CONTROL, none_match
+from api.conditional import CHECKPOINT_CACHE_CONTROL, IfNoneMatch, none_match
 from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from api.idempotency import IdempotencyDep, sent
 from api.models.schemas import ModelCreate, ModelList, ModelRead, ModelVersionList, ModelVersionRead
@@ -235,13 +235,14 @@ def download_checkpoint(
     tenant_id: TenantDep,
     actor: ActorDep,
     store: StoreDep,
+    if_none_match: IfNoneMatch = None,
 ) -> Response:
     # Settled before the download is recorded: a refused range serves nothing. (Only a local file
     # is served in ranges; a purged or missing one is refused here, as the download would be.)
     asked = model_service.stored_checkpoint(
         session, tenant_id=tenant_id, model_id=model_id, version=version, store=store
     )
-    if (unchanged := _not_modified(request, asked)) is not None:
+    if (unchanged := _not_modified(if_none_match, asked)) is not None:
         return unchanged
     if store.local_path(asked.artifact_key) is not None:
         settle_range(request, asked.size_bytes)
@@ -285,15 +286,15 @@ def download_checkpoint(
 def checkpoint_headers(
     model_id: ModelId,
     version: VersionNumber,
-    request: Request,
     session: SessionDep,
     tenant_id: TenantDep,
     store: StoreDep,
+    if_none_match: IfNoneMatch = None,
 ) -> Response:
     found = model_service.stored_checkpoint(
         session, tenant_id=tenant_id, model_id=model_id, version=version, store=store
     )
-    if (unchanged := _not_modified(request, found)) is not None:
+    if (unchanged := _not_modified(if_none_match, found)) is not None:
         return unchanged
     headers, filename = _checkpoint_headers(found)
     headers.update({
@@ -321,9 +322,9 @@ def _checkpoint_headers(found: ModelVersion) -> tuple[dict[str, str], str]:
     return headers, f"{_SAFE_FILENAME.sub('_', found.model.name)}-v{found.version}.safetensors"
 
 
-def _not_modified(request: Request, found: ModelVersion) -> Response | None:
+def _not_modified(if_none_match: list[str] | None, found: ModelVersion) -> Response | None:
     """304 when the client already holds this checkpoint (checked before Range, RFC 9110 sec. 13.2.2)."""
-    if not none_match(request, _etag(found)):
+    if not none_match(if_none_match, _etag(found)):
         return None
     return Response(status_code=status.HTTP_304_NOT_MODIFIED,
                     headers={"ETag": _etag(found), "Cache-Control": CHECKPOINT_CACHE_CONTROL})

@@ -326,9 +326,11 @@ def test_a_client_holding_the_checkpoint_gets_304_and_nothing_is_recorded(
     resumed = client.get(url, headers={"If-None-Match": etag, "Range": "bytes=100-"})
     head = client.head(url, headers={"If-None-Match": etag})
     other = client.get(url, headers={"If-None-Match": '"0000"'})
+    # a list split over two field lines (RFC 9110 sec. 5.3)
+    split = client.get(url, headers=[("If-None-Match", '"0000"'), ("If-None-Match", etag)])
 
     assert first.headers["cache-control"] == "private, no-cache"  # a cache asks again before each use
-    for response in (*held, resumed, head):
+    for response in (*held, resumed, head, split):
         assert response.status_code == 304 and response.content == b""
         assert response.headers["etag"] == etag and response.headers["cache-control"] == "private, no-cache"
     assert other.status_code == 200 and other.content == digits_checkpoint
