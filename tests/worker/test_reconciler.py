@@ -158,14 +158,16 @@ def test_the_reconciler_purges_expired_idempotency_keys(worker_env) -> None:  # 
 def test_the_heartbeat_keeps_a_short_lease_alive_while_the_worker_lives(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     request_id = worker_env.new_request(digits_checkpoint, [1])
     with worker_env.sessions.begin() as session:
-        attempt = deletion_jobs.claim(session, request_id, lease_s=0.9).job.attempt
+        attempt = deletion_jobs.claim(session, request_id, lease_s=3).job.attempt
+    claimed_until = _request(worker_env, request_id).lease_expires_at
 
-    with LeaseKeeper(worker_env.sessions, request_id, attempt, lease_s=0.9):
-        time.sleep(2.0)  # two leases long: renewed every 0.3 s
-        assert _request(worker_env, request_id).lease_expires_at > utcnow()
-    time.sleep(1.0)  # the keeper stopped (a dead worker): the lease runs out
+    with LeaseKeeper(worker_env.sessions, request_id, attempt, lease_s=3):
+        time.sleep(4)  # past the claim's lease: renewed every second, with two to spare
+        assert _request(worker_env, request_id).lease_expires_at > max(claimed_until, utcnow())
+    stopped = utcnow()  # the keeper stopped (a dead worker), its thread joined: no renewal after
 
-    assert _request(worker_env, request_id).lease_expires_at < utcnow()
+    # the lease runs out within its length of the last beat (no waiting for it: a fact of the record)
+    assert _request(worker_env, request_id).lease_expires_at <= stopped + timedelta(seconds=3)
 
 
 def test_an_attempt_that_was_taken_over_can_neither_report_nor_finish(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
