@@ -15,7 +15,7 @@ and says so; every finished row is already on disk):
 - `retain_fraction` (Tables VI, VII): 20/40/60/80 % of D_r (stratified, seeded), for Retrain
   (trained on that fraction), Fine-tune, UNSIR and UISPS.
 
-Every row is evaluated the same way: A_Dr and A_Df on the test split (percent), MIA on the
+Every row is evaluated the same way: A_Dr and A_Df on the test split (or, with `validation`, on a split held out of the training set) (percent), MIA on the
 forgotten classes' training samples (core.metrics), the feature probe and the relearn time
 (core.forgetting_probes), and the method's wall time. Trained Original and Retrain models and
 the inversions (D_g) are cached per (architecture, seed, forget set[, settings]) within a run,
@@ -52,7 +52,7 @@ from core import baselines as B
 from core.architectures import build_model, unlearning_lr
 from core.bench_cache import TrainedModels, code_digest, cpu_name, samples_fingerprint
 from core.config import PAPER_PASS, InversionConfig, TrainConfig, UnlearnConfig
-from core.data import Dataset, RetainedData, Split, retained_data
+from core.data import Dataset, RetainedData, Split, retained_data, stratified_sample, validation_split
 from core.device import use_bf16
 from core.forgetting_probes import (
     ProbeConfig,
@@ -128,6 +128,10 @@ class Preset:
     tune_variants: tuple[tuple[str, dict], ...] = TUNE_VARIANTS
     tune_archs: tuple[str, ...] | None = None  # default: `archs`
     relearn_experiments: tuple[str, ...] = EXPERIMENTS  # where the relearn probe runs
+    # > 0: this fraction of each class's training images (seeded, the same for every seed of the
+    # run) is held out and scored in place of the test split; everything trains on the rest. For
+    # choosing settings (`tune`) without reading the test split the tables are scored on.
+    validation: float = 0.0
     precision: str = "auto"  # bf16 autocast on CUDA
     cudnn_benchmark: bool = True
 
@@ -322,6 +326,8 @@ class PaperBench:
             raise ValueError("order must be 'experiment' or 'seed'")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("CUDA was asked for but is not available")
+        if preset.validation:
+            dataset = validation_split(dataset, preset.validation)
         self.preset, self.dataset, self.device, self.out = preset, dataset, device, Path(out)
         self.experiments = [e for e in EXPERIMENTS if e in set(experiments)]
         if first_seed < 0:
@@ -485,13 +491,7 @@ class PaperBench:
         if key not in self._retained:
             full = retained_data(self.dataset, forget)
             if fraction < 1:
-                gen = torch.Generator().manual_seed(seed)
-                picks = []
-                for lab in full.train.y.unique():
-                    idx = (full.train.y == lab).nonzero().flatten()
-                    keep = max(1, round(fraction * len(idx)))
-                    picks.append(idx[torch.randperm(len(idx), generator=gen)[:keep]])
-                full = replace(full, train=full.train.select(torch.cat(picks).sort().values))
+                full = replace(full, train=full.train.select(stratified_sample(full.train.y, fraction, seed)))
             self._retained[key] = full
         return self._retained[key]
 
@@ -732,6 +732,7 @@ class PaperBench:
             "data": self.dataset.spec,
             "train_samples": len(self.dataset.train),
             "test_samples": len(self.dataset.test),
+            "scored_on": "validation" if self.preset.validation else "test",
             "experiments": self.experiments,
             "seeds": len(self.seeds),
             "first_seed": self.seeds[0] if self.seeds else 0,
@@ -902,6 +903,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta.get('test_samples')} test images), seeds requested: {meta.get('seeds')}"
         + (f" (from seed {meta['first_seed']})" if meta.get("first_seed") else "")
         + f", order: {meta.get('order')}-major",
+        *([f"- **scored on a validation split**, not the test split: {preset.get('validation'):.0%} of each "
+           "class's training images held out (seed 0); every model trained on the rest. Wherever the columns "
+           "below say \"test split\", read this held-out split"] if meta.get("scored_on") == "validation" else []),
         f"- Original and Retrain: core.training (SGD, Nesterov, one-cycle), {json.dumps(preset.get('train'))}",
         f"- rows finished: {meta.get('finished_rows')} of {meta.get('planned_rows')} planned; "
         f"this run took {meta.get('elapsed_s', 0):.0f} s"

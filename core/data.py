@@ -97,6 +97,31 @@ def retained_data(dataset: Dataset, forgotten: Iterable[int]) -> RetainedData:
     )
 
 
+def stratified_sample(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted indices of `fraction` of each label's samples (at least one each), chosen by `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for label in y.unique():
+        idx = (y == label).nonzero().flatten()
+        keep = max(1, round(fraction * len(idx)))
+        picks.append(idx[torch.randperm(len(idx), generator=gen)[:keep]])
+    return torch.cat(picks).sort().values
+
+
+def validation_split(dataset: Dataset, fraction: float, seed: int = 0) -> Dataset:
+    """The dataset with `fraction` of each class's training images held out as its test split.
+
+    For choosing settings without reading the test split: models train on the rest and are
+    scored on the held-out images. The real test split is not part of the result at all.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"a validation fraction lies strictly between 0 and 1, not {fraction}")
+    held = torch.zeros(len(dataset.train), dtype=torch.bool)
+    held[stratified_sample(dataset.train.y, fraction, seed)] = True
+    return Dataset(f"{dataset.spec}#validation={fraction:g},seed={seed}", dataset.train.select(~held),
+                   dataset.train.select(held), dataset.classes, dataset.flip)
+
+
 def _to_nchw(x: np.ndarray, name: str) -> torch.Tensor:
     if x.dtype != np.uint8:
         raise DataError(f"{name} must be uint8 images, got {x.dtype}")

@@ -21,7 +21,7 @@ from core.bench_paper import (
     pass_lengths,
     rows_by_device,
 )
-from core.data import Dataset, RetainedData, Split
+from core.data import Dataset, RetainedData, Split, validation_split
 
 CPU = torch.device("cpu")
 
@@ -387,6 +387,26 @@ def test_a_retrain_on_part_of_d_r_is_attacked_with_that_part_as_its_members(trai
     (members,) = members_seen
     assert members is not None and torch.equal(members.x, trained_on.x)
     assert len(members) < len(trained_digits.dataset.train.without_labels(unit.forget))
+
+
+def test_a_validation_run_trains_and_scores_without_the_test_split(trained_digits, tmp_path):
+    digits = trained_digits.dataset
+    # a test split of the wrong shape: any model that read it would fail
+    unreadable = Split(torch.zeros((4, 2, 5, 5), dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+    dataset = Dataset(digits.spec, digits.train, unreadable, digits.classes, digits.flip)
+    preset = make_preset("quick", {"validation": 0.25, "relearn_experiments": []})
+    bench = PaperBench(preset, dataset, CPU, tmp_path, experiments=["tune"], log=lambda line: None)
+
+    (original,) = [u for u in bench.units("tune", 0) if u.kind == "original"]
+    row = bench.run_unit(original)
+
+    held = validation_split(digits, 0.25)
+    assert torch.equal(bench.dataset.test.x, held.test.x) and torch.equal(bench.dataset.train.x, held.train.x)
+    assert 50 < row["acc_retain"] <= 100  # an Original trained on the rest, scored on the held-out images
+    meta = bench._meta(planned=1)
+    assert meta["scored_on"] == "validation" and meta["test_samples"] == len(held.test)
+    assert "scored on a validation split" in markdown([], meta)
+    assert "validation split" not in markdown([], {**meta, "scored_on": "test"})
 
 
 def test_the_tables_show_the_balanced_probe_beside_the_plain_one():

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from core.data import load_dataset
+from core.data import load_dataset, validation_split
 from core.errors import DataError, InvalidLabels
 from core.validation import check_labels
 
@@ -275,3 +276,29 @@ def test_mnist_raw_files_past_the_limit_are_refused_unread(tmp_path):
 
     with pytest.raises(DataError, match="UISPS_MAX_DATASET_BYTES"):
         load_dataset(f"mnist:{tmp_path}", max_bytes=3000)
+
+
+def test_a_validation_split_holds_out_a_fraction_of_each_class_from_training():
+    digits = load_dataset("digits")
+
+    held = validation_split(digits, 0.2)
+
+    assert torch.equal(held.test.x, validation_split(digits, 0.2).test.x)  # the same images each time
+    assert not torch.equal(held.test.x, validation_split(digits, 0.2, seed=1).test.x)
+    assert len(held.train) + len(held.test) == len(digits.train)
+    for label in range(10):
+        n = int((digits.train.y == label).sum())
+        assert int((held.test.y == label).sum()) == round(0.2 * n)
+    # a partition: together the two hold each training image (and label) exactly once
+
+    def samples(*splits):
+        return sorted(bytes(x.numpy()) + bytes([int(y)]) for split in splits for x, y in zip(split.x, split.y))
+
+    assert samples(held.train, held.test) == samples(digits.train)
+    assert held.spec == "digits#validation=0.2,seed=0" and held.classes == digits.classes
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_a_validation_fraction_outside_0_to_1_is_refused(fraction):
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        validation_split(load_dataset("digits"), fraction)
