@@ -15,12 +15,12 @@ and says so; every finished row is already on disk):
 - `retain_fraction` (Tables VI, VII): 20/40/60/80 % of D_r (stratified, seeded), for Retrain
   (trained on that fraction), Fine-tune, UNSIR and UISPS.
 
-Every row is evaluated the same way: A_Dr and A_Df on the test split (or, with `validation`, on a split held out of the training set) (percent), MIA on the
-forgotten classes' training samples (core.metrics), the feature probe and the relearn time
-(core.forgetting_probes), and the method's wall time. Trained Original and Retrain models and
-the inversions (D_g) are cached per (architecture, seed, forget set[, settings]) within a run,
-so nothing is trained or inverted twice; a row of a method that uses D_g counts the inversion's
-time in its `seconds`.
+Every row is evaluated the same way: A_Dr and A_Df on the test split (percent; with `validation`,
+on a split held out of the training set instead), MIA on the forgotten classes' training samples
+(core.metrics), the feature probe and the relearn time (core.forgetting_probes), and the
+method's wall time. Trained Original and Retrain models and the inversions (D_g) are cached per
+(architecture, seed, forget set[, settings]) within a run, so nothing is trained or inverted
+twice; a row of a method that uses D_g counts the inversion's time in its `seconds`.
 
 Output (in `out`): `paper-raw.jsonl` (one line per finished (row, seed), appended as it
 finishes), `paper.json` (rows aggregated over seeds, rewritten after every row), `paper.md`
