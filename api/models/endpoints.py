@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import pathlib
 import re
 from collections.abc import AsyncIterator
 from email.utils import formatdate
@@ -244,8 +245,8 @@ def download_checkpoint(
     )
     if (unchanged := _not_modified(if_none_match, asked)) is not None:
         return unchanged
-    if store.local_path(asked.artifact_key) is not None:
-        settle_range(request, asked.size_bytes)
+    if (path := store.local_path(asked.artifact_key)) is not None:
+        settle_range(request, asked.size_bytes, (_etag(asked), _last_modified(path)))
     download = model_service.checkpoint_for_download(
         session, tenant_id=tenant_id, actor=actor, model_id=model_id, version=version, store=store
     )
@@ -305,7 +306,7 @@ def checkpoint_headers(
     path = store.local_path(found.artifact_key)
     if path is not None:  # only local files are served in ranges, and FileResponse dates them
         headers["Accept-Ranges"] = "bytes"
-        headers["Last-Modified"] = formatdate(path.stat().st_mtime, usegmt=True)
+        headers["Last-Modified"] = _last_modified(path)
     return Response(headers=headers)
 
 
@@ -332,6 +333,10 @@ def _not_modified(if_none_match: list[str] | None, found: ModelVersion) -> Respo
 
 def _etag(found: ModelVersion) -> str:
     return f'"{found.sha256}"'
+
+
+def _last_modified(path: pathlib.Path) -> str:
+    return formatdate(path.stat().st_mtime, usegmt=True)  # as FileResponse dates the file
 
 
 @router.delete(

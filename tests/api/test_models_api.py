@@ -337,6 +337,26 @@ def test_a_client_holding_the_checkpoint_gets_304_and_nothing_is_recorded(
     assert _actions(client, model["id"]).count("model_version.downloaded") == recorded + 1  # `other` only
 
 
+def test_a_range_of_other_bytes_than_the_checkpoint_s_is_ignored_for_the_whole_file(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model = registered_model()
+    url, size = f"/models/{model['id']}/versions/1/checkpoint", len(digits_checkpoint)
+    head = client.head(url).headers
+    etag = head["etag"]
+
+    same = [client.get(url, headers={"Range": "bytes=100-", "If-Range": validator})
+            for validator in (etag, head["last-modified"])]
+    # the client's partial copy is of other bytes: its range means nothing here, not even a 416
+    other = [client.get(url, headers={"Range": value, "If-Range": '"0000"'}) for value in ("bytes=100-", f"bytes={size}-")]
+    weak = client.get(url, headers={"Range": "bytes=100-", "If-Range": f"W/{etag}"})
+
+    for response in same:
+        assert response.status_code == 206 and response.content == digits_checkpoint[100:]
+    for response in (*other, weak):
+        assert response.status_code == 200 and response.content == digits_checkpoint
+
+
 def test_range_specs_are_clipped_to_the_file_and_suffixes_count_from_its_end(
     client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:
