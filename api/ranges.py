@@ -12,6 +12,7 @@ FileResponse takes.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from fastapi import Request
 from starlette.exceptions import HTTPException
@@ -19,17 +20,18 @@ from starlette.exceptions import HTTPException
 _RANGE_SPEC = re.compile(r"(\d*)-(\d*)", re.ASCII)
 
 
-def settle_range(request: Request, size: int, validators: tuple[str, ...]) -> None:
+def settle_range(request: Request, size: int, validators: Callable[[], tuple[str, ...]]) -> None:
     """Rewrite or drop the request's Range header for a file of `size` bytes, or raise 416.
 
-    `validators`: the ETag and Last-Modified the answer carries. An If-Range naming neither (the
-    client's partial copy is of other bytes) drops the Range: the whole file, 200 (RFC 9110
-    sec. 13.1.5), never a 416 for a range of a file the client does not hold."""
+    `validators`: the ETag and Last-Modified the answer carries (asked for only when an If-Range
+    comes). An If-Range naming neither (the client's partial copy is of other bytes) drops the
+    Range: the whole file, 200 (RFC 9110 sec. 13.1.5), never a 416 for a file the client does not
+    hold."""
     value = request.headers.get("range")
     if value is None:
         return
     if_range = request.headers.get("if-range")
-    if if_range is not None and (if_range.startswith("W/") or if_range not in validators):
+    if if_range is not None and (if_range.startswith("W/") or if_range not in validators()):
         _set_range(request, None)
         return
     specs = _byte_range_specs(value)

@@ -118,6 +118,9 @@ def validation_split(dataset: Dataset, fraction: float, seed: int = 0) -> Datase
         raise ValueError(f"a validation fraction lies strictly between 0 and 1, not {fraction}")
     held = torch.zeros(len(dataset.train), dtype=torch.bool)
     held[stratified_sample(dataset.train.y, fraction, seed)] = True
+    kept = dataset.train.y[~held].unique().tolist()
+    if gone := sorted(set(dataset.train.y.unique().tolist()) - set(kept)):
+        raise ValueError(f"holding out {fraction:g} of the training images leaves none of class(es) {gone} to train on")
     return Dataset(f"{dataset.spec}#validation={fraction:g},seed={seed}", dataset.train.select(~held),
                    dataset.train.select(held), dataset.classes, dataset.flip)
 

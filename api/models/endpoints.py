@@ -246,7 +246,7 @@ def download_checkpoint(
     if (unchanged := _not_modified(if_none_match, asked)) is not None:
         return unchanged
     if (path := store.local_path(asked.artifact_key)) is not None:
-        settle_range(request, asked.size_bytes, (_etag(asked), _last_modified(path)))
+        settle_range(request, asked.size_bytes, lambda: (_etag(asked), *_last_modified(path)))
     download = model_service.checkpoint_for_download(
         session, tenant_id=tenant_id, actor=actor, model_id=model_id, version=version, store=store
     )
@@ -306,7 +306,8 @@ def checkpoint_headers(
     path = store.local_path(found.artifact_key)
     if path is not None:  # only local files are served in ranges, and FileResponse dates them
         headers["Accept-Ranges"] = "bytes"
-        headers["Last-Modified"] = _last_modified(path)
+        for date in _last_modified(path):
+            headers["Last-Modified"] = date
     return Response(headers=headers)
 
 
@@ -335,8 +336,13 @@ def _etag(found: ModelVersion) -> str:
     return f'"{found.sha256}"'
 
 
-def _last_modified(path: pathlib.Path) -> str:
-    return formatdate(path.stat().st_mtime, usegmt=True)  # as FileResponse dates the file
+def _last_modified(path: pathlib.Path) -> tuple[str, ...]:
+    """The file's date as FileResponse sends it; none for a file purged meanwhile (the download
+    that follows answers 410)."""
+    try:
+        return (formatdate(path.stat().st_mtime, usegmt=True),)
+    except FileNotFoundError:
+        return ()
 
 
 @router.delete(

@@ -175,7 +175,7 @@ def test_past_the_rate_limit_a_key_gets_429_with_retry_after(
 
         problem = assert_problem(limited, 429, "rate_limited", "rate limit of this API key exceeded")
         assert problem["title"] == "Too Many Requests"
-        assert 1 <= int(limited.headers["retry-after"]) <= 20
+        assert 15 <= int(limited.headers["retry-after"]) <= 20  # the 20 s to the next token, less a slow run
         # Per key: another key of the same tenant is not affected.
         assert bare.get("/models", headers=keys.header("admin")).status_code == 200
 
@@ -196,7 +196,7 @@ def test_a_tenants_keys_together_stay_within_the_tenant_rate_limit(
         limited = bare.get("/models", headers=keys.header("admin"))
 
         assert_problem(limited, 429, "rate_limited", "rate limit of this tenant exceeded")
-        assert 1 <= int(limited.headers["retry-after"]) <= 20
+        assert 15 <= int(limited.headers["retry-after"]) <= 20  # the 20 s to the next token, less a slow run
         assert bare.get("/models", headers=other.header("reader")).status_code == 200  # another tenant's own
 
 

@@ -5,6 +5,7 @@ import pickle
 import re
 import tracemalloc
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,13 @@ def test_a_validation_split_holds_out_a_fraction_of_each_class_from_training():
 def test_a_validation_fraction_outside_0_to_1_is_refused(fraction):
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         validation_split(load_dataset("digits"), fraction)
+
+
+def test_a_validation_split_that_would_take_a_whole_class_is_refused():
+    digits = load_dataset("digits")
+    first_seven = int((digits.train.y == 7).nonzero()[0])
+    keep = (digits.train.y != 7) | (torch.arange(len(digits.train)) == first_seven)
+    one_seven = replace(digits, train=digits.train.select(keep))  # one training image of class 7
+
+    with pytest.raises(ValueError, match=r"none of class\(es\) \[7\]"):
+        validation_split(one_seven, 0.2)
