@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 _RANGE_SPEC = re.compile(r"(\d*)-(\d*)", re.ASCII)
 
 
-def settle_range(request: Request, size: int, validators: Callable[[], tuple[str, ...]]) -> None:
+def settle_range(request: Request, size: int, validators: Callable[[], tuple[str | None, ...]]) -> None:
     """Rewrite or drop the request's Range header for a file of `size` bytes, or raise 416.
 
     `validators`: the ETag and Last-Modified the answer carries (asked for only when an If-Range

@@ -9,8 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from psycopg import sql
-from run_databases import RunDatabases
+from run_databases import RunDatabases, create_database, drop_database
 from sqlalchemy.engine import make_url
 
 PG_ADMIN_DSN = os.environ.get(
@@ -56,21 +55,14 @@ def run_databases() -> Iterator[RunDatabases]:
 @pytest.fixture(scope="session")
 def pg_url(run_databases: RunDatabases) -> Iterator[str]:
     """SQLAlchemy URL of a fresh, empty PostgreSQL database, dropped after the run."""
-    name = run_databases.name("test")
     with _pg_admin() as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = make_url(PG_ADMIN_DSN).set(drivername="postgresql+psycopg", database=name)
+        name = create_database(admin, run_databases.name("test"))
     try:
-        yield url.render_as_string(hide_password=False)
+        yield make_url(PG_ADMIN_DSN).set(drivername="postgresql+psycopg", database=name).render_as_string(
+            hide_password=False)
     finally:
         with _pg_admin() as admin:
-            # A leaked pooled connection would otherwise block the drop.
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND pid <> pg_backend_pid()",
-                (name,),
-            )
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+            drop_database(admin, name)
 
 
 # Marks a Redis database as a test run's: only an empty one, or one an earlier (killed) run marked,
@@ -143,16 +135,13 @@ def own_pg_database(pg_url: str, run_databases: RunDatabases) -> Iterator[str]:
     Not pg_url itself when a worker process runs: its reconciler re-sends every queued request it
     finds, and the shared database holds requests other tests queued on purpose without a worker.
     """
-    admin_url = make_url(pg_url).set(drivername="postgresql", database="postgres")
-    name = run_databases.name("own")
-    with psycopg.connect(admin_url.render_as_string(hide_password=False), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with _pg_admin() as admin:
+        name = create_database(admin, run_databases.name("own"))
     try:
         yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        with psycopg.connect(admin_url.render_as_string(hide_password=False), autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        with _pg_admin() as admin:
+            drop_database(admin, name)
 
 
 @pytest.fixture

@@ -64,3 +64,15 @@ class RunDatabases:
         finally:
             self._admin.execute("SELECT pg_advisory_unlock(%s, %s)", key)
         return dropped
+
+
+def create_database(admin: psycopg.Connection, name: str) -> str:
+    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return name
+
+
+def drop_database(admin: psycopg.Connection, name: str) -> None:
+    """Drops it, ending its sessions first: a leaked pooled connection would otherwise block it."""
+    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                  (name,))
+    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))

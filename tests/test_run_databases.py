@@ -6,8 +6,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg import sql
-from run_databases import RunDatabases
+from run_databases import RunDatabases, create_database, drop_database
 from sqlalchemy.engine import make_url
 
 
@@ -29,23 +28,18 @@ def other_run(pg_url: str) -> Iterator[tuple[RunDatabases, psycopg.Connection]]:
     connection.close()
 
 
-def _create(admin: psycopg.Connection, name: str) -> str:
-    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return name
-
-
 def _exists(admin: psycopg.Connection, name: str) -> bool:
     return admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
 
 
 def _drop(admin: psycopg.Connection, *names: str) -> None:
     for name in names:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        drop_database(admin, name)
 
 
 def test_a_killed_runs_databases_are_dropped_by_the_next_run(admin, other_run) -> None:  # noqa: ANN001
     run, connection = other_run
-    names = [_create(admin, run.name(kind)) for kind in ("test", "own")]
+    names = [create_database(admin, run.name(kind)) for kind in ("test", "own")]
     try:
         connection.close()  # killed: PostgreSQL ends its session and its lock
 
@@ -58,7 +52,7 @@ def test_a_killed_runs_databases_are_dropped_by_the_next_run(admin, other_run) -
 
 def test_a_live_runs_databases_are_kept_even_while_nobody_is_connected_to_them(admin, other_run) -> None:  # noqa: ANN001
     run, _ = other_run
-    names = [_create(admin, run.name(kind)) for kind in ("test", "own")]
+    names = [create_database(admin, run.name(kind)) for kind in ("test", "own")]
     try:
         dropped = RunDatabases(admin).drop_abandoned()
 
@@ -69,7 +63,7 @@ def test_a_live_runs_databases_are_kept_even_while_nobody_is_connected_to_them(a
 
 def test_a_killed_runs_database_a_process_is_still_connected_to_is_kept(admin, other_run, pg_url) -> None:  # noqa: ANN001
     run, connection = other_run
-    name = _create(admin, run.name("own"))
+    name = create_database(admin, run.name("own"))
     try:
         connection.close()
         with psycopg.connect(_admin_dsn(pg_url, name)):  # e.g. a worker the killed run started
@@ -81,7 +75,7 @@ def test_a_killed_runs_database_a_process_is_still_connected_to_is_kept(admin, o
 
 def test_databases_not_named_as_a_test_runs_are_never_dropped(admin) -> None:  # noqa: ANN001
     # a developer's database, and names from before runs held locks
-    names = [_create(admin, name) for name in ("uisps_test_dev", "uisps_own_1234_abcd1234", "uisps_test_zzzzzzz_ab")]
+    names = [create_database(admin, name) for name in ("uisps_test_dev", "uisps_own_1234_abcd1234", "uisps_test_zzzzzzz_ab")]
     try:
         RunDatabases(admin).drop_abandoned()
 

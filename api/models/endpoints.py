@@ -246,7 +246,7 @@ def download_checkpoint(
     if (unchanged := _not_modified(if_none_match, asked)) is not None:
         return unchanged
     if (path := store.local_path(asked.artifact_key)) is not None:
-        settle_range(request, asked.size_bytes, lambda: (_etag(asked), *_last_modified(path)))
+        settle_range(request, asked.size_bytes, lambda: (_etag(asked), _last_modified(path)))
     download = model_service.checkpoint_for_download(
         session, tenant_id=tenant_id, actor=actor, model_id=model_id, version=version, store=store
     )
@@ -306,7 +306,7 @@ def checkpoint_headers(
     path = store.local_path(found.artifact_key)
     if path is not None:  # only local files are served in ranges, and FileResponse dates them
         headers["Accept-Ranges"] = "bytes"
-        for date in _last_modified(path):
+        if (date := _last_modified(path)) is not None:
             headers["Last-Modified"] = date
     return Response(headers=headers)
 
@@ -336,13 +336,13 @@ def _etag(found: ModelVersion) -> str:
     return f'"{found.sha256}"'
 
 
-def _last_modified(path: pathlib.Path) -> tuple[str, ...]:
-    """The file's date as FileResponse sends it; none for a file purged meanwhile (the download
+def _last_modified(path: pathlib.Path) -> str | None:
+    """The file's date as FileResponse sends it; None for a file purged meanwhile (the download
     that follows answers 410)."""
     try:
-        return (formatdate(path.stat().st_mtime, usegmt=True),)
+        return formatdate(path.stat().st_mtime, usegmt=True)
     except FileNotFoundError:
-        return ()
+        return None
 
 
 @router.delete(
