@@ -82,6 +82,12 @@ def _idle_redis_db(client: redis.Redis) -> int:
     except redis.ResponseError:  # CLIENT LIST refused (a managed Redis's ACL): trust the pid
         busy = set()
     numbers = [1 + (os.getpid() + step) % 15 for step in range(15)]
+    # pytest-xdist's workers of one run split the numbers between them, so two never pick one
+    # number at the same moment (a run's database counts as busy only once its client connects).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        index = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw"))
+        numbers = [n for n in numbers if (n - 1) % workers == index]
     for number in (n for n in numbers if n not in busy):
         probe = redis.Redis.from_url(f"{REDIS_BASE_URL}/{number}", socket_connect_timeout=3)
         try:
