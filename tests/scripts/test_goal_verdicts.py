@@ -1,0 +1,80 @@
+"""scripts/goal_verdicts.py: the issue's goals judged for the UISPS rows of `main` tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+_SPEC = importlib.util.spec_from_file_location("goal_verdicts", Path(__file__).parents[2] / "scripts" / "goal_verdicts.py")
+goal_verdicts = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(goal_verdicts)
+
+
+def _row(method: str, a_dr: float, a_df: float, *, mia: float = 20.0, probe: float = 85.0, relearn: float = 10.0,
+         zero_glance: bool = True, experiment: str = "main", setting: str = "default", **extra: object) -> dict:
+    return {"experiment": experiment, "arch": "resnet18", "forget": [0], "method": method, "setting": setting,
+            "seeds": 3, "acc_retain": a_dr, "acc_forget": a_df, "mia": mia, "probe": probe, "relearn_steps": relearn,
+            "zero_glance": zero_glance, **extra}
+
+
+def _folder(tmp_path: Path, *rows: dict) -> Path:
+    folder = tmp_path / "main-run"
+    folder.mkdir()
+    (folder / "paper.json").write_text(json.dumps(list(rows)))
+    return folder
+
+
+ENDS = (_row("original", 80.0, 75.0, mia=80.0, probe=93.0, relearn=0.0),
+        _row("retrain", 80.0, 0.0, mia=30.0, probe=87.0, relearn=20.0))
+
+
+def test_a_row_that_meets_every_goal_reads_met_in_every_cell(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, *ENDS, _row("fisher", 78.5, 0.5),
+                     _row("uisps", 79.6, 0.0, mia=25.0, probe=89.0, relearn=12.0))
+
+    (line,) = goal_verdicts.verdicts(folder)
+
+    assert line == ("| `main-run` | resnet18 | 0 | default | 3 | 0.00: met | -0.40: met | +1.10 over fisher: met | "
+                    "25.00 / 30.00: met | 89.00 / 90.00: met | 12.0 / 10.0: met |")
+
+
+def test_the_best_baseline_is_a_zero_glance_method_that_forgets_never_the_head_mask(tmp_path: Path) -> None:
+    # head-mask hides the class at the Original's A_Dr; Amnesiac reads the forget set; fine-tune keeps it
+    folder = _folder(tmp_path, *ENDS, _row("head_mask", 80.0, 0.0), _row("amnesiac", 79.5, 0.0, zero_glance=False),
+                     _row("finetune", 79.0, 4.0), _row("unsir", 77.0, 1.0), _row("fisher", 76.0, 0.0),
+                     _row("uisps", 77.5, 0.0))
+
+    (line,) = goal_verdicts.verdicts(folder)
+
+    assert "| +0.50 over unsir: **not met** |" in line
+
+
+def test_goals_missed_are_each_said_so(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, *ENDS, _row("uisps", 78.5, 2.0, mia=31.0, probe=92.0, relearn=3.0))
+
+    (line,) = goal_verdicts.verdicts(folder)
+
+    assert line.split(" | ")[5:] == ["2.00: **not met**", "-1.50: **not met**", "no zero-glance baseline forgets",
+                                     "31.00 / 30.00: **not met**", "92.00 / 90.00: **not met**",
+                                     "3.0 / 10.0: **not met** |"]
+
+
+def test_a_relearn_figure_that_hit_the_cap_is_marked(tmp_path: Path) -> None:
+    retrain = dict(ENDS[1], relearn_steps=200.0, relearn_capped=2)
+    folder = _folder(tmp_path, ENDS[0], retrain, _row("uisps", 80.0, 0.0, relearn=200.0, relearn_capped=1))
+
+    (line,) = goal_verdicts.verdicts(folder)
+
+    assert "| 200.0 (1 capped) / 100.0 (2 capped): met |" in line
+
+
+def test_only_main_tables_with_both_ends_are_judged(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, *ENDS, _row("uisps", 80.0, 0.0, experiment="tune"),
+                     _row("original", 80.0, 75.0, experiment="main") | {"forget": [1]},
+                     _row("uisps", 80.0, 0.0) | {"forget": [1]},
+                     _row("uisps-paper", 70.0, 9.0, setting="preset=paper"))
+
+    lines = goal_verdicts.verdicts(folder)
+
+    assert len(lines) == 1 and "| preset=paper |" in lines[0]
