@@ -24,7 +24,7 @@ from core.checkpoint import checkpoint_bytes, load_checkpoint_bytes
 from core.data import Dataset, load_dataset
 from core.db import DATABASE_UNAVAILABLE, utcnow
 from core.device import pick_device
-from core.errors import DataError, DeviceUnavailable, UisError
+from core.errors import DataError, DeviceUnavailable, InvalidLabels, UisError
 from core.logs import deletion_request_context
 from core.services.deletion_requests.jobs import ClaimOutcome, JobInput, JobLost, deletion_jobs
 from core.services.deletion_requests.service import unlearn_config
@@ -393,12 +393,23 @@ class LeaseKeeper:
                 logger.warning("lease heartbeat of %s failed: %s", self._request_id, type(exc).__name__)
 
 
+def _check_carried_leave_a_class(job: JobInput) -> None:
+    """An input error where the labels other versions forgot (which the job must forget too)
+    leave no class: they were forgotten after the request was made (it was checked then)."""
+    if job.carried_labels and len(set(job.forget_labels) | set(job.base.forgotten_labels)) >= job.model.num_classes:
+        raise InvalidLabels(
+            f"other versions of this model forgot labels {list(job.carried_labels)}, which version "
+            f"{job.base.version} still knows and this job must forget too: with them it would forget every class"
+        )
+
+
 def _unlearn(
     job: JobInput, settings: Settings, device: torch.device, store: ArtifactStore, tracker: ProgressTracker
 ) -> tuple[StoredArtifact, list[int], dict[str, Any]]:
     from core.workflow import unlearn_model  # the heaviest import; after the claim succeeded
 
     config = unlearn_config(job.params)  # before the slow loading: refused overrides fail at once
+    _check_carried_leave_a_class(job)
     tracker.enter("loading")
     # Again here: a model registered before the roots were narrowed, or under other settings,
     # must not make this worker read outside them.
@@ -423,6 +434,8 @@ def _unlearn(
         "base_sha256": job.base.sha256,
         "checkpoint_sha256": artifact.sha256,
         "deletion_request_ids": job.request_ids,  # more than one when requests were coalesced
+        # forgotten with the requests' labels: other versions forgot them, and the base still knew them
+        "carried_labels": list(job.carried_labels),
         "attempt": job.attempt,
         "code_version": code_version(),
     }

@@ -32,7 +32,10 @@ class DeletionRequestCreate(BaseModel):
     model_id: Annotated[str, StringConstraints(min_length=1, max_length=64), NulFree]
     forget_labels: list[StrictInt] = Field(min_length=1, description="class indices to forget")
     base_version: StrictInt | None = Field(
-        None, ge=1, le=2**31 - 1, description="the version to unlearn from; default: the latest when its job starts"
+        None, ge=1, le=2**31 - 1, description=(
+            "the version to unlearn from; default: the latest when its job starts. Whatever the base, the job "
+            "also forgets the labels other versions of the model forgot (`carried_labels` in its report)"
+        ),
     )
     method: Literal["uisps"] = Field("uisps", description="unlearning method")
     params: UnlearnConfig | None = Field(

@@ -114,6 +114,20 @@ def test_a_label_the_base_version_forgot_is_422(client: TestClient, registered_m
     assert _request(client, model["id"], [3], base_version=1).status_code == 202
 
 
+def test_an_older_base_whose_job_would_forget_every_class_with_the_carried_labels_is_422(
+    client: TestClient, registered_model  # noqa: ANN001
+) -> None:
+    # Version 2 forgot 3; a job on version 1 forgets 3 too, so 3 plus all the others is every class.
+    model = registered_model()
+    _add_forgetting_version(client, model["id"], [3])
+    every_other = [label for label in range(10) if label != 3]
+
+    response = _request(client, model["id"], every_other, base_version=1)
+
+    assert_problem(response, 422, "invalid_labels", "version 1 still knows labels [3]")
+    assert _request(client, model["id"], every_other[:-1], base_version=1).status_code == 202
+
+
 def test_the_default_base_is_the_latest_version(client: TestClient, registered_model) -> None:  # noqa: ANN001
     model = registered_model()
     _add_forgetting_version(client, model["id"], [3])

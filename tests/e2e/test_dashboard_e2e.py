@@ -106,7 +106,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 @dataclass
 class History:
-    """A model with three versions: v2 forgot 3 from v1, v3 forgot 5 from v1 (a branch)."""
+    """A model with three versions: v2 forgot 3 from v1, v3 forgot 5 (and 3, which v2 forgot) from v1 (a branch)."""
 
     model: dict[str, Any]
     first: dict[str, Any]
@@ -299,13 +299,17 @@ def test_the_lineage_view_shows_every_version_with_its_parent_labels_hash_reques
     rows = page.eval_on_selector_all(
         "#versions tbody tr",
         """rows => rows.map(r => ({version: r.dataset.version, cells: Array.from(r.cells, c => c.textContent),
+                                   chips: Array.from(r.cells[2].querySelectorAll('.chip'), c => c.textContent),
+                                   fresh: Array.from(r.cells[2].querySelectorAll('.chip-new'), c => c.textContent),
                                    request: (r.querySelector('a[href^="#/requests/"]') || {}).hash || null}))""",
     )
     versions = {v["version"]: v for v in service.admin.http.get(f"/models/{model_id}/versions").json()["versions"]}
     assert [row["version"] for row in rows] == ["1", "2", "3"]
     parents = [row["cells"][1] for row in rows]
     assert parents == ["upload", "v1", "v1"]  # v3 branched from v1
-    assert [row["cells"][2] for row in rows] == ["none", "3", "5"]
+    assert rows[0]["cells"][2] == "none"
+    # v3, asked to forget 5 from v1, forgot 3 too (version 2 had): both new against its parent
+    assert [(row["chips"], row["fresh"]) for row in rows[1:]] == [(["3"], ["3"]), (["3", "5"], ["3", "5"])]
     assert [row["cells"][7].split(" ")[0] for row in rows] == ["purged", "kept", "kept"]
     for row in rows:
         version = versions[int(row["version"])]

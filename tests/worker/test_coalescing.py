@@ -99,18 +99,23 @@ def test_with_coalescing_off_each_request_makes_its_own_version_on_the_last(
     assert "deletion_request.rebased" in _actions(worker_env, second)
 
 
-def test_a_request_that_would_forget_every_class_from_the_latest_keeps_its_base(
+def test_a_request_that_would_forget_every_class_with_what_the_latest_forgot_fails_and_makes_no_version(
     worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
 ) -> None:
+    # Valid on version 1 when made; once version 2 forgot 0-4, a job on version 1 would have to
+    # forget them too (no version may know them again), and with them every class.
     monkeypatch.setenv("UISPS_COALESCE_REQUESTS", "false")
     model_id = worker_env.new_model(digits_checkpoint)
     first = worker_env.queue(model_id, [0, 1, 2, 3, 4])
-    second = worker_env.queue(model_id, [5, 6, 7, 8, 9])  # valid on version 1, not on top of the first
+    second = worker_env.queue(model_id, [5, 6, 7, 8, 9])
 
     assert _run(first) == "succeeded"
-    assert _run(second) == "succeeded"
+    assert _run(second) == "failed"
 
-    assert (_versions(worker_env, model_id)[-1].parent_version, _requests(worker_env, second)[0].base_version) == (1, 1)
+    request = _requests(worker_env, second)[0]
+    assert request.base_version == 1 and request.error["code"] == "invalid_labels"
+    assert "forgot labels [0, 1, 2, 3, 4], which version 1 still knows" in request.error["message"]
+    assert [v.version for v in _versions(worker_env, model_id)] == [1, 2]
 
 
 def test_a_job_that_a_newer_version_overtook_is_run_again_from_it(

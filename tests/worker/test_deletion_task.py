@@ -792,3 +792,47 @@ def test_a_data_error_names_the_path_the_tenant_gave_not_where_it_resolves(
 
     error = _request(worker_env, request_id).error
     assert error["code"] == "invalid_data" and error["message"] == f"data file not found: {named}"
+
+
+def test_a_request_on_an_older_base_also_forgets_what_another_version_forgot(
+    worker_env, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    # Version 2 forgot digit 3; a request that names version 1 (which still knows it) to forget 5
+    # must not make a version, the model's latest, that knows 3 again, nor train on 3's images.
+    model_id = worker_env.new_model(digits_checkpoint)
+    assert _run(worker_env.queue(model_id, [3])) == "succeeded"
+    branch = worker_env.queue(model_id, [5], base_version=1)
+
+    assert _run(branch) == "succeeded"
+
+    request = _request(worker_env, branch)
+    v3 = _versions(worker_env, model_id)[-1]
+    assert request.forget_labels == [5] and (v3.version, v3.parent_version) == (3, 1)
+    assert v3.forgotten_labels == [3, 5] and v3.metrics["carried_labels"] == [3]
+    assert v3.metrics["forget_labels"] == [3, 5]  # measured before and after on both
+    from core.data import load_dataset
+
+    train_labels = load_dataset("digits").train.y
+    assert v3.metrics["retained_train_samples"] == int(((train_labels != 3) & (train_labels != 5)).sum())
+
+
+def test_a_result_that_a_branch_s_version_overtook_is_run_again_and_carries_its_labels(
+    worker_env, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    env = worker_env
+    model_id = env.new_model(digits_checkpoint)
+    slow = env.queue(model_id, [5], base_version=1)
+    with env.sessions.begin() as session:
+        job = deletion_jobs.claim(session, slow, lease_s=60).job
+    assert job.carried_labels == () and job.forget_labels == [5]
+    assert _run(env.queue(model_id, [3], base_version=1)) == "succeeded"  # version 2 forgot 3 meanwhile
+
+    with env.sessions.begin() as session:
+        deletion_jobs.complete(session, slow, artifact=env.store.put(b"knows 3", "default"), forgotten_labels=[5],
+                               metrics={}, attempt=job.attempt, claimed_at=job.claimed_at)
+
+    assert [v.version for v in _versions(env, model_id)] == [1, 2]  # nothing stored that knows 3 again
+    assert _request(env, slow).state == "queued" and _actions(env, slow)[-1] == "deletion_request.requeued"
+    with env.sessions.begin() as session:
+        again = deletion_jobs.claim(session, slow, lease_s=60).job
+    assert again.carried_labels == (3,) and again.forget_labels == [3, 5]

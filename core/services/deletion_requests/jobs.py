@@ -57,11 +57,14 @@ class JobInput:
     request_id: str  # the request that claimed the job
     tenant_id: str
     attempt: int
-    forget_labels: list[int]  # with members: the union of every request's labels
+    forget_labels: list[int]  # with members: the union of every request's labels; with `carried_labels`
     params: dict[str, Any]
     model: Model
     base: ModelVersion
     members: tuple[str, ...] = ()  # the other requests this job runs (coalesced into it)
+    # Labels other versions of the model forgot that the base still knows: the job forgets them
+    # too (they are in `forget_labels`), so no version ever knows again a class one forgot.
+    carried_labels: tuple[int, ...] = ()
     # When this claim was made (the request's started_at): with `attempt`, the claim's fence. The
     # attempt number alone is not one: a job that gives its attempt back (a newer base, a cancel
     # in its group) lowers it, and the next claim raises it to the same number again.
@@ -142,9 +145,11 @@ class DeletionJobs:
         if base is None:  # versions are never deleted; a missing base means a broken database
             raise RuntimeError(f"base version {request.base_version} of model {request.model_id} is missing")
         labels = set(request.forget_labels).union(*(m.forget_labels for m in kept))
+        so_far = model_repository.forgotten_so_far(session, request.tenant_id, request.model_id)
         joined: list[DeletionRequest] = []
         if coalesce:
-            joined, labels = self._absorb(session, request, base, labels, max_labels)
+            joined, labels = self._absorb(session, request, base, labels, max_labels, so_far)
+        carried = so_far - set(base.forgotten_labels) - labels
         members = [*kept, *joined]
         details: dict[str, Any] = {"previous_state": previous_state, "attempt": request.attempts}
         if members:
@@ -168,11 +173,12 @@ class DeletionJobs:
             request_id=request.id,
             tenant_id=request.tenant_id,
             attempt=request.attempts,
-            forget_labels=sorted(labels),
+            forget_labels=sorted(labels | carried),
             params=dict(request.params or {}),
             model=request.model,
             base=base,
             members=tuple(m.id for m in members),
+            carried_labels=tuple(sorted(carried)),
             claimed_at=request.started_at,
         )
         return Claim(ClaimOutcome.CLAIMED, job, JobState.RUNNING.value)
@@ -233,13 +239,15 @@ class DeletionJobs:
         base: ModelVersion,
         labels: set[int],
         max_labels: int | None,
+        so_far: set[int],
     ) -> tuple[list[DeletionRequest], set[int]]:
         """The queued requests one job can serve with `request`, oldest first, and the labels then.
 
         The rule: same tenant and model, the same base version number (a request that asked for
         "latest" has the number that was latest when it was made), the same method and exactly the
         same overrides. A request joins only while the union of labels stays within `max_labels`
-        (UISPS_MAX_LABELS_PER_REQUEST) and leaves a class to classify; a request that does not fit
+        (UISPS_MAX_LABELS_PER_REQUEST) and leaves a class to classify, with the labels other
+        versions forgot (`so_far`, which the job forgets too); a request that does not fit
         stays queued and runs in a job of its own.
         """
         candidates = deletion_request_repository.coalescable(session, request)
@@ -259,7 +267,7 @@ class DeletionJobs:
             union = labels | set(candidate.forget_labels)
             if max_labels is not None and len(union) > max_labels:
                 continue
-            if len(union | set(base.forgotten_labels)) >= num_classes:
+            if len(union | set(base.forgotten_labels) | so_far) >= num_classes:
                 continue
             joined.append(candidate)
             labels = union
@@ -347,6 +355,16 @@ class DeletionJobs:
                 row.attempts -= 1
                 self._requeue(session, row, "deletion_request.requeued",
                               reason="a newer version of the model was made while its job ran",
+                              attempt_given_back=True, attempts=row.attempts)
+            return request
+        missed = model_repository.forgotten_so_far(session, request.tenant_id, request.model_id) - set(forgotten_labels)
+        if missed:
+            # Another version (a branch) forgot these while this job ran from a base that knows
+            # them: this result would know them again. The next job carries them.
+            for row in group:
+                row.attempts -= 1
+                self._requeue(session, row, "deletion_request.requeued",
+                              reason=f"another version of the model forgot labels {sorted(missed)} while its job ran",
                               attempt_given_back=True, attempts=row.attempts)
             return request
         lock_artifact(session, artifact.key, exclusive=False)

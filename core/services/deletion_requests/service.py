@@ -75,6 +75,8 @@ class DeletionRequestService:
             raise NotFound("model", model_id)
         base = self._base_version(session, tenant_id, model_id, base_version)
         labels = _check_labels(list(forget_labels), model.num_classes, base.forgotten_labels)
+        _check_carried_leave_a_class(labels, base, model_repository.forgotten_so_far(session, tenant_id, model_id),
+                                     model.num_classes)
         _check_params_fit_model(normalised_params, model.architecture, model.input_shape[0], model.num_classes)
         active = deletion_request_repository.count_active(session, tenant_id)
         if active >= settings.max_active_requests_per_tenant:
@@ -360,6 +362,17 @@ def _check_params_fit_model(params: dict[str, Any], architecture: str, in_channe
         except ArchitectureError as exc:
             error = {"loc": ["params", field], "msg": str(exc), "type": "value_error"}
             raise InvalidParameters(f"params.{field}: {exc}", [error]) from None
+
+
+def _check_carried_leave_a_class(labels: list[int], base: ModelVersion, so_far: set[int], num_classes: int) -> None:
+    """A job also forgets what other versions of the model forgot and its base still knows
+    (`DeletionJobs.claim`): refused now where that would leave no class, not as a failed job."""
+    carried = sorted(so_far - set(base.forgotten_labels) - set(labels))
+    if carried and len(so_far | set(base.forgotten_labels) | set(labels)) >= num_classes:
+        raise InvalidLabels(
+            f"version {base.version} still knows labels {carried}, which other versions of this model forgot "
+            "and every later version forgets too: with them, forgetting every class would leave nothing to classify"
+        )
 
 
 def _check_labels(labels: list[int], num_classes: int, already_forgotten: list[int]) -> list[int]:

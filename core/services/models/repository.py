@@ -79,6 +79,15 @@ class ModelRepository:
             .limit(1)
         )
 
+    def forgotten_so_far(self, session: Session, tenant_id: str, model_id: str) -> set[int]:
+        """Every label some version of the model forgot: a later version forgets them too, whatever
+        its base (design: retained data for any later request excludes every label forgotten so far)."""
+        rows = session.scalars(
+            select(ModelVersion.forgotten_labels)
+            .where(ModelVersion.tenant_id == tenant_id, ModelVersion.model_id == model_id)
+        )
+        return set().union(*rows)
+
     def latest_version_numbers(self, session: Session, model_ids: list[str]) -> dict[str, int]:
         if not model_ids:
             return {}
