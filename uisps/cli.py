@@ -676,7 +676,7 @@ def artifacts_rekey(
 
     store = make_artifact_store(get_settings())
     with _existing_service_database() as session:
-        report = rekey_shared_artifacts(session, store, dry_run=dry_run, on_moved=echo)
+        report = rekey_shared_artifacts(session, store, dry_run=dry_run, on_moved=echo, actor=_cli_actor())
     for problem in report.problems:
         typer.echo(f"NOT MOVED: {problem}", err=True)
     verb = "would move" if dry_run else "moved"

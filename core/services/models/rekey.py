@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.db import ModelVersion
+from core.db import ModelVersion, record_event
 from core.services.errors import ArtifactCorrupted
 from core.services.models.repository import model_repository
 from core.services.models.service import verify_artifact
@@ -48,12 +48,14 @@ def rekey_shared_artifacts(
     *,
     dry_run: bool,
     on_moved: Callable[[RekeyedVersion], None] = lambda moved: None,
+    actor: str = "cli",
 ) -> RekeyReport:
     """Copy each shared file that unpurged versions name to the key of each tenant naming it, point
     those versions at their copy, then delete the shared file (with `dry_run`, say what would move
     and which files could not; nothing is written or locked). `on_moved` hears of each move once
     committed (with `dry_run`, of each that would be made), so a run that stops half-way has said
-    what it did.
+    what it did. Each move is in its tenant's audit log (`model_version.artifact_moved`, by
+    `actor`): the checkpoint a version names is part of its record.
 
     Per (file, tenant): the copy is made and read back through to its sha256 first, with no lock
     held (a put is idempotent), so no purge waits on a copy; then one short transaction, under the
@@ -76,7 +78,7 @@ def rekey_shared_artifacts(
             moves = _moves(_unpurged_naming(session, old_key, tenant_id), old_key, key_for(sha256, tenant_id))
         else:
             new_key = _copy(store, old_key, tenant_id, sha256, report)
-            moves = [] if new_key is None else _repoint(session, store, old_key, tenant_id, new_key, report)
+            moves = [] if new_key is None else _repoint(session, store, old_key, tenant_id, new_key, report, actor)
         for moved in moves:
             report.moved.append(moved)
             on_moved(moved)
@@ -131,7 +133,8 @@ def _copy(store: ArtifactStore, old_key: str, tenant_id: str, sha256: str, repor
 
 
 def _repoint(
-    session: Session, store: ArtifactStore, old_key: str, tenant_id: str, new_key: str, report: RekeyReport
+    session: Session, store: ArtifactStore, old_key: str, tenant_id: str, new_key: str, report: RekeyReport,
+    actor: str,
 ) -> list[RekeyedVersion]:
     begin_write(session)
     lock_artifact(session, old_key, exclusive=True)
@@ -154,6 +157,11 @@ def _repoint(
     versions = _unpurged_naming(session, old_key, tenant_id, for_update=True)
     for version in versions:
         version.artifact_key = new_key
+        # after the artifact locks, as a purge takes the tenant's: one order for both
+        record_event(session, tenant_id=tenant_id, actor=actor, action="model_version.artifact_moved",
+                     subject_type="model_version", subject_id=version.id, model_id=version.model_id,
+                     details={"version": version.version, "sha256": version.sha256, "from_key": old_key,
+                              "to_key": new_key, "reason": "the tenant's own copy of a shared checkpoint file"})
     session.commit()
     for version in versions:
         logger.info("model %s version %d: %s -> %s", version.model_id, version.version, old_key, new_key)

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import AuditEvent, ModelVersion, make_engine, make_sessionmaker, utcnow
+from core.db import AuditEvent, ModelVersion, make_engine, make_sessionmaker, utcnow, verify_chain
 from core.db.migrate import upgrade
 from core.services.models.rekey import rekey_shared_artifacts
 from core.services.models.service import ModelSpec, model_service
@@ -99,6 +99,33 @@ def test_each_tenant_gets_its_own_copy(
     with store.open(key_for(sha256, "globex")) as copy:
         assert copy.read() == digits_checkpoint
     assert report.shared_deleted == [shared] and not store.exists(shared)
+
+
+def test_each_move_is_in_its_tenants_audit_log_and_the_chain_still_verifies(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes
+) -> None:
+    first = _legacy_version(sessions, "acme", digits_checkpoint, store)
+    shared = _key_of(sessions, "acme", first)
+
+    with sessions() as session:
+        rekey_shared_artifacts(session, store, dry_run=False, actor="cli:ops")
+
+    with sessions() as session:
+        (event,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "model_version.artifact_moved"))
+        assert (event.tenant_id, event.actor, event.model_id) == ("acme", "cli:ops", first)
+        assert event.details["from_key"] == shared and event.details["to_key"] == _key_of(sessions, "acme", first)
+        assert event.details["version"] == 1 and verify_chain(session, "acme") is None
+
+
+def test_a_dry_run_records_nothing(
+    sessions: sessionmaker[Session], store: LocalArtifactStore, digits_checkpoint: bytes
+) -> None:
+    _legacy_version(sessions, "acme", digits_checkpoint, store)
+
+    assert _rekey(sessions, store, dry_run=True).moved
+
+    with sessions() as session:
+        assert not session.scalars(select(AuditEvent).where(AuditEvent.action == "model_version.artifact_moved")).all()
 
 
 def test_after_the_move_a_purge_deletes_the_tenants_bytes_whatever_another_holds(
