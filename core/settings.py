@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +30,8 @@ MAX_WEBHOOK_SECRET_OVERLAP_S = 30 * 24 * 60 * 60
 
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+# Passwords that stand for "put yours here" in templates (docs/deploy.md writes `...`).
+PLACEHOLDER_PASSWORDS = frozenset({"...", "changeme", "change-me", "changethis", "password", "secret", "xxx"})
 
 
 class Settings(BaseSettings):
@@ -272,6 +275,20 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: str | None) -> str | None:
         # `UISPS_DATABASE_URL=` in a .env or compose file means "use the default", not "".
         return value or None
+
+    @field_validator("database_url", "broker_url", mode="after")
+    @classmethod
+    def _no_placeholder_password(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A .env copied from docs/deploy.md unchanged reaches here as `...`: refuse to start on a
+        # password anyone can read in the docs rather than run with it.
+        try:
+            password = urlsplit(value).password if value else None
+        except ValueError:  # not a URL this can read: the driver says what is wrong with it
+            return value
+        if password is not None and unquote(password).lower() in PLACEHOLDER_PASSWORDS:
+            raise ValueError(f"the password in UISPS_{info.field_name.upper()} is a placeholder "
+                             f"({unquote(password)!r}): set a real one (docs/deploy.md, Secrets)")
+        return value
 
     @property
     def effective_database_url(self) -> str:

@@ -119,6 +119,30 @@ def test_a_webhook_secret_of_another_form_is_refused(clean_env: pytest.MonkeyPat
     assert secret not in str(refused.value)  # the refusal is logged: the value must not be in it
 
 
+@pytest.mark.parametrize(("name", "url"), [
+    ("UISPS_DATABASE_URL", "postgresql+psycopg://uisps:...@postgres:5432/uisps"),  # docs/deploy.md's .env, unchanged
+    ("UISPS_BROKER_URL", "redis://:changeme@redis:6379/0"),
+])
+def test_a_placeholder_password_in_a_service_url_is_refused_at_start(
+    clean_env: pytest.MonkeyPatch, name: str, url: str
+) -> None:
+    from core.settings import SettingsError
+
+    clean_env.setenv(name, url)
+
+    with pytest.raises(SettingsError, match=f"^{name}: .*is a placeholder"):
+        get_settings()
+
+
+def test_a_real_password_and_a_url_without_one_are_taken(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("UISPS_DATABASE_URL", "postgresql+psycopg://uisps:4f1c9e@postgres:5432/uisps")
+    clean_env.setenv("UISPS_BROKER_URL", "redis://redis:6379/0")
+
+    settings = get_settings()
+
+    assert settings.database_url.endswith("4f1c9e@postgres:5432/uisps") and settings.broker_url == "redis://redis:6379/0"
+
+
 def test_unknown_uisps_variables_are_named_with_the_setting_they_likely_meant() -> None:
     environ = {
         "UISPS_DATABSE_URL": "postgresql+psycopg://db/uisps",  # misspelt
