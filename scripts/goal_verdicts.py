@@ -52,7 +52,7 @@ def _cells(row: dict, original: dict, retrain: dict, baseline: dict | None) -> l
     probe_mid = (original["probe"] + retrain["probe"]) / 2
     relearn_mid = (original["relearn_steps"] + retrain["relearn_steps"]) / 2
     return [
-        f"{row['acc_forget']:.2f}: {_met(row['acc_forget'] == 0.0)}",
+        f"{row['acc_forget']:.2f}: {_met(row['acc_forget'] < 0.005)}",  # 0.00 as printed
         f"{behind:+.2f}: {_met(behind >= -MARGIN)}",
         margin_cell,
         f"{row['mia']:.2f} / {retrain['mia']:.2f}: {_met(row['mia'] <= retrain['mia'])}",

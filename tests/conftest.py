@@ -95,6 +95,8 @@ def _idle_redis_db(client: redis.Redis) -> int:
                 return number
         finally:
             probe.close()
+    if not numbers:
+        pytest.fail(f"{workers} pytest-xdist workers: each needs one of Redis's database numbers 1-15; use -n 15 or fewer")
     pytest.fail(f"no Redis database 1-15 at {REDIS_BASE_URL} is both free of clients and empty (or a test run's); "
                 "stop stray `python -m worker` processes")
 

@@ -72,7 +72,7 @@ def test_a_succeeded_request_has_a_signed_certificate(client: TestClient, regist
     assert certificate["request_id"] == request_id and certificate["tenant_id"] == "default"
     assert certificate["external_ref"] == "GDPR-7" and certificate["method"] == "uisps"
     assert certificate["labels"] == {
-        "forgotten": [3], "class_names": ["3"], "previously_forgotten": [], "forgotten_by_result": [3]
+        "forgotten": [3], "class_names": ["3"], "previously_forgotten": [], "carried": [], "forgotten_by_result": [3]
     }
     assert v1["sha256"] != v2["sha256"]
     assert certificate["base_checkpoint"] == {"version": 1, "sha256": v1["sha256"]}

@@ -453,6 +453,27 @@ def test_an_orphaned_group_with_a_cancel_does_not_run_its_lead_past_its_attempts
     assert member_row.state == "cancelled"
 
 
+def test_a_taken_over_group_that_the_carried_labels_would_empty_runs_apart(
+    worker_env, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    # 0-3 and 4-5 ran as one job on version 1; its worker was lost while version 2 forgot 6-9.
+    # Each request fits with 6-9 (the job must forget them too); the two together would not.
+    model_id = worker_env.new_model(digits_checkpoint)
+    lead = worker_env.queue(model_id, [0, 1, 2, 3])
+    member = worker_env.queue(model_id, [4, 5])
+    other = worker_env.queue(model_id, [6, 7, 8, 9], base_version=1)
+    assert _claim(worker_env, lead, lease_s=-1).job.members == (member,)  # lost at once
+    assert _run(other) == "succeeded"
+
+    claim = _claim(worker_env, lead)
+
+    assert claim.job.members == () and claim.job.forget_labels == [0, 1, 2, 3, 6, 7, 8, 9]
+    assert claim.job.carried_labels == (6, 7, 8, 9)
+    member_row = _requests(worker_env, member)[0]
+    assert (member_row.state, member_row.coalesced_into) == ("queued", None)
+    assert _actions(worker_env, member)[-1] == "deletion_request.requeued"
+
+
 def test_a_worker_process_runs_two_queued_requests_as_one_job(worker_processes, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     env = worker_processes.requests()
     celery = make_celery(worker_processes.settings)

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from core.db import AuditEvent, DeletionRequest, Model, ModelVersion, utcnow, verify_chain
 from core.errors import UisError
 from core.services.deletion_requests.jobs import JobLost, deletion_jobs
+from core.services.deletion_requests.service import deletion_request_service
 from worker.tasks import run_deletion_request
 
 
@@ -814,6 +815,9 @@ def test_a_request_on_an_older_base_also_forgets_what_another_version_forgot(
 
     train_labels = load_dataset("digits").train.y
     assert v3.metrics["retained_train_samples"] == int(((train_labels != 3) & (train_labels != 5)).sum())
+    with worker_env.sessions() as session:  # the certificate says why 3 was forgotten too
+        labels = deletion_request_service.certificate_content(session, "default", branch)["labels"]
+    assert (labels["forgotten"], labels["carried"], labels["forgotten_by_result"]) == ([5], [3], [3, 5])
 
 
 def test_a_result_that_a_branch_s_version_overtook_is_run_again_and_carries_its_labels(

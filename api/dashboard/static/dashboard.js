@@ -462,6 +462,8 @@
       ["Unlearning steps", metrics.steps === undefined ? "—" : `${metrics.steps} (${Number(metrics.epochs_equivalent || 0).toFixed(2)} epochs)`],
       ["Retained training samples", metrics.retained_train_samples === undefined ? "—" : String(metrics.retained_train_samples)],
       ["Previously forgotten", labelChips(model, metrics.previously_forgotten)],
+      // forgotten with the request's labels: other versions of the model forgot them, the base still knew them
+      ["Also forgotten (carried)", labelChips(model, metrics.carried_labels)],
       ["Device", metrics.device || "—"],
       ["Code version", metrics.code_version ? h("span", { class: "mono" }, metrics.code_version) : "—"],
     ];

@@ -146,6 +146,14 @@ class DeletionJobs:
             raise RuntimeError(f"base version {request.base_version} of model {request.model_id} is missing")
         labels = set(request.forget_labels).union(*(m.forget_labels for m in kept))
         so_far = model_repository.forgotten_so_far(session, request.tenant_id, request.model_id)
+        if kept and len(labels | so_far | set(base.forgotten_labels)) >= request.model.num_classes:
+            # A taken-over group whose labels, with those other versions forgot since it was
+            # formed (which its job must forget too), leave no class: its members run apart.
+            for member in kept:
+                self._requeue(session, member, "deletion_request.requeued",
+                              reason="with the labels other versions of the model forgot since, its group's "
+                                     "labels would leave no class: it runs in a job of its own")
+            kept, labels = [], set(request.forget_labels)
         joined: list[DeletionRequest] = []
         if coalesce:
             joined, labels = self._absorb(session, request, base, labels, max_labels, so_far)

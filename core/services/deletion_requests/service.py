@@ -261,6 +261,8 @@ class DeletionRequestService:
                 "forgotten": list(request.forget_labels),
                 "class_names": [model.class_names[label] for label in request.forget_labels],
                 "previously_forgotten": list(base.forgotten_labels),
+                # other versions of the model forgot these and the base still knew them: forgotten too
+                "carried": list(report.get("carried_labels", [])),
                 "forgotten_by_result": list(result.forgotten_labels),
             },
             "method": request.method,
