@@ -389,7 +389,8 @@ def test_a_delivery_another_sender_claims_meanwhile_is_left_to_it(
         mine = webhook_service.claim_due(session, settings=webhook_env.settings)
 
     delivery, attempts = _delivery(webhook_env, request_id)
-    assert [d.id for d in other] == [delivery.id] and mine == []
+    # PostgreSQL: other tests' deliveries may be due too (the run shares one database); only this one is checked
+    assert delivery.id in [d.id for d in other] and delivery.id not in [d.id for d in mine]
     assert delivery.attempts == 1 and [(a.attempt, a.finished_at, a.error) for a in attempts] == [(1, None, None)]
 
 
