@@ -359,21 +359,14 @@ class DeletionJobs:
             # branch from the older base, and the newest version would miss that request's labels.
             # The group goes back to the queue, its attempt given back (the reconciler sends it
             # again), and its next job starts from that version.
-            for row in group:
-                row.attempts -= 1
-                self._requeue(session, row, "deletion_request.requeued",
-                              reason="a newer version of the model was made while its job ran",
-                              attempt_given_back=True, attempts=row.attempts)
+            self._requeue_giving_back(session, group, "a newer version of the model was made while its job ran")
             return request
         missed = model_repository.forgotten_so_far(session, request.tenant_id, request.model_id) - set(forgotten_labels)
         if missed:
             # Another version (a branch) forgot these while this job ran from a base that knows
             # them: this result would know them again. The next job carries them.
-            for row in group:
-                row.attempts -= 1
-                self._requeue(session, row, "deletion_request.requeued",
-                              reason=f"another version of the model forgot labels {sorted(missed)} while its job ran",
-                              attempt_given_back=True, attempts=row.attempts)
+            self._requeue_giving_back(
+                session, group, f"another version of the model forgot labels {sorted(missed)} while its job ran")
             return request
         lock_artifact(session, artifact.key, exclusive=False)
         if store is not None and not store.exists(artifact.key):
@@ -614,6 +607,13 @@ class DeletionJobs:
                     reason="a request of its coalesced job was cancelled", cancelled=[r.id for r in asked],
                     attempt_given_back=give_back, attempts=row.attempts,
                 )
+
+    def _requeue_giving_back(self, session: Session, group: list[DeletionRequest], reason: str) -> None:
+        """A finished job's result is not stored: its group is queued again with the attempt back."""
+        for row in group:
+            row.attempts -= 1
+            self._requeue(session, row, "deletion_request.requeued", reason=reason,
+                          attempt_given_back=True, attempts=row.attempts)
 
     def _requeue(self, session: Session, request: DeletionRequest, action: str, **details: Any) -> None:
         previous_state = request.state
