@@ -36,7 +36,7 @@ from core.architectures import (
 from core.config import InversionConfig, TrainConfig, UnlearnConfig
 from core.data import RetainedData, Split
 from core.device import Normalizer, augment, autocast, seeded_randomness, use_bf16
-from core.fisher import fisher_diagonal, frozen_fraction, suppression_mask
+from core.fisher import expected_fisher_diagonal, fisher_diagonal, frozen_fraction, suppression_mask
 from core.inversion import Synthetic, invert
 from core.training import train
 from core.uisps import MaskedSGD, run_uisps, scheduled_lr, stratified_subset
@@ -382,19 +382,26 @@ class FisherForgettingConfig:
     at 1e3 (1e2 for the output layer), averaged over dim 1 for weights of 2+ dims, times 10 for
     the output layer and for 1-d parameters (BatchNorm, biases). The forgotten classes' output
     rows are set to mean 0 with variance 1e-4 (before that x10). F is the Fisher diagonal on a
-    stratified D_r subset; its labels are drawn from the model's own predictive distribution
-    (a one-sample Monte-Carlo estimate of the true Fisher their code sums over classes), or the
-    true labels with `labels="true"` (the empirical Fisher)."""
+    stratified D_r subset (their code: all of D_r, one image at a time), with `labels`:
+    "expected", the true Fisher their code computes (every class, weighted by the model's
+    probability of it); "sampled", one label per image drawn from those probabilities (a
+    one-sample estimate of it, whose noise the 1/F of the variance turns into a bias towards more
+    noise: the estimator of this project's tables before 2026-12-07); "true", the image's own
+    label (the empirical Fisher)."""
 
     alpha: float = 1e-6
     samples: int = 512
-    labels: str = "sampled"  # "sampled" | "true"
+    labels: str = "expected"  # "expected" | "sampled" | "true"
     chunk: int = 16
     var_clamp: float = 1e3
     head_var_clamp: float = 1e2
     head_scale: float = 10.0
     vector_scale: float = 10.0
     forget_row_var: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.labels not in ("expected", "sampled", "true"):
+            raise ValueError(f"Fisher forgetting: labels must be expected, sampled or true, not {self.labels!r}")
 
 
 def _head_names(model: nn.Module, num_classes: int) -> set[str]:
@@ -422,11 +429,14 @@ def fisher_forgetting(
     gen = torch.Generator().manual_seed(seed)
     subset = stratified_subset(retained.train, cfg.samples, gen)
     x, y = _normalized(subset, Normalizer(mean, std, device))
-    if cfg.labels == "sampled":
-        with torch.no_grad():
-            probs = torch.cat([F.softmax(model(x[i : i + 256]).float(), 1) for i in range(0, len(x), 256)])
-        y = torch.multinomial(probs.cpu(), 1, generator=gen).flatten().to(device)
-    fisher = fisher_diagonal(model, x, y, cfg.chunk)
+    if cfg.labels == "expected":
+        fisher = expected_fisher_diagonal(model, x, retained.num_classes, cfg.chunk)
+    else:
+        if cfg.labels == "sampled":
+            with torch.no_grad():
+                probs = torch.cat([F.softmax(model(x[i : i + 256]).float(), 1) for i in range(0, len(x), 256)])
+            y = torch.multinomial(probs.cpu(), 1, generator=gen).flatten().to(device)
+        fisher = fisher_diagonal(model, x, y, cfg.chunk)
     heads = _head_names(model, retained.num_classes)
     forget = torch.tensor(sorted(forget_labels), device=device)
     noise_gen = torch.Generator(device=device).manual_seed(seed)

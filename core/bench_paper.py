@@ -84,7 +84,7 @@ MAIN_METHODS = (
     "bad_teacher", "bad_teacher_sps", "head_mask", "uisps", "uisps-paper",
 )
 ROW_KEYS = (
-    "experiment", "arch", "forget", "method", "setting", "seeds", "acc_retain", "acc_retain_std",
+    "experiment", "arch", "forget", "method", "setting", "seeds", "seed_ids", "acc_retain", "acc_retain_std",
     "acc_forget", "acc_forget_std", "mia", "mia_std", "probe", "probe_std", "relearn_steps", "relearn_steps_std",
     "seconds", "seconds_std", "zero_glance",
 )
@@ -782,7 +782,8 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
     if not vals:
         return None, None
     arr = np.asarray(vals, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    # one seed has no spread to report: None, never a 0.0 that reads as "no spread"
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None
 
 
 def aggregate(raw: list[dict]) -> list[dict]:
@@ -794,7 +795,7 @@ def aggregate(raw: list[dict]) -> list[dict]:
     rows = []
     for (experiment, arch, forget, method, setting), rs in groups.items():
         row: dict = {"experiment": experiment, "arch": arch, "forget": list(forget), "method": method,
-                     "setting": setting, "seeds": len(rs)}
+                     "setting": setting, "seeds": len(rs), "seed_ids": sorted(r["seed"] for r in rs)}
         for k in ("acc_retain", "acc_forget", "mia", "probe", "probe_balanced", "relearn_steps", "seconds"):
             row[k], row[f"{k}_std"] = _mean_std([r.get(k) for r in rs])
         for k in ("steps", "frozen_fraction"):

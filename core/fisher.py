@@ -2,10 +2,14 @@
 
 F_i = mean over samples of (d log p(y|x) / d theta_i)^2, from true per-sample gradients
 (torch.func.vmap over chunks), never from the square of a batch gradient. The model is in eval
-mode, so BatchNorm uses its running statistics and samples do not interact.
+mode, so BatchNorm uses its running statistics and samples do not interact. The Fisher-forgetting
+baseline takes the true Fisher instead (`expected_fisher_diagonal`: labels from the model's own
+predictive distribution, summed over every class).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,20 @@ from core.progress import ProgressFn, no_progress
 FisherDiag = dict[str, torch.Tensor]
 
 
+def _log_likelihood_grads(model: nn.Module) -> tuple[dict[str, torch.Tensor], Callable]:
+    """The model's trainable parameters and a function of (params, x, y) giving each sample's
+    gradient of log p(y|x), vmapped over the samples of a chunk."""
+    model.eval()
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def log_likelihood(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return F.log_softmax(logits, dim=1)[0].gather(0, yi.unsqueeze(0)).squeeze(0)
+
+    return params, vmap(grad(log_likelihood), in_dims=(None, 0, 0))
+
+
 def fisher_diagonal(
     model: nn.Module,
     x: torch.Tensor,
@@ -26,15 +44,7 @@ def fisher_diagonal(
     stage: str = "fisher",
 ) -> FisherDiag:
     """Per-sample squared gradients of log p(y|x), averaged over the set. `x` is normalised."""
-    model.eval()
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-
-    def log_likelihood(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return F.log_softmax(logits, dim=1)[0].gather(0, yi.unsqueeze(0)).squeeze(0)
-
-    per_sample_grad = vmap(grad(log_likelihood), in_dims=(None, 0, 0))
+    params, per_sample_grad = _log_likelihood_grads(model)
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     n = len(y)
     for start in range(0, n, chunk):
@@ -43,6 +53,25 @@ def fisher_diagonal(
             total[k] += g.pow(2).sum(dim=0)
         progress(stage, min(start + chunk, n), n)
     return {k: v / n for k, v in total.items()}
+
+
+def expected_fisher_diagonal(model: nn.Module, x: torch.Tensor, num_classes: int, chunk: int = 16) -> FisherDiag:
+    """The true Fisher's diagonal: the mean over samples of sum_y p(y|x) (d log p(y|x) / d theta)^2,
+    the expectation over the model's own predictive distribution, one label at a time (what
+    Golatkar et al.'s `hessian()` sums). `num_classes` times the cost of `fisher_diagonal`."""
+    params, per_sample_grad = _log_likelihood_grads(model)
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for start in range(0, len(x), chunk):
+        xc = x[start : start + chunk]
+        with torch.no_grad():
+            probs = F.softmax(model(xc).float(), dim=1)
+        for label in range(num_classes):
+            y = torch.full((len(xc),), label, dtype=torch.long, device=x.device)
+            grads = per_sample_grad(params, xc, y)
+            for k, g in grads.items():
+                weight = probs[:, label].to(g.dtype).view(-1, *([1] * (g.ndim - 1)))
+                total[k] += (weight * g.pow(2)).sum(dim=0)
+    return {k: v / len(x) for k, v in total.items()}
 
 
 def fisher_diagonal_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> FisherDiag:

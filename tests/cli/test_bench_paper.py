@@ -480,12 +480,20 @@ def test_aggregate_means_over_seeds():
                       {**base, "seed": 1, "acc_retain": 80.0, "acc_forget": 2.0, "mia": 30.0, "relearn_reached": False,
                        "probe": 60.0, "relearn_steps": 14, "seconds": 3.0}])
     (row,) = rows
-    assert row["seeds"] == 2 and row["acc_retain"] == 85.0 and row["mia"] == 20.0
+    assert row["seeds"] == 2 and row["seed_ids"] == [0, 1] and row["acc_retain"] == 85.0 and row["mia"] == 20.0
     assert row["acc_retain_std"] == pytest.approx(7.0711, abs=1e-3)
     assert (row["probe"], row["relearn_steps"], row["seconds"]) == (55.0, 12.0, 2.0)
     assert row["probe_std"] == pytest.approx(7.0711, abs=1e-3) and row["seconds_std"] == pytest.approx(1.4142, abs=1e-3)
     assert row["relearn_steps_std"] == pytest.approx(2.8284, abs=1e-3)
     assert row["forget_histogram"] == [2, 4] and row["relearn_capped"] == 1
+
+
+def test_one_seed_has_no_spread_rather_than_a_spread_of_zero():
+    row = {"experiment": "main", "arch": "a", "forget": [0], "method": "m", "setting": "s", "zero_glance": True,
+           "seed": 2, "acc_retain": 90.0, "acc_forget": 0.0, "mia": 10.0, "probe": 50.0, "relearn_steps": 10,
+           "relearn_reached": True, "seconds": 1.0}
+    (one,) = aggregate([row])
+    assert one["seed_ids"] == [2] and one["acc_retain_std"] is None and one["mia_std"] is None
 
 
 def test_a_failing_row_is_reported_and_the_run_goes_on(trained_digits, tmp_path, monkeypatch):

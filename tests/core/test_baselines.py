@@ -120,6 +120,11 @@ def test_fisher_forgetting_silences_the_forgotten_output_rows(trained_digits, di
     assert out.head.weight[FORGET].abs().mean() < 0.1 < before
 
 
+def test_fisher_forgetting_refuses_an_unknown_kind_of_labels():
+    with pytest.raises(ValueError, match="expected, sampled or true"):
+        B.FisherForgettingConfig(labels="expectation")
+
+
 def test_head_mask_hides_the_class_but_its_features_still_know_it(trained_digits, digits_copy):
     """The control: A_Df = 0 by construction, while a linear probe finds the class as before."""
     ds, m = trained_digits.dataset, trained_digits.manifest

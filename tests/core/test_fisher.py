@@ -3,22 +3,54 @@
 import torch
 
 from core.architectures import build_model
-from core.fisher import dampening_scale, fisher_diagonal, fisher_diagonal_loop, frozen_fraction, minmax_normalize, suppression_mask
+from core.fisher import (
+    dampening_scale,
+    expected_fisher_diagonal,
+    fisher_diagonal,
+    fisher_diagonal_loop,
+    frozen_fraction,
+    minmax_normalize,
+    suppression_mask,
+)
 
 
-def test_vmap_fisher_equals_a_per_sample_loop_on_a_tiny_model():
-    torch.manual_seed(0)
-    model = build_model("smallcnn", 1, 4).eval()
+def _tiny_model_with_running_statistics(classes: int) -> torch.nn.Module:
+    model = build_model("smallcnn", 1, classes).eval()
     for bn in model.modules():  # non-trivial running statistics
         if isinstance(bn, torch.nn.BatchNorm2d):
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_vmap_fisher_equals_a_per_sample_loop_on_a_tiny_model():
+    torch.manual_seed(0)
+    model = _tiny_model_with_running_statistics(classes=4)
     x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 4, (10,))
     fast = fisher_diagonal(model, x, y, chunk=3)
     slow = fisher_diagonal_loop(model, x, y)
     assert fast.keys() == slow.keys()
     for k in fast:
         assert torch.allclose(fast[k], slow[k], rtol=1e-4, atol=1e-10), k
+
+
+def test_the_true_fisher_weighs_every_label_by_the_model_s_probability_of_it():
+    torch.manual_seed(0)
+    model = _tiny_model_with_running_statistics(classes=4)
+    x = torch.randn(5, 1, 8, 8)
+    probs = torch.softmax(model(x), 1).detach()
+    # one sample and one label at a time, by the per-sample loop
+    expected = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    for i in range(len(x)):
+        for label in range(4):
+            one = fisher_diagonal_loop(model, x[i : i + 1], torch.tensor([label]))
+            for k in expected:
+                expected[k] += probs[i, label] * one[k] / len(x)
+
+    got = expected_fisher_diagonal(model, x, num_classes=4, chunk=2)
+    assert got.keys() == expected.keys()
+    for k in got:
+        assert torch.allclose(got[k], expected[k], rtol=1e-4, atol=1e-10), k
 
 
 def test_fisher_is_not_the_square_of_the_batch_gradient():

@@ -78,3 +78,42 @@ def test_only_main_tables_with_both_ends_are_judged(tmp_path: Path) -> None:
     lines = goal_verdicts.verdicts(folder)
 
     assert len(lines) == 1 and "| preset=paper |" in lines[0]
+
+
+def test_a_figure_at_the_midpoint_is_as_close_to_the_original_and_is_not_met(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, *ENDS, _row("uisps", 80.0, 0.0, probe=90.0, relearn=10.0))
+
+    (line,) = goal_verdicts.verdicts(folder)
+
+    assert line.split(" | ")[-2:] == ["90.00 / 90.00: at it, **not met**", "10.0 / 10.0: at it, **not met** |"]
+
+
+def test_closer_to_retrain_is_judged_whichever_side_of_the_original_retrain_lies(tmp_path: Path) -> None:
+    # a Retrain whose probe is above the Original's: a low probe is then the Original's side
+    original = dict(ENDS[0], probe=85.0)
+    retrain = dict(ENDS[1], probe=91.0)
+    folder = _folder(tmp_path, original, retrain, _row("uisps", 80.0, 0.0, probe=87.0))
+
+    (line,) = goal_verdicts.verdicts(folder)
+
+    assert "| 87.00 / 88.00: **not met** |" in line
+
+
+def test_rows_over_other_or_too_few_seeds_are_said_so(tmp_path: Path) -> None:
+    original = dict(ENDS[0], seeds=3, seed_ids=[0, 1, 2])
+    retrain = dict(ENDS[1], seeds=2, seed_ids=[0, 1])
+    folder = _folder(tmp_path, original, retrain, _row("uisps", 80.0, 0.0, seeds=2, seed_ids=[0, 1]))
+
+    (line,) = goal_verdicts.verdicts(folder)
+
+    assert "| 2 (other seeds: original: 3) (fewer than 3: first figures) |" in line
+
+
+def test_baselines_the_run_planned_but_did_not_finish_are_named(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, *ENDS, _row("unsir", 78.0, 0.0), _row("uisps", 79.6, 0.0))
+    (folder / "paper-run.json").write_text(json.dumps(
+        {"preset": {"main_methods": ["original", "retrain", "uisps", "unsir", "bad_teacher", "head_mask"]}}))
+
+    (line,) = goal_verdicts.verdicts(folder)
+
+    assert "| +1.60 over unsir (bad_teacher: no row): met |" in line
