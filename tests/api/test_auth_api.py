@@ -282,3 +282,16 @@ def test_an_unknown_key_is_refused_while_a_writer_holds_the_sqlite_database(tmp_
     assert_problem(unknown, 401, "unauthenticated", "not valid")
     assert known.status_code == 200
     assert waited < 10  # the busy timeout is 30 s
+
+
+def test_an_admin_may_purge_a_checkpoint_as_a_compliance_key_may(client: TestClient, registered_model) -> None:  # noqa: ANN001
+    keys = make_keys(client.app.state.sessions)
+    models = {role: registered_model()["id"] for role in ("admin", "compliance")}
+    bare = _bare(client)
+    for role, model_id in models.items():
+        url = f"/models/{model_id}/versions/1"
+
+        response = bare.delete(f"{url}/checkpoint", headers=keys.header(role))
+
+        assert response.status_code == 204, (role, response.text)
+        assert bare.get(url, headers=keys.header("reader")).json()["checkpoint_purged_at"], role

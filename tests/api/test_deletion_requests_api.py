@@ -73,7 +73,7 @@ def test_a_request_is_accepted_queued_and_sent_after_commit(client: TestClient, 
 def test_a_refused_request_is_neither_stored_nor_sent(client: TestClient, registered_model) -> None:  # noqa: ANN001
     model = registered_model()
 
-    assert _request(client, model["id"], [99]).status_code == 422
+    assert_problem(_request(client, model["id"], [99]), 422, "invalid_labels")
 
     assert client.get("/deletion-requests", params={"model_id": model["id"]}).json()["deletion_requests"] == []
     assert _queued_ids(client) == []

@@ -96,7 +96,7 @@ def test_a_failed_request_releases_its_key(client: TestClient, registered_model)
     key = _key(unique_name("key"))
     body = {"model_id": model["id"], "forget_labels": [42]}
 
-    assert client.post("/deletion-requests", json=body, headers=key).status_code == 422
+    assert_problem(client.post("/deletion-requests", json=body, headers=key), 422, "invalid_labels")
     # The caller fixes the body and retries with the same key: it runs (nothing was stored).
     fixed = client.post("/deletion-requests", json={**body, "forget_labels": [4]}, headers=key)
     assert fixed.status_code == 202, fixed.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 from typing import Any
 
@@ -16,6 +17,7 @@ from api_helpers import assert_problem, authorize, unique_name
 from core.checkpoint import MANIFEST_KEY, checkpoint_bytes, load_checkpoint_bytes
 from core.services.pagination import DEFAULT_PAGE_SIZE, encode_token
 from core.settings import Settings
+import core.storage as storage_module
 from core.storage import key_for
 
 
@@ -584,6 +586,27 @@ def test_an_upload_while_the_artifact_store_is_down_is_a_503_to_retry(
         assert_problem(response, 503, "artifact_store_unavailable", "retry")
         assert response.headers["retry-after"].isdigit()
         assert client.get(f"/models/{model_id}/versions").json()["versions"] == []  # nothing half-recorded
+
+
+def test_an_upload_onto_a_full_disk_is_a_503_to_retry_and_leaves_nothing_behind(
+    client: TestClient, registered_model, unique_digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    model_id = registered_model(upload=False)["id"]
+    root = client.app.state.store.root
+    files_before = {p for p in root.rglob("*") if p.is_file()}
+
+    def disk_fills_up(chunks, target):  # noqa: ANN001, ANN202
+        target.write(next(iter(chunks)))  # some bytes reach the disk first
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage_module, "_copy_hashing", disk_fills_up)
+    response = _upload(client, model_id, unique_digits_checkpoint)
+
+    assert_problem(response, 503, "artifact_store_unavailable", "retry")
+    assert response.headers["retry-after"].isdigit()
+    assert client.get(f"/models/{model_id}/versions").json()["versions"] == []
+    assert "model_version.created" not in _actions(client, model_id)
+    assert {p for p in root.rglob("*") if p.is_file()} == files_before  # no temp file left
 
 
 def test_the_documented_example_registers_a_model_that_takes_a_digits_checkpoint(

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 from collections.abc import Iterator
 
@@ -151,3 +153,38 @@ def test_a_base_url_without_a_scheme_fails_at_once_and_is_not_retried_as_an_outa
         client.wait_for("r1", interval_s=0.01, timeout_s=30)
 
     assert raised.value.transient is False and time.monotonic() - started < 2
+
+
+_BODY = b"safetensors bytes of a checkpoint"
+_SHA = hashlib.sha256(_BODY).hexdigest()
+_REPR = f"sha-256=:{base64.b64encode(hashlib.sha256(_BODY).digest()).decode()}:"
+
+
+def _download(body: bytes = _BODY, claimed: str = _SHA, repr_digest: str = _REPR, recorded: str = _SHA) -> list[Answer]:
+    headers = {"X-Checkpoint-SHA256": claimed, "Repr-Digest": repr_digest}
+    return [httpx.Response(200, content=body, headers=headers), httpx.Response(200, json={"sha256": recorded})]
+
+
+def test_a_downloaded_checkpoint_whose_hashes_agree_is_returned() -> None:
+    client, _ = _client(_download())
+
+    checkpoint = client.download_checkpoint("m1", 2)
+
+    assert (checkpoint.data, checkpoint.sha256) == (_BODY, _SHA)
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        _download(body=_BODY[:-1]),  # cut short, or changed on the way
+        _download(claimed="0" * 64),
+        _download(repr_digest="sha-256=:AAAA:"),
+        _download(recorded="0" * 64),  # the service's record of the version says other bytes
+    ],
+    ids=["body", "header", "repr-digest", "version resource"],
+)
+def test_a_downloaded_checkpoint_that_disagrees_with_any_of_its_hashes_is_refused(answers: list[Answer]) -> None:
+    client, _ = _client(answers)
+
+    with pytest.raises(ServiceError, match="checkpoint of version 2 hashes to"):
+        client.download_checkpoint("m1", 2)

@@ -47,26 +47,27 @@ def _mutate_header(data: bytes, fn) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "name, make",
+    "name, message, make",
     [
-        ("pickle", lambda good: pickle.dumps(_Payload())),
-        ("torch zip", lambda good: _zip_bytes()),
-        ("empty", lambda good: b""),
-        ("header overflow", lambda good: struct.pack("<Q", 2**63) + good[8:]),
-        ("overlapping offsets", lambda good: _mutate_header(good, _overlap)),
-        ("wrong dtype", lambda good: _mutate_header(good, _bad_dtype)),
-        ("shape not a list", lambda good: _mutate_header(good, lambda h: _first_tensor(h).update(shape=5))),
-        ("dtype not a string", lambda good: _mutate_header(good, lambda h: _first_tensor(h).update(dtype=["F32"]))),
-        ("header nested too deep", lambda good: _raw_header(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")),
-        ("integer beyond Python's digit limit", lambda good: _raw_header(
+        ("pickle", "Python pickle", lambda good: pickle.dumps(_Payload())),
+        ("torch zip", "zip archive", lambda good: _zip_bytes()),
+        ("empty", "too short", lambda good: b""),
+        ("header overflow", "header length .* out of bounds", lambda good: struct.pack("<Q", 2**63) + good[8:]),
+        ("overlapping offsets", "overlap", lambda good: _mutate_header(good, _overlap)),
+        ("wrong dtype", "dtype U8 is not allowed", lambda good: _mutate_header(good, _bad_dtype)),
+        ("shape not a list", "malformed header entry", lambda good: _mutate_header(good, lambda h: _first_tensor(h).update(shape=5))),
+        ("dtype not a string", "malformed header entry", lambda good: _mutate_header(good, lambda h: _first_tensor(h).update(dtype=["F32"]))),
+        ("header nested too deep", "header is not JSON", lambda good: _raw_header(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")),
+        ("integer beyond Python's digit limit", "header is not JSON", lambda good: _raw_header(
             b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 0]}}'
         )),
     ],
 )
-def test_malformed_or_malicious_checkpoints_are_refused_without_side_effects(name, make, trained_digits, tmp_path, monkeypatch):
+def test_malformed_or_malicious_checkpoints_are_refused_without_side_effects(name, message, make, trained_digits, tmp_path,
+                                                                           monkeypatch):
     monkeypatch.chdir(tmp_path)
     good = checkpoint_bytes(trained_digits.model, trained_digits.manifest)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=message):
         load_checkpoint_bytes(make(good))
     assert not (tmp_path / "PWNED").exists()
 
