@@ -10,6 +10,7 @@ import psycopg
 import pytest
 import redis
 from run_databases import RunDatabases, create_database, drop_database
+from s3_server import aws_env, bucket, s3_endpoint  # noqa: F401  (fixtures, for every test folder)
 from sqlalchemy.engine import make_url
 
 PG_ADMIN_DSN = os.environ.get(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from datetime import timedelta
 
 import numpy as np
@@ -13,6 +15,8 @@ from core.db import AuditEvent, DeletionRequest, Model, ModelVersion, utcnow, ve
 from core.errors import UisError
 from core.services.deletion_requests.jobs import JobLost, deletion_jobs
 from core.services.deletion_requests.service import deletion_request_service
+from core.settings import get_settings
+from core.storage import make_artifact_store
 from worker.tasks import run_deletion_request
 
 
@@ -34,6 +38,27 @@ def _actions(env, request_id: str) -> list[str]:  # noqa: ANN001
 
 def _run(request_id: str) -> str:
     return run_deletion_request.apply(args=[request_id]).result
+
+
+def test_a_job_reads_its_base_from_s3_and_stores_its_result_there(
+    worker_env, digits_checkpoint: bytes, s3_endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    # compose's backend: the worker reads the settings from its environment, as in production
+    for name, value in {"UISPS_ARTIFACT_BACKEND": "s3", "UISPS_S3_BUCKET": bucket, "UISPS_S3_ENDPOINT_URL": s3_endpoint,
+                        "UISPS_S3_ADDRESSING_STYLE": "path", "UISPS_S3_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    s3 = dataclasses.replace(worker_env, settings=get_settings(), store=make_artifact_store(get_settings()))
+    request_id = s3.new_request(digits_checkpoint, [3])
+
+    assert _run(request_id) == "succeeded"
+
+    request = _request(s3, request_id)
+    base, result = _versions(s3, request.model_id)
+    stored = b"".join(s3.store.iter_bytes(result.artifact_key))
+    assert request.result_version == result.version == 2
+    assert hashlib.sha256(stored).hexdigest() == result.sha256 != base.sha256 and len(stored) == result.size_bytes
+    local = worker_env.settings.effective_artifact_dir  # nothing went to the local folder instead
+    assert not local.exists() or not any(path.is_file() for path in local.rglob("*"))
 
 
 def test_a_request_runs_to_a_new_version(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001

@@ -1,6 +1,6 @@
-"""Fixtures of tests/core: a real S3-compatible server (moto's, in a subprocess) for the stores
-and the services that use them; the tests that ask for it skip, with the reason, when boto3 or
-moto's server is not installed or the server does not start."""
+"""A real S3-compatible server (moto's, in a subprocess) for the stores, the services and the API
+that use them; fixtures that tests/conftest.py makes every test's. The tests that ask for it skip,
+with the reason, when boto3 or moto's server is not installed or the server does not start."""
 
 from __future__ import annotations
 
@@ -23,6 +23,13 @@ FAKE_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+def _unavailable(reason: str) -> None:
+    # as tests/conftest.py's services: under CI's UISPS_TEST_REQUIRE_SERVICES a missing server fails
+    if os.environ.get("UISPS_TEST_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} (UISPS_TEST_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(reason)
 
 
 def _moto_server_command() -> list[str] | None:
@@ -57,7 +64,7 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     command = _moto_server_command()
     if command is None:
-        pytest.skip("moto's server is not installed (pip install 'moto[server]')")
+        _unavailable("moto's server is not installed (pip install 'moto[server]')")
     port = _free_port()
     log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
     env = {**os.environ, **FAKE_CREDENTIALS}
@@ -72,7 +79,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         problem = _wait_for_port(port, process, SERVER_START_TIMEOUT_S)
         if problem is not None:
             tail = log_path.read_text(errors="replace")[-2000:]
-            pytest.skip(f"{problem}; its log ends with:\n{tail}")
+            _unavailable(f"{problem}; its log ends with:\n{tail}")
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
