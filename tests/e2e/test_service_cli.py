@@ -52,16 +52,51 @@ def test_serve_stops_when_its_worker_cannot_run_rather_than_accept_requests_it_n
     assert "error: stopped: the worker exited (status 1)" in served.stderr
 
 
-def test_serve_log_level_reaches_the_api_and_the_worker(tmp_path: Path) -> None:
+def _serve_until_up(home: Path, *args: str) -> str:
+    """`uisps serve --no-worker ...` until it answers /healthz, then stopped as Ctrl+C would; its stderr."""
+    import signal
+    import time
+
+    import httpx
+
+    from uisps.local import free_port
+
+    port = free_port()
+    served = subprocess.Popen([sys.executable, "-m", "uisps", "serve", "--no-worker", "--port", str(port), *args],
+                              env=service_env(home, SINGLE_THREAD_ENV), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and served.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        served.send_signal(signal.SIGINT)
+        return served.communicate(timeout=30)[1]
+    finally:
+        if served.poll() is None:
+            served.kill()
+
+
+def test_serve_log_level_quiets_the_api_s_start_up(tmp_path: Path) -> None:
+    by_default = _serve_until_up(tmp_path / "default")
+    quiet = _serve_until_up(tmp_path / "quiet", "--log-level", "error")
+
+    for line in ("no API keys exist yet", "Started server process"):  # the API's WARNING, uvicorn's INFO
+        assert line in by_default, by_default
+        assert line not in quiet, quiet
+
+
+def test_serve_log_level_error_still_says_why_the_worker_stopped(tmp_path: Path) -> None:
     from uisps.local import free_port
 
     env = service_env(tmp_path, SINGLE_THREAD_ENV) | {"UISPS_DEVICE": "cuda:99"}  # stops it soon after the start
     quiet = subprocess.run([sys.executable, "-m", "uisps", "serve", "--port", str(free_port()), "--log-level", "error"],
                            env=env, capture_output=True, text=True, timeout=180)
 
-    assert "no API keys exist yet" not in quiet.stderr  # the API's start-up warning, below ERROR
-    assert "Started server process" not in quiet.stderr  # uvicorn's INFO
-    assert "worker not started" in quiet.stderr  # what stopped it is still said
+    assert "worker not started" in quiet.stderr and "the worker exited" in quiet.stderr
 
 
 @pytest.mark.parametrize("command", [("serve", "--port", "9"), ("db", "upgrade")])
