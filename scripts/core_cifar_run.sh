@@ -28,9 +28,10 @@ for forget in 0 0,1,2; do
     --device "$device" --json > "$out/eval-original-f$tag.json"
   for mode in ${MODES:-epoch steps350}; do
     case $mode in
-      epoch) params='{}' ;;
-      steps350) params='{"steps": 350}' ;;
-      plain) params='{"precision": "fp32", "inversion": {"batched": false, "cuda_graph": false}}' ;;
+      # the paper's pass by name: `{}` is the service's default pass (350+ steps, cosine, another lr)
+      epoch) params='{"preset": "paper"}' ;;
+      steps350) params='{"preset": "paper", "steps": 350}' ;;
+      plain) params='{"preset": "paper", "precision": "fp32", "inversion": {"batched": false, "cuda_graph": false}}' ;;
     esac
     uisps unlearn --checkpoint "$ck/original.safetensors" --dataset "$data" --forget $forget --device "$device" \
       --params "$params" --out "$ck/uisps-f$tag-$mode.safetensors" --report "$out/uisps-f$tag-$mode.json" > /dev/null
