@@ -65,12 +65,15 @@ def expected_fisher_diagonal(model: nn.Module, x: torch.Tensor, num_classes: int
         xc = x[start : start + chunk]
         with torch.no_grad():
             probs = F.softmax(model(xc).float(), dim=1)
+        if probs.shape[1] != num_classes:  # a label left out would drop its share of the sum
+            raise ValueError(f"the model has {probs.shape[1]} outputs, not {num_classes} classes")
         for label in range(num_classes):
             y = torch.full((len(xc),), label, dtype=torch.long, device=x.device)
             grads = per_sample_grad(params, xc, y)
             for k, g in grads.items():
-                weight = probs[:, label].to(g.dtype).view(-1, *([1] * (g.ndim - 1)))
-                total[k] += (weight * g.pow(2)).sum(dim=0)
+                # g is vmap's own output: squared in place, weighted and summed over the chunk
+                # without another chunk-sized temporary
+                total[k].add_(torch.tensordot(probs[:, label].to(g.dtype), g.square_(), dims=1))
     return {k: v / len(x) for k, v in total.items()}
 
 

@@ -15,7 +15,9 @@ experiment that holds an Original, a Retrain and UISPS rows, each UISPS row (the
   Original's: on Retrain's side of their midpoint (the cell shows it); a figure at the midpoint,
   as printed, is as close to either and is not met.
 
-A relearn figure whose seeds hit the step cap (`relearn_capped`) is a lower bound; the cell says so.
+A relearn figure whose seeds hit the step cap (`relearn_capped`) is a lower bound; the cell says so,
+and gives no verdict where the bound could turn it (a row "met" against a capped Retrain, a capped
+row "not met"). A measure a row lacks is "no figure".
 The seeds cell says where the rows compared are not means over the same seeds, or over fewer than
 the issue's 3 (first figures, not verdicts); the margin cell names the baselines the run planned
 (its paper-run.json) that have no row.
@@ -48,13 +50,20 @@ def _capped(row: dict) -> str:
 
 def _closer_to_retrain(key: str, digits: int, row: dict, original: dict, retrain: dict) -> str:
     """`x / midpoint: verdict`, whichever side of the midpoint Retrain lies on."""
+    if any(r.get(key) is None for r in (row, original, retrain)):
+        return "-: no figure"
     value, mid = row[key], (original[key] + retrain[key]) / 2
     text = f"{value:.{digits}f}{_capped(row) if key == 'relearn_steps' else ''} / {mid:.{digits}f}"
     if key == "relearn_steps":
         text += _capped(retrain)
     if round(value, digits) == round(mid, digits):
         return f"{text}: at it, **not met**"
-    return f"{text}: {_met(abs(value - retrain[key]) < abs(value - original[key]))}"
+    met = abs(value - retrain[key]) < abs(value - original[key])
+    # a capped figure is a lower bound: Retrain's true midpoint may lie past a "met", and the
+    # row's true figure past a "not met"
+    if key == "relearn_steps" and ((met and retrain.get("relearn_capped")) or (not met and row.get("relearn_capped"))):
+        return f"{text}: lower bound, no verdict"
+    return f"{text}: {_met(met)}"
 
 
 def _seeds_cell(row: dict, compared: dict[str, dict]) -> str:

@@ -1,6 +1,7 @@
 """A real S3-compatible server (moto's, in a subprocess) for the stores, the services and the API
 that use them; fixtures that tests/conftest.py makes every test's. The tests that ask for it skip,
-with the reason, when boto3 or moto's server is not installed or the server does not start."""
+with the reason, when moto's server is not installed or does not start (fail, under CI's
+UISPS_TEST_REQUIRE_SERVICES=1)."""
 
 from __future__ import annotations
 

@@ -120,6 +120,21 @@ def test_fisher_forgetting_silences_the_forgotten_output_rows(trained_digits, di
     assert out.head.weight[FORGET].abs().mean() < 0.1 < before
 
 
+def test_fisher_forgetting_takes_the_true_fisher_over_every_class_by_default(trained_digits, digits_copy, monkeypatch):
+    ds, m = trained_digits.dataset, trained_digits.manifest
+    calls = []
+    real = B.expected_fisher_diagonal
+
+    def recorded(model, x, num_classes, chunk=16):
+        calls.append((len(x), num_classes))
+        return real(model, x, num_classes, chunk)
+
+    monkeypatch.setattr(B, "expected_fisher_diagonal", recorded)
+    B.fisher_forgetting(digits_copy, "smallcnn", retained_data(ds, FORGET), FORGET, m.mean, m.std, CPU, 0,
+                        B.FisherForgettingConfig(samples=64))
+    assert calls == [(64, 10)]
+
+
 def test_fisher_forgetting_refuses_an_unknown_kind_of_labels():
     with pytest.raises(ValueError, match="expected, sampled or true"):
         B.FisherForgettingConfig(labels="expectation")

@@ -66,15 +66,18 @@ def _serve_until_up(home: Path, *args: str) -> str:
                               env=service_env(home, SINGLE_THREAD_ENV), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and served.poll() is None:
+        deadline, up = time.monotonic() + 60, False
+        while not up and time.monotonic() < deadline and served.poll() is None:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
+                up = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
             except httpx.TransportError:
+                pass
+            if not up:
                 time.sleep(0.2)
         served.send_signal(signal.SIGINT)
-        return served.communicate(timeout=30)[1]
+        stderr = served.communicate(timeout=30)[1]
+        assert up, f"serve {' '.join(args)} never answered /healthz:\n{stderr[-3000:]}"
+        return stderr
     finally:
         if served.poll() is None:
             served.kill()

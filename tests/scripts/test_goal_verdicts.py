@@ -20,7 +20,7 @@ def _row(method: str, a_dr: float, a_df: float, *, mia: float = 20.0, probe: flo
 
 def _folder(tmp_path: Path, *rows: dict) -> Path:
     folder = tmp_path / "main-run"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     (folder / "paper.json").write_text(json.dumps(list(rows)))
     return folder
 
@@ -60,13 +60,30 @@ def test_goals_missed_are_each_said_so(tmp_path: Path) -> None:
                                      "3.0 / 10.0: **not met** |"]
 
 
-def test_a_relearn_figure_that_hit_the_cap_is_marked(tmp_path: Path) -> None:
-    retrain = dict(ENDS[1], relearn_steps=200.0, relearn_capped=2)
-    folder = _folder(tmp_path, ENDS[0], retrain, _row("uisps", 80.0, 0.0, relearn=200.0, relearn_capped=1))
+def test_a_relearn_figure_that_hit_the_cap_is_marked_and_judged_only_where_the_bound_cannot_turn_it(
+    tmp_path: Path,
+) -> None:
+    capped_retrain = dict(ENDS[1], relearn_steps=200.0, relearn_capped=2)
+    capped_row = _row("uisps", 80.0, 0.0, relearn=20.0, relearn_capped=1)
+    cases = [
+        # Retrain's true figure, and so the midpoint, may be higher than printed
+        (capped_retrain, _row("uisps", 80.0, 0.0, relearn=150.0), "150.0 / 100.0 (2 capped): lower bound, no verdict"),
+        (capped_retrain, _row("uisps", 80.0, 0.0, relearn=50.0), "50.0 / 100.0 (2 capped): **not met**"),
+        (ENDS[1], capped_row, "20.0 (1 capped) / 10.0: met"),
+        (ENDS[1], dict(capped_row, relearn_steps=5.0), "5.0 (1 capped) / 10.0: lower bound, no verdict"),
+    ]
+    for i, (retrain, row, cell) in enumerate(cases):
+        folder = _folder(tmp_path / str(i), ENDS[0], retrain, row)
+        (line,) = goal_verdicts.verdicts(folder)
+        assert line.endswith(f"| {cell} |"), line
+
+
+def test_a_row_without_a_measure_says_no_figure(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, *ENDS, _row("uisps", 80.0, 0.0, relearn=None))
 
     (line,) = goal_verdicts.verdicts(folder)
 
-    assert "| 200.0 (1 capped) / 100.0 (2 capped): met |" in line
+    assert line.endswith("| -: no figure |")
 
 
 def test_only_main_tables_with_both_ends_are_judged(tmp_path: Path) -> None:
