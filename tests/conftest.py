@@ -11,14 +11,13 @@ import pytest
 import redis
 from run_databases import RunDatabases, create_database, drop_database
 from s3_server import aws_env, bucket, s3_endpoint  # noqa: F401  (fixtures, for every test folder)
+from service_checks import unavailable
 from sqlalchemy.engine import make_url
 
 PG_ADMIN_DSN = os.environ.get(
     "UISPS_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_BASE_URL = os.environ.get("UISPS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-# CI sets it: there a service that does not answer is a broken run, not hundreds of quiet skips.
-REQUIRE_SERVICES = os.environ.get("UISPS_TEST_REQUIRE_SERVICES") == "1"
 
 # The service's settings in the caller's shell (UISPS_ARTIFACT_BACKEND=s3, UISPS_DATABASE_URL=...)
 # must not change what the tests test, nor point them at a real deployment: each test names its own.
@@ -27,12 +26,6 @@ _TEST_KNOBS = {"UISPS_CIFAR10_SUBSET", "UISPS_SCHEMATHESIS_EXAMPLES", "UISPS_SCR
 for _name in [n for n in os.environ if n.startswith("UISPS_") and not n.startswith("UISPS_TEST_")
               and n not in _TEST_KNOBS]:
     del os.environ[_name]
-
-
-def _unavailable(reason: str) -> None:
-    if REQUIRE_SERVICES:
-        pytest.fail(f"{reason} (UISPS_TEST_REQUIRE_SERVICES=1)", pytrace=False)
-    pytest.skip(reason)
 
 
 def _pg_admin() -> psycopg.Connection:
@@ -46,7 +39,7 @@ def run_databases() -> Iterator[RunDatabases]:
     try:
         admin = _pg_admin()
     except psycopg.OperationalError as error:
-        _unavailable(f"PostgreSQL unreachable at {PG_ADMIN_DSN}: {error} (UISPS_TEST_PG_ADMIN_DSN)")
+        unavailable(f"PostgreSQL unreachable at {PG_ADMIN_DSN}: {error} (UISPS_TEST_PG_ADMIN_DSN)")
     with admin:
         run = RunDatabases(admin)
         run.drop_abandoned()
@@ -115,7 +108,7 @@ def redis_url() -> Iterator[str]:
     try:
         number = _idle_redis_db(probe)
     except redis.ConnectionError as error:
-        _unavailable(f"Redis unreachable at {REDIS_BASE_URL} ({error}); see UISPS_TEST_REDIS_URL")
+        unavailable(f"Redis unreachable at {REDIS_BASE_URL} ({error}); see UISPS_TEST_REDIS_URL")
     finally:
         probe.close()
     url = f"{REDIS_BASE_URL}/{number}"

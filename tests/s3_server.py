@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from service_checks import unavailable
 
 SERVER_START_TIMEOUT_S = 30.0
 # Fake credentials for the fake server; boto3 refuses to sign without some.
@@ -24,13 +25,6 @@ FAKE_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def _unavailable(reason: str) -> None:
-    # as tests/conftest.py's services: under CI's UISPS_TEST_REQUIRE_SERVICES a missing server fails
-    if os.environ.get("UISPS_TEST_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{reason} (UISPS_TEST_REQUIRE_SERVICES=1)", pytrace=False)
-    pytest.skip(reason)
 
 
 def _moto_server_command() -> list[str] | None:
@@ -65,7 +59,7 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     command = _moto_server_command()
     if command is None:
-        _unavailable("moto's server is not installed (pip install 'moto[server]')")
+        unavailable("moto's server is not installed (pip install 'moto[server]')")
     port = _free_port()
     log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
     env = {**os.environ, **FAKE_CREDENTIALS}
@@ -80,7 +74,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         problem = _wait_for_port(port, process, SERVER_START_TIMEOUT_S)
         if problem is not None:
             tail = log_path.read_text(errors="replace")[-2000:]
-            _unavailable(f"{problem}; its log ends with:\n{tail}")
+            unavailable(f"{problem}; its log ends with:\n{tail}")
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()

@@ -44,8 +44,9 @@ def test_serve_stops_when_its_worker_cannot_run_rather_than_accept_requests_it_n
     from uisps.local import free_port
 
     env = service_env(tmp_path, SINGLE_THREAD_ENV) | {"UISPS_DEVICE": "cuda:99"}  # a GPU no machine has
-    served = subprocess.run([sys.executable, "-m", "uisps", "serve", "--port", str(free_port())], env=env,
-                            capture_output=True, text=True, timeout=180)
+    # at --log-level error: why it stopped is said even where nothing else is
+    served = subprocess.run([sys.executable, "-m", "uisps", "serve", "--port", str(free_port()), "--log-level", "error"],
+                            env=env, capture_output=True, text=True, timeout=180)
 
     assert served.returncode == 2, served.stderr
     assert "worker not started" in served.stderr and "UISPS_DEVICE=cuda:99" in served.stderr
@@ -90,16 +91,6 @@ def test_serve_log_level_quiets_the_api_s_start_up(tmp_path: Path) -> None:
     for line in ("no API keys exist yet", "Started server process"):  # the API's WARNING, uvicorn's INFO
         assert line in by_default, by_default
         assert line not in quiet, quiet
-
-
-def test_serve_log_level_error_still_says_why_the_worker_stopped(tmp_path: Path) -> None:
-    from uisps.local import free_port
-
-    env = service_env(tmp_path, SINGLE_THREAD_ENV) | {"UISPS_DEVICE": "cuda:99"}  # stops it soon after the start
-    quiet = subprocess.run([sys.executable, "-m", "uisps", "serve", "--port", str(free_port()), "--log-level", "error"],
-                           env=env, capture_output=True, text=True, timeout=180)
-
-    assert "worker not started" in quiet.stderr and "the worker exited" in quiet.stderr
 
 
 @pytest.mark.parametrize("command", [("serve", "--port", "9"), ("db", "upgrade")])
