@@ -1,8 +1,12 @@
 """Issue #4's five goals judged for the UISPS rows of `main` tables; prints a Markdown table.
 
     python scripts/goal_verdicts.py docs/results/main-smallcnn docs/results/main-allcnn-one-class-cpu
+    python scripts/goal_verdicts.py docs/results/main-allcnn-one-class-cpu+docs/results/main-allcnn-true-fisher-one-class-cpu
 
-Reads each folder's paper.json (means over seeds). For every (arch, forget set) of the `main`
+Reads each folder's paper.json (means over seeds). `BASE+EXTRA` reads BASE with EXTRA's rows in
+place of its rows of the same method and setting (a later run of some baselines), and only where
+both runs trained the same Originals: each seed's Original row in EXTRA's paper-raw.jsonl must
+equal BASE's to the last digit, or the script refuses (rows of other models do not compare). For every (arch, forget set) of the `main`
 experiment that holds an Original, a Retrain and UISPS rows, each UISPS row (the default pass and
 `preset=paper`) is judged against the goals of the issue:
 
@@ -103,9 +107,57 @@ def _planned_methods(folder: Path) -> list[str]:
     return json.loads(run.read_text()).get("preset", {}).get("main_methods", []) if run.exists() else []
 
 
-def verdicts(folder: Path) -> list[str]:
-    """One Markdown line per UISPS row of the folder's `main` tables."""
-    rows = [r for r in json.loads((folder / "paper.json").read_text()) if r["experiment"] == "main"]
+_ROW_KEY = ("experiment", "arch", "forget", "method", "setting")
+# what an Original row measured: equal in both runs only if both trained the same weights
+_ORIGINAL_MEASURES = ("acc_retain", "acc_forget", "mia", "probe", "probe_balanced", "relearn_steps",
+                      "forget_histogram")
+
+
+def _key(row: dict, *more: str) -> tuple:
+    return tuple(tuple(row[k]) if isinstance(row[k], list) else row[k] for k in (*_ROW_KEY, *more))
+
+
+def _raw_originals(folder: Path) -> dict[tuple, dict]:
+    lines = (folder / "paper-raw.jsonl").read_text().splitlines()
+    raw = (json.loads(line) for line in lines if line.strip())
+    return {_key(r, "seed"): r for r in raw if r["method"] == "original"}
+
+
+def _check_same_originals(base: Path, extra: Path) -> None:
+    """Refuse to merge runs unless every Original EXTRA trained is BASE's, to the last digit."""
+    mine, theirs = _raw_originals(base), _raw_originals(extra)
+    if not theirs:
+        raise SystemExit(f"{extra}: no Original rows in paper-raw.jsonl to check against {base}'s")
+    for key, row in theirs.items():
+        other = mine.get(key)
+        if other is None:
+            raise SystemExit(f"{base} has no Original for {key}: {extra}'s rows are of models it did not judge")
+        differ = [m for m in _ORIGINAL_MEASURES if row.get(m) != other.get(m)]
+        if differ:
+            raise SystemExit(f"{extra} and {base} trained different Originals ({key}: {', '.join(differ)} differ): "
+                             "their rows do not compare")
+
+
+def _rows_and_name(spec: str) -> tuple[list[dict], str, Path]:
+    """A folder's rows, or BASE's with EXTRA's in place of the same method and setting."""
+    base, _, extra = spec.partition("+")
+    folder = Path(base)
+    rows = json.loads((folder / "paper.json").read_text())
+    if not extra:
+        return rows, f"`{folder.name}`", folder
+    extra_folder = Path(extra)
+    _check_same_originals(folder, extra_folder)
+    replacing = [r for r in json.loads((extra_folder / "paper.json").read_text()) if r["method"] != "original"]
+    keys = {_key(r) for r in replacing}
+    methods = ", ".join(sorted({r["method"] for r in replacing}))
+    name = f"`{folder.name}` + {methods} of `{extra_folder.name}`"
+    return [r for r in rows if _key(r) not in keys] + replacing, name, folder
+
+
+def verdicts(spec: Path | str) -> list[str]:
+    """One Markdown line per UISPS row of the folder's (or BASE+EXTRA's) `main` tables."""
+    all_rows, name, folder = _rows_and_name(str(spec))
+    rows = [r for r in all_rows if r["experiment"] == "main"]
     planned = _planned_methods(folder)
     lines = []
     for arch, forget in sorted({(r["arch"], tuple(r["forget"])) for r in rows}):
@@ -119,7 +171,7 @@ def verdicts(folder: Path) -> list[str]:
         compared = {**ends, **({baseline["method"]: baseline} if baseline else {})}
         for row in (r for r in table if r["method"].startswith("uisps")):
             cells = _cells(row, ends["original"], ends["retrain"], baseline, not_run)
-            lines.append(f"| `{folder.name}` | {arch} | {','.join(map(str, forget))} | {row['setting']} | "
+            lines.append(f"| {name} | {arch} | {','.join(map(str, forget))} | {row['setting']} | "
                          f"{_seeds_cell(row, compared)} | {' | '.join(cells)} |")
     return lines
 

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 _SPEC = importlib.util.spec_from_file_location("goal_verdicts", Path(__file__).parents[2] / "scripts" / "goal_verdicts.py")
 goal_verdicts = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(goal_verdicts)
@@ -134,3 +136,35 @@ def test_baselines_the_run_planned_but_did_not_finish_are_named(tmp_path: Path) 
     (line,) = goal_verdicts.verdicts(folder)
 
     assert "| +1.60 over unsir (bad_teacher: no row): met |" in line
+
+
+def _raw(folder: Path, *rows: dict) -> None:
+    (folder / "paper-raw.jsonl").write_text("".join(json.dumps(dict(r, seed=0)) + "\n" for r in rows))
+
+
+def _later_run(tmp_path: Path, original: dict, *rows: dict) -> Path:
+    folder = tmp_path / "later-run"
+    folder.mkdir()
+    (folder / "paper.json").write_text(json.dumps([original, *rows]))
+    _raw(folder, original, *rows)
+    return folder
+
+
+def test_a_later_run_of_a_baseline_on_the_same_originals_takes_its_rows_place(tmp_path: Path) -> None:
+    base = _folder(tmp_path, *ENDS, _row("fisher", 60.0, 0.0), _row("unsir", 77.0, 0.0), _row("uisps", 79.6, 0.0))
+    _raw(base, *ENDS)
+    later = _later_run(tmp_path, ENDS[0], _row("fisher", 79.0, 0.0))
+
+    (line,) = goal_verdicts.verdicts(f"{base}+{later}")
+
+    assert line.startswith("| `main-run` + fisher of `later-run` | resnet18 |")
+    assert "| +0.60 over fisher: **not met** |" in line
+
+
+def test_rows_of_other_originals_are_refused(tmp_path: Path) -> None:
+    base = _folder(tmp_path, *ENDS, _row("uisps", 79.6, 0.0))
+    _raw(base, *ENDS)
+    later = _later_run(tmp_path, dict(ENDS[0], acc_retain=80.01), _row("fisher", 79.0, 0.0))
+
+    with pytest.raises(SystemExit, match="trained different Originals .* acc_retain differ"):
+        goal_verdicts.verdicts(f"{base}+{later}")
