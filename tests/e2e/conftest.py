@@ -23,6 +23,9 @@ class RunningService:
     compliance: UispsClient  # a compliance key of the same tenant
     database_url: str
     log: Path
+    url: str
+    admin_key: str
+    compliance_key: str
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -45,4 +48,4 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningS
                 pytest.fail(f"the service did not start:\n{log.read_text(errors='replace')[-5000:]}")
         admin_key, compliance_key = local.create_api_key("admin"), local.create_api_key("compliance")
         with UispsClient(local.url, api_key=admin_key) as client, UispsClient(local.url, api_key=compliance_key) as compliance:
-            yield RunningService(client, compliance, database_url, log)
+            yield RunningService(client, compliance, database_url, log, local.url, admin_key, compliance_key)
