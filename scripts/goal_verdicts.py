@@ -1,13 +1,14 @@
 """Issue #4's five goals judged for the UISPS rows of `main` tables; prints a Markdown table.
 
     python scripts/goal_verdicts.py docs/results/main-smallcnn docs/results/main-allcnn-one-class-cpu
-    python scripts/goal_verdicts.py docs/results/main-allcnn-one-class-cpu+docs/results/main-allcnn-true-fisher-one-class-cpu
+    python scripts/goal_verdicts.py docs/results/main-allcnn-one-class-cpu+<a later run of some baselines>
 
-Reads each folder's paper.json (means over seeds). `BASE+EXTRA` reads BASE with EXTRA's rows in
-place of its rows of the same method and setting (a later run of some baselines), and only where
-both runs trained the same Originals: each seed's Original row in EXTRA's paper-raw.jsonl must
-equal BASE's to the last digit, or the script refuses (rows of other models do not compare). For every (arch, forget set) of the `main`
-experiment that holds an Original, a Retrain and UISPS rows, each UISPS row (the default pass and
+Reads each folder's paper.json (means over seeds). `BASE+EXTRA[+EXTRA...]` reads BASE with each
+EXTRA's rows in place of its rows of the same method and setting and beside the others (a later
+run of some baselines, or of one at other settings), and only where the runs trained the same
+Originals: each seed's Original row in EXTRA's paper-raw.jsonl must equal BASE's to the last
+digit, or the script refuses (rows of other models do not compare). For every (arch, forget set)
+of the `main` experiment that holds an Original, a Retrain and UISPS rows, each UISPS row (the default pass and
 `preset=paper`) is judged against the goals of the issue:
 
 - A_Df 0.00;
@@ -91,7 +92,8 @@ def _cells(row: dict, original: dict, retrain: dict, baseline: dict | None, not_
         margin_cell = f"no zero-glance baseline forgets{missing}"
     else:
         margin = row["acc_retain"] - baseline["acc_retain"]
-        margin_cell = f"{margin:+.2f} over {baseline['method']}{missing}: {_met(margin >= MARGIN)}"
+        which = baseline["method"] + ("" if baseline["setting"] == "default" else f" {baseline['setting']}")
+        margin_cell = f"{margin:+.2f} over {which}{missing}: {_met(margin >= MARGIN)}"
     return [
         f"{row['acc_forget']:.2f}: {_met(row['acc_forget'] < 0.005)}",  # 0.00 as printed
         f"{behind:+.2f}: {_met(behind >= -MARGIN)}",
@@ -139,19 +141,19 @@ def _check_same_originals(base: Path, extra: Path) -> None:
 
 
 def _rows_and_name(spec: str) -> tuple[list[dict], str, Path]:
-    """A folder's rows, or BASE's with EXTRA's in place of the same method and setting."""
-    base, _, extra = spec.partition("+")
+    """A folder's rows, or BASE's with each EXTRA's in place of the same method and setting."""
+    base, *extras = spec.split("+")
     folder = Path(base)
     rows = json.loads((folder / "paper.json").read_text())
-    if not extra:
-        return rows, f"`{folder.name}`", folder
-    extra_folder = Path(extra)
-    _check_same_originals(folder, extra_folder)
-    replacing = [r for r in json.loads((extra_folder / "paper.json").read_text()) if r["method"] != "original"]
-    keys = {_key(r) for r in replacing}
-    methods = ", ".join(sorted({r["method"] for r in replacing}))
-    name = f"`{folder.name}` + {methods} of `{extra_folder.name}`"
-    return [r for r in rows if _key(r) not in keys] + replacing, name, folder
+    name = f"`{folder.name}`"
+    for extra in map(Path, extras):
+        _check_same_originals(folder, extra)
+        replacing = [r for r in json.loads((extra / "paper.json").read_text()) if r["method"] != "original"]
+        keys = {_key(r) for r in replacing}
+        rows = [r for r in rows if _key(r) not in keys] + replacing
+        settings = ", ".join(sorted({f"{r['method']} {r['setting']}" for r in replacing}))
+        name += f" + {settings} of `{extra.name}`"
+    return rows, name, folder
 
 
 def verdicts(spec: Path | str) -> list[str]:

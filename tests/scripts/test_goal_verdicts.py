@@ -157,8 +157,19 @@ def test_a_later_run_of_a_baseline_on_the_same_originals_takes_its_rows_place(tm
 
     (line,) = goal_verdicts.verdicts(f"{base}+{later}")
 
-    assert line.startswith("| `main-run` + fisher of `later-run` | resnet18 |")
+    assert line.startswith("| `main-run` + fisher default of `later-run` | resnet18 |")
     assert "| +0.60 over fisher: **not met** |" in line
+
+
+def test_a_baseline_at_other_settings_joins_the_rows_and_is_named_with_them(tmp_path: Path) -> None:
+    base = _folder(tmp_path, *ENDS, _row("fisher", 60.0, 0.0), _row("uisps", 79.6, 0.0))
+    _raw(base, *ENDS)
+    later = _later_run(tmp_path, ENDS[0], _row("fisher", 79.0, 0.0, setting="alpha=1e-08"))
+
+    (line,) = goal_verdicts.verdicts(f"{base}+{later}")
+
+    assert line.startswith("| `main-run` + fisher alpha=1e-08 of `later-run` | resnet18 |")
+    assert "| +0.60 over fisher alpha=1e-08: **not met** |" in line
 
 
 def test_rows_of_other_originals_are_refused(tmp_path: Path) -> None:
