@@ -73,11 +73,14 @@ def _closer_to_retrain(key: str, digits: int, row: dict, original: dict, retrain
 
 def _seeds_cell(row: dict, compared: dict[str, dict]) -> str:
     """The row's seeds, and where the rows it is compared with averaged other seeds, or too few."""
-    def seeds_of(r: dict) -> object:
-        return tuple(r["seed_ids"]) if "seed_ids" in r else r["seeds"]
+    def same_seeds(r: dict) -> bool:
+        # rows of runs before `seed_ids` say only how many (a merged table mixes both kinds)
+        if "seed_ids" in r and "seed_ids" in row:
+            return r["seed_ids"] == row["seed_ids"]
+        return r["seeds"] == row["seeds"]
 
     cell = str(row["seeds"])
-    differ = [f"{name}: {r['seeds']}" for name, r in compared.items() if seeds_of(r) != seeds_of(row)]
+    differ = [f"{name}: {r['seeds']}" for name, r in compared.items() if not same_seeds(r)]
     if differ:
         cell += f" (other seeds: {', '.join(differ)})"
     if row["seeds"] < 3:

@@ -179,3 +179,13 @@ def test_rows_of_other_originals_are_refused(tmp_path: Path) -> None:
 
     with pytest.raises(SystemExit, match="trained different Originals .* acc_retain differ"):
         goal_verdicts.verdicts(f"{base}+{later}")
+
+
+def test_rows_of_a_run_before_seed_ids_compare_by_their_count(tmp_path: Path) -> None:
+    base = _folder(tmp_path, *ENDS, _row("uisps", 79.6, 0.0))  # an older run: no seed_ids
+    _raw(base, *ENDS)
+    later = _later_run(tmp_path, ENDS[0], _row("unsir", 70.0, 0.0, seed_ids=[0, 1, 2]))
+
+    (line,) = goal_verdicts.verdicts(f"{base}+{later}")
+
+    assert "| resnet18 | 0 | default | 3 | 0.00: met |" in line
