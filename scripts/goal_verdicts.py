@@ -143,19 +143,25 @@ def _check_same_originals(base: Path, extra: Path) -> None:
                              "their rows do not compare")
 
 
+def _shown(folder: Path) -> str:
+    """The folder as the results page names it: its path below docs/results (or its own name)."""
+    parts = folder.parts
+    return "/".join(parts[parts.index("results") + 1:]) if "results" in parts[:-1] else folder.name
+
+
 def _rows_and_name(spec: str) -> tuple[list[dict], str, Path]:
     """A folder's rows, or BASE's with each EXTRA's in place of the same method and setting."""
     base, *extras = spec.split("+")
     folder = Path(base)
     rows = json.loads((folder / "paper.json").read_text())
-    name = f"`{folder.name}`"
+    name = f"`{_shown(folder)}`"
     for extra in map(Path, extras):
         _check_same_originals(folder, extra)
         replacing = [r for r in json.loads((extra / "paper.json").read_text()) if r["method"] != "original"]
         keys = {_key(r) for r in replacing}
         rows = [r for r in rows if _key(r) not in keys] + replacing
         settings = ", ".join(sorted({f"{r['method']} {r['setting']}" for r in replacing}))
-        name += f" + {settings} of `{extra.name}`"
+        name += f" + {settings} of `{extra.name if extra.parent == folder.parent else _shown(extra)}`"
     return rows, name, folder
 
 

@@ -189,3 +189,13 @@ def test_rows_of_a_run_before_seed_ids_compare_by_their_count(tmp_path: Path) ->
     (line,) = goal_verdicts.verdicts(f"{base}+{later}")
 
     assert "| resnet18 | 0 | default | 3 | 0.00: met |" in line
+
+
+def test_a_folder_below_docs_results_is_named_by_its_path_there(tmp_path: Path) -> None:
+    folder = tmp_path / "docs" / "results" / "sweep" / "main"
+    folder.mkdir(parents=True)
+    (folder / "paper.json").write_text(json.dumps([*ENDS, _row("uisps", 79.6, 0.0)]))
+
+    (line,) = goal_verdicts.verdicts(folder)
+
+    assert line.startswith("| `sweep/main` | resnet18 |")
