@@ -3,13 +3,14 @@
     python scripts/goal_verdicts.py docs/results/main-smallcnn docs/results/main-allcnn-one-class-cpu
     python scripts/goal_verdicts.py docs/results/main-allcnn-one-class-cpu+<a later run of some baselines>
 
-Reads each folder's paper.json (means over seeds). `BASE+EXTRA[+EXTRA...]` reads BASE with each
-EXTRA's rows in place of its rows of the same method and setting and beside the others (a later
-run of some baselines, or of one at other settings), and only where the runs trained the same
-Originals: each seed's Original row in EXTRA's paper-raw.jsonl must equal BASE's to the last
+Reads each folder's paper.json (means over seeds). `BASE+EXTRA[+EXTRA...]` (paths without a
+"+") reads BASE with each EXTRA's baseline rows (not its Original, Retrain or UISPS rows) in place
+of BASE's rows of the same method and setting, or beside them (a later run of some baselines, or
+of one at other settings), and only where the runs trained the same Originals: every seed of a
+baseline row in EXTRA's paper-raw.jsonl needs its Original row there, equal to BASE's to the last
 digit, or the script refuses (rows of other models do not compare). For every (arch, forget set)
-of the `main` experiment that holds an Original, a Retrain and UISPS rows, each UISPS row (the default pass and
-`preset=paper`) is judged against the goals of the issue:
+of the `main` experiment that holds an Original, a Retrain and UISPS rows, each UISPS row (the
+default pass and `preset=paper`) is judged against the goals of the issue:
 
 - A_Df 0.00;
 - A_Dr at most 1.0 point below Retrain's;
@@ -122,15 +123,26 @@ def _key(row: dict, *more: str) -> tuple:
     return tuple(tuple(row[k]) if isinstance(row[k], list) else row[k] for k in (*_ROW_KEY, *more))
 
 
-def _raw_originals(folder: Path) -> dict[tuple, dict]:
+def _model_key(row: dict) -> tuple:
+    """The trained model a raw row started from: its table and seed."""
+    return row["experiment"], row["arch"], tuple(row["forget"]), row["seed"]
+
+
+def _raw_rows(folder: Path) -> list[dict]:
     lines = (folder / "paper-raw.jsonl").read_text().splitlines()
-    raw = (json.loads(line) for line in lines if line.strip())
-    return {_key(r, "seed"): r for r in raw if r["method"] == "original"}
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _is_baseline(row: dict) -> bool:
+    return row["method"] not in ("original", "retrain") and not row["method"].startswith("uisps")
 
 
 def _check_same_originals(base: Path, extra: Path) -> None:
-    """Refuse to merge runs unless every Original EXTRA trained is BASE's, to the last digit."""
-    mine, theirs = _raw_originals(base), _raw_originals(extra)
+    """Refuse to merge runs unless every baseline row EXTRA ran, seed by seed, started from an
+    Original that BASE trained too, equal to the last digit."""
+    mine = {_model_key(r): r for r in _raw_rows(base) if r["method"] == "original"}
+    raw = _raw_rows(extra)
+    theirs = {_model_key(r): r for r in raw if r["method"] == "original"}
     if not theirs:
         raise SystemExit(f"{extra}: no Original rows in paper-raw.jsonl to check against {base}'s")
     for key, row in theirs.items():
@@ -141,23 +153,42 @@ def _check_same_originals(base: Path, extra: Path) -> None:
         if differ:
             raise SystemExit(f"{extra} and {base} trained different Originals ({key}: {', '.join(differ)} differ): "
                              "their rows do not compare")
+    for row in filter(_is_baseline, raw):
+        if _model_key(row) not in theirs:
+            raise SystemExit(f"{extra}: {row['method']} {row['setting']} seed {row['seed']} has no Original row "
+                             f"to check against {base}'s")
+
+
+def _with_seed_ids(rows: list[dict], folder: Path) -> list[dict]:
+    """Rows of runs before paper.json named its seeds, given them from paper-raw.jsonl."""
+    raw_path = folder / "paper-raw.jsonl"
+    if all("seed_ids" in r for r in rows) or not raw_path.exists():
+        return rows
+    seeds: dict[tuple, list[int]] = {}
+    for r in _raw_rows(folder):
+        seeds.setdefault(_key(r), []).append(r["seed"])
+    return [r if "seed_ids" in r or _key(r) not in seeds else {**r, "seed_ids": sorted(seeds[_key(r)])}
+            for r in rows]
 
 
 def _shown(folder: Path) -> str:
     """The folder as the results page names it: its path below docs/results (or its own name)."""
-    parts = folder.parts
-    return "/".join(parts[parts.index("results") + 1:]) if "results" in parts[:-1] else folder.name
+    parts = folder.parts[:-1]
+    if "results" not in parts:
+        return folder.name
+    return "/".join(folder.parts[len(parts) - parts[::-1].index("results"):])
 
 
 def _rows_and_name(spec: str) -> tuple[list[dict], str, Path]:
-    """A folder's rows, or BASE's with each EXTRA's in place of the same method and setting."""
+    """A folder's rows, or BASE's with each EXTRA's baseline rows in place of the same method and
+    setting or beside them (EXTRA's Original, Retrain and UISPS rows are not read)."""
     base, *extras = spec.split("+")
     folder = Path(base)
-    rows = json.loads((folder / "paper.json").read_text())
+    rows = _with_seed_ids(json.loads((folder / "paper.json").read_text()), folder)
     name = f"`{_shown(folder)}`"
     for extra in map(Path, extras):
         _check_same_originals(folder, extra)
-        replacing = [r for r in json.loads((extra / "paper.json").read_text()) if r["method"] != "original"]
+        replacing = [r for r in json.loads((extra / "paper.json").read_text()) if _is_baseline(r)]
         keys = {_key(r) for r in replacing}
         rows = [r for r in rows if _key(r) not in keys] + replacing
         settings = ", ".join(sorted({f"{r['method']} {r['setting']}" for r in replacing}))

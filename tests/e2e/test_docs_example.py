@@ -23,8 +23,10 @@ def test_the_first_deletion_request_example_runs_as_written(
 ) -> None:
     code = _first_request_block()
     # only what the reader fills in is replaced: the server's address and the two keys
-    code = code.replace('"http://127.0.0.1:8000"', repr(service.url))
-    code = code.replace('"<admin key>"', repr(service.admin_key)).replace('"<compliance key>"', repr(service.compliance_key))
+    for placeholder, value in (('"http://127.0.0.1:8000"', service.url), ('"<admin key>"', service.admin_key),
+                               ('"<compliance key>"', service.compliance_key)):
+        assert code.count(placeholder) == 1, f"the example no longer has {placeholder} once"
+        code = code.replace(placeholder, repr(value))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "digits.safetensors").write_bytes(digits_checkpoint)
 

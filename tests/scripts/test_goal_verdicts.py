@@ -151,14 +151,14 @@ def _later_run(tmp_path: Path, original: dict, *rows: dict) -> Path:
 
 
 def test_a_later_run_of_a_baseline_on_the_same_originals_takes_its_rows_place(tmp_path: Path) -> None:
-    base = _folder(tmp_path, *ENDS, _row("fisher", 60.0, 0.0), _row("unsir", 77.0, 0.0), _row("uisps", 79.6, 0.0))
+    base = _folder(tmp_path, *ENDS, _row("fisher", 79.0, 0.0), _row("unsir", 77.0, 0.0), _row("uisps", 79.6, 0.0))
     _raw(base, *ENDS)
-    later = _later_run(tmp_path, ENDS[0], _row("fisher", 79.0, 0.0))
+    later = _later_run(tmp_path, ENDS[0], _row("fisher", 60.0, 0.0))
 
     (line,) = goal_verdicts.verdicts(f"{base}+{later}")
 
     assert line.startswith("| `main-run` + fisher default of `later-run` | resnet18 |")
-    assert "| +0.60 over fisher: **not met** |" in line
+    assert "| +2.60 over unsir: met |" in line  # the earlier fisher row (79.0) is gone
 
 
 def test_a_baseline_at_other_settings_joins_the_rows_and_is_named_with_them(tmp_path: Path) -> None:
@@ -170,6 +170,64 @@ def test_a_baseline_at_other_settings_joins_the_rows_and_is_named_with_them(tmp_
 
     assert line.startswith("| `main-run` + fisher alpha=1e-08 of `later-run` | resnet18 |")
     assert "| +0.60 over fisher alpha=1e-08: **not met** |" in line
+
+
+def test_a_baseline_at_other_settings_leaves_the_default_row_in_place(tmp_path: Path) -> None:
+    base = _folder(tmp_path, *ENDS, _row("fisher", 79.2, 0.0), _row("uisps", 79.6, 0.0))
+    _raw(base, *ENDS)
+    later = _later_run(tmp_path, ENDS[0], _row("fisher", 79.0, 0.0, setting="alpha=1e-08"))
+
+    (line,) = goal_verdicts.verdicts(f"{base}+{later}")
+
+    assert "| +0.40 over fisher: **not met** |" in line
+
+
+def test_a_later_run_without_originals_to_check_is_refused(tmp_path: Path) -> None:
+    base = _folder(tmp_path, *ENDS, _row("uisps", 79.6, 0.0))
+    _raw(base, *ENDS)
+    later = _later_run(tmp_path, ENDS[0], _row("fisher", 79.0, 0.0))
+    _raw(later, _row("fisher", 79.0, 0.0))
+
+    with pytest.raises(SystemExit, match="no Original rows"):
+        goal_verdicts.verdicts(f"{base}+{later}")
+
+
+def test_a_baseline_seed_whose_original_was_not_checked_is_refused(tmp_path: Path) -> None:
+    base = _folder(tmp_path, *ENDS, _row("uisps", 79.6, 0.0))
+    _raw(base, *ENDS)
+    later = _later_run(tmp_path, ENDS[0], _row("fisher", 79.0, 0.0))
+    (later / "paper-raw.jsonl").write_text(json.dumps(dict(ENDS[0], seed=0)) + "\n"
+                                           + json.dumps(dict(_row("fisher", 79.0, 0.0), seed=1)) + "\n")
+
+    with pytest.raises(SystemExit, match="fisher default seed 1 has no Original row"):
+        goal_verdicts.verdicts(f"{base}+{later}")
+
+
+def test_a_later_run_of_models_the_base_never_trained_is_refused(tmp_path: Path) -> None:
+    base = _folder(tmp_path, *ENDS, _row("uisps", 79.6, 0.0))
+    _raw(base, *ENDS)
+    later = _later_run(tmp_path, ENDS[0], _row("fisher", 79.0, 0.0))
+    (later / "paper-raw.jsonl").write_text(json.dumps(dict(ENDS[0], seed=4)) + "\n"
+                                           + json.dumps(dict(_row("fisher", 79.0, 0.0), seed=4)) + "\n")
+
+    with pytest.raises(SystemExit, match="has no Original for"):
+        goal_verdicts.verdicts(f"{base}+{later}")
+
+
+def test_rows_of_a_run_before_seed_ids_take_their_seeds_from_the_raw_rows(tmp_path: Path) -> None:
+    base = _folder(tmp_path, *ENDS, _row("uisps", 79.6, 0.0, seeds=2))
+    raw = [dict(r, seed=seed) for seed in (0, 1, 2) for r in ENDS] + [
+        dict(_row("uisps", 79.6, 0.0), seed=seed) for seed in (0, 1)]
+    (base / "paper-raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in raw))
+    later = tmp_path / "later-run"
+    later.mkdir()
+    (later / "paper.json").write_text(json.dumps([_row("unsir", 70.0, 0.0, seeds=2, seed_ids=[0, 2])]))
+    (later / "paper-raw.jsonl").write_text("".join(
+        json.dumps(dict(r, seed=seed)) + "\n" for seed in (0, 2) for r in (ENDS[0], _row("unsir", 70.0, 0.0))))
+
+    (line,) = goal_verdicts.verdicts(f"{base}+{later}")
+
+    assert "unsir: 2" in line.split(" | ")[4]
 
 
 def test_rows_of_other_originals_are_refused(tmp_path: Path) -> None:
