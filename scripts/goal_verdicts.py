@@ -167,7 +167,7 @@ def _with_seed_ids(rows: list[dict], folder: Path) -> list[dict]:
     seeds: dict[tuple, list[int]] = {}
     for r in _raw_rows(folder):
         seeds.setdefault(_key(r), []).append(r["seed"])
-    return [r if "seed_ids" in r or _key(r) not in seeds else {**r, "seed_ids": sorted(seeds[_key(r)])}
+    return [r if "seed_ids" in r or _key(r) not in seeds else {**r, "seed_ids": sorted(set(seeds[_key(r)]))}
             for r in rows]
 
 
