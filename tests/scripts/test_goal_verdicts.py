@@ -182,35 +182,22 @@ def test_a_baseline_at_other_settings_leaves_the_default_row_in_place(tmp_path: 
     assert "| +0.40 over fisher: **not met** |" in line
 
 
-def test_a_later_run_without_originals_to_check_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("original_seed", "fisher_seed", "refusal"), [
+    (None, 0, "no Original rows"),  # nothing to check the later run's models by
+    (0, 1, "fisher default seed 1 has no Original row"),  # a seed of the baseline whose Original is not there
+    (4, 4, "has no Original for"),  # an Original the base never trained
+])
+def test_a_later_run_whose_models_cannot_be_checked_is_refused(
+    tmp_path: Path, original_seed: int | None, fisher_seed: int, refusal: str,
+) -> None:
     base = _folder(tmp_path, *ENDS, _row("uisps", 79.6, 0.0))
     _raw(base, *ENDS)
     later = _later_run(tmp_path, ENDS[0], _row("fisher", 79.0, 0.0))
-    _raw(later, _row("fisher", 79.0, 0.0))
+    raw = [] if original_seed is None else [dict(ENDS[0], seed=original_seed)]
+    raw.append(dict(_row("fisher", 79.0, 0.0), seed=fisher_seed))
+    (later / "paper-raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in raw))
 
-    with pytest.raises(SystemExit, match="no Original rows"):
-        goal_verdicts.verdicts(f"{base}+{later}")
-
-
-def test_a_baseline_seed_whose_original_was_not_checked_is_refused(tmp_path: Path) -> None:
-    base = _folder(tmp_path, *ENDS, _row("uisps", 79.6, 0.0))
-    _raw(base, *ENDS)
-    later = _later_run(tmp_path, ENDS[0], _row("fisher", 79.0, 0.0))
-    (later / "paper-raw.jsonl").write_text(json.dumps(dict(ENDS[0], seed=0)) + "\n"
-                                           + json.dumps(dict(_row("fisher", 79.0, 0.0), seed=1)) + "\n")
-
-    with pytest.raises(SystemExit, match="fisher default seed 1 has no Original row"):
-        goal_verdicts.verdicts(f"{base}+{later}")
-
-
-def test_a_later_run_of_models_the_base_never_trained_is_refused(tmp_path: Path) -> None:
-    base = _folder(tmp_path, *ENDS, _row("uisps", 79.6, 0.0))
-    _raw(base, *ENDS)
-    later = _later_run(tmp_path, ENDS[0], _row("fisher", 79.0, 0.0))
-    (later / "paper-raw.jsonl").write_text(json.dumps(dict(ENDS[0], seed=4)) + "\n"
-                                           + json.dumps(dict(_row("fisher", 79.0, 0.0), seed=4)) + "\n")
-
-    with pytest.raises(SystemExit, match="has no Original for"):
+    with pytest.raises(SystemExit, match=refusal):
         goal_verdicts.verdicts(f"{base}+{later}")
 
 
