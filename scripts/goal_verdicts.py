@@ -134,10 +134,18 @@ def _model_key(row: dict) -> tuple:
 
 
 def _raw_rows(folder: Path) -> list[dict]:
-    lines = (folder / "paper-raw.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
+    """The finished raw rows; a last line cut short (a run stopped mid-write, not yet resumed) is
+    left out, as `--resume` leaves it, since it is a row that has not finished."""
+    lines = [line for line in (folder / "paper-raw.jsonl").read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise SystemExit(f"{folder}: line {i + 1} of paper-raw.jsonl is not JSON") from None
+            print(f"{folder}: the last line of paper-raw.jsonl was cut short; left out", file=sys.stderr)
+    return rows
 
 
 def _check_same_originals(base: Path, extra: Path) -> None:

@@ -244,3 +244,28 @@ def test_a_folder_below_docs_results_is_named_by_its_path_there(tmp_path: Path) 
     (line,) = goal_verdicts.verdicts(folder)
 
     assert line.startswith("| `sweep/main` | resnet18 |")
+
+
+def test_a_raw_file_whose_last_line_was_cut_short_is_read_without_that_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = _folder(tmp_path, *ENDS, _row("uisps", 79.6, 0.0))
+    _raw(base, *ENDS)
+    later = _later_run(tmp_path, ENDS[0], _row("fisher", 79.0, 0.0))
+    with (later / "paper-raw.jsonl").open("a") as raw:
+        raw.write('{"experiment": "main", "method": "unsi')  # a run stopped mid-write
+
+    (line,) = goal_verdicts.verdicts(f"{base}+{later}")
+
+    assert "| +0.60 over fisher: **not met** |" in line
+    assert "cut short" in capsys.readouterr().err
+
+
+def test_a_raw_file_broken_before_its_last_line_is_refused(tmp_path: Path) -> None:
+    base = _folder(tmp_path, *ENDS, _row("uisps", 79.6, 0.0))
+    _raw(base, *ENDS)
+    later = _later_run(tmp_path, ENDS[0], _row("fisher", 79.0, 0.0))
+    (later / "paper-raw.jsonl").write_text("{broken\n" + (later / "paper-raw.jsonl").read_text())
+
+    with pytest.raises(SystemExit, match="line 1 of paper-raw.jsonl is not JSON"):
+        goal_verdicts.verdicts(f"{base}+{later}")
