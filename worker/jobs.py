@@ -278,7 +278,7 @@ def _record_failure(
         return RunOutcome("retrying", retry_in_s=min(MAX_RETRY_DELAY_S, 5.0 * 2 ** min(step, 10)))
     if not deletion_jobs.fail(
         session, request_id, code=code, message=message, attempt=job.attempt, cancel_wins=True,
-        claimed_at=job.claimed_at,
+        claimed_at=job.claimed_at, max_attempts=settings.max_attempts,
     ):
         return RunOutcome("cancelled")
     return RunOutcome("failed")

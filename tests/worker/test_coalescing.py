@@ -544,3 +544,69 @@ def test_on_its_last_attempt_a_failed_group_cancels_who_asked_and_fails_the_rest
     led, joined = _requests(worker_env, leader, member)
     assert outcome.status == "failed" and (led.state, led.error["code"]) == ("failed", "internal_error")
     assert joined.state == "cancelled" and joined.error is None  # not queued again past its last attempt
+
+
+def _second_attempt_of(env, model_id: str) -> tuple[str, str, object]:  # noqa: ANN001
+    lead = env.queue(model_id, [3])
+    with env.sessions.begin() as session:  # its first attempt fails in a way that may pass
+        job = deletion_jobs.claim(session, lead, lease_s=60, max_attempts=2).job
+        deletion_jobs.retry_later(session, lead, code="internal_error", message="x", attempt=job.attempt)
+    member = env.queue(model_id, [5])
+    with env.sessions.begin() as session:
+        job = deletion_jobs.claim(session, lead, lease_s=-1, max_attempts=2, coalesce=True).job  # lease gone at once
+    assert job.attempt == 2 and job.members == (member,)
+    return lead, member, job
+
+
+def test_a_request_that_joined_a_failing_lead_s_last_attempt_is_queued_again_within_its_own(
+    worker_env, digits_checkpoint: bytes, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    from worker.jobs import run_job
+
+    model_id = worker_env.new_model(digits_checkpoint)
+    lead = worker_env.queue(model_id, [3])
+    with worker_env.sessions.begin() as session:  # its first attempt (of 2) fails in a way that may pass
+        job = deletion_jobs.claim(session, lead, lease_s=60, max_attempts=2).job
+        deletion_jobs.retry_later(session, lead, code="internal_error", message="x", attempt=job.attempt)
+    member = worker_env.queue(model_id, [5])
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("the data set could not be read")
+
+    monkeypatch.setattr("worker.jobs.load_dataset", broken)
+    outcome = run_job(lead, worker_env.settings.model_copy(update={"max_attempts": 2, "coalesce_requests": True}))
+
+    lead_row, member_row = _requests(worker_env, lead, member)
+    assert outcome.status == "failed"
+    assert (lead_row.state, lead_row.error["code"]) == ("failed", "internal_error")
+    assert (member_row.state, member_row.attempts, member_row.coalesced_into) == ("queued", 1, None)
+    assert _actions(worker_env, member)[-1] == "deletion_request.retry_scheduled"
+
+
+def test_a_request_that_joined_a_lost_lead_s_last_attempt_is_queued_again_within_its_own(
+    worker_env, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    lead, member, _ = _second_attempt_of(worker_env, worker_env.new_model(digits_checkpoint))
+
+    claim = _claim(worker_env, lead, max_attempts=2)  # its worker was lost
+
+    lead_row, member_row = _requests(worker_env, lead, member)
+    assert claim.outcome is ClaimOutcome.NOT_CLAIMABLE
+    assert (lead_row.state, lead_row.error["code"]) == ("failed", "worker_lost")
+    assert (member_row.state, member_row.attempts, member_row.coalesced_into) == ("queued", 1, None)
+
+
+def test_a_member_out_of_its_attempts_is_not_taken_over_past_them(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
+    model_id = worker_env.new_model(digits_checkpoint)
+    member = worker_env.queue(model_id, [5])
+    with worker_env.sessions.begin() as session:  # its own job fails once, in a way that may pass
+        job = deletion_jobs.claim(session, member, lease_s=60, max_attempts=2).job
+        deletion_jobs.retry_later(session, member, code="internal_error", message="x", attempt=job.attempt)
+    lead = worker_env.queue(model_id, [3])
+    assert _claim(worker_env, lead, lease_s=-1, max_attempts=2).job.members == (member,)  # its 2nd, of 2; lost
+
+    claim = _claim(worker_env, lead, max_attempts=2)
+
+    member_row = _requests(worker_env, member)[0]
+    assert claim.outcome is ClaimOutcome.CLAIMED and claim.job.members == ()
+    assert (member_row.state, member_row.attempts, member_row.error["code"]) == ("failed", 2, "worker_lost")

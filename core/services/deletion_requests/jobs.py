@@ -131,9 +131,18 @@ class DeletionJobs:
                 if request.state != JobState.QUEUED.value:  # cancelled, or out of attempts
                     return Claim(ClaimOutcome.NOT_CLAIMABLE, state=request.state)
                 previous_state = request.state  # claimed afresh below
-            elif max_attempts is not None and request.attempts >= max_attempts:
-                self._worker_lost(session, group)
-                return Claim(ClaimOutcome.NOT_CLAIMABLE, state=JobState.FAILED.value)
+            else:
+                # Each request of the group within its own attempts: who is out of them fails;
+                # with the lead failed, the others are queued again, apart.
+                spent = _out_of_attempts(group, max_attempts)
+                self._worker_lost(session, spent)
+                if request in spent:
+                    for member in group[1:]:
+                        if member not in spent:
+                            self._requeue(session, member, "deletion_request.requeued",
+                                          reason="the worker running its coalesced job was lost, and the "
+                                                 "request leading it is out of attempts")
+                    return Claim(ClaimOutcome.NOT_CLAIMABLE, state=JobState.FAILED.value)
         if not deletion_request_repository.claim(session, request_id, now, now + timedelta(seconds=lease_s)):
             return Claim(ClaimOutcome.NOT_CLAIMABLE, state=previous_state)
         request = deletion_request_repository.get(session, None, request_id)
@@ -416,12 +425,13 @@ class DeletionJobs:
 
     def fail(
         self, session: Session, request_id: str, *, code: str, message: str, attempt: int | None = None,
-        cancel_wins: bool = False, claimed_at: datetime | None = None,
+        cancel_wins: bool = False, claimed_at: datetime | None = None, max_attempts: int | None = None,
     ) -> bool:
         """running -> failed, with the requests coalesced into it; False where this request was
-        cancelled instead. `cancel_wins` (a failure that is no fault of the input): the requests
-        that asked to cancel meanwhile are cancelled, the others fail (their attempts are used
-        up, so none is queued again); an input error (UisError) fails them all with its code.
+        cancelled instead. `cancel_wins` (a failure that is no fault of the input, on this
+        request's last attempt): the requests that asked to cancel meanwhile are cancelled, those
+        whose own attempts are used up fail, and the others (which joined on this request's last
+        attempt) are queued again, apart; an input error (UisError) fails them all with its code.
 
         JobLost where the request is no longer this claim's (taken over, queued again after a
         cancel in its group): whoever holds it decides the outcome, and this run reports `lost`."""
@@ -435,12 +445,19 @@ class DeletionJobs:
             raise JobLost(request_id)  # finished otherwise (a claim found its worker lost, a cancel, ...)
         if not _same_claim(request, attempt, claimed_at):
             raise JobLost(request_id)
-        for row in [request, *self._members(session, request_id)]:
-            if cancel_wins and row.cancel_requested:
+        group = [request, *self._members(session, request_id)]
+        error = {"code": code, "message": message}
+        if not cancel_wins:
+            self._fail(session, group, error)
+            return True
+        for row in group:
+            if row.cancel_requested:
                 self._finish(session, row, JobState.CANCELLED)
+            elif row is request or max_attempts is None or row.attempts >= max_attempts:
+                self._fail(session, [row], error)
             else:
-                row.error = {"code": code, "message": message}
-                self._finish(session, row, JobState.FAILED, error=row.error)
+                self._requeue(session, row, "deletion_request.retry_scheduled", attempt=row.attempts, error=error,
+                              reason="the request leading its coalesced job failed on its last attempt")
         return request.state == JobState.FAILED.value
 
     @staticmethod
