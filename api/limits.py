@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from http import HTTPStatus
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -13,7 +12,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import authenticate, may_upload
-from api.problems import PROBLEM_JSON, TYPE_PREFIX
+from api.problems import PROBLEM_JSON, TYPE_PREFIX, title_of
 
 # JSON bodies are small (a deletion request with its overrides is a few hundred bytes).
 JSON_BODY_LIMIT = 1024 * 1024
@@ -71,7 +70,7 @@ class BodySizeLimit:
         body = json.dumps(
             {
                 "type": TYPE_PREFIX + code,
-                "title": HTTPStatus(status).phrase,
+                "title": title_of(status),
                 "status": status,
                 "detail": detail,
                 "instance": scope["path"],

@@ -66,6 +66,14 @@ class Problem(BaseModel):
     errors: list[FieldError] | None = Field(None, description="each invalid field, for validation errors")
 
 
+# RFC 9110's names where Python (before 3.13) still has RFC 7231's
+_TITLES = {413: "Content Too Large", 416: "Range Not Satisfiable", 422: "Unprocessable Content"}
+
+
+def title_of(status: int) -> str:
+    return _TITLES.get(status) or HTTPStatus(status).phrase
+
+
 def problem_response(
     request: Request,
     status: int,
@@ -78,7 +86,7 @@ def problem_response(
 ) -> JSONResponse:
     body: dict[str, Any] = {
         "type": TYPE_PREFIX + code,
-        "title": HTTPStatus(status).phrase,
+        "title": title_of(status),
         "status": status,
         "detail": detail,
         "instance": request.url.path,
@@ -91,8 +99,10 @@ def problem_response(
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries documenting problem+json bodies."""
-    return {status: {"model": Problem, "content": {PROBLEM_JSON: {}}} for status in statuses}
+    """OpenAPI `responses=` entries documenting problem+json bodies (the only media type an
+    error is sent as; `document_validation_problems` adds the Problem schema to the components)."""
+    problem = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    return {status: {"description": title_of(status), "content": {PROBLEM_JSON: problem}} for status in statuses}
 
 
 def _validation_errors(errors: Any) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Generator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import httpx
@@ -32,6 +33,10 @@ def all_items(client: Any, path: str, field: str, **request: Any) -> list[dict[s
         params["page_token"] = page["next_page_token"]
 
 
+# the reason phrases RFC 9110 renamed (Python's HTTPStatus has the new ones only from 3.13)
+RFC_9110_TITLES = {413: "Content Too Large", 416: "Range Not Satisfiable", 422: "Unprocessable Content"}
+
+
 def assert_problem(response: Any, status: int, code: str, *fragments: str) -> dict[str, Any]:
     """An RFC 9457 problem with every required member, whose detail says what is wrong."""
     assert response.status_code == status, response.text
@@ -39,6 +44,7 @@ def assert_problem(response: Any, status: int, code: str, *fragments: str) -> di
     problem = response.json()
     assert {"type", "title", "status", "detail", "instance"} <= problem.keys()
     assert problem["status"] == status
+    assert problem["title"] == RFC_9110_TITLES.get(status, HTTPStatus(status).phrase)
     assert problem["code"] == code
     assert problem["type"].endswith(code)
     assert problem["instance"] == response.request.url.path

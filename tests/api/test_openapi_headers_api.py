@@ -57,3 +57,20 @@ def test_location_is_documented_only_where_a_resource_is_created(document: dict[
 
     assert documented == {("post", "/models"), ("post", "/models/{model_id}/versions"),
                           ("post", "/deletion-requests"), ("post", "/api-keys")}
+
+
+def test_error_bodies_are_documented_under_the_media_type_they_are_sent_as(
+    client: TestClient, document: dict[str, Any],
+) -> None:
+    refused = client.get("/models/no-such-model")
+    documented = document["paths"]["/models/{model_id}"]["get"]["responses"]["404"]["content"]
+
+    assert refused.status_code == 404 and refused.headers["content-type"] == "application/problem+json"
+    assert list(documented) == ["application/problem+json"]
+    assert documented["application/problem+json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
+    assert set(document["components"]["schemas"]["Problem"]["required"]) <= set(refused.json())
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if status[0] in "45":
+                    assert list(response["content"]) == ["application/problem+json"], (method, path, status)
