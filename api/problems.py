@@ -1,7 +1,7 @@
 """RFC 9457 problem details for every error the API returns, with what exactly is wrong.
 
 Domain errors map to statuses here and nowhere else: no or bad API key 401, role not allowed 403,
-unknown resource 404, purged checkpoint 410, invalid input 422, conflicting state 409, oversized
+unknown resource 404, purged checkpoint 410, If-Match not met 412, invalid input 422, conflicting state 409, oversized
 upload 413, rate or concurrency limit 429, database or broker unreachable 503, and a value the
 database refuses (one no validation caught) 400.
 """

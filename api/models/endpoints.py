@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, File, Path, Request, Response, UploadFil
 from fastapi.responses import StreamingResponse
 
 from api.auth import authenticate, manage_models, purge_checkpoints
-from api.conditional import CHECKPOINT_CACHE_CONTROL, IfNoneMatch, none_match
+from api.conditional import CHECKPOINT_CACHE_CONTROL, IfMatch, IfNoneMatch, check_if_match, none_match
 from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from api.idempotency import IdempotencyDep, sent
 from api.models.schemas import ModelCreate, ModelList, ModelRead, ModelVersionList, ModelVersionRead
@@ -213,7 +213,7 @@ def get_version(model_id: ModelId, version: VersionNumber, session: SessionDep, 
         },
         206: {"content": {"application/octet-stream": {}}, "description": "the byte ranges asked for (Range)"},
         304: {"description": "If-None-Match names the ETag: the client holds these bytes"},
-        **problem_responses(404, 410, 416, 500),
+        **problem_responses(404, 410, 412, 416, 500),
     },
     summary="Download a version's checkpoint",
     description=(
@@ -225,7 +225,8 @@ def get_version(model_id: ModelId, version: VersionNumber, session: SessionDep, 
         "`range_not_satisfiable`. Each download served is recorded in the audit log. Sent "
         "`Cache-Control: private, no-cache`, so a cache asks again before each use: with "
         "`If-None-Match` naming the ETag, 304 and no body while the checkpoint stands (not recorded, "
-        "nothing is served), 410 once it is purged."
+        "nothing is served), 410 once it is purged. `If-Match` not naming the ETag (or `*`) is 412 "
+        "`precondition_failed`, evaluated first."
     ),
 )
 def download_checkpoint(
@@ -237,12 +238,14 @@ def download_checkpoint(
     actor: ActorDep,
     store: StoreDep,
     if_none_match: IfNoneMatch = None,
+    if_match: IfMatch = None,
 ) -> Response:
     # Settled before the download is recorded: a refused range serves nothing. (Only a local file
     # is served in ranges; a purged or missing one is refused here, as the download would be.)
     asked = model_service.stored_checkpoint(
         session, tenant_id=tenant_id, model_id=model_id, version=version, store=store
     )
+    check_if_match(if_match, _etag(asked))
     if (unchanged := _not_modified(if_none_match, asked)) is not None:
         return unchanged
     if (path := store.local_path(asked.artifact_key)) is not None:
@@ -273,7 +276,7 @@ def download_checkpoint(
     responses={
         200: {"description": "the download's headers (size, sha256, ETag), without the file"},
         304: {"description": "If-None-Match names the ETag, as for GET"},
-        **problem_responses(404, 410, 500),
+        **problem_responses(404, 410, 412, 500),
     },
     summary="A checkpoint download's headers, without the file",
     description=(
@@ -281,7 +284,7 @@ def download_checkpoint(
         "Repr-Digest) and ETag, from the version's record (with local artifact storage, Accept-Ranges "
         "and Last-Modified too). The file is not hashed "
         "and no download is recorded, since nothing is served; a Range is ignored (RFC 9110 "
-        "sec. 14.2). 410 for a purged checkpoint, 500 for one missing from storage."
+        "sec. 14.2). 410 for a purged checkpoint, 500 for one missing from storage; If-Match as for GET."
     ),
 )
 def checkpoint_headers(
@@ -291,10 +294,12 @@ def checkpoint_headers(
     tenant_id: TenantDep,
     store: StoreDep,
     if_none_match: IfNoneMatch = None,
+    if_match: IfMatch = None,
 ) -> Response:
     found = model_service.stored_checkpoint(
         session, tenant_id=tenant_id, model_id=model_id, version=version, store=store
     )
+    check_if_match(if_match, _etag(found))
     if (unchanged := _not_modified(if_none_match, found)) is not None:
         return unchanged
     headers, filename = _checkpoint_headers(found)
@@ -349,7 +354,7 @@ def _last_modified(path: pathlib.Path) -> str | None:
     "/{model_id}/versions/{version}/checkpoint",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses=problem_responses(403, 404, 409),
+    responses=problem_responses(403, 404, 409, 412),
     dependencies=[purge_checkpoints],
     summary="Purge a version's checkpoint (role compliance or admin)",
     description=(
@@ -359,13 +364,17 @@ def _last_modified(path: pathlib.Path) -> str | None:
         "request forgot: its base version and their ancestors. Downloads then answer 410 and new "
         "deletion requests cannot start from it (409 `checkpoint_purged`). Refused with 409 "
         "`version_in_use` while a queued or running deletion request unlearns from it. Purging "
-        "again answers 204 and changes nothing."
+        "again answers 204 and changes nothing. With `If-Match`, only the checkpoint whose ETag "
+        "(its quoted sha256, kept after a purge) it names, or `*`, is purged; otherwise 412 "
+        "`precondition_failed` and nothing changes."
     ),
 )
 def purge_checkpoint(
-    model_id: ModelId, version: VersionNumber, session: SessionDep, tenant_id: TenantDep, actor: ActorDep, store: StoreDep
+    model_id: ModelId, version: VersionNumber, session: SessionDep, tenant_id: TenantDep, actor: ActorDep,
+    store: StoreDep, if_match: IfMatch = None,
 ) -> Response:
     model_service.purge_checkpoint(
-        session, tenant_id=tenant_id, actor=actor, model_id=model_id, version=version, store=store
+        session, tenant_id=tenant_id, actor=actor, model_id=model_id, version=version, store=store,
+        precondition=lambda found: check_if_match(if_match, _etag(found)),
     )
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -72,6 +72,23 @@ def test_purging_again_answers_204_and_records_nothing_more(client: TestClient, 
     assert client.get(f"/models/{model['id']}/versions/1").json()["checkpoint_purged_at"] == purged_at
 
 
+def test_a_purge_guarded_by_another_etag_is_412_and_purges_nothing(
+    client: TestClient, registered_model  # noqa: ANN001
+) -> None:
+    model = registered_model()
+    url = f"/models/{model['id']}/versions/1/checkpoint"
+    etag = client.head(url).headers["etag"]
+    count = len(_events(client, model["id"]))
+
+    for other in ('"' + "0" * 64 + '"', f"W/{etag}"):  # another checkpoint's; a weak tag never matches
+        refused = client.delete(url, headers={"If-Match": other})
+        assert_problem(refused, 412, "precondition_failed", etag)
+
+    assert client.get(url).status_code == 200 and len(_events(client, model["id"])) == count + 1  # the GET
+    assert client.delete(url, headers={"If-Match": f'"x", {etag}'}).status_code == 204
+    assert client.delete(url, headers={"If-Match": etag}).status_code == 204  # again: still that checkpoint
+
+
 def test_a_version_that_a_queued_request_reads_cannot_be_purged(client: TestClient, registered_model) -> None:  # noqa: ANN001
     model = registered_model()
     request = client.post("/deletion-requests", json={"model_id": model["id"], "forget_labels": [3]}).json()

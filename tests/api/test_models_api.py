@@ -339,6 +339,25 @@ def test_a_client_holding_the_checkpoint_gets_304_and_nothing_is_recorded(
     assert _actions(client, model["id"]).count("model_version.downloaded") == recorded + 1  # `other` only
 
 
+def test_a_download_on_condition_of_another_etag_is_412_and_nothing_is_recorded(
+    client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
+) -> None:
+    model = registered_model()
+    url = f"/models/{model['id']}/versions/1/checkpoint"
+    etag = client.head(url).headers["etag"]
+
+    refused = [client.get(url, headers={"If-Match": '"0000"'}), client.get(url, headers={"If-Match": f"W/{etag}"}),
+               client.get(url, headers={"If-Match": '"0000"', "If-None-Match": etag}),  # If-Match is evaluated first
+               client.head(url, headers={"If-Match": '"0000"'})]
+    served = [client.get(url, headers={"If-Match": value}) for value in (etag, f'"0000", {etag}', "*")]
+
+    for response in refused[:3]:
+        assert_problem(response, 412, "precondition_failed", etag)
+    assert refused[3].status_code == 412
+    assert all(response.status_code == 200 and response.content == digits_checkpoint for response in served)
+    assert _actions(client, model["id"]).count("model_version.downloaded") == len(served)
+
+
 def test_a_range_of_other_bytes_than_the_checkpoint_s_is_ignored_for_the_whole_file(
     client: TestClient, registered_model, digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:

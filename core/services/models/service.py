@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Annotated, BinaryIO, NoReturn
@@ -333,7 +333,8 @@ class ModelService:
         return CheckpointDownload(found, file)
 
     def purge_checkpoint(
-        self, session: Session, *, tenant_id: str, actor: str, model_id: str, version: int, store: ArtifactStore
+        self, session: Session, *, tenant_id: str, actor: str, model_id: str, version: int, store: ArtifactStore,
+        precondition: Callable[[ModelVersion], None] | None = None,
     ) -> ModelVersion:
         """Delete a version's checkpoint for good and record that it was purged; the row stays.
 
@@ -343,10 +344,12 @@ class ModelService:
         from this version. The stored file is deleted unless another unpurged version (same
         bytes, content-addressed) still names it; it is deleted before the purge is recorded, so
         a failure in between leaves a version whose checkpoint is missing, never one recorded as
-        purged whose bytes remain.
+        purged whose bytes remain. `precondition` sees the version first and raises to refuse.
         """
         begin_write(session)
         found = self.get_version(session, tenant_id, model_id, version)
+        if precondition is not None:
+            precondition(found)
         if found.checkpoint_purged_at is not None:
             return found
         # The bytes may be stored under two keys: the tenant's own, and the shared key of a database
