@@ -225,6 +225,20 @@ def test_the_compose_defaults_make_valid_settings(
     assert settings.device == "cuda"
 
 
+def test_no_tenant_can_name_another_s_data_unless_the_operator_chooses_it(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.settings import Settings
+
+    for key, value in _environment(services["worker"]).items():
+        monkeypatch.setenv(key, _interpolate(value, FAKE_SECRETS))
+    doc = DEPLOY_DOC.read_text()
+
+    assert Settings().data_roots == ""  # compose's own default: no data files, only digits
+    assert 'echo "UISPS_DATA_ROOTS=/data/{tenant}"' in doc  # the .env the guide makes: a folder per tenant
+    assert re.search(r"^UISPS_DATA_ROOTS=/data/\{tenant\} ", doc, re.MULTILINE)  # and its template
+
+
 def test_an_empty_s3_endpoint_in_env_means_aws(services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
     from core.settings import Settings
     from core.storage import make_artifact_store
