@@ -89,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s)
         slots = max(1, settings.max_concurrent_uploads)
         app.state.upload_slots = Semaphore(slots, max_value=slots)
+        receiving = settings.max_receiving_uploads
+        app.state.receiving_uploads = Semaphore(receiving, max_value=receiving)
         app.state.rate_limiter = make_rate_limiter(
             settings.rate_limit_backend, settings.rate_limit_per_s, settings.rate_limit_burst,
             settings.effective_broker_url,
@@ -122,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     document_validation_problems(app)
     install_response_headers(app)
     app.add_middleware(HeadAsGet)  # innermost: the outer layers log and count the HEAD as such
-    app.add_middleware(UploadGate)
+    app.add_middleware(UploadGate, receive_timeout_s=settings.upload_receive_timeout_s)
     app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes)  # outside the gate: no database for a 413
     # Added last, so outermost: a body-limit refusal has a request id and is counted too.
     app.state.metrics = HttpMetrics(lambda: app.state.sessions(), settings.metrics_recent_jobs)

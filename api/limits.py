@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import anyio
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -13,6 +14,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import authenticate, may_upload
 from api.problems import PROBLEM_JSON, TYPE_PREFIX, title_of
+from core.services.errors import ServerBusy
+
+UPLOAD_RETRY_AFTER_S = 5  # an upload refused for want of room: what Retry-After says
 
 # JSON bodies are small (a deletion request with its overrides is a few hundred bytes).
 JSON_BODY_LIMIT = 1024 * 1024
@@ -95,25 +99,58 @@ class UploadGate:
     """An upload's key is checked and charged here, before its body is read, since FastAPI reads
     (and spools to disk) a multipart body before any dependency runs: 401, 403 for a role that
     may not upload, 429. So no caller without an admin key makes the API receive a byte. The
-    route's own dependencies find the key already checked (`api.auth.authenticate`). The upload
-    slot is taken later, by the route, once the body is in: held from here, a client sending
-    slowly (or not at all) would hold it, and every tenant's uploads would wait on it.
+    route's own dependencies find the key already checked (`api.auth.authenticate`).
+
+    Then a receiving slot (`max_receiving_uploads`; 503 at once when none is free) bounds the
+    temporary files a burst of uploads spools to disk, and the body must have arrived within
+    `upload_receive_timeout_s` (408), so a stalled sender frees its slot. The slot for checking
+    the file is taken later, by the route, once the body is in: it holds the file in memory,
+    and a slow sender must not keep every tenant's uploads from being checked.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, receive_timeout_s: float) -> None:
         self.app = app
+        self.receive_timeout_s = receive_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not is_upload(scope):
             await self.app(scope, receive, send)
             return
         request = Request(scope)
+        receiving: anyio.Semaphore = request.app.state.receiving_uploads
         try:
             await may_upload(await authenticate(request, None))
+            receiving.acquire_nowait()
+        except anyio.WouldBlock:
+            busy = ServerBusy(f"this API process is receiving {receiving.max_value} other checkpoint uploads; "
+                              "retry shortly", retry_after_s=UPLOAD_RETRY_AFTER_S)
+            await _refuse(request, busy, receive, send)
+            return
         except Exception as exc:  # noqa: BLE001 - answered as the route would answer it
             await _refuse(request, exc, receive, send)
             return
-        await self.app(scope, receive, send)
+        try:
+            await self.app(scope, self._timed(receive), send)
+        finally:
+            receiving.release()
+
+    def _timed(self, receive: Receive) -> Receive:
+        """`receive`, with a deadline on the body only (what follows it, a wait for the client to
+        disconnect while the answer streams, has none)."""
+        deadline = anyio.current_time() + self.receive_timeout_s
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                message = await receive()
+                body_done = message["type"] != "http.request" or not message.get("more_body", False)
+                return message
+            raise HTTPException(408, f"the checkpoint upload did not arrive within {self.receive_timeout_s:g} s")
+
+        return timed_receive
 
 
 async def _refuse(request: Request, exc: Exception, receive: Receive, send: Send) -> None:

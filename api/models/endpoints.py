@@ -18,6 +18,7 @@ from api.auth import authenticate, manage_models, purge_checkpoints
 from api.conditional import CHECKPOINT_CACHE_CONTROL, IfMatch, IfNoneMatch, check_if_match, none_match
 from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from api.idempotency import IdempotencyDep, sent
+from api.limits import UPLOAD_RETRY_AFTER_S
 from api.models.schemas import ModelCreate, ModelList, ModelRead, ModelVersionList, ModelVersionRead
 from api.open_file import OpenFileResponse
 from api.problems import problem_responses
@@ -36,7 +37,6 @@ router = APIRouter(
 
 ModelId = Annotated[str, Path(max_length=64, description="the model's id"), NulFree]
 _SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
-UPLOAD_RETRY_AFTER_S = 5
 VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="version number, from 1")]
 
 

@@ -158,6 +158,67 @@ def test_uploads_beyond_what_a_process_checks_at_once_wait_then_get_503(
         assert upload().status_code == 201  # the slot is free again
 
 
+def test_uploads_beyond_what_a_process_receives_at_once_get_503_before_a_byte_is_read(
+    tmp_path: Path, digits_checkpoint: bytes, model_spec: dict
+) -> None:
+    # Each body is spooled to a temporary file before it is checked: without a bound, one admin
+    # key's burst of large uploads would fill the API host's disk.
+    with TestClient(create_app(Settings(home=tmp_path, max_receiving_uploads=1))) as client:
+        authorize(client)
+        model_id = client.post("/models", json=model_spec).json()["id"]
+
+        def upload():  # noqa: ANN202
+            return client.post(f"/models/{model_id}/versions", files={"file": ("m.safetensors", digits_checkpoint)})
+
+        receiving = client.app.state.receiving_uploads
+        client.portal.call(receiving.acquire)  # another upload's body is arriving
+        try:
+            busy = upload()
+        finally:
+            client.portal.call(receiving.release)
+
+        assert_problem(busy, 503, "server_busy", "receiving 1 other checkpoint uploads")
+        assert busy.headers["retry-after"] == "5" and busy.headers["connection"] == "close"
+        assert upload().status_code == 201  # the slot is free again
+
+
+def test_an_upload_whose_body_stalls_is_408_and_frees_its_slot(
+    tmp_path: Path, digits_checkpoint: bytes, model_spec: dict
+) -> None:
+    settings = Settings(home=tmp_path, max_receiving_uploads=1, upload_receive_timeout_s=0.3)
+    with TestClient(create_app(settings)) as client:
+        keys = authorize(client)
+        model_id = client.post("/models", json=model_spec).json()["id"]
+        path = f"/models/{model_id}/versions"
+        answer: list[dict] = []
+
+        async def stalled_upload() -> None:
+            parts = iter([{"type": "http.request", "body": b"--x\r\n", "more_body": True}])
+
+            async def receive() -> dict:
+                if (part := next(parts, None)) is not None:
+                    return part
+                await anyio.sleep_forever()  # the sender stalls, the connection open
+
+            async def send(message: dict) -> None:
+                answer.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+                     "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {keys.admin}".encode()),
+                                 (b"content-type", b"multipart/form-data; boundary=x")],
+                     "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+            with anyio.fail_after(10):
+                await client.app(scope, receive, send)
+
+        client.portal.call(stalled_upload)
+
+        start = next(m for m in answer if m["type"] == "http.response.start")
+        body = json.loads(b"".join(m.get("body", b"") for m in answer if m["type"] == "http.response.body"))
+        assert start["status"] == 408 and body["code"] == "request_timeout" and "within 0.3 s" in body["detail"]
+        assert client.post(path, files={"file": ("m.safetensors", digits_checkpoint)}).status_code == 201
+
+
 def test_an_upload_waiting_for_a_slot_holds_no_thread_other_requests_need(
     tmp_path: Path, digits_checkpoint: bytes, model_spec: dict
 ) -> None:
