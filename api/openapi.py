@@ -37,10 +37,13 @@ def _headers_for(path: str, method: str, status: str, operation: dict[str, Any])
         headers["Retry-After"] = "seconds to wait before sending the request again"
     if status == "401":
         headers["WWW-Authenticate"] = 'Bearer, with error="invalid_token" for a bad key'
-    if method == "post" and (status == "201" or (status == "202" and path == "/deletion-requests")):
-        headers["Location"] = "the resource created (poll it for a deletion request)"
-        if takes_idempotency_key:
-            headers[REPLAYED_HEADER] = "true when this is the stored answer to an earlier request with this key"
+    if method == "post" and status == "202":  # a deletion request, made or asked to cancel
+        headers["Location"] = "the deletion request: poll it"
+        headers["Retry-After"] = "seconds to wait before the first poll"
+    if method == "post" and status == "201":
+        headers["Location"] = "the resource created"
+    if method == "post" and status in ("201", "202") and takes_idempotency_key:
+        headers[REPLAYED_HEADER] = "true when this is the stored answer to an earlier request with this key"
     if path.endswith("/checkpoint") and method in ("get", "head") and status in ("200", "206"):
         headers.update(_CHECKPOINT)
     if path.endswith("/checkpoint") and method in ("get", "head") and status == "304":

@@ -23,6 +23,8 @@ from core.db import JobState
 from core.services.deletion_requests.service import deletion_request_service
 from core.services.text import NulFree, NulFreeStr
 
+POLL_AFTER_S = 5  # a 202's Retry-After: seconds before the first poll of its Location
+
 router = APIRouter(
     prefix="/deletion-requests",
     tags=["deletion requests"],
@@ -77,11 +79,17 @@ def create_deletion_request(
         callback_url=body.callback_url,
         dispatch=dispatch,
     )
-    location = f"/deletion-requests/{request.id}"
-    response.headers["Location"] = location
+    headers = _status_monitor(request.id)
+    response.headers.update(headers)
     result = DeletionRequestRead.of(request)
-    idempotency.finish(session, status.HTTP_202_ACCEPTED, result, {"Location": location})
+    idempotency.finish(session, status.HTTP_202_ACCEPTED, result, headers)
     return result
+
+
+def _status_monitor(request_id: str) -> dict[str, str]:
+    """The headers of a 202: where to poll, and how long to wait before the first poll (a job
+    takes minutes; a client may poll sooner, as `uisps.client` does)."""
+    return {"Location": f"/deletion-requests/{request_id}", "Retry-After": str(POLL_AFTER_S)}
 
 
 @router.get("", response_model=DeletionRequestList, responses=problem_responses(400, 422), summary="List deletion requests")
@@ -126,7 +134,9 @@ def _poll(session: Session, tenant_id: str, request_id: str) -> DeletionRequestR
     summary="Cancel a deletion request (role compliance)",
     description=(
         "A queued request is cancelled at once (200). A running one is marked `cancel_requested` "
-        "(202) and the worker stops at its next progress report. A finished request answers 409."
+        "(202, with the request's `Location` to poll) and the worker stops at its next progress "
+        "report. A cancelled request answers 200 again (a retry after a lost answer); one that "
+        "succeeded or failed answers 409."
     ),
 )
 def cancel_deletion_request(
@@ -135,6 +145,7 @@ def cancel_deletion_request(
     request = deletion_request_service.cancel(session, tenant_id=tenant_id, actor=actor, request_id=request_id)
     if request.state == JobState.RUNNING.value:
         response.status_code = status.HTTP_202_ACCEPTED
+        response.headers.update(_status_monitor(request.id))
     return DeletionRequestRead.of(request)
 
 

@@ -60,6 +60,7 @@ def test_a_request_is_accepted_queued_and_sent_after_commit(client: TestClient, 
     assert response.status_code == 202, response.text
     request = response.json()
     assert response.headers["location"] == f"/deletion-requests/{request['id']}"
+    assert response.headers["retry-after"] == "5"  # before the first poll
     assert request["state"] == "queued" and request["progress"] == 0.0 and request["stage"] is None
     assert request["base_version"] == 1 and request["method"] == "uisps" and request["external_ref"] == "GDPR-1"
     assert request["params"] == {"inversion": {"iterations": 50}}  # only what the caller set
@@ -213,7 +214,8 @@ def test_cancelling_a_queued_request_is_immediate(client: TestClient, registered
 
     assert response.status_code == 200
     assert response.json()["state"] == "cancelled" and response.json()["finished_at"] is not None
-    assert_problem(client.post(f"/deletion-requests/{request_id}/cancel"), 409, "request_finished", "already cancelled")
+    again = client.post(f"/deletion-requests/{request_id}/cancel")  # a retry after a lost answer
+    assert again.status_code == 200 and again.json() == response.json()
     actions = [e["action"] for e in client.get("/audit-events", params={"model_id": model["id"]}).json()["audit_events"]]
     assert actions[-2:] == ["deletion_request.created", "deletion_request.cancelled"]
 
@@ -252,6 +254,8 @@ def test_cancelling_a_running_request_asks_the_worker(client: TestClient, regist
 
     assert response.status_code == 202
     assert response.json()["state"] == "running" and response.json()["cancel_requested"] is True
+    assert response.headers["location"] == f"/deletion-requests/{request_id}"  # where to see it stop
+    assert response.headers["retry-after"] == "5"
     assert client.post(f"/deletion-requests/{request_id}/cancel").status_code == 202  # asking twice is fine
     with client.app.state.sessions.begin() as session:  # the worker's next progress report sees it
         assert deletion_jobs.report_progress(session, request_id, "inversion", 0.2, lease_s=60) is True

@@ -104,6 +104,7 @@ def test_a_failed_request_releases_its_key(client: TestClient, registered_model)
     replay = client.post("/deletion-requests", json={**body, "forget_labels": [4]}, headers=key)
     assert replay.status_code == 202 and replay.json()["id"] == fixed.json()["id"]
     assert replay.headers["location"] == f"/deletion-requests/{fixed.json()['id']}"
+    assert replay.headers["retry-after"] == fixed.headers["retry-after"]
     requests = client.get("/deletion-requests", params={"model_id": model["id"]}).json()["deletion_requests"]
     assert [r["id"] for r in requests] == [fixed.json()["id"]]
 

@@ -46,7 +46,9 @@ def test_every_response_documents_the_request_id_and_refusals_say_when_to_retry(
                     assert "WWW-Authenticate" in response["headers"], (method, path, status)
 
 
-def test_location_is_documented_only_where_a_resource_is_created(document: dict[str, Any]) -> None:
+def test_location_is_documented_only_where_a_resource_is_created_or_a_job_is_to_be_polled(
+    document: dict[str, Any],
+) -> None:
     documented = {
         (method, path)
         for path, operations in document["paths"].items()
@@ -56,7 +58,8 @@ def test_location_is_documented_only_where_a_resource_is_created(document: dict[
     }
 
     assert documented == {("post", "/models"), ("post", "/models/{model_id}/versions"),
-                          ("post", "/deletion-requests"), ("post", "/api-keys")}
+                          ("post", "/deletion-requests"), ("post", "/api-keys"),
+                          ("post", "/deletion-requests/{request_id}/cancel")}
 
 
 def test_error_bodies_are_documented_under_the_media_type_they_are_sent_as(

@@ -147,12 +147,15 @@ class DeletionRequestService:
         return deletion_request_repository.list(session, tenant_id, page, model_id=model_id, state=state)
 
     def cancel(self, session: Session, *, tenant_id: str, actor: str, request_id: str) -> DeletionRequest:
-        """queued -> cancelled now; running -> cancel_requested (the worker stops at its next report)."""
+        """queued -> cancelled now; running -> cancel_requested (the worker stops at its next report);
+        cancelled stays so, nothing recorded; succeeded or failed: 409."""
         begin_write(session)
         request = deletion_request_repository.get(session, tenant_id, request_id, for_update=True)
         if request is None:
             raise NotFound("deletion request", request_id)
         state = JobState(request.state)
+        if state is JobState.CANCELLED:
+            return request  # asked again (its answer lost, say): it is what was asked for
         if state.is_terminal:
             raise Conflict(
                 f"deletion request {request_id} is already {state.value}; only queued or running requests can be cancelled",
