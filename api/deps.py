@@ -89,7 +89,7 @@ async def page_request(
         ),
     ] = 0,
     page_token: Annotated[
-        str | None, Query(max_length=1000, description="next_page_token of the previous page")
+        str | None, Query(description="next_page_token of the previous page")
     ] = None,
 ) -> PageRequest:
     # AIP-158: 0 asks for the default and a size above the maximum is lowered to it, so a client

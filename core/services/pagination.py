@@ -52,11 +52,17 @@ def encode_token(position: list[Any], filters: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
+# Tokens this service issues are a few hundred characters at most.
+MAX_TOKEN_LENGTH = 1000
+
+
 def decode_token(token: str | None, filters: dict[str, Any], parse: Callable[[list[Any]], P]) -> P | None:
     """The position a token points after, read by `parse`, or None for the first page. The token
     is not signed, so a client can build one: a position `parse` cannot read is a bad token too."""
     if not token:
         return None
+    if len(token) > MAX_TOKEN_LENGTH:  # refused before it is decoded: no work for a huge one
+        raise InvalidPageToken("page_token is not a token this service issued")
     try:
         padded = token + "=" * (-len(token) % 4)
         payload = json.loads(base64.urlsafe_b64decode(padded.encode()))

@@ -103,6 +103,12 @@ def test_a_forged_token_no_row_can_follow_is_400(
     assert_problem(response, 400, "invalid_page_token", "not a token this service issued")
 
 
+def test_a_token_longer_than_any_issued_is_400_as_any_other_bad_token(client: TestClient) -> None:
+    response = client.get("/models", params={"page_token": "x" * 1001})
+
+    assert_problem(response, 400, "invalid_page_token", "not a token this service issued")
+
+
 def test_a_forged_version_token_beyond_integer_is_400(client: TestClient) -> None:
     model = client.post("/models", json=_spec())
     assert model.status_code == 201, model.text
