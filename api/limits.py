@@ -66,33 +66,55 @@ class BodySizeLimit:
 
     async def _reject(self, scope: Scope, send: Send, size: int, limit: int) -> None:
         what = "checkpoint upload" if is_upload(scope) else "request body"
-        await self._send_problem(
-            scope, send, 413, "content_too_large", f"the {what} is {size} bytes; the limit is {limit}"
-        )
+        await _send_problem(scope, send, 413, "content_too_large", f"the {what} is {size} bytes; the limit is {limit}")
 
-    async def _send_problem(self, scope: Scope, send: Send, status: int, code: str, detail: str) -> None:
-        body = json.dumps(
-            {
-                "type": TYPE_PREFIX + code,
-                "title": title_of(status),
-                "status": status,
-                "detail": detail,
-                "instance": scope["path"],
-                "code": code,
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", PROBLEM_JSON.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+
+class JsonBodiesOnly:
+    """415 problem+json for a request body that is not JSON (`application/json` or `...+json`),
+    on every route but the checkpoint upload (multipart): FastAPI would read it as JSON anyway and
+    answer 422 with a field error, which sends the client looking in the wrong place."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH") and not is_upload(scope):
+            headers = Headers(scope=scope)
+            length = headers.get("content-length", "0")
+            has_body = "transfer-encoding" in headers or not length.isdigit() or int(length) > 0
+            media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+            if has_body and media_type != "application/json" and not media_type.endswith("+json"):
+                shown = f"Content-Type {media_type}" if media_type else "no Content-Type"
+                await _send_problem(scope, send, 415, "unsupported_media_type",
+                                    f"the request body must be JSON (Content-Type: application/json); it has {shown}")
+                return
+        await self.app(scope, receive, send)
+
+
+async def _send_problem(scope: Scope, send: Send, status: int, code: str, detail: str) -> None:
+    """A problem+json answer sent before the body was read, closing the connection."""
+    body = json.dumps(
+        {
+            "type": TYPE_PREFIX + code,
+            "title": title_of(status),
+            "status": status,
+            "detail": detail,
+            "instance": scope["path"],
+            "code": code,
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_JSON.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class UploadGate:

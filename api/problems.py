@@ -233,7 +233,9 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 def document_validation_problems(app: FastAPI) -> None:
     """Make the OpenAPI document say what validation errors really are: FastAPI documents its own
-    422 body (HTTPValidationError as application/json), but this API answers problem+json."""
+    422 body (HTTPValidationError as application/json), but this API answers problem+json. Every
+    operation that takes a body also documents what `api.limits` answers before the route runs:
+    413 for a body over its limit, and, for a JSON body, 415 for one that is not JSON."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -243,6 +245,10 @@ def document_validation_problems(app: FastAPI) -> None:
         problem = {"$ref": "#/components/schemas/Problem"}
         for path_item in schema.get("paths", {}).values():
             for operation in path_item.values():
+                body = operation.get("requestBody", {}).get("content", {})
+                refusals = problem_responses(413, 415) if "application/json" in body else problem_responses(413)
+                for status_code, refusal in (refusals if body else {}).items():
+                    operation["responses"].setdefault(str(status_code), refusal)
                 response = operation.get("responses", {}).get("422")
                 if response is None:
                     continue

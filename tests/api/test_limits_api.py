@@ -1,8 +1,9 @@
-"""Limits, each a clear problem: JSON body size (413), labels per request (422), deletion requests
+"""Limits, each a clear problem: JSON body size (413) and media type (415), labels per request (422), deletion requests
 queued or running per tenant (429 with Retry-After). The rate limit per key is in test_auth_api."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,22 @@ def test_a_json_body_over_1_mib_is_413(limited: TestClient) -> None:
     response = limited.post("/deletion-requests", content=body, headers={"content-type": "application/json"})
 
     assert_problem(response, 413, "content_too_large", "the request body is", "the limit is 1048576")
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_that_is_not_json_is_415_naming_what_it_must_be(
+    limited: TestClient, digits_checkpoint: bytes, content_type: str | None
+) -> None:
+    # curl -d sends form-urlencoded unless told otherwise: the answer says so, not a field error
+    body = json.dumps({"model_id": _model(limited, digits_checkpoint), "forget_labels": [1]})
+    headers = {} if content_type is None else {"Content-Type": content_type}
+
+    refused = limited.post("/deletion-requests", content=body, headers=headers)
+    accepted = limited.post("/deletion-requests", content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+
+    assert_problem(refused, 415, "unsupported_media_type", "must be JSON", content_type or "no Content-Type")
+    assert accepted.status_code == 202, accepted.text
+    assert len(limited.get("/deletion-requests").json()["deletion_requests"]) == 1
 
 
 def test_too_many_labels_in_one_request_is_422(limited: TestClient, digits_checkpoint: bytes) -> None:
