@@ -38,6 +38,9 @@ from core.services.webhooks.service import webhook_service
 from core.storage import ArtifactNotFound, ArtifactStore, StoredArtifact
 
 WORKER_ACTOR = "worker"
+# The longest a queued request waits between re-sends of its message, in reconcile periods
+# (UISPS_REQUEUE_AFTER_S): 1 h by default.
+MAX_WAIT_PERIODS = 12
 
 
 class JobLost(Exception):
@@ -569,7 +572,9 @@ class DeletionJobs:
           over, publish failed after the commit). A queue can also simply be long, so the wait
           doubles with each re-send (it is at least the time the request had waited in the queue
           at its last send: since it was made, or, queued again after an attempt, since that
-          attempt began, so that a retry of an old request is not left for as long as it is old).
+          attempt began, so that a retry of an old request is not left for as long as it is old),
+          up to `MAX_WAIT_PERIODS` x `requeue_after_s`: a message lost from an old request then
+          waits that long at most, and a long queue is sent again that often at most.
 
         Duplicates are harmless: a worker finds the request claimed or finished and skips it.
         Several workers may reconcile at once; the conditional update lets one of them send.
@@ -577,9 +582,8 @@ class DeletionJobs:
         begin_write(session)
         now = utcnow()
         due: list[str] = []
-        for row in deletion_request_repository.dispatch_candidates(
-            session, now, timedelta(seconds=requeue_after_s), limit
-        ):
+        period = timedelta(seconds=requeue_after_s)
+        for row in deletion_request_repository.dispatch_candidates(session, now, period, MAX_WAIT_PERIODS * period, limit):
             if deletion_request_repository.mark_dispatched(session, row.id, row.state, row.dispatched_at, now):
                 due.append(row.id)
         return due
