@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from sqlalchemy.exc import OperationalError
 
 from core.broker import QUEUE
+from core.db.clock import clock_problem
 from core.db.migrate import schema_problem
 from core.settings import Settings, SettingsError, get_settings, unknown_environment_names
 
@@ -57,8 +58,9 @@ def check_device(device: str) -> None:
 
 def check_configuration(settings: Settings) -> None:
     """Refuse to start a worker that would take messages it cannot run: one whose environment
-    misspells a setting (so it silently uses the embedded defaults), or whose database is not
-    migrated to this code's schema (the claim fails and Celery drops the message)."""
+    misspells a setting (so it silently uses the embedded defaults), whose database is not
+    migrated to this code's schema (the claim fails and Celery drops the message), or whose clock
+    is too far from the database's for the job leases to be read right."""
     unknown = unknown_environment_names()
     if unknown:
         raise SystemExit(f"worker not started: unknown setting {', '.join(unknown)}")
@@ -70,6 +72,8 @@ def check_configuration(settings: Settings) -> None:
         raise SystemExit(
             f"worker not started: {problem} (is UISPS_DATABASE_URL the service's database?)"
         )
+    if (skewed := clock_problem(settings.effective_database_url, settings.job_lease_s)) is not None:
+        raise SystemExit(f"worker not started: {skewed}")
 
 
 def start_worker(

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from core.settings import Settings
 
 
 def test_torch_stays_out_of_the_api_and_the_worker_parent() -> None:
@@ -50,6 +56,26 @@ def test_a_worker_on_a_database_not_migrated_to_its_schema_does_not_start(own_pg
     assert worker.returncode != 0
     assert "worker not started: the database" in worker.stderr and "is at revision None, not " in worker.stderr
     assert "`uisps db upgrade` migrates it" in worker.stderr
+
+
+@pytest.mark.parametrize(("shift_s", "refused"), [(-60, "60 s behind"), (45, "45 s ahead of"), (-5, None)])
+def test_a_worker_whose_clock_is_off_the_database_s_by_more_than_a_quarter_lease_does_not_start(
+    own_pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shift_s: float, refused: str | None,
+) -> None:
+    # Its leases (its own time + 120 s) would read as expired to the others, or theirs to it.
+    from core.db import utcnow
+    from core.db.migrate import upgrade
+    from worker.main import check_configuration
+
+    upgrade(own_pg_database)
+    monkeypatch.setattr("core.db.clock.utcnow", lambda: utcnow() + timedelta(seconds=shift_s))
+    settings = Settings(home=tmp_path, database_url=own_pg_database, job_lease_s=120)
+
+    if refused is None:
+        check_configuration(settings)
+    else:
+        with pytest.raises(SystemExit, match=f"worker not started: this machine's clock is {refused}"):
+            check_configuration(settings)
 
 
 def test_a_worker_logs_at_the_level_its_settings_name(tmp_path) -> None:  # noqa: ANN001
