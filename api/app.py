@@ -80,6 +80,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # so none opens a connection of its own.
         pool_size = engine.pool.size() if isinstance(engine.pool, QueuePool) else settings.api_read_threads
         app.state.read_limiter = CapacityLimiter(max(1, min(settings.api_read_threads, pool_size)))
+        # Keys checked against the database at once (a cache miss): a flood of unknown keys, which
+        # no rate limit can charge, holds at most these connections, not the whole pool.
+        app.state.key_check_limiter = CapacityLimiter(max(1, pool_size // 4))
         app.state.store = make_artifact_store(settings)
         app.state.celery = celery
         app.state.dispatch = lambda request_id, priority: send_deletion_request(celery, request_id, priority)

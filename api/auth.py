@@ -17,7 +17,9 @@ not act a 403, and a key over its rate limit, or its tenant over the tenant's, a
 The hot path stays on the event loop: a key verified within UISPS_API_KEY_CACHE_TTL_S is taken
 from this process's cache (core.services.api_keys.cache), and the rate limits' buckets are in
 Redis or in memory (core.services.api_keys.rate_limit); only a cache miss reads the database,
-in a worker thread.
+in a worker thread, at most a quarter of the connection pool's worth at once: an unknown key
+(which no rate limit can charge, having no bucket) never gets into the cache, and a flood of
+them must not take every connection the other requests need.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
 
 from core.db import ApiKeyRole
 from core.services.api_keys.service import Principal, api_key_service
@@ -62,7 +64,7 @@ async def authenticate(
     principal = state.key_cache.get(key_hash)
     if principal is None:
         generation = state.key_cache.generation
-        principal = await run_in_threadpool(_verify, state.sessions, key_hash)
+        principal = await anyio.to_thread.run_sync(_verify, state.sessions, key_hash, limiter=state.key_check_limiter)
         state.key_cache.put(key_hash, principal, generation)
     # The key's bucket first: a key past its own limit is refused without spending its tenant's
     # tokens, which the tenant's other keys share; a request the tenant's limit refuses gives the

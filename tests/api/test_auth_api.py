@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +296,28 @@ def test_an_admin_may_purge_a_checkpoint_as_a_compliance_key_may(client: TestCli
 
         assert response.status_code == 204, (role, response.text)
         assert bare.get(url, headers=keys.header("reader")).json()["checkpoint_purged_at"], role
+
+
+def test_a_flood_of_unknown_keys_waits_for_the_key_checks_while_known_keys_are_served(tmp_path: Path) -> None:
+    # An unknown key is never cached and has no rate limit to charge: every one reads the
+    # database. Those reads have threads of their own, so the requests of keys already checked
+    # (and the connections they need) do not wait behind them.
+    with TestClient(create_app(Settings(home=tmp_path))) as client, ThreadPoolExecutor(1) as pool:
+        authorize(client)
+        assert client.get("/models").status_code == 200  # the reader's key, checked and cached
+        limiter = client.app.state.key_check_limiter
+        flood = object()
+        client.portal.call(limiter.acquire_on_behalf_of, flood)  # every key-check thread busy
+        try:
+            unknown = pool.submit(client.get, "/models", headers={"Authorization": "Bearer uisps_" + "x" * 43},
+                                  auth=None)
+            while client.portal.call(limiter.statistics).tasks_waiting == 0:
+                assert not unknown.done(), unknown.result().text
+                time.sleep(0.01)
+
+            known = client.get("/models")
+
+            assert known.status_code == 200 and not unknown.done()
+        finally:
+            client.portal.call(limiter.release_on_behalf_of, flood)
+        assert_problem(unknown.result(), 401, "unauthenticated")
