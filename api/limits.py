@@ -29,7 +29,14 @@ _UPLOAD_PATH = re.compile(r"/models/[^/]+/versions/?")
 
 
 def is_upload(scope: Scope) -> bool:
-    return scope["method"] == "POST" and _UPLOAD_PATH.fullmatch(scope["path"]) is not None
+    return scope["method"] == "POST" and _UPLOAD_PATH.fullmatch(_route_path(scope)) is not None
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the routes see: behind a proxy's prefix (uvicorn --root-path), ASGI's `path`
+    starts with `root_path`, which routing strips and so must this."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root + "/") else path
 
 
 class BodySizeLimit:

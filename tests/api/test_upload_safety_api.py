@@ -219,6 +219,40 @@ def test_an_upload_whose_body_stalls_is_408_and_frees_its_slot(
         assert client.post(path, files={"file": ("m.safetensors", digits_checkpoint)}).status_code == 201
 
 
+def test_behind_a_path_prefix_an_upload_is_still_one_and_not_held_to_the_json_limit(
+    tmp_path: Path, model_spec: dict
+) -> None:
+    # uvicorn --root-path /uisps (a proxy serving the API under /uisps): ASGI's path then starts
+    # with the prefix, which routing strips; so must the limits, or every upload over 1 MiB is 413.
+    with TestClient(create_app(Settings(home=tmp_path))) as client:
+        keys = authorize(client)
+        path = f"/uisps/models/{client.post('/models', json=model_spec).json()['id']}/versions"
+        content = b"\0" * (1024 * 1024 + 10)  # over the 1 MiB of a JSON body, not a checkpoint
+        body = (b'--x\r\nContent-Disposition: form-data; name="file"; filename="m.safetensors"\r\n'
+                b"Content-Type: application/octet-stream\r\n\r\n" + content + b"\r\n--x--\r\n")
+        answer: list[dict] = []
+
+        async def upload() -> None:
+            async def receive() -> dict:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send(message: dict) -> None:
+                answer.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "/uisps",
+                     "query_string": b"", "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
+                     "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {keys.admin}".encode()),
+                                 (b"content-type", b"multipart/form-data; boundary=x"),
+                                 (b"content-length", str(len(body)).encode())]}
+            await client.app(scope, receive, send)
+
+        client.portal.call(upload)
+
+    problem = json.loads(b"".join(m.get("body", b"") for m in answer if m["type"] == "http.response.body"))
+    assert (problem["status"], problem["code"]) == (422, "invalid_checkpoint")  # checked as a checkpoint
+
+
 def test_an_upload_waiting_for_a_slot_holds_no_thread_other_requests_need(
     tmp_path: Path, digits_checkpoint: bytes, model_spec: dict
 ) -> None:
