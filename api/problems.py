@@ -30,6 +30,7 @@ from core.services.errors import (
     CheckpointPurged,
     CheckpointTooLarge,
     Conflict,
+    EvidenceBroken,
     Forbidden,
     IdempotencyKeyInUse,
     InvalidPageToken,
@@ -173,6 +174,11 @@ async def _artifact_corrupted(request: Request, exc: ArtifactCorrupted) -> JSONR
     return problem_response(request, 500, exc.code, str(exc))
 
 
+async def _evidence_broken(request: Request, exc: EvidenceBroken) -> JSONResponse:
+    logger.error("%s", exc)
+    return problem_response(request, 500, exc.code, str(exc))
+
+
 async def _signing_key(request: Request, exc: KeyFileError) -> JSONResponse:
     logger.error("certificate signing key: %s", exc)
     return problem_response(request, 500, "signing_key_unavailable", "the certificate signing key cannot be read; it has been logged")
@@ -282,6 +288,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ArtifactMissing, _artifact_missing)  # type: ignore[arg-type]
     app.add_exception_handler(CheckpointPurged, _checkpoint_purged)  # type: ignore[arg-type]
     app.add_exception_handler(ArtifactCorrupted, _artifact_corrupted)  # type: ignore[arg-type]
+    app.add_exception_handler(EvidenceBroken, _evidence_broken)  # type: ignore[arg-type]
     app.add_exception_handler(KeyFileError, _signing_key)  # type: ignore[arg-type]
     app.add_exception_handler(Unauthenticated, _unauthenticated)  # type: ignore[arg-type]
     app.add_exception_handler(Forbidden, _forbidden)  # type: ignore[arg-type]

@@ -60,6 +60,15 @@ class ArtifactMissing(Exception):
     code = "artifact_missing"
 
 
+class EvidenceBroken(Exception):
+    """A succeeded request's records no longer match its audit trail (changed since, or its
+    success event is gone): no certificate is issued for it; an operator must look."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class CheckpointPurged(Exception):
     """A version's checkpoint was purged on request: its record stays, its bytes are gone for good."""
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import copy
 import stat
+from pathlib import Path
 from typing import Any
 
 import pytest
 import rfc8785
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from api.app import create_app
 from api_helpers import assert_problem, authorize
@@ -21,7 +22,9 @@ from core.certificates import (
     verify_certificate,
     verify_with_service_keys,
 )
-from core.db import DeletionRequest
+from core.db import DeletionRequest, ModelVersion
+from core.settings import Settings
+from uisps.demo import model_spec_of
 from core.services.deletion_requests.jobs import deletion_jobs
 
 REPORT: dict[str, Any] = {
@@ -34,12 +37,16 @@ REPORT: dict[str, Any] = {
 }
 
 
-def _succeeded_request(client: TestClient, model_id: str, label: int = 3) -> str:
+def _succeeded_request(client: TestClient, model_id: str, label: int = 3, **stored: Any) -> str:
     """A request that went through the worker's claim and completion (the result: bytes of its own,
-    so that the certificate's base and new checkpoints differ)."""
+    so that the certificate's base and new checkpoints differ); `stored`: columns of its row set
+    before it ran, as an older release may have stored them."""
     request_id = client.post(
         "/deletion-requests", json={"model_id": model_id, "forget_labels": [label], "external_ref": "GDPR-7"}
     ).json()["id"]
+    if stored:
+        with client.app.state.sessions.begin() as session:
+            session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id).values(**stored))
     with client.app.state.sessions.begin() as session:
         job = deletion_jobs.claim(session, request_id, lease_s=60).job
         artifact = client.app.state.store.put(f"the result of {request_id}".encode(), job.model.tenant_id)
@@ -108,6 +115,41 @@ def test_a_changed_certificate_fails_verification(client: TestClient, registered
 
     with pytest.raises(InvalidCertificate):
         verify_certificate(forged, public_key)
+
+
+@pytest.mark.parametrize(("table", "values"), [
+    (ModelVersion, {"metrics": {**REPORT, "after": {**REPORT["after"], "mia": 0.0}}}),  # a better-looking figure
+    (DeletionRequest, {"forget_labels": [4]}),  # other labels than were forgotten
+])
+def test_records_changed_after_success_get_no_certificate(
+    client: TestClient, registered_model, table: type, values: dict[str, Any]  # noqa: ANN001
+) -> None:
+    request_id = _succeeded_request(client, registered_model()["id"])
+    assert client.get(f"/deletion-requests/{request_id}/certificate").status_code == 200
+    where = ModelVersion.deletion_request_id if table is ModelVersion else DeletionRequest.id
+    with client.app.state.sessions.begin() as session:  # someone with write access to the database
+        session.execute(update(table).where(where == request_id).values(**values))
+
+    refused = client.get(f"/deletion-requests/{request_id}/certificate")
+
+    assert_problem(refused, 500, "evidence_mismatch", "changed since it succeeded")
+
+
+def test_a_success_whose_audit_event_is_gone_gets_no_certificate(tmp_path: Path, digits_checkpoint: bytes) -> None:
+    # On a database of its own (SQLite): the log is cut, and other tests' chains must stay whole.
+    with TestClient(create_app(Settings(home=tmp_path))) as client:
+        authorize(client)
+        model_id = client.post("/models", json=model_spec_of(digits_checkpoint, "m")).json()["id"]
+        files = {"file": ("m.safetensors", digits_checkpoint, "application/octet-stream")}
+        assert client.post(f"/models/{model_id}/versions", files=files).status_code == 201
+        request_id = _succeeded_request(client, model_id)
+        with client.app.state.sessions.begin() as session:  # the append-only trigger dropped first
+            session.execute(text("DROP TRIGGER audit_events_no_delete"))
+            session.execute(text("DELETE FROM audit_events WHERE action = 'deletion_request.succeeded'"))
+
+        refused = client.get(f"/deletion-requests/{request_id}/certificate")
+
+    assert_problem(refused, 500, "evidence_missing", "success event is missing")
 
 
 def test_only_a_succeeded_request_has_a_certificate(client: TestClient, registered_model) -> None:  # noqa: ANN001
@@ -187,9 +229,7 @@ def test_an_integer_a_double_cannot_hold_is_refused_or_kept_exactly(client: Test
     problem = assert_problem(client.post("/deletion-requests", json=too_big), 422, "validation_error")
     assert [error["loc"] for error in problem["errors"]] == [["body", "params", "seed"]]
     # A request stored before that bound: its certificate keeps the number exactly, in format 1.
-    request_id = _succeeded_request(client, model["id"])
-    with client.app.state.sessions.begin() as session:
-        session.execute(update(DeletionRequest).where(DeletionRequest.id == request_id).values(params={"seed": 2**60}))
+    request_id = _succeeded_request(client, model["id"], params={"seed": 2**60})
 
     document = client.get(f"/deletion-requests/{request_id}/certificate").json()
 

@@ -21,6 +21,7 @@ never acts on the queued request, and the next claim moves past its value again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -31,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from core.db import AuditEvent, DeletionRequest, JobState, Model, ModelVersion, ModelVersionRequest, record_event, utcnow
 from core.db.audit import canonical_json, lock_tenant
+from core.services.deletion_requests.evidence import evidence_sha256
 from core.services.deletion_requests.repository import deletion_request_repository
 from core.services.models.repository import model_repository
 from core.services.transactions import begin_write, lock_artifact
@@ -652,11 +654,20 @@ class DeletionJobs:
             return
         request.result_version = version.version
         request.metrics = version.metrics
+        base = model_repository.get_version(session, request.tenant_id, request.model_id, request.base_version)
+        if base is None:  # versions are never deleted; a missing base means a broken database
+            raise RuntimeError(f"base version {request.base_version} of model {request.model_id} is missing")
         self._finish(
-            session, request, JobState.SUCCEEDED, result_version=version.version, sha256=version.sha256
+            session, request, JobState.SUCCEEDED, result_version=version.version, sha256=version.sha256,
+            evidence=lambda: evidence_sha256(session, request, base, version),
         )
 
-    def _finish(self, session: Session, request: DeletionRequest, state: JobState, **details: Any) -> None:
+    def _finish(
+        self, session: Session, request: DeletionRequest, state: JobState,
+        evidence: Callable[[], str] | None = None, **details: Any,
+    ) -> None:
+        """`evidence`: the digest of what the request's certificate will state (a success), taken
+        once every field it covers is set, into the event (see evidence.py)."""
         previous_state = request.state
         request.state = state.value
         request.stage = None
@@ -665,6 +676,8 @@ class DeletionJobs:
         if state is JobState.SUCCEEDED:
             request.progress = 1.0
         session.flush()
+        if evidence is not None:
+            details["evidence_sha256"] = evidence()
         self._audit(session, request, f"deletion_request.{state.value}", previous_state=previous_state, **details)
         webhook_service.enqueue_final_event(session, request)
 

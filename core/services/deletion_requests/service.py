@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -15,10 +14,12 @@ from core.config import UnlearnConfig
 from core.db import AuditEvent, DeletionRequest, JobState, ModelVersion, record_event, utcnow
 from core.db.audit import lock_tenant
 from core.errors import InvalidLabels
+from core.services.deletion_requests.evidence import evidence_sha256, iso
 from core.services.deletion_requests.fairness import dispatch_priority
 from core.services.deletion_requests.repository import deletion_request_repository
 from core.services.errors import (
     Conflict,
+    EvidenceBroken,
     InvalidParameters,
     NotFound,
     RequestNotSucceeded,
@@ -247,6 +248,7 @@ class DeletionRequestService:
             .order_by(AuditEvent.id)
             .limit(1)
         )
+        _check_evidence(session, request, base, result, succeeded)
         report = result.metrics or {}
         content: dict[str, Any] = {
             "type": CERTIFICATE_TYPE,
@@ -273,6 +275,9 @@ class DeletionRequestService:
             "base_checkpoint": {"version": base.version, "sha256": base.sha256},
             "new_checkpoint": {"version": result.version, "sha256": result.sha256, "size_bytes": result.size_bytes},
             "metrics": {
+                # the labels acc_forget and the MIA were measured on: with coalesced or carried
+                # labels, more than this request's own (`labels.forgotten`)
+                "measured_labels": report.get("forget_labels"),
                 "before": report.get("before"),
                 "after": report.get("after"),
                 "frozen_fraction": report.get("frozen_fraction"),
@@ -284,14 +289,12 @@ class DeletionRequestService:
             "device": report.get("device"),
             "attempts": request.attempts,
             "timestamps": {
-                "requested_at": _iso(request.created_at),
-                "started_at": _iso(request.started_at),
-                "finished_at": _iso(request.finished_at),
-                "new_checkpoint_created_at": _iso(result.created_at),
+                "requested_at": iso(request.created_at),
+                "started_at": iso(request.started_at),
+                "finished_at": iso(request.finished_at),
+                "new_checkpoint_created_at": iso(result.created_at),
             },
-            "audit_event": (
-                {"id": succeeded.id, "hash": succeeded.hash, "action": succeeded.action} if succeeded else None
-            ),
+            "audit_event": {"id": succeeded.id, "hash": succeeded.hash, "action": succeeded.action},
         }
         others = [i for i in result.deletion_request_ids if i != request.id]
         if others:
@@ -323,8 +326,20 @@ class DeletionRequestService:
         return base
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat(timespec="microseconds") if value is not None else None
+def _check_evidence(
+    session: Session, request: DeletionRequest, base: ModelVersion, result: ModelVersion, succeeded: AuditEvent | None
+) -> AuditEvent:
+    """The request's success event, whose digest its records must still match (evidence.py); a
+    request that succeeded before the digest was recorded has none to match."""
+    if succeeded is None:
+        raise EvidenceBroken(f"deletion request {request.id} succeeded, but its success event is missing from the "
+                             "audit log: no certificate is issued", code="evidence_missing")
+    expected = (succeeded.details or {}).get("evidence_sha256")
+    if expected is not None and evidence_sha256(session, request, base, result) != expected:
+        raise EvidenceBroken(f"the records of deletion request {request.id} changed since it succeeded (they no "
+                             f"longer match audit event {succeeded.id}): no certificate is issued",
+                             code="evidence_mismatch")
+    return succeeded
 
 
 def unlearn_config(params: dict[str, Any]) -> UnlearnConfig:
