@@ -21,7 +21,7 @@ from api.certificates.endpoints import router as certificates_router
 from api.dashboard.endpoints import router as dashboard_router
 from api.deletion_requests.endpoints import router as deletion_requests_router
 from api.health import router as health_router
-from api.limits import BodySizeLimit, JsonBodiesOnly, UploadGate
+from api.limits import BodySizeLimit, UploadGate
 from api.methods import HeadAsGet
 from api.metrics import HttpMetrics
 from api.metrics import router as metrics_router
@@ -127,9 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     document_validation_problems(app)
     install_response_headers(app)
     app.add_middleware(HeadAsGet)  # innermost: the outer layers log and count the HEAD as such
-    app.add_middleware(UploadGate, receive_timeout_s=settings.upload_receive_timeout_s)
+    app.add_middleware(UploadGate, idle_timeout_s=settings.upload_idle_timeout_s)
     app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes)  # outside the gate: no database for a 413
-    app.add_middleware(JsonBodiesOnly)
     # Added last, so outermost: a body-limit refusal has a request id and is counted too.
     app.state.metrics = HttpMetrics(lambda: app.state.sessions(), settings.metrics_recent_jobs)
     app.add_middleware(RequestContext, metrics=app.state.metrics, access_log=settings.access_log)

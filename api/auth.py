@@ -17,9 +17,10 @@ not act a 403, and a key over its rate limit, or its tenant over the tenant's, a
 The hot path stays on the event loop: a key verified within UISPS_API_KEY_CACHE_TTL_S is taken
 from this process's cache (core.services.api_keys.cache), and the rate limits' buckets are in
 Redis or in memory (core.services.api_keys.rate_limit); only a cache miss reads the database,
-in a worker thread, at most a quarter of the connection pool's worth at once: an unknown key
-(which no rate limit can charge, having no bucket) never gets into the cache, and a flood of
-them must not take every connection the other requests need.
+in a worker thread. A key this process never found valid is checked on threads of its own, at
+most a quarter of the connection pool's worth at once: an unknown key (which no rate limit can
+charge, having no bucket) never gets into the cache, and a flood of them must take neither
+every connection the other requests need nor the checks of keys already known.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ async def authenticate(
     principal = state.key_cache.get(key_hash)
     if principal is None:
         generation = state.key_cache.generation
-        principal = await anyio.to_thread.run_sync(_verify, state.sessions, key_hash, limiter=state.key_check_limiter)
+        # a key seen valid before takes any thread; one never seen, one of the few of its own
+        limiter = None if state.key_cache.known(key_hash) else state.key_check_limiter
+        principal = await anyio.to_thread.run_sync(_verify, state.sessions, key_hash, limiter=limiter)
         state.key_cache.put(key_hash, principal, generation)
     # The key's bucket first: a key past its own limit is refused without spending its tenant's
     # tokens, which the tenant's other keys share; a request the tenant's limit refuses gives the

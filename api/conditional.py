@@ -34,13 +34,14 @@ IfMatch = Annotated[
 ]
 
 
-def check_if_match(values: list[str] | None, etag: str) -> None:
-    """412 unless If-Match is absent, `*`, or names `etag`: a client that audited these bytes
-    acts on them only (a purge guarded by the sha256 it checked, say).
+def check_if_match(values: list[str] | None, etag: str, *, exists: bool = True) -> None:
+    """412 unless If-Match is absent, names `etag`, or is `*` while the checkpoint `exists`: a
+    client that audited these bytes acts on them only (a purge guarded by the sha256 it checked,
+    say; repeated once they are purged, it is the purge already made, RFC 9110 sec. 13.1.1).
 
-    Strong comparison, as RFC 9110 sec. 13.1.1 asks: a weak tag (`W/...`) never matches."""
+    Strong comparison, as RFC 9110 asks: a weak tag (`W/...`) never matches."""
     if values is None:
         return
     tags = [tag.strip() for value in values for tag in value.split(",")]
-    if "*" not in tags and etag not in tags:
+    if not ("*" in tags and exists) and etag not in tags:
         raise HTTPException(412, f"If-Match does not name this checkpoint's ETag, {etag}")

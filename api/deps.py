@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, TypeVar
 
 from anyio import to_thread
-from fastapi import Depends, Query, Request
+from fastapi import Depends, HTTPException, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.auth import PrincipalDep
@@ -98,6 +98,18 @@ async def page_request(
     return PageRequest(size=size, token=page_token or None)
 
 
+async def require_json_body(request: Request) -> None:
+    """415 for a body sent as another media type than JSON (`application/json`, `...+json`), or
+    with none: FastAPI does not read it as JSON and answers 422 with a field error, which sends
+    the client looking in the wrong place (`curl -d` sends form-urlencoded unless told otherwise)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json") or not await request.body():
+        return
+    shown = media_type or "no Content-Type"
+    raise HTTPException(415, f"the request body must be JSON (Content-Type: application/json), not {shown}")
+
+
+json_body = Depends(require_json_body)
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 # scope="function": commit before the response is sent, so a 201/202 means the row is durable and
 # a failed commit is reported to the caller rather than after the fact.

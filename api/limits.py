@@ -76,28 +76,6 @@ class BodySizeLimit:
         await _send_problem(scope, send, 413, "content_too_large", f"the {what} is {size} bytes; the limit is {limit}")
 
 
-class JsonBodiesOnly:
-    """415 problem+json for a request body that is not JSON (`application/json` or `...+json`),
-    on every route but the checkpoint upload (multipart): FastAPI would read it as JSON anyway and
-    answer 422 with a field error, which sends the client looking in the wrong place."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH") and not is_upload(scope):
-            headers = Headers(scope=scope)
-            length = headers.get("content-length", "0")
-            has_body = "transfer-encoding" in headers or not length.isdigit() or int(length) > 0
-            media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
-            if has_body and media_type != "application/json" and not media_type.endswith("+json"):
-                shown = f"Content-Type {media_type}" if media_type else "no Content-Type"
-                await _send_problem(scope, send, 415, "unsupported_media_type",
-                                    f"the request body must be JSON (Content-Type: application/json); it has {shown}")
-                return
-        await self.app(scope, receive, send)
-
-
 async def _send_problem(scope: Scope, send: Send, status: int, code: str, detail: str) -> None:
     """A problem+json answer sent before the body was read, closing the connection."""
     body = json.dumps(
@@ -131,15 +109,15 @@ class UploadGate:
     route's own dependencies find the key already checked (`api.auth.authenticate`).
 
     Then a receiving slot (`max_receiving_uploads`; 503 at once when none is free) bounds the
-    temporary files a burst of uploads spools to disk, and the body must have arrived within
-    `upload_receive_timeout_s` (408), so a stalled sender frees its slot. The slot for checking
+    temporary files a burst of uploads spools to disk, and a body that stops arriving for
+    `upload_idle_timeout_s` is refused (408), so a stalled sender frees its slot. The slot for checking
     the file is taken later, by the route, once the body is in: it holds the file in memory,
     and a slow sender must not keep every tenant's uploads from being checked.
     """
 
-    def __init__(self, app: ASGIApp, receive_timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, idle_timeout_s: float) -> None:
         self.app = app
-        self.receive_timeout_s = receive_timeout_s
+        self.idle_timeout_s = idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not is_upload(scope):
@@ -164,20 +142,19 @@ class UploadGate:
             receiving.release()
 
     def _timed(self, receive: Receive) -> Receive:
-        """`receive`, with a deadline on the body only (what follows it, a wait for the client to
-        disconnect while the answer streams, has none)."""
-        deadline = anyio.current_time() + self.receive_timeout_s
+        """`receive`, with a time limit on each wait for a part of the body (what follows it, a
+        wait for the client to disconnect while the answer streams, has none)."""
         body_done = False
 
         async def timed_receive() -> Message:
             nonlocal body_done
             if body_done:
                 return await receive()
-            with anyio.move_on_after(deadline - anyio.current_time()):
+            with anyio.move_on_after(self.idle_timeout_s):
                 message = await receive()
                 body_done = message["type"] != "http.request" or not message.get("more_body", False)
                 return message
-            raise HTTPException(408, f"the checkpoint upload did not arrive within {self.receive_timeout_s:g} s")
+            raise HTTPException(408, f"no part of the checkpoint upload arrived for {self.idle_timeout_s:g} s")
 
         return timed_receive
 

@@ -57,10 +57,10 @@ class Settings(BaseSettings):
     # file of up to max_upload_bytes before it is checked, so this bounds the disk a burst of
     # uploads can fill. Beyond it, 503 with Retry-After at once, before a byte is read.
     max_receiving_uploads: int = Field(8, ge=1)
-    # An upload's body must have arrived within this long (then 408): a sender that stalls would
-    # otherwise hold its receiving slot, and its temporary file, for as long as it keeps the
-    # connection open.
-    upload_receive_timeout_s: float = Field(900.0, gt=0)
+    # An upload whose body stops arriving for this long is refused (408): a sender that stalls
+    # would otherwise hold its receiving slot, and its temporary file, for as long as it keeps the
+    # connection open. Idle time, not the whole transfer: a slow link still uploads.
+    upload_idle_timeout_s: float = Field(60.0, gt=0)
     # A job whose lease ran out is presumed dead (worker crashed) and may be re-queued.
     # Above job_time_limit_s, which is checked at a job's progress reports (so a job may pass it
     # by a report's interval): below it, the broker would hand a running job's message to a second worker.

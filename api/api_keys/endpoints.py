@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Request, Response, status
 
 from api.api_keys.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyRead
 from api.auth import manage_keys
-from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, TenantDep
+from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, TenantDep, json_body
 from api.problems import problem_responses
 from core.services.api_keys.service import api_key_service
 from core.services.text import NulFree
@@ -29,6 +29,7 @@ KeyId = Annotated[str, Path(max_length=64, description="the API key's id"), NulF
     status_code=status.HTTP_201_CREATED,
     response_model=ApiKeyCreated,
     responses=problem_responses(400, 409, 422),
+    dependencies=[json_body],
     summary="Create an API key for your tenant (role admin)",
     description=(
         "The response holds the key itself, shown this once. Not idempotent: a retry makes another key. "

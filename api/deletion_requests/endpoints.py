@@ -15,7 +15,17 @@ from api.deletion_requests.schemas import (
     DeletionRequestList,
     DeletionRequestRead,
 )
-from api.deps import ActorDep, DispatchDep, PageDep, SessionDep, SettingsDep, SignerDep, TenantDep, read_only
+from api.deps import (
+    ActorDep,
+    DispatchDep,
+    PageDep,
+    SessionDep,
+    SettingsDep,
+    SignerDep,
+    TenantDep,
+    json_body,
+    read_only,
+)
 from api.idempotency import IdempotencyDep, sent
 from api.methods import served_for_head
 from api.problems import problem_responses
@@ -40,7 +50,7 @@ RequestId = Annotated[str, Path(max_length=64, description="the deletion request
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DeletionRequestRead,
     responses=problem_responses(400, 403, 404, 409, 422),
-    dependencies=[request_deletions],
+    dependencies=[request_deletions, json_body],
     summary="Ask for labels to be forgotten (role compliance)",
     description=(
         "Validates the labels against the base version (range, duplicates, already forgotten, not "

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from api.auth import authenticate, manage_models, purge_checkpoints
 from api.conditional import CHECKPOINT_CACHE_CONTROL, IfMatch, IfNoneMatch, check_if_match, none_match
-from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from api.deps import ActorDep, PageDep, SessionDep, SettingsDep, StoreDep, TenantDep, json_body
 from api.idempotency import IdempotencyDep, sent
 from api.limits import UPLOAD_RETRY_AFTER_S
 from api.models.schemas import ModelCreate, ModelList, ModelRead, ModelVersionList, ModelVersionRead
@@ -45,7 +45,7 @@ VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="version num
     status_code=status.HTTP_201_CREATED,
     response_model=ModelRead,
     responses=problem_responses(400, 403, 409, 422),
-    dependencies=[manage_models],
+    dependencies=[manage_models, json_body],
     summary="Register a model (role admin)",
 )
 def create_model(
@@ -114,7 +114,7 @@ async def upload_slot(request: Request, settings: SettingsDep) -> AsyncIterator[
     "/{model_id}/versions",
     status_code=status.HTTP_201_CREATED,
     response_model=ModelVersionRead,
-    responses=problem_responses(400, 403, 404, 409, 413, 422, 503),
+    responses=problem_responses(400, 403, 404, 408, 409, 413, 422, 503),
     dependencies=[manage_models, Depends(upload_slot)],
     summary="Upload a checkpoint as the next version (role admin)",
     description=(
@@ -368,8 +368,9 @@ def _last_modified(path: pathlib.Path) -> str | None:
         "deletion requests cannot start from it (409 `checkpoint_purged`). Refused with 409 "
         "`version_in_use` while a queued or running deletion request unlearns from it. Purging "
         "again answers 204 and changes nothing. With `If-Match`, only the checkpoint whose ETag "
-        "(its quoted sha256, kept after a purge) it names, or `*`, is purged; otherwise 412 "
-        "`precondition_failed` and nothing changes."
+        "(its quoted sha256, kept after a purge: purging again with it answers 204) it names, or "
+        "`*` while the checkpoint is there, is purged; otherwise 412 `precondition_failed` and "
+        "nothing changes."
     ),
 )
 def purge_checkpoint(
@@ -378,6 +379,6 @@ def purge_checkpoint(
 ) -> Response:
     model_service.purge_checkpoint(
         session, tenant_id=tenant_id, actor=actor, model_id=model_id, version=version, store=store,
-        precondition=lambda found: check_if_match(if_match, _etag(found)),
+        precondition=lambda found: check_if_match(if_match, _etag(found), exists=found.checkpoint_purged_at is None),
     )
     return Response(status_code=status.HTTP_204_NO_CONTENT)

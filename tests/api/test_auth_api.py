@@ -300,11 +300,13 @@ def test_an_admin_may_purge_a_checkpoint_as_a_compliance_key_may(client: TestCli
 
 def test_a_flood_of_unknown_keys_waits_for_the_key_checks_while_known_keys_are_served(tmp_path: Path) -> None:
     # An unknown key is never cached and has no rate limit to charge: every one reads the
-    # database. Those reads have threads of their own, so the requests of keys already checked
-    # (and the connections they need) do not wait behind them.
-    with TestClient(create_app(Settings(home=tmp_path))) as client, ThreadPoolExecutor(1) as pool:
+    # database. Those reads have threads of their own, so the requests of keys known valid (and
+    # the connections they need) do not wait behind them, even when their own check is due again
+    # (the cache off here: every request's key is read from the database).
+    settings = Settings(home=tmp_path, api_key_cache_ttl_s=0)
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(2) as pool:
         authorize(client)
-        assert client.get("/models").status_code == 200  # the reader's key, checked and cached
+        assert client.get("/models").status_code == 200  # the reader's key, found valid
         limiter = client.app.state.key_check_limiter
         flood = object()
         client.portal.call(limiter.acquire_on_behalf_of, flood)  # every key-check thread busy
@@ -315,7 +317,7 @@ def test_a_flood_of_unknown_keys_waits_for_the_key_checks_while_known_keys_are_s
                 assert not unknown.done(), unknown.result().text
                 time.sleep(0.01)
 
-            known = client.get("/models")
+            known = pool.submit(client.get, "/models").result(timeout=30)  # a bound, should it wait too
 
             assert known.status_code == 200 and not unknown.done()
         finally:

@@ -87,6 +87,7 @@ def test_a_purge_guarded_by_another_etag_is_412_and_purges_nothing(
     assert client.get(url).status_code == 200 and len(_events(client, model["id"])) == count + 1  # the GET
     assert client.delete(url, headers={"If-Match": f'"x", {etag}'}).status_code == 204
     assert client.delete(url, headers={"If-Match": etag}).status_code == 204  # again: still that checkpoint
+    assert_problem(client.delete(url, headers={"If-Match": "*"}), 412, "precondition_failed")  # none is there
 
 
 def test_a_version_that_a_queued_request_reads_cannot_be_purged(client: TestClient, registered_model) -> None:  # noqa: ANN001

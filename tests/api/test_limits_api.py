@@ -55,6 +55,17 @@ def test_a_body_that_is_not_json_is_415_naming_what_it_must_be(
     assert len(limited.get("/deletion-requests").json()["deletion_requests"]) == 1
 
 
+def test_every_operation_that_takes_json_refuses_another_media_type(limited: TestClient) -> None:
+    document = limited.get("/openapi.json").json()
+    operations = [(method, path) for path, item in document["paths"].items() for method, operation in item.items()
+                  if "application/json" in operation.get("requestBody", {}).get("content", {})]
+
+    assert operations and all("415" in document["paths"][path][method]["responses"] for method, path in operations)
+    for method, path in operations:
+        response = limited.request(method, path, content="a=1", headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert response.status_code == 415, (method, path, response.text)
+
+
 def test_too_many_labels_in_one_request_is_422(limited: TestClient, digits_checkpoint: bytes) -> None:
     model_id = _model(limited, digits_checkpoint)
 

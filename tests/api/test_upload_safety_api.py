@@ -182,41 +182,73 @@ def test_uploads_beyond_what_a_process_receives_at_once_get_503_before_a_byte_is
         assert upload().status_code == 201  # the slot is free again
 
 
+def _trickled_upload(
+    client: TestClient, admin_key: str, path: str, body: bytes, pause_s: float, *, stall: bool = False
+) -> tuple[int, dict]:
+    """An upload sent in 8 parts, `pause_s` apart; with `stall`, the sender then stops before the
+    end of the body, the connection kept open."""
+    size = -(-len(body) // 8)
+    parts = [body[i:i + size] for i in range(0, len(body), size)]
+    answer: list[dict] = []
+
+    async def upload() -> None:
+        sent = 0
+
+        async def receive() -> dict:
+            nonlocal sent
+            if sent == len(parts):
+                await anyio.sleep_forever()
+            if sent:
+                await anyio.sleep(pause_s)
+            sent += 1
+            return {"type": "http.request", "body": parts[sent - 1], "more_body": stall or sent < len(parts)}
+
+        async def send(message: dict) -> None:
+            answer.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+                 "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {admin_key}".encode()),
+                             (b"content-type", b"multipart/form-data; boundary=x")],
+                 "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+        with anyio.fail_after(10):
+            await client.app(scope, receive, send)
+
+    client.portal.call(upload)
+    start = next(m for m in answer if m["type"] == "http.response.start")
+    return start["status"], json.loads(b"".join(m.get("body", b"") for m in answer if m["type"] == "http.response.body"))
+
+
+def _multipart(content: bytes) -> bytes:
+    return (b'--x\r\nContent-Disposition: form-data; name="file"; filename="m.safetensors"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n" + content + b"\r\n--x--\r\n")
+
+
 def test_an_upload_whose_body_stalls_is_408_and_frees_its_slot(
     tmp_path: Path, digits_checkpoint: bytes, model_spec: dict
 ) -> None:
-    settings = Settings(home=tmp_path, max_receiving_uploads=1, upload_receive_timeout_s=0.3)
+    settings = Settings(home=tmp_path, max_receiving_uploads=1, upload_idle_timeout_s=0.3)
     with TestClient(create_app(settings)) as client:
         keys = authorize(client)
-        model_id = client.post("/models", json=model_spec).json()["id"]
-        path = f"/models/{model_id}/versions"
-        answer: list[dict] = []
+        path = f"/models/{client.post('/models', json=model_spec).json()['id']}/versions"
 
-        async def stalled_upload() -> None:
-            parts = iter([{"type": "http.request", "body": b"--x\r\n", "more_body": True}])
+        status, problem = _trickled_upload(client, keys.admin, path, _multipart(digits_checkpoint), 0.0, stall=True)
 
-            async def receive() -> dict:
-                if (part := next(parts, None)) is not None:
-                    return part
-                await anyio.sleep_forever()  # the sender stalls, the connection open
-
-            async def send(message: dict) -> None:
-                answer.append(message)
-
-            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                     "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-                     "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {keys.admin}".encode()),
-                                 (b"content-type", b"multipart/form-data; boundary=x")],
-                     "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
-            with anyio.fail_after(10):
-                await client.app(scope, receive, send)
-
-        client.portal.call(stalled_upload)
-
-        start = next(m for m in answer if m["type"] == "http.response.start")
-        body = json.loads(b"".join(m.get("body", b"") for m in answer if m["type"] == "http.response.body"))
-        assert start["status"] == 408 and body["code"] == "request_timeout" and "within 0.3 s" in body["detail"]
+        assert status == 408 and problem["code"] == "request_timeout" and "for 0.3 s" in problem["detail"]
         assert client.post(path, files={"file": ("m.safetensors", digits_checkpoint)}).status_code == 201
+
+
+def test_a_slow_but_steady_upload_is_received_however_long_it_takes(
+    tmp_path: Path, digits_checkpoint: bytes, model_spec: dict
+) -> None:
+    settings = Settings(home=tmp_path, upload_idle_timeout_s=0.3)  # 8 parts, 0.15 s apart: 1 s in all
+    with TestClient(create_app(settings)) as client:
+        keys = authorize(client)
+        path = f"/models/{client.post('/models', json=model_spec).json()['id']}/versions"
+
+        status, version = _trickled_upload(client, keys.admin, path, _multipart(digits_checkpoint), 0.15)
+
+    assert status == 201 and version["version"] == 1
 
 
 def test_behind_a_path_prefix_an_upload_is_still_one_and_not_held_to_the_json_limit(
@@ -227,9 +259,7 @@ def test_behind_a_path_prefix_an_upload_is_still_one_and_not_held_to_the_json_li
     with TestClient(create_app(Settings(home=tmp_path))) as client:
         keys = authorize(client)
         path = f"/uisps/models/{client.post('/models', json=model_spec).json()['id']}/versions"
-        content = b"\0" * (1024 * 1024 + 10)  # over the 1 MiB of a JSON body, not a checkpoint
-        body = (b'--x\r\nContent-Disposition: form-data; name="file"; filename="m.safetensors"\r\n'
-                b"Content-Type: application/octet-stream\r\n\r\n" + content + b"\r\n--x--\r\n")
+        body = _multipart(b"\0" * (1024 * 1024 + 10))  # over the 1 MiB of a JSON body, not a checkpoint
         answer: list[dict] = []
 
         async def upload() -> None:

@@ -9,6 +9,10 @@ Only valid keys are cached: an unknown or revoked key is looked up every time. R
   entry expires: at most `ttl_s` seconds.
 
 `ttl_s = 0` turns the cache off (every request reads the key from the database).
+
+It also remembers which keys it found valid, past their entries' expiry (`known`): their checks
+against the database need not queue behind those of keys never seen, which a flood of made-up
+keys fills (api.auth).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class KeyCache:
         self.ttl_s = ttl_s
         self.clock = clock
         self._entries: dict[str, tuple[Principal, float]] = {}  # key hash -> (principal, expiry)
+        self._known: dict[str, str] = {}  # key hash -> key id, of keys found valid here
         # Bumped by every forget(): a verification that began before it must not be cached, or a
         # key revoked meanwhile could come back for a whole TTL.
         self._generation = 0
@@ -46,11 +51,18 @@ class KeyCache:
             return None
         return entry[0]
 
+    def known(self, key_hash: str) -> bool:
+        """Whether this key was found valid here before (and not revoked through this process)."""
+        return key_hash in self._known
+
     def put(self, key_hash: str, principal: Principal, generation: int) -> None:
-        if self.ttl_s <= 0:
-            return
         with self._lock:
             if generation != self._generation:
+                return
+            if len(self._known) >= MAX_ENTRIES:
+                self._known.clear()
+            self._known[key_hash] = principal.key_id
+            if self.ttl_s <= 0:
                 return
             if len(self._entries) >= MAX_ENTRIES:
                 self._entries.clear()
@@ -61,3 +73,4 @@ class KeyCache:
         with self._lock:
             self._generation += 1
             self._entries = {h: e for h, e in self._entries.items() if e[0].key_id != key_id}
+            self._known = {h: i for h, i in self._known.items() if i != key_id}
