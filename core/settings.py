@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(120.0, gt=0)
     # The worker's reconciler: how often it looks for lost work, and how long a queued request
     # may wait unclaimed before its message is presumed lost and sent again (the wait doubles
-    # with each re-send, so a long backlog is not flooded with duplicates, up to 12 times this).
+    # with each re-send, so a long backlog is not flooded with duplicates).
     reconcile_interval_s: float = Field(30.0, gt=0)
     requeue_after_s: float = Field(300.0, gt=0)
     # Idempotency-Key records are kept at least this long (then purged by the reconciler); a

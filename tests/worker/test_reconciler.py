@@ -100,15 +100,14 @@ def test_a_dead_workers_request_is_resent_behind_a_backlog_sent_a_moment_ago(wor
 
 
 def test_a_lost_message_is_resent_behind_more_old_requests_than_one_pass_takes(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
-    # Old requests re-sent 10 minutes ago are not due again (their doubled wait, and the longest
-    # wait of 12 periods, are not over); sent longest ago, they come first, more of them than
-    # `limit`. The request behind them whose message was lost is due.
+    # Old requests re-sent a day ago wait two days more (the wait doubles); sent longest ago, they
+    # come first, more of them than `limit`. The request behind them whose message was lost is due.
     backlog = [worker_env.new_request(digits_checkpoint, [label]) for label in (1, 2, 3, 4, 5)]
     lost = worker_env.new_request(digits_checkpoint, [6])
     now = utcnow()
     for request_id in backlog:
-        _set(worker_env, request_id, created_at=now - timedelta(days=3), dispatched_at=now - timedelta(minutes=10))
-    _set(worker_env, lost, created_at=now - timedelta(minutes=9), dispatched_at=now - timedelta(minutes=5))
+        _set(worker_env, request_id, created_at=now - timedelta(days=3), dispatched_at=now - timedelta(days=1))
+    _set(worker_env, lost, created_at=now - timedelta(hours=1), dispatched_at=now - timedelta(minutes=30))
 
     sent: set[str] = set()
     for _ in range(50):  # (on PostgreSQL other tests' due requests may come first: each is sent once)
@@ -129,19 +128,6 @@ def test_a_long_queue_is_not_flooded_the_wait_doubles(worker_env, digits_checkpo
     with worker_env.sessions.begin() as session:
         assert request_id not in deletion_jobs.due_for_dispatch(session, requeue_after_s=60)
     _set(worker_env, request_id, dispatched_at=now - timedelta(minutes=6))
-    with worker_env.sessions.begin() as session:
-        assert request_id in deletion_jobs.due_for_dispatch(session, requeue_after_s=60)
-
-
-def test_an_old_request_s_lost_message_waits_at_most_twelve_periods(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
-    # A day in the queue, last sent 11 minutes ago (a broker flushed since): the doubled wait
-    # would be a day more, while workers idle; with a 1-min period it is 12 minutes at most.
-    request_id = worker_env.new_request(digits_checkpoint, [1])
-    now = utcnow()
-    _set(worker_env, request_id, created_at=now - timedelta(days=1), dispatched_at=now - timedelta(minutes=11))
-    with worker_env.sessions.begin() as session:
-        assert request_id not in deletion_jobs.due_for_dispatch(session, requeue_after_s=60)
-    _set(worker_env, request_id, dispatched_at=now - timedelta(minutes=12, seconds=1))
     with worker_env.sessions.begin() as session:
         assert request_id in deletion_jobs.due_for_dispatch(session, requeue_after_s=60)
 

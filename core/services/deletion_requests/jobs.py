@@ -40,9 +40,6 @@ from core.services.webhooks.service import webhook_service
 from core.storage import ArtifactNotFound, ArtifactStore, StoredArtifact
 
 WORKER_ACTOR = "worker"
-# The longest a queued request waits between re-sends of its message, in reconcile periods
-# (UISPS_REQUEUE_AFTER_S): 1 h by default.
-MAX_WAIT_PERIODS = 12
 
 
 class JobLost(Exception):
@@ -574,9 +571,7 @@ class DeletionJobs:
           over, publish failed after the commit). A queue can also simply be long, so the wait
           doubles with each re-send (it is at least the time the request had waited in the queue
           at its last send: since it was made, or, queued again after an attempt, since that
-          attempt began, so that a retry of an old request is not left for as long as it is old),
-          up to `MAX_WAIT_PERIODS` x `requeue_after_s`: a message lost from an old request then
-          waits that long at most, and a long queue is sent again that often at most.
+          attempt began, so that a retry of an old request is not left for as long as it is old).
 
         Duplicates are harmless: a worker finds the request claimed or finished and skips it.
         Several workers may reconcile at once; the conditional update lets one of them send.
@@ -584,8 +579,9 @@ class DeletionJobs:
         begin_write(session)
         now = utcnow()
         due: list[str] = []
-        period = timedelta(seconds=requeue_after_s)
-        for row in deletion_request_repository.dispatch_candidates(session, now, period, MAX_WAIT_PERIODS * period, limit):
+        for row in deletion_request_repository.dispatch_candidates(
+            session, now, timedelta(seconds=requeue_after_s), limit
+        ):
             if deletion_request_repository.mark_dispatched(session, row.id, row.state, row.dispatched_at, now):
                 due.append(row.id)
         return due

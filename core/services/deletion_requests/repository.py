@@ -194,9 +194,7 @@ class DeletionRequestRepository:
             )
         )
 
-    def dispatch_candidates(
-        self, session: Session, now: datetime, requeue_after: timedelta, max_wait: timedelta, limit: int
-    ) -> list[Any]:
+    def dispatch_candidates(self, session: Session, now: datetime, requeue_after: timedelta, limit: int) -> list[Any]:
         """Requests due to be sent again (see `DeletionJobs.due_for_dispatch`): running ones whose
         lease ran out, then queued ones never sent, then the rest of the queue, each longest unsent
         first (all tenants). Due is decided here, not after the LIMIT: a long queue whose doubled
@@ -206,13 +204,10 @@ class DeletionRequestRepository:
         running_due = and_(_table.c.state == JobState.RUNNING.value, leased < now,
                            or_(last.is_(None), last < leased, period_over))
         # Queued: due once the gap since the last send reaches the wait the request had at that
-        # send (since it was made, or queued again after an attempt): now - last >= last - since;
-        # and at the latest after `max_wait`, so a message lost (a flushed broker) from an old
-        # request waits that long at most, not about as long as the request is old.
+        # send (since it was made, or queued again after an attempt): now - last >= last - since.
         since = case((_table.c.started_at > _table.c.created_at, _table.c.started_at), else_=_table.c.created_at)
-        doubled_wait_over = 2 * _epoch(last) - _epoch(since) <= _epoch(bindparam("now", now))
         queued_due = and_(_table.c.state == JobState.QUEUED.value, or_(
-            last.is_(None), and_(period_over, or_(doubled_wait_over, last <= now - max_wait))))
+            last.is_(None), and_(period_over, 2 * _epoch(last) - _epoch(since) <= _epoch(bindparam("now", now)))))
         urgency = case((_table.c.state == JobState.RUNNING.value, 0), (last.is_(None), 1), else_=2)
         query = (
             select(_table.c.id, _table.c.state, _table.c.dispatched_at)
