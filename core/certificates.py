@@ -407,12 +407,31 @@ class Signer:
 # --- verification ---------------------------------------------------------------------------------
 
 
+def parse_certificate(text: str) -> Any:
+    """A certificate file's JSON, refusing a name given twice in one object (RFC 8785 assumes
+    I-JSON, which forbids it): JSON parsers keep the first or the last, so a reader could see
+    other values than the ones that were checked. json.JSONDecodeError for a file that is not JSON."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [name for name, _ in pairs]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise InvalidCertificate(f"the file names {', '.join(map(repr, twice))} twice in one object: "
+                                     "a reader could see either value")
+        return dict(pairs)
+
+    return json.loads(text, object_pairs_hook=unique)
+
+
 def _signature_of(document: Any) -> dict[str, Any]:
     if not isinstance(document, dict) or not isinstance(document.get("certificate"), dict):
         raise InvalidCertificate("not a certificate: expected an object with 'certificate' and 'signature'")
     signature = document.get("signature")
     if not isinstance(signature, dict) or signature.get("algorithm") != ALGORITHM:
         raise InvalidCertificate(f"the signature is missing or not {ALGORITHM}")
+    unsigned = sorted(set(document) - {"certificate", "signature"}) + sorted(
+        f"signature.{name}" for name in set(signature) - {"algorithm", "key_id", "value"})
+    if unsigned:  # text beside the signed object could be read as part of what was certified
+        raise InvalidCertificate(f"members outside what was signed: {', '.join(unsigned)}")
     return signature
 
 

@@ -136,13 +136,16 @@ def _model_key(row: dict) -> tuple:
 def _raw_rows(folder: Path) -> list[dict]:
     """The finished raw rows; a last line cut short (a run stopped mid-write, not yet resumed) is
     left out, as `--resume` leaves it, since it is a row that has not finished."""
-    lines = [line for line in (folder / "paper-raw.jsonl").read_text().splitlines() if line.strip()]
+    lines = (folder / "paper-raw.jsonl").read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     rows = []
     for i, line in enumerate(lines):
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if i < len(lines) - 1:
+            if i < last:
                 raise SystemExit(f"{folder}: line {i + 1} of paper-raw.jsonl is not JSON") from None
             print(f"{folder}: the last line of paper-raw.jsonl was cut short; left out", file=sys.stderr)
     return rows

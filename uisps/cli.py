@@ -845,6 +845,7 @@ def certificate_verify(
         InvalidCertificate,
         KeyFileError,
         load_public_key_pem,
+        parse_certificate,
         verify_certificate,
         verify_with_service_keys,
     )
@@ -861,7 +862,7 @@ def certificate_verify(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     try:
-        document = json.loads(text)
+        document = parse_certificate(text)
         if key is not None:
             certificate, status = verify_certificate(document, key), None
         else:

@@ -173,6 +173,22 @@ def _write_signed(signer: Signer, path: Path, request_id: str) -> Path:
     return path
 
 
+def test_certificate_verify_refuses_what_a_reader_could_take_for_certified(key_home: Settings, tmp_path: Path) -> None:
+    good = _write_signed(Signer(key_home.effective_certificate_key_path), tmp_path / "good.json", "r-1")
+    text = good.read_text()
+    assert uisps("certificate", "verify", str(good))[0] == 0
+    # a second "labels" after the signed one: a reader keeping the first sees [3], the check the last
+    twice = text.replace('"labels": {', '"labels": {"forgotten": [3]}, "labels": {', 1)
+    outside = json.dumps({**json.loads(text), "note": "labels 3, 4 and 5 forgotten too"})
+    in_signature = text.replace('"algorithm"', '"signed_at": "2030-01-01", "algorithm"', 1)
+
+    for name, changed, said in [("twice", twice, "names 'labels' twice"), ("outside", outside, "outside what was signed: note"),
+                                ("in_signature", in_signature, "signature.signed_at")]:
+        (tmp_path / f"{name}.json").write_text(changed)
+        code, out = uisps("certificate", "verify", str(tmp_path / f"{name}.json"))
+        assert code == 1 and out.startswith("INVALID") and said in out, (name, out)
+
+
 def test_certificate_verify_reads_utf8_whatever_the_locale(home: Settings, tmp_path: Path) -> None:
     request_id = _succeeded_request(home, external_ref="GDPR-Müller-42")
     signer = Signer(home.effective_certificate_key_path)

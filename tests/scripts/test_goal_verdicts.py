@@ -265,7 +265,7 @@ def test_a_raw_file_broken_before_its_last_line_is_refused(tmp_path: Path) -> No
     base = _folder(tmp_path, *ENDS, _row("uisps", 79.6, 0.0))
     _raw(base, *ENDS)
     later = _later_run(tmp_path, ENDS[0], _row("fisher", 79.0, 0.0))
-    (later / "paper-raw.jsonl").write_text("{broken\n" + (later / "paper-raw.jsonl").read_text())
+    (later / "paper-raw.jsonl").write_text("\n{broken\n" + (later / "paper-raw.jsonl").read_text())
 
-    with pytest.raises(SystemExit, match="line 1 of paper-raw.jsonl is not JSON"):
+    with pytest.raises(SystemExit, match="line 2 of paper-raw.jsonl is not JSON"):  # as an editor numbers it
         goal_verdicts.verdicts(f"{base}+{later}")
