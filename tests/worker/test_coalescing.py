@@ -51,6 +51,15 @@ def _claim(env, request_id: str, **options):  # noqa: ANN001, ANN003, ANN202
         return deletion_jobs.claim(session, request_id, lease_s=options.pop("lease_s", 60), coalesce=True, **options)
 
 
+def _failed_once(env, model_id: str, labels: list[int]) -> str:  # noqa: ANN001
+    """A request whose first attempt (of 2) failed in a way that may pass: queued again."""
+    request_id = env.queue(model_id, labels)
+    with env.sessions.begin() as session:
+        job = deletion_jobs.claim(session, request_id, lease_s=60, max_attempts=2).job
+        deletion_jobs.retry_later(session, request_id, code="internal_error", message="x", attempt=job.attempt)
+    return request_id
+
+
 def test_two_queued_requests_on_one_model_run_as_one_job(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     model_id = worker_env.new_model(digits_checkpoint)
     first = worker_env.queue(model_id, [3])
@@ -388,10 +397,7 @@ def test_a_member_whose_own_attempts_are_used_up_fails_with_its_group_instead_of
     worker_env, digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:
     model_id = worker_env.new_model(digits_checkpoint)
-    member = worker_env.queue(model_id, [5])
-    with worker_env.sessions.begin() as session:  # its own job fails once, in a way that may pass
-        job = deletion_jobs.claim(session, member, lease_s=60, max_attempts=2).job
-        deletion_jobs.retry_later(session, member, code="internal_error", message="x", attempt=job.attempt)
+    member = _failed_once(worker_env, model_id, [5])  # of 2 attempts, in a way that may pass
     lead = worker_env.queue(model_id, [3])
     with worker_env.sessions.begin() as session:  # it joins another's job: its second attempt, of 2
         job = deletion_jobs.claim(session, lead, lease_s=60, max_attempts=2, coalesce=True).job
@@ -409,10 +415,7 @@ def test_a_member_out_of_its_attempts_fails_when_a_cancel_in_its_group_stops_a_r
     worker_env, digits_checkpoint: bytes  # noqa: ANN001
 ) -> None:
     model_id = worker_env.new_model(digits_checkpoint)
-    member = worker_env.queue(model_id, [5])
-    with worker_env.sessions.begin() as session:
-        job = deletion_jobs.claim(session, member, lease_s=60, max_attempts=2).job
-        deletion_jobs.retry_later(session, member, code="internal_error", message="x", attempt=job.attempt)
+    member = _failed_once(worker_env, model_id, [5])
     lead = worker_env.queue(model_id, [3])
     asker = worker_env.queue(model_id, [7])
     with worker_env.sessions.begin() as session:  # the member's second attempt, of 2
@@ -547,10 +550,7 @@ def test_on_its_last_attempt_a_failed_group_cancels_who_asked_and_fails_the_rest
 
 
 def _second_attempt_of(env, model_id: str) -> tuple[str, str, object]:  # noqa: ANN001
-    lead = env.queue(model_id, [3])
-    with env.sessions.begin() as session:  # its first attempt fails in a way that may pass
-        job = deletion_jobs.claim(session, lead, lease_s=60, max_attempts=2).job
-        deletion_jobs.retry_later(session, lead, code="internal_error", message="x", attempt=job.attempt)
+    lead = _failed_once(env, model_id, [3])  # of 2 attempts, in a way that may pass
     member = env.queue(model_id, [5])
     with env.sessions.begin() as session:
         job = deletion_jobs.claim(session, lead, lease_s=-1, max_attempts=2, coalesce=True).job  # lease gone at once
@@ -564,10 +564,7 @@ def test_a_request_that_joined_a_failing_lead_s_last_attempt_is_queued_again_wit
     from worker.jobs import run_job
 
     model_id = worker_env.new_model(digits_checkpoint)
-    lead = worker_env.queue(model_id, [3])
-    with worker_env.sessions.begin() as session:  # its first attempt (of 2) fails in a way that may pass
-        job = deletion_jobs.claim(session, lead, lease_s=60, max_attempts=2).job
-        deletion_jobs.retry_later(session, lead, code="internal_error", message="x", attempt=job.attempt)
+    lead = _failed_once(worker_env, model_id, [3])  # of 2 attempts, in a way that may pass
     member = worker_env.queue(model_id, [5])
 
     def broken(*_: object) -> None:
@@ -598,10 +595,7 @@ def test_a_request_that_joined_a_lost_lead_s_last_attempt_is_queued_again_within
 
 def test_a_member_out_of_its_attempts_is_not_taken_over_past_them(worker_env, digits_checkpoint: bytes) -> None:  # noqa: ANN001
     model_id = worker_env.new_model(digits_checkpoint)
-    member = worker_env.queue(model_id, [5])
-    with worker_env.sessions.begin() as session:  # its own job fails once, in a way that may pass
-        job = deletion_jobs.claim(session, member, lease_s=60, max_attempts=2).job
-        deletion_jobs.retry_later(session, member, code="internal_error", message="x", attempt=job.attempt)
+    member = _failed_once(worker_env, model_id, [5])  # of 2 attempts, in a way that may pass
     lead = worker_env.queue(model_id, [3])
     assert _claim(worker_env, lead, lease_s=-1, max_attempts=2).job.members == (member,)  # its 2nd, of 2; lost
 
