@@ -73,33 +73,33 @@ class BodySizeLimit:
 
     async def _reject(self, scope: Scope, send: Send, size: int, limit: int) -> None:
         what = "checkpoint upload" if is_upload(scope) else "request body"
-        await _send_problem(scope, send, 413, "content_too_large", f"the {what} is {size} bytes; the limit is {limit}")
+        await self._send_problem(
+            scope, send, 413, "content_too_large", f"the {what} is {size} bytes; the limit is {limit}"
+        )
 
-
-async def _send_problem(scope: Scope, send: Send, status: int, code: str, detail: str) -> None:
-    """A problem+json answer sent before the body was read, closing the connection."""
-    body = json.dumps(
-        {
-            "type": TYPE_PREFIX + code,
-            "title": title_of(status),
-            "status": status,
-            "detail": detail,
-            "instance": scope["path"],
-            "code": code,
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", PROBLEM_JSON.encode()),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    async def _send_problem(self, scope: Scope, send: Send, status: int, code: str, detail: str) -> None:
+        body = json.dumps(
+            {
+                "type": TYPE_PREFIX + code,
+                "title": title_of(status),
+                "status": status,
+                "detail": detail,
+                "instance": scope["path"],
+                "code": code,
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", PROBLEM_JSON.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
 
 class UploadGate:

@@ -252,8 +252,8 @@ def document_validation_problems(app: FastAPI) -> None:
         for path_item in schema.get("paths", {}).values():
             for operation in path_item.values():
                 body = operation.get("requestBody", {}).get("content", {})
-                refusals = problem_responses(413, 415) if "application/json" in body else problem_responses(413)
-                for status_code, refusal in (refusals if body else {}).items():
+                refused = (413, 415) if "application/json" in body else (413,) if body else ()
+                for status_code, refusal in problem_responses(*refused).items():
                     operation["responses"].setdefault(str(status_code), refusal)
                 response = operation.get("responses", {}).get("422")
                 if response is None:

@@ -328,9 +328,10 @@ class DeletionRequestService:
 
 def _check_evidence(
     session: Session, request: DeletionRequest, base: ModelVersion, result: ModelVersion, succeeded: AuditEvent | None
-) -> AuditEvent:
-    """The request's success event, whose digest its records must still match (evidence.py); a
-    request that succeeded before the digest was recorded has none to match."""
+) -> None:
+    """EvidenceBroken unless the request's success event is there and its records still match
+    the digest it recorded (evidence.py); one that succeeded before digests were recorded has
+    none to match."""
     if succeeded is None:
         raise EvidenceBroken(f"deletion request {request.id} succeeded, but its success event is missing from the "
                              "audit log: no certificate is issued", code="evidence_missing")
@@ -339,7 +340,6 @@ def _check_evidence(
         raise EvidenceBroken(f"the records of deletion request {request.id} changed since it succeeded (they no "
                              f"longer match audit event {succeeded.id}): no certificate is issued",
                              code="evidence_mismatch")
-    return succeeded
 
 
 def unlearn_config(params: dict[str, Any]) -> UnlearnConfig:
